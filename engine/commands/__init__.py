@@ -1,0 +1,1 @@
+"""Commands: one module per subcommand; each exposes `register(subparsers)` and `run(args)`."""

@@ -1,0 +1,85 @@
+"""Shared plumbing for commands: find the repository, load groves, build desired state."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import desired, layers, manifest, secrets
+from engine.errors import Diagnostic, EngineError, InvalidManifests
+
+STATE_DIR = ".engine"
+
+
+@dataclass(frozen=True)
+class Repo:
+    root: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+
+def repo() -> Repo:
+    return Repo(manifest.find_repo_root(Path.cwd()))
+
+
+def add_grove_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-g", "--grove", action="append", dest="groves", metavar="GROVE",
+                   help="grove to work on (repeatable; default: every grove)")
+
+
+def add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting for every agent (highest layer)")
+
+
+def options(r: Repo, args: argparse.Namespace, resolve_secrets: bool = True,
+            create_key: bool = False) -> desired.Options:
+    return desired.Options(
+        user=layers.load_user_config(), sets=layers.parse_sets(getattr(args, "set", []) or []),
+        resolve_secrets=resolve_secrets,
+        secret_key=secrets.repo_key(r.state_dir, create_key) if resolve_secrets else b"",
+        repo_root=r.root)
+
+
+def load(r: Repo, args: argparse.Namespace, resolve_secrets: bool = True,
+         create_key: bool = False) -> list[desired.DesiredGrove]:
+    """Desired state of the selected groves; all problems of all groves reported at once."""
+    opts = options(r, args, resolve_secrets, create_key)
+    out, diags = [], []
+    for d in manifest.select_groves(r.root, getattr(args, "groves", None)):
+        try:
+            out.append(desired.build(manifest.load_grove(d, r.root), opts))
+        except InvalidManifests as e:
+            diags.extend(e.diagnostics)
+    if diags:
+        raise InvalidManifests(diags)
+    return out
+
+
+def one_grove(r: Repo, args: argparse.Namespace, **kw: bool) -> desired.DesiredGrove:
+    groves = load(r, args, **kw)
+    if len(groves) != 1:
+        raise EngineError("several groves here: name one with -g GROVE "
+                          f"({', '.join(g.name for g in groves)})")
+    return groves[0]
+
+
+def find_agent(groves: list[desired.DesiredGrove], name: str
+               ) -> tuple[desired.DesiredGrove, desired.DesiredAgent]:
+    """An agent by `NAME` or `GROVE/NAME`, across the selected groves."""
+    gname, _, aname = name.rpartition("/")
+    hits = [(g, g.by_name[aname]) for g in groves
+            if aname in g.by_name and (not gname or g.name == gname)]
+    if not hits:
+        raise EngineError(f"agent {name}: not found in "
+                          f"{', '.join(g.name for g in groves) or 'any grove'}")
+    if len(hits) > 1:
+        raise EngineError(f"agent {name}: in several groves; say GROVE/{aname}")
+    return hits[0]
+
+
+def diag_lines(diags: list[Diagnostic]) -> list[str]:
+    return [str(d) for d in sorted(diags)]

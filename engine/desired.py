@@ -1,0 +1,485 @@
+"""Stage 2, desired state: `GroveSource` -> frozen `DesiredGrove` of fully resolved agents.
+
+Called by every command that reads manifests (validate, plan, apply, explain, watch).
+Layers each agent's settings, renders templates, resolves credential references (values
+only for a keyed digest), checks references, policy and cycles, and computes each agent's
+spec hash over canonical JSON. Every problem is collected and raised as `InvalidManifests`.
+No raw dicts travel past this stage except the canonical settings kept for display.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import graph, harnesses, layers, secrets
+from engine.errors import Diagnostic, EngineError, InvalidManifests
+from engine.manifest import Entry, GroveSource
+from engine.render import TemplateError, render
+from engine.secrets import CredentialRef
+
+# Settings that change how the engine treats an agent but not the agent's process: a change
+# updates the inventory in place instead of replacing the agent.
+IN_PLACE = frozenset({"restart", "dependsOn", "spawnedBy", "spawnedAt", "spawnRequest",
+                      "description", "spawn"})
+RUNTIME_ONLY = {
+    "host": {"docker"},
+    "namespace": {"kubernetes"}, "context": {"kubernetes"}, "kubeconfig": {"kubernetes"},
+    "runtimeClassName": {"kubernetes"}, "serviceAccountName": {"kubernetes"},
+    "nodeSelector": {"kubernetes"}, "tolerations": {"kubernetes"},
+    "imagePullPolicy": {"kubernetes"}, "imagePullSecrets": {"kubernetes"},
+    "persistence": {"kubernetes"},
+}
+DEFAULT_POLICY = {"maxAgents": 50, "maxDepth": 3, "maxChildren": 10}
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "Ki": 1024, "Mi": 1024**2,
+          "Gi": 1024**3, "Ti": 1024**4}
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float | None = None
+    memory: int | None = None  # bytes
+    pids: int | None = None
+
+
+@dataclass(frozen=True)
+class DesiredAgent:
+    """One fully resolved agent: everything a runtime needs except secret values."""
+
+    grove: str
+    name: str
+    profile: str
+    harness: str
+    runtime: str
+    task: str
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    credentials: tuple[CredentialRef, ...]
+    depends_on: tuple[str, ...]
+    spawned_by: str | None
+    restart: str
+    max_duration: int | None
+    image: str | None
+    host: str | None
+    access: str
+    network: str
+    resources: Resources
+    user: str
+    read_only_root: bool
+    privileged: bool
+    mounts: tuple[tuple[str, str, bool], ...]  # (source, target, read-only)
+    allow_profiles: tuple[str, ...]
+    allow_harnesses: tuple[str, ...] | None
+    instructions_file: str | None
+    role: str
+    auth: str | None
+    workspace: str
+    depth: int
+    source: str  # file:line of the agent's definition
+    settings: str  # canonical JSON of the resolved settings (no secret values)
+    spec_hash: str
+    runtime_extra: tuple[tuple[str, str], ...] = ()  # runtime-specific settings, JSON values
+
+    @property
+    def branch(self) -> str:
+        return f"engine/{self.grove}/{self.name}"
+
+    def settings_map(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.settings)
+        return value
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        for k, v in self.runtime_extra:
+            if k == key:
+                return json.loads(v)
+        return default
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_agents: int
+    max_depth: int
+    max_children: int
+
+
+@dataclass(frozen=True)
+class DesiredGrove:
+    name: str
+    directory: Path
+    base_ref: str  # "" = the repository's current branch
+    workspace: str
+    policy: Policy
+    commit_spawns: bool
+    remote: str
+    agents: tuple[DesiredAgent, ...]  # sorted by name
+    profiles: tuple[str, ...]
+    harnesses: tuple[str, ...]
+    manifest_digest: str
+    by_name: dict[str, DesiredAgent] = field(compare=False, hash=False, repr=False,
+                                             default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name.update({a.name: a for a in self.agents})
+
+    def agent(self, name: str) -> DesiredAgent:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self.by_name)[:10]) or "none"
+            raise EngineError(f"agent {self.name}/{name}: not in the grove's manifests "
+                              f"(agents: {known})") from None
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to build desired state: user config, --set overrides, secret handling."""
+
+    user: layers.UserConfig = field(default_factory=lambda: layers.UserConfig(
+        layers.fixed("user config", {})))
+    sets: dict[str, Any] = field(default_factory=dict)
+    resolve_secrets: bool = True
+    secret_key: bytes = b""
+    repo_root: Path | None = None
+
+
+def canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_duration(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value[:-1]) * _SECONDS[value[-1]]
+
+
+def parse_memory(value: Any) -> int | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"([0-9]+)([A-Za-z]*)", str(value))
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"bad memory size {value!r}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def manifest_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(directory.glob("*.yaml")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+# -- layering ---------------------------------------------------------------------------
+
+def _selection(src: GroveSource, entry: Entry, key: str, opts: Options) -> tuple[str, str]:
+    """The profile or harness an agent uses, and where that choice was made."""
+    if key in opts.sets:
+        return str(opts.sets[key]), "--set"
+    if key in entry.data:
+        return str(entry.data[key]), entry.where(key)
+    defaults = src.spec.get("defaults") or {}
+    if key in defaults:
+        return str(defaults[key]), src.grove.where("spec", "defaults", key)
+    if key in opts.user.defaults.data:
+        return str(opts.user.defaults.data[key]), opts.user.defaults.where((key,))
+    return ("local" if key == "profile" else "shell"), "built-in"
+
+
+def harness_layers(src: GroveSource, name: str) -> list[layers.Layer] | None:
+    """Layers of a harness: its built-in base (if any), then the grove's definition."""
+    entry = src.harnesses.get(name)
+    base_name = (entry.data.get("builtin") if entry else None) or (None if entry else name)
+    out = []
+    if base_name:
+        doc = harnesses.builtin(base_name)
+        if doc is None:
+            return None
+        out.append(layers.from_document(f"builtin harness {base_name}", doc, ("spec",),
+                                        doc.data["spec"]))
+    if entry:
+        out.append(layers.from_document(f"harness {name}", entry.doc, entry.path, entry.data))
+    return out
+
+
+def profile_layer(src: GroveSource, name: str) -> layers.Layer | None:
+    entry = src.profiles.get(name)
+    if entry is None:
+        return layers.fixed("built-in profile local", {}) if name == "local" else None
+    return layers.from_document(f"profile {name}", entry.doc, entry.path, entry.data)
+
+
+def agent_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.Layer]:
+    """All layers of one agent, lowest first. Raises EngineError on unknown references."""
+    pname, pwhere = _selection(src, entry, "profile", opts)
+    hname, hwhere = _selection(src, entry, "harness", opts)
+    prof = profile_layer(src, pname)
+    if prof is None:
+        raise EngineError(f"{pwhere}: agent {entry.name}: unknown profile {pname!r} "
+                          f"(profiles: {', '.join(sorted(src.profiles)) or 'none'})")
+    hl = harness_layers(src, hname)
+    if hl is None:
+        known = sorted(set(src.harnesses) | set(harnesses.names()))
+        raise EngineError(f"{hwhere}: agent {entry.name}: unknown harness {hname!r} "
+                          f"(harnesses: {', '.join(known)})")
+    defaults = src.spec.get("defaults") or {}
+    return [
+        layers.fixed("built-in", {**layers.BUILTIN_DEFAULTS,
+                                  "workspace": src.spec.get("workspace", "worktree")}),
+        opts.user.defaults,
+        layers.from_document("grove defaults", src.grove.doc, ("spec", "defaults"), defaults),
+        prof, *hl,
+        layers.from_document(f"agent {entry.name}", entry.doc, entry.path, entry.data),
+        layers.fixed("--set", opts.sets),
+        layers.fixed("selection", {"profile": pname, "harness": hname}),
+    ]
+
+
+def resolve(src: GroveSource, name: str, opts: Options, provenance: bool = False
+            ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The merged (unrendered) settings of one agent, optionally with provenance."""
+    entry = src.agents[name]
+    merged, prov = layers.merge(agent_layers(src, entry, opts), provenance)
+    for k in ("profile", "harness"):
+        if provenance:
+            prov[(k,)] = _selection(src, entry, k, opts)[1]
+    merged.pop("builtin", None)
+    merged.pop("description", None)
+    prov.pop(("builtin",), None)
+    return merged, prov
+
+
+# -- building ---------------------------------------------------------------------------
+
+class _Builder:
+    def __init__(self, src: GroveSource, opts: Options) -> None:
+        self.src = src
+        self.opts = opts
+        self.diags: list[Diagnostic] = []
+        self.parents = {n: e.data.get("spawnedBy") for n, e in src.agents.items()}
+
+    def problem(self, entry: Entry, message: str, *sub: str | int) -> None:
+        self.diags.append(entry.diag(f"agent {entry.name}: {message}", *sub))
+
+    def build(self) -> DesiredGrove:
+        src = self.src
+        self._check_profiles()
+        agents = []
+        for name in sorted(src.agents):
+            try:
+                agents.append(self._agent(src.agents[name]))
+            except EngineError as e:
+                file_line, _, msg = e.summary.partition(": ")
+                f, _, line = file_line.rpartition(":")
+                self.diags.append(Diagnostic(f, int(line) if line.isdigit() else 0, 0, msg)
+                                  if f else Diagnostic(message=e.summary))
+        pol = {**DEFAULT_POLICY, **(src.spec.get("policy") or {})}
+        policy = Policy(pol["maxAgents"], pol["maxDepth"], pol["maxChildren"])
+        self._check_graph(policy)
+        if self.diags:
+            raise InvalidManifests(self.diags)
+        spec = src.spec
+        return DesiredGrove(
+            name=src.name, directory=src.directory, base_ref=spec.get("baseRef", ""),
+            workspace=spec.get("workspace", "worktree"), policy=policy,
+            commit_spawns=bool((spec.get("writeBack") or {}).get("commit", False)),
+            remote=spec.get("remote", ""), agents=tuple(agents),
+            profiles=tuple(sorted(set(src.profiles) | {"local"})),
+            harnesses=tuple(sorted(set(src.harnesses) | set(harnesses.names()))),
+            manifest_digest=manifest_digest(src.directory) if src.directory.is_dir() else "")
+
+    def _check_profiles(self) -> None:
+        user = self.opts.user
+        for name, entry in sorted(self.src.profiles.items()):
+            runtime = entry.data.get("runtime", "local")
+            for key, runtimes in RUNTIME_ONLY.items():
+                if key in entry.data and runtime not in runtimes:
+                    self.diags.append(entry.diag(
+                        f"profile {name}: field {key!r} only applies to runtime "
+                        f"{'/'.join(sorted(runtimes))}, not {runtime}", key))
+            if runtime in ("docker", "kubernetes") and entry.data.get("privileged") \
+                    and not user.allow_privileged:
+                self.diags.append(entry.diag(
+                    f"profile {name}: privileged containers are refused (set "
+                    f"security.allowPrivileged: true in {layers.user_config_path()} to allow)",
+                    "privileged"))
+            for i, m in enumerate(entry.data.get("mounts") or []):
+                self._check_mount(entry, name, i, m["source"])
+
+    def _check_mount(self, entry: Entry, name: str, i: int, source: str) -> None:
+        root = (self.opts.repo_root or Path.cwd()).resolve()
+        path = (root / Path(source).expanduser()).resolve()
+        if not path.is_relative_to(root) and not self.opts.user.allow_host_mounts:
+            self.diags.append(entry.diag(
+                f"profile {name}: mount source {source} is outside the repository (set "
+                f"security.allowHostMounts: true in {layers.user_config_path()} to allow)",
+                "mounts", i, "source"))
+
+    def _agent(self, entry: Entry) -> DesiredAgent:
+        src, opts = self.src, self.opts
+        merged, _ = resolve(src, entry.name, opts)
+        runtime = merged.get("runtime", "local")
+        parent = merged.get("spawnedBy")
+        ctx: dict[str, Any] = {
+            "agent": {"name": entry.name, "profile": merged["profile"],
+                      "harness": merged["harness"], "parent": parent or "",
+                      "grove": src.name},
+            "grove": {"name": src.name},
+            "env": {k: os.environ[k] for k in merged.get("allowEnv") or [] if k in os.environ},
+        }
+        task = self._render(entry, merged.get("task", ""), ctx, "task")
+        ctx["task"] = task
+        merged["task"] = task
+        role = self._render(entry, merged.get("role", ""), ctx, "role")
+        env = tuple(sorted((k, self._render(entry, str(v), ctx, "env", k))
+                           for k, v in (merged.get("env") or {}).items()))
+        command = self._command(entry, merged, ctx)
+        creds, auth = self._credentials(entry, merged)
+        merged["env"] = dict(env)
+        merged["command"] = list(command)
+        if auth:
+            merged["auth"] = auth
+        refs = [("dependsOn", d) for d in merged.get("dependsOn") or []]
+        refs += [("spawnedBy", parent)] if parent else []
+        for key, ref in refs:
+            if ref not in src.agents:
+                self.problem(entry, f"{key} names unknown agent {ref!r}", key)
+        image = merged.get("image")
+        if runtime in ("docker", "kubernetes") and not image:
+            self.problem(entry, f"runtime {runtime} needs an image (set image: in profile "
+                                f"{merged['profile']})")
+        try:
+            res = merged.get("resources") or {}
+            resources = Resources(res.get("cpus"), parse_memory(res.get("memory")),
+                                  res.get("pids"))
+        except ValueError as e:
+            raise EngineError(f"{entry.where()}: agent {entry.name}: {e}") from None
+        digest = self._digest(entry, creds)
+        hashed = {k: v for k, v in merged.items() if k not in IN_PLACE}
+        spec_hash = hashlib.sha256(canonical([hashed, digest]).encode()).hexdigest()[:16]
+        spawn = merged.get("spawn") or {}
+        extra = tuple(sorted((k, canonical(merged[k])) for k in RUNTIME_ONLY
+                             if k in merged and k != "host"))
+        return DesiredAgent(
+            grove=src.name, name=entry.name, profile=merged["profile"],
+            harness=merged["harness"], runtime=runtime, task=task, command=command, env=env,
+            credentials=creds, depends_on=tuple(merged.get("dependsOn") or ()),
+            spawned_by=parent, restart=merged.get("restart", "never"),
+            max_duration=parse_duration(merged.get("maxDuration")), image=image,
+            host=merged.get("host"), access=merged.get("access", "read-write"),
+            network=merged.get("network", "none"), resources=resources,
+            user=str(merged.get("user", 1000)), read_only_root=bool(merged.get("readOnlyRoot")),
+            privileged=bool(merged.get("privileged")),
+            mounts=tuple((m["source"], m["target"], bool(m.get("readOnly")))
+                         for m in merged.get("mounts") or []),
+            allow_profiles=tuple(spawn.get("allowProfiles") or ()),
+            allow_harnesses=tuple(spawn["allowHarnesses"]) if "allowHarnesses" in spawn
+            else None,
+            instructions_file=merged.get("instructionsFile"), role=role, auth=auth,
+            workspace=merged.get("workspace", "worktree"),
+            depth=graph.depth_of(self.parents, entry.name), source=entry.where(),
+            settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra)
+
+    def _render(self, entry: Entry, text: str, ctx: dict[str, Any], *where: str) -> str:
+        try:
+            return render(text, ctx)
+        except TemplateError as e:
+            field_name = ".".join(where)
+            self.problem(entry, f"{field_name}: {e}", *where)
+            return text
+
+    def _command(self, entry: Entry, merged: dict[str, Any], ctx: dict[str, Any]
+                 ) -> tuple[str, ...]:
+        argv = [self._render(entry, a, ctx, "command") for a in merged.get("command") or []]
+        if not argv:
+            self.problem(entry, f"harness {merged['harness']} has no command")
+            return ()
+        mode = merged.get("taskArg", "position")
+        resume = [str(a) for a in merged.get("resume") or []] if merged.get("_resume") else []
+        argv += resume
+        if mode == "flag":
+            argv += [str(merged.get("taskFlag") or "-p"), ctx["task"]]
+        elif mode == "position":
+            argv.append(ctx["task"])
+        return tuple(argv)
+
+    def _credentials(self, entry: Entry, merged: dict[str, Any]
+                     ) -> tuple[tuple[CredentialRef, ...], str | None]:
+        avail = {}
+        for name, ref in sorted((merged.get("credentials") or {}).items()):
+            if ref:
+                src, val = next(iter(ref.items()))
+                avail[name] = CredentialRef(name, "env" if src == "fromEnv" else "file", val)
+        methods = merged.get("auth") if isinstance(merged.get("auth"), list) else []
+        wanted = merged.get("auth") if isinstance(merged.get("auth"), str) else None
+        if not methods:
+            return tuple(avail.values()), None
+        for m in methods:
+            if wanted and m["name"] != wanted:
+                continue
+            needs = [*m.get("env", []), *(f["credential"] for f in m.get("files", []))]
+            if all(n in avail and self._present(avail[n]) for n in needs):
+                return tuple(avail[n] for n in sorted(set(needs))), str(m["name"])
+        options = "; ".join(f"{m['name']} needs "
+                            + ", ".join([*m.get("env", []),
+                                         *(f["credential"] for f in m.get("files", []))])
+                            for m in methods if not wanted or m["name"] == wanted)
+        if wanted and not options:
+            self.problem(entry, f"harness {merged['harness']} has no auth method {wanted!r}")
+        elif self.opts.resolve_secrets:
+            self.problem(entry, f"harness {merged['harness']}: no auth method is satisfied "
+                                f"by the profile's credentials ({options})")
+        return (), wanted
+
+    def _present(self, cred: CredentialRef) -> bool:
+        if not self.opts.resolve_secrets:
+            return True
+        if cred.source == "env":
+            return cred.ref in os.environ
+        return Path(cred.ref).expanduser().is_file()
+
+    def _digest(self, entry: Entry, creds: tuple[CredentialRef, ...]) -> str:
+        if not self.opts.resolve_secrets:
+            return "unresolved" if creds else ""
+        try:
+            return secrets.digest(creds, self.opts.secret_key or b"engine")
+        except secrets.MissingSecret as e:
+            self.problem(entry, e.summary, "credentials")
+            return ""
+
+    def _check_graph(self, policy: Policy) -> None:
+        src = self.src
+        deps = {n: e.data.get("dependsOn") or [] for n, e in src.agents.items()}
+        g = graph.build(src.agents, self.parents, deps)
+        cycle = graph.find_cycle(g)
+        if cycle:
+            first = src.agents[cycle[0]]
+            self.diags.append(first.diag("dependency cycle: " + " -> ".join(cycle),
+                                         "dependsOn"))
+        if len(src.agents) > policy.max_agents:
+            self.diags.append(src.grove.diag(
+                f"grove {src.name}: {len(src.agents)} agents, over policy.maxAgents "
+                f"{policy.max_agents}", "spec", "policy"))
+        children: dict[str, int] = {}
+        for name, parent in sorted(self.parents.items()):
+            if not parent:
+                continue
+            children[parent] = children.get(parent, 0) + 1
+            entry = src.agents[name]
+            if children[parent] == policy.max_children + 1:
+                self.problem(entry, f"parent {parent} has more than policy.maxChildren "
+                                    f"{policy.max_children} children", "spawnedBy")
+            if not cycle and graph.depth_of(self.parents, name) > policy.max_depth:
+                self.problem(entry, f"spawn depth {graph.depth_of(self.parents, name)} is "
+                                    f"over policy.maxDepth {policy.max_depth}", "spawnedBy")
+
+
+def build(src: GroveSource, opts: Options | None = None) -> DesiredGrove:
+    """Resolve every agent of a grove; raise InvalidManifests listing all problems."""
+    return _Builder(src, opts or Options()).build()

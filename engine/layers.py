@@ -1,0 +1,154 @@
+"""Stage 2, layering: ordered layers of settings -> one resolved map, with provenance.
+
+Called by `desired`. Layers, lowest first: built-in defaults < user config < grove
+`spec.defaults` < profile < harness < agent < `--set`. Maps merge deeply, lists replace,
+`null` deletes. With provenance on, every leaf remembers the layer (file:line) it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import EngineError, UsageError
+from engine.yamlio import Document, YamlError, load_file
+
+Key = tuple[str, ...]
+
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "runtime": "local",
+    "access": "read-write",
+    "network": "none",
+    "restart": "never",
+    "resources": {"cpus": 1, "memory": "2Gi", "pids": 512},
+    "user": 1000,
+    "readOnlyRoot": True,
+    "privileged": False,
+    "taskArg": "position",
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of settings; `where(key)` names the file:line a value came from."""
+
+    name: str
+    data: dict[str, Any]
+    where: Callable[[Key], str]
+
+
+def fixed(name: str, data: dict[str, Any]) -> Layer:
+    return Layer(name, data, lambda _k: name)
+
+
+def from_document(name: str, doc: Document, base: tuple[str | int, ...],
+                  data: dict[str, Any]) -> Layer:
+    def where(key: Key) -> str:
+        line, _ = doc.where((*base, *key))
+        return f"{doc.file}:{line}"
+    return Layer(name, data, where)
+
+
+def merge(layers: Iterable[Layer], provenance: bool = False
+          ) -> tuple[dict[str, Any], dict[Key, str]]:
+    """Resolve layers into one map; with `provenance`, also key path -> source."""
+    out: dict[str, Any] = {}
+    prov: dict[Key, str] = {}
+    for layer in layers:
+        _merge_into(out, layer.data, (), layer if provenance else None, prov)
+    return out, prov
+
+
+def _merge_into(dst: dict[str, Any], src: dict[str, Any], base: Key,
+                layer: Layer | None, prov: dict[Key, str]) -> None:
+    for k, v in src.items():
+        key = (*base, k)
+        if v is None:
+            dst.pop(k, None)
+            if layer:
+                _drop(prov, key)
+        elif isinstance(v, dict):
+            cur = dst.get(k)
+            if not isinstance(cur, dict):
+                cur = dst[k] = {}
+                if layer:
+                    _drop(prov, key)
+            _merge_into(cur, v, key, layer, prov)
+        else:
+            dst[k] = list(v) if isinstance(v, list) else v
+            if layer:
+                _drop(prov, key)
+                prov[key] = layer.where(key)
+
+
+def _drop(prov: dict[Key, str], key: Key) -> None:
+    n = len(key)
+    for k in [k for k in prov if k[:n] == key]:
+        del prov[k]
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """`--set a.b=value` pairs -> a nested map; values are YAML scalars (`null` deletes)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE (KEY may be dotted: "
+                             "resources.memory=4Gi)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict | list):
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {pair!r}: {p} is set twice")
+        node[parts[-1]] = value
+    return out
+
+
+def user_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "engine" / "config.yaml"
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """The user's own settings: agent defaults and what the security gate may allow."""
+
+    defaults: Layer
+    allow_privileged: bool = False
+    allow_host_mounts: bool = False
+
+
+def load_user_config(path: Path | None = None) -> UserConfig:
+    path = path or user_config_path()
+    empty = UserConfig(fixed("user config", {}))
+    if not path.is_file():
+        return empty
+    try:
+        docs = load_file(path)
+    except YamlError as e:
+        raise EngineError(str(e.diagnostic)) from None
+    if not docs:
+        return empty
+    doc = docs[0]
+    data = doc.data
+    if not isinstance(data, dict) or not set(data) <= {"defaults", "security"}:
+        raise EngineError(f"{path}: expected a map with 'defaults' and 'security' keys")
+    defaults = data.get("defaults") or {}
+    security = data.get("security") or {}
+    if not isinstance(defaults, dict) or not isinstance(security, dict):
+        raise EngineError(f"{path}: 'defaults' and 'security' must be maps")
+    return UserConfig(from_document("user config", doc, ("defaults",), defaults),
+                      bool(security.get("allowPrivileged")),
+                      bool(security.get("allowHostMounts")))

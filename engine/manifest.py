@@ -1,0 +1,157 @@
+"""Stage 1, loading: a grove directory -> `GroveSource` (checked documents, still raw data).
+
+Called by `desired` (and through it by every command that reads manifests). Reads every
+`*.yaml` file of `groves/<grove>/`, checks each document against the JSON Schemas, and
+indexes profiles, harnesses and agents by name with the file:line each came from. All
+problems are collected and raised together as `InvalidManifests`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import schema
+from engine.errors import Diagnostic, EngineError, InvalidManifests
+from engine.yamlio import Document, YamlError, load_file, load_text
+
+GROVES_DIR = "groves"
+SPAWNED_FILE = "spawned.yaml"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A named profile, harness or agent, with the document and path it came from."""
+
+    name: str
+    data: dict[str, Any]
+    doc: Document
+    path: tuple[str | int, ...]  # path of `data` inside doc
+
+    def where(self, *sub: str | int) -> str:
+        line, _ = self.doc.where((*self.path, *sub))
+        return f"{self.doc.file}:{line}"
+
+    def diag(self, message: str, *sub: str | int) -> Diagnostic:
+        return self.doc.diag((*self.path, *sub), message)
+
+
+@dataclass
+class GroveSource:
+    """Everything one grove directory declares, checked against the schemas."""
+
+    name: str
+    directory: Path
+    grove: Entry
+    profiles: dict[str, Entry] = field(default_factory=dict)
+    harnesses: dict[str, Entry] = field(default_factory=dict)
+    agents: dict[str, Entry] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = self.grove.data.get("spec") or {}
+        return spec
+
+
+def find_repo_root(start: Path) -> Path:
+    """The nearest directory at or above `start` that holds `groves/` or `.git`."""
+    start = start.resolve()
+    for d in (start, *start.parents):
+        if (d / GROVES_DIR).is_dir() or (d / ".git").exists():
+            return d
+    return start
+
+
+def grove_dirs(root: Path) -> list[Path]:
+    base = root / GROVES_DIR
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def load_grove(directory: Path, display_root: Path | None = None,
+               texts: dict[str, str] | None = None) -> GroveSource:
+    """Load one grove directory. `texts` (file name -> content) replaces reading the disk,
+    for manifests taken from a git revision."""
+    rel = _display(directory, display_root)
+    docs: list[Document] = []
+    diags: list[Diagnostic] = []
+    files = sorted(texts) if texts is not None else sorted(
+        p.name for p in directory.glob("*.yaml") if p.is_file())
+    for name in files:
+        try:
+            if texts is not None:
+                docs.extend(load_text(texts[name], f"{rel}/{name}"))
+            else:
+                docs.extend(load_file(directory / name, f"{rel}/{name}"))
+        except YamlError as e:
+            diags.append(e.diagnostic)
+    for doc in docs:
+        diags.extend(schema.check_document(doc))
+    if diags:
+        raise InvalidManifests(diags)
+    return _index(directory, rel, docs)
+
+
+def _display(directory: Path, root: Path | None) -> str:
+    try:
+        return str(directory.resolve().relative_to((root or Path.cwd()).resolve()))
+    except ValueError:
+        return str(directory)
+
+
+def _index(directory: Path, rel: str, docs: list[Document]) -> GroveSource:
+    diags: list[Diagnostic] = []
+    groves = [d for d in docs if d.data["kind"] == "Grove"]
+    if not groves:
+        raise InvalidManifests([Diagnostic(rel, 0, 0, "no kind: Grove document in this "
+                                                      "grove directory")])
+    for extra in groves[1:]:
+        diags.append(extra.diag(("kind",), "a grove directory holds exactly one kind: Grove "
+                                           f"(another is in {groves[0].file})"))
+    gdoc = groves[0]
+    name = gdoc.data["metadata"]["name"]
+    if name != directory.name:
+        diags.append(gdoc.diag(("metadata", "name"), f"grove name {name!r} must match its "
+                                                     f"directory {directory.name!r}"))
+    src = GroveSource(name, directory, Entry(name, gdoc.data, gdoc, ()))
+    spec = src.spec
+    tables = {"Profile": src.profiles, "Harness": src.harnesses, "Agent": src.agents}
+    for key, kind in (("profiles", "Profile"), ("harnesses", "Harness")):
+        for n, data in (spec.get(key) or {}).items():
+            _add(tables[kind], Entry(n, data or {}, gdoc, ("spec", key, n)), kind, diags)
+    for i, data in enumerate(spec.get("agents") or []):
+        body = {k: v for k, v in data.items() if k != "name"}
+        _add(src.agents, Entry(data["name"], body, gdoc, ("spec", "agents", i)), "Agent", diags)
+    for doc in docs:
+        kind = doc.data["kind"]
+        if kind in tables:
+            n = doc.data["metadata"]["name"]
+            _add(tables[kind], Entry(n, doc.data.get("spec") or {}, doc, ("spec",)), kind, diags)
+    if diags:
+        raise InvalidManifests(diags)
+    return src
+
+
+def _add(table: dict[str, Entry], entry: Entry, kind: str, diags: list[Diagnostic]) -> None:
+    if entry.name in table:
+        diags.append(entry.diag(f"duplicate {kind.lower()} {entry.name!r} (first defined at "
+                                f"{table[entry.name].where()})"))
+        return
+    table[entry.name] = entry
+
+
+def select_groves(root: Path, names: list[str] | None) -> list[Path]:
+    """The grove directories a command works on: the named ones, or all of them."""
+    dirs = grove_dirs(root)
+    if not names:
+        if not dirs:
+            raise EngineError(f"no groves found under {root / GROVES_DIR}",
+                              "create one with `engine init`")
+        return dirs
+    by_name = {d.name: d for d in dirs}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        known = ", ".join(by_name) or "none"
+        raise EngineError(f"grove {missing[0]!r} not found under {root / GROVES_DIR} "
+                          f"(groves: {known})")
+    return [by_name[n] for n in names]

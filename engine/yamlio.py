@@ -1,0 +1,156 @@
+"""Stage 0, reading: YAML text -> plain data plus the line and column of every node.
+
+Called by `manifest` (grove files) and `inbox` (spawn requests). Only YAML's core types
+are built (no Python tags), anchors/aliases are expanded under a node budget so an alias
+bomb fails fast, and files over a size limit are refused before parsing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.errors import Diagnostic
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+MAX_NODES = 2_000_000  # expanded nodes per file; a billion-laughs document blows past it
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
+_constructor = yaml.constructor.SafeConstructor()
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Document:
+    """One YAML document: its data and where each node of it came from."""
+
+    file: str
+    index: int  # position of the document in its file, from 0
+    data: Any
+    marks: dict[Path_, tuple[int, int]]  # JSON path -> (line, col), both from 1
+
+    def where(self, path: Path_ = ()) -> tuple[int, int]:
+        """The position of `path`, or of its nearest ancestor that has one."""
+        p = tuple(path)
+        while p not in self.marks and p:
+            p = p[:-1]
+        return self.marks.get(p, (1, 1))
+
+    def diag(self, path: Path_, message: str) -> Diagnostic:
+        line, col = self.where(path)
+        return Diagnostic(self.file, line, col, message, format_path(path))
+
+
+def format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class YamlError(Exception):
+    def __init__(self, diagnostic: Diagnostic) -> None:
+        super().__init__(str(diagnostic))
+        self.diagnostic = diagnostic
+
+
+class _Builder:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.budget = MAX_NODES
+        self.marks: dict[Path_, tuple[int, int]] = {}
+
+    def fail(self, node: yaml.Node, message: str) -> YamlError:
+        m = node.start_mark
+        return YamlError(Diagnostic(self.file, m.line + 1, m.column + 1, message))
+
+    def build(self, node: yaml.Node, path: Path_, depth: int = 0) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise self.fail(node, f"document expands to more than {MAX_NODES} nodes "
+                                  "(alias bomb?)")
+        if depth > 64:
+            raise self.fail(node, "document nested more than 64 levels deep")
+        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != f"{_CORE}map":
+                raise self.fail(node, f"unsupported YAML tag {node.tag}")
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != f"{_CORE}seq":
+                raise self.fail(node, f"unsupported YAML tag {node.tag}")
+            return [self.build(v, (*path, i), depth + 1) for i, v in enumerate(node.value)]
+        if node.tag not in _SCALAR_TAGS:
+            raise self.fail(node, f"unsupported YAML tag {node.tag}")
+        value = _constructor.construct_object(node, deep=True)
+        if isinstance(value, _dt.date | _dt.datetime):
+            return node.value  # keep timestamps as the text the user wrote
+        return value
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == f"{_CORE}merge":
+                raise self.fail(key_node, "YAML merge keys (<<) are not supported")
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.fail(key_node, "mapping keys must be plain strings")
+            key = str(key_node.value)
+            if key in out:
+                raise self.fail(key_node, f"duplicate key {key!r}")
+            out[key] = self.build(value_node, (*path, key), depth + 1)
+        return out
+
+
+def load_text(text: str, file: str) -> list[Document]:
+    """Parse every document in `text`; raise YamlError naming file:line:col."""
+    docs: list[Document] = []
+    try:
+        for i, node in enumerate(_compose_all(text)):
+            if node is None:
+                continue
+            b = _Builder(file)
+            data = b.build(node, ())
+            docs.append(Document(file, i, data, b.marks))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        msg = e.problem or e.context or "invalid YAML"
+        if "\t" in msg or "tab" in msg:
+            msg = f"{msg} (YAML does not allow tabs for indentation)"
+        raise YamlError(Diagnostic(file, line, col, f"invalid YAML: {msg}")) from None
+    except yaml.YAMLError as e:
+        raise YamlError(Diagnostic(file, 1, 1, f"invalid YAML: {e}")) from None
+    return docs
+
+
+def _compose_all(text: str) -> Iterator[yaml.Node | None]:
+    loader = _Loader(text)
+    try:
+        while loader.check_node():
+            yield loader.get_node()
+    finally:
+        loader.dispose()
+
+
+def load_file(path: Path, display: str | None = None) -> list[Document]:
+    """Read and parse a YAML file, refusing oversized or non-UTF-8 files."""
+    name = display or str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise YamlError(Diagnostic(name, 1, 1, f"file is {size} bytes, over the "
+                                                   f"{MAX_FILE_BYTES}-byte limit"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise YamlError(Diagnostic(name, 1, 1, f"not UTF-8 text: {e.reason}")) from None
+    except OSError as e:
+        raise YamlError(Diagnostic(name, 0, 0, f"cannot read: {e.strerror}")) from None
+    return load_text(text, name)
