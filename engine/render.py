@@ -26,6 +26,12 @@ def _env() -> ImmutableSandboxedEnvironment:
                                          keep_trailing_newline=True)
 
 
+@functools.lru_cache(maxsize=1024)
+def _template(text: str) -> jinja2.Template:
+    # from_string compiles every time; agents of one grove share most templates
+    return _env().from_string(text)
+
+
 def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
 
@@ -35,7 +41,7 @@ def render(text: str, context: dict[str, Any]) -> str:
     if not is_template(text):
         return text
     try:
-        out = _env().from_string(text).render(context)
+        out = _template(text).render(context)
     except SecurityError as e:
         raise TemplateError(f"template refused by the sandbox: {e}") from None
     except jinja2.UndefinedError as e:
