@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import desired, layers, manifest, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
@@ -83,3 +84,38 @@ def find_agent(groves: list[desired.DesiredGrove], name: str
 
 def diag_lines(diags: list[Diagnostic]) -> list[str]:
     return [str(d) for d in sorted(diags)]
+
+
+def add_agent_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("agent", metavar="AGENT", help="NAME or GROVE/NAME")
+    add_grove_arg(p)
+
+
+@dataclass(frozen=True)
+class Located:
+    grove: str
+    agent: str
+    runtime: str
+    host: str
+    record: Any  # inventory.Record | None
+
+
+def locate(r: Repo, args: argparse.Namespace) -> Located:
+    """Where an agent runs: from the inventory, else from the manifests."""
+    from engine import inventory
+
+    gname, _, aname = str(args.agent).rpartition("/")
+    names = [gname] if gname else (getattr(args, "groves", None) or
+                                    [d.name for d in manifest.grove_dirs(r.root)])
+    hits = []
+    for g in names:
+        rec = inventory.load(r.state_dir, g).agents.get(aname)
+        if rec is not None:
+            hits.append(Located(g, aname, rec.runtime, rec.host, rec))
+    if not hits:
+        groves = load(r, argparse.Namespace(groves=names, set=[]), resolve_secrets=False)
+        grove, a = find_agent(groves, args.agent)
+        return Located(grove.name, a.name, a.runtime, a.host or "", None)
+    if len(hits) > 1:
+        raise EngineError(f"agent {aname}: in several groves; say GROVE/{aname}")
+    return hits[0]

@@ -1,0 +1,41 @@
+"""`engine restore AGENT [--archive N]`: bring archived work back into the agent's worktree."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from engine import ui, workspace
+from engine.commands import _common
+from engine.errors import EngineError
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "restore", help="restore an agent's archived work (commits and uncommitted files)")
+    p.add_argument("agent", metavar="AGENT", help="GROVE/NAME (or NAME with -g)")
+    _common.add_grove_arg(p)
+    p.add_argument("--archive", type=int, metavar="N", help="archive number (default: latest)")
+    p.add_argument("--list", action="store_true", help="list the archives")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    r = _common.repo()
+    gname, _, aname = args.agent.rpartition("/")
+    if not gname:
+        if not args.groves or len(args.groves) != 1:
+            loc = _common.locate(r, args)
+            gname, aname = loc.grove, loc.agent
+        else:
+            gname = args.groves[0]
+    if args.list:
+        refs = workspace.archives(r.root, gname, aname)
+        if not refs:
+            raise EngineError(f"agent {gname}/{aname}: no archives")
+        for ref in refs:
+            ui.out(ref)
+        return 0
+    ref, path = workspace.restore(r.root, gname, aname, args.archive)
+    ui.out(f"restored {ref} into {path.relative_to(r.root)}")
+    return 0

@@ -1,0 +1,267 @@
+"""Stage 5, execution: a `GrovePlan` -> runtime calls, in spawn-graph order.
+
+Called by `apply`, `destroy` and `watch`. Deletes run first, children before parents;
+then creates, replaces and restarts walk the graph's topological generations with bounded
+parallelism. A failed agent skips its descendants ("skipped because X failed") and the
+rest go on. The inventory is saved after every agent, so an interrupted apply resumes.
+Progress flows out through `Hooks`; this module never prints.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from engine import graph, inventory, secrets, workspace
+from engine.desired import DesiredAgent, DesiredGrove
+from engine.errors import EngineError, TemporaryError
+from engine.inventory import Inventory, Record
+from engine.observe import Runtimes
+from engine.plan import Action, Change, GrovePlan
+from engine.runtimes import FAILED, SUCCEEDED, Launch
+
+RETRIES = 3
+PAST = {Action.CREATE: "created", Action.REPLACE: "replaced", Action.RESTART: "restarted",
+        Action.UPDATE: "updated", Action.DELETE: "deleted", Action.NOOP: "unchanged",
+        Action.WAIT: "pending"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    agent: str
+    action: Action
+    status: str  # created, replaced, restarted, updated, deleted, adopted, pending,
+    # unchanged, skipped, failed
+    message: str = ""
+    archive: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in ("failed", "skipped")
+
+
+class Hooks(Protocol):
+    def started(self, grove: str, change: Change) -> None: ...
+
+    def finished(self, grove: str, outcome: Outcome) -> None: ...
+
+
+class NoHooks:
+    def started(self, grove: str, change: Change) -> None:
+        pass
+
+    def finished(self, grove: str, outcome: Outcome) -> None:
+        pass
+
+
+@dataclass
+class Settings:
+    parallelism: int = 8
+    wait: bool = False  # wait for dependencies to succeed within this run
+    timeout: float = 3600.0
+    poll: float = 0.2
+
+
+@dataclass
+class Run:
+    """One execution of one grove's plan; thread-safe inventory updates."""
+
+    root: Path
+    grove: DesiredGrove
+    inv: Inventory
+    rts: Runtimes
+    hooks: Hooks
+    settings: Settings
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".engine"
+
+    def record(self, name: str, rec: Record | None) -> None:
+        with self.lock:
+            if rec is None:
+                self.inv.agents.pop(name, None)
+            else:
+                self.inv.agents[name] = rec
+            inventory.save(self.state_dir, self.inv)
+
+
+def client_path() -> Path:
+    return Path(__file__).resolve().parent / "client.py"
+
+
+def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
+               resume: bool = False) -> Launch:
+    values = {c.name: secrets.read(c) for c in agent.credentials}
+    inbox = root / ".engine" / "inbox" / agent.grove / agent.name
+    inbox.mkdir(parents=True, exist_ok=True)
+    env = dict(agent.env)
+    env.update({"ENGINE_GROVE": agent.grove, "ENGINE_AGENT": agent.name,
+                "ENGINE_INBOX": str(inbox), "ENGINE_PARENT": agent.spawned_by or "",
+                "ENGINE_BRANCH": ws.branch, "ENGINE_PROFILE": agent.profile})
+    return Launch(agent=agent, repo_root=root, workdir=ws.workdir, git_paths=ws.git_paths,
+                  run_dir=root / ".engine" / "run" / agent.grove / agent.name, inbox=inbox,
+                  log_file=root / ".engine" / "logs" / agent.grove / f"{agent.name}.log",
+                  client=client_path(), env=env, secrets=values, resume=resume)
+
+
+def _retrying(fn: Callable[[], None]) -> None:
+    for attempt in range(RETRIES):
+        try:
+            fn()
+            return
+        except TemporaryError as e:
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(e.delay)
+
+
+def _start(run: Run, change: Change, resume: bool) -> str:
+    a = run.grove.by_name[change.agent]
+    if change.action is Action.CREATE and change.waits_for:
+        if not run.settings.wait:
+            _save_record(run, a, None, pending=True)
+            return "pending"
+        _wait_for(run, change.waits_for)
+    ws = workspace.ensure(run.root, a, run.grove.base_ref)
+    _write_instructions(run, a, ws)
+    launch = launch_for(run.root, a, ws, resume)
+    rt = run.rts.get(a.runtime, a.host)
+    _retrying(lambda: rt.create(launch))
+    _save_record(run, a, ws)
+    return PAST[change.action]
+
+
+def _write_instructions(run: Run, a: DesiredAgent, ws: workspace.Workspace) -> None:
+    try:
+        from engine import instructions
+    except ImportError:
+        return
+    instructions.write_instructions(a, ws.workdir, run.grove.policy)
+
+
+def _save_record(run: Run, a: DesiredAgent, ws: workspace.Workspace | None,
+                 pending: bool = False) -> None:
+    old = run.inv.agents.get(a.name)
+    rel = ""
+    if ws is not None and ws.workdir != run.root:
+        rel = str(ws.workdir.relative_to(run.root))
+    rec = Record(spec_hash=a.spec_hash, settings=a.settings, runtime=a.runtime,
+                 host=a.host or "", branch=ws.branch if ws else a.branch, workdir=rel,
+                 workspace=a.workspace, base_commit=ws.base_commit if ws else "",
+                 created_at=old.created_at if old and old.created_at else inventory.now(),
+                 restarts=old.restarts if old else 0, pending=pending,
+                 parent=a.spawned_by or "", notified="")
+    run.record(a.name, rec)
+
+
+def _wait_for(run: Run, deps: tuple[str, ...]) -> None:
+    deadline = time.monotonic() + run.settings.timeout
+    while True:
+        phases = {}
+        for d in deps:
+            a = run.grove.by_name[d]
+            obs = run.rts.get(a.runtime, a.host).observe(run.grove.name).get(d)
+            phases[d] = obs.phase if obs else "missing"
+        failed = [d for d, p in phases.items() if p == FAILED]
+        if failed:
+            raise EngineError(f"dependency {failed[0]} {phases[failed[0]].lower()}")
+        if all(p == SUCCEEDED for p in phases.values()):
+            return
+        if time.monotonic() > deadline:
+            raise EngineError(f"timed out waiting for {', '.join(deps)}")
+        time.sleep(run.settings.poll)
+
+
+def _delete(run: Run, change: Change) -> tuple[str, str]:
+    rec = run.inv.agents.get(change.agent)
+    rt = run.rts.get(change.runtime or (rec.runtime if rec else "local"),
+                     (rec.host if rec else change.host) or None)
+    _retrying(lambda: rt.delete(run.grove.name, change.agent))
+    ref = ""
+    if rec is not None and rec.workdir:
+        ref = workspace.remove(run.root, run.grove.name, change.agent, rec.workspace,
+                               run.root / rec.workdir, rec.branch, rec.base_commit) or ""
+    run.record(change.agent, None)
+    return "deleted", ref
+
+
+def _one(run: Run, change: Change) -> Outcome:
+    t0 = time.monotonic()
+    run.hooks.started(run.grove.name, change)
+    archive = ""
+    try:
+        if change.action is Action.DELETE:
+            status, archive = _delete(run, change)
+        elif change.action is Action.REPLACE:
+            a = run.grove.by_name[change.agent]
+            rec = run.inv.agents.get(change.agent)
+            if rec and (rec.runtime, rec.host) != (a.runtime, a.host or ""):
+                run.rts.get(rec.runtime, rec.host or None).delete(run.grove.name, a.name)
+            else:
+                run.rts.get(a.runtime, a.host).delete(run.grove.name, a.name)
+            status = _start(run, change, resume=False)
+        elif change.action in (Action.CREATE, Action.RESTART):
+            status = _start(run, change, resume=change.action is Action.RESTART)
+            rec = run.inv.agents.get(change.agent)
+            if change.action is Action.RESTART and rec is not None:
+                rec.restarts += 1
+                run.record(change.agent, rec)
+        elif change.action is Action.UPDATE or change.adopt:
+            _save_record(run, run.grove.by_name[change.agent], _ws_of(run, change.agent))
+            status = "adopted" if change.adopt else "updated"
+        else:
+            status = PAST[change.action]
+        out = Outcome(change.agent, change.action, status, change.reason, archive)
+    except EngineError as e:
+        out = Outcome(change.agent, change.action, "failed", e.summary)
+    out = Outcome(out.agent, out.action, out.status, out.message, out.archive,
+                  round(time.monotonic() - t0, 3))
+    run.outcomes[change.agent] = out
+    run.hooks.finished(run.grove.name, out)
+    return out
+
+
+def _ws_of(run: Run, name: str) -> workspace.Workspace | None:
+    a = run.grove.by_name[name]
+    return workspace.ensure(run.root, a, run.grove.base_ref)
+
+
+def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rts: Runtimes,
+            hooks: Hooks | None = None, settings: Settings | None = None) -> list[Outcome]:
+    """Carry out `plan`; returns one outcome per agent that had something to do."""
+    run = Run(root, grove, inv, rts, hooks or NoHooks(), settings or Settings())
+    changes = {c.agent: c for c in plan.changes}
+    for c in plan.changes:
+        if c.action is Action.DELETE:
+            _one(run, c)
+    g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
+                    {a.name: a.depends_on for a in grove.agents})
+    skipped: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, run.settings.parallelism)) as pool:
+        for gen in graph.generations(g):
+            todo = []
+            for name in gen:
+                c = changes.get(name)
+                if c is None or not (c.action.is_change or c.adopt):
+                    continue
+                if name in skipped:
+                    out = Outcome(name, c.action, "skipped", f"skipped because "
+                                  f"{skipped[name]} failed")
+                    run.outcomes[name] = out
+                    run.hooks.finished(grove.name, out)
+                    continue
+                todo.append(c)
+            for out in pool.map(lambda c: _one(run, c), todo):
+                if out.status == "failed":
+                    for d in graph.descendants(g, out.agent):
+                        skipped.setdefault(d, out.agent)
+    return [run.outcomes[n] for n in sorted(run.outcomes)]

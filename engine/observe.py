@@ -1,0 +1,85 @@
+"""Stage 3, observation: runtimes + workspaces + inventory -> `Actual` state of a grove.
+
+Called by `plan` callers (plan, apply, status, watch). Each runtime a grove uses (and each
+Docker host or cluster context) is asked once, in one batched call, for what carries the
+grove's owner labels. Workspace state (uncommitted files, commits ahead of base) is read
+only for agents that may lose their working copy, or for `status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import inventory, runtimes, workspace
+from engine.desired import DesiredGrove
+from engine.errors import EngineError
+from engine.inventory import Inventory
+from engine.runtimes import Observed, Runtime
+
+RuntimeKey = tuple[str, str]  # (runtime name, host or "")
+
+
+@dataclass
+class Actual:
+    grove: str
+    inventory: Inventory
+    observed: dict[str, Observed]
+    work: dict[str, workspace.WorkState] = field(default_factory=dict)
+    errors: dict[RuntimeKey, str] = field(default_factory=dict)
+
+
+class Runtimes:
+    """Runtime clients by (name, host), created on first use and reused for a whole run."""
+
+    def __init__(self, root: Path, factory: Callable[[str, Path, str | None], Runtime]
+                 | None = None) -> None:
+        self.root = root
+        self._factory = factory or (lambda n, r, h: runtimes.get(n, r, h))
+        self._cache: dict[RuntimeKey, Runtime] = {}
+
+    def get(self, name: str, host: str | None = None) -> Runtime:
+        key = (name, host or "")
+        if key not in self._cache:
+            self._cache[key] = self._factory(name, self.root, host or None)
+        return self._cache[key]
+
+
+def runtime_keys(grove: DesiredGrove | None, inv: Inventory) -> list[RuntimeKey]:
+    keys = {(r.runtime, r.host) for r in inv.agents.values()} | {("local", "")}
+    if grove is not None:
+        keys |= {(a.runtime, a.host or "") for a in grove.agents}
+    return sorted(keys)
+
+
+def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtimes,
+            with_work: bool = False, tolerate: bool = False) -> Actual:
+    """Observe one grove. `with_work`: workspace state for every inventoried agent (status);
+    otherwise only for agents about to be pruned. `tolerate`: record runtime errors
+    instead of raising (status keeps working when one Docker host is down)."""
+    inv = inventory.load(root / ".engine", grove_name)
+    observed: dict[str, Observed] = {}
+    errors: dict[RuntimeKey, str] = {}
+    for key in runtime_keys(grove, inv):
+        try:
+            found = rts.get(*key).observe(grove_name)
+        except EngineError as e:
+            if not tolerate:
+                raise
+            errors[key] = e.summary
+            continue
+        for name, obs in found.items():
+            # the same agent seen on two runtimes (moved between profiles): keep the one
+            # the inventory says the engine created last
+            rec = inv.agents.get(name)
+            if name in observed and rec and (rec.runtime, rec.host) != key:
+                continue
+            observed[name] = obs
+    wanted = set(grove.by_name) if grove else set()
+    work = {}
+    for name, rec in sorted(inv.agents.items()):
+        if rec.workdir and (with_work or name not in wanted):
+            work[name] = workspace.work_state(root, root / rec.workdir, rec.branch,
+                                              rec.base_commit)
+    return Actual(grove_name, inv, observed, work, errors)

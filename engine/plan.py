@@ -1,0 +1,279 @@
+"""Stage 4, planning: desired x actual -> `GrovePlan`, a value that can be saved and applied.
+
+A pure function (`plan_grove`) of the desired grove, the observed agents, the inventory
+and the work state of agents about to be pruned. Every change carries a reason for display
+only. Plans serialize to a documented JSON shape (schemas/plan.json); a saved plan records
+the manifest digest and the inventory lineage/serial so `apply` can refuse it when stale.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import __version__, graph
+from engine.desired import IN_PLACE, DesiredAgent, DesiredGrove
+from engine.errors import EngineError
+from engine.inventory import Inventory
+from engine.observe import Actual
+from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Observed
+
+FORMAT = 1
+
+
+class Action(enum.Enum):
+    CREATE = ("create", "+")
+    REPLACE = ("replace", "-/+")
+    RESTART = ("restart", "~>")
+    UPDATE = ("update", "~")
+    DELETE = ("delete", "-")
+    WAIT = ("wait", ".")
+    NOOP = ("no-op", " ")
+
+    def __init__(self, word: str, symbol: str) -> None:
+        self.word = word
+        self.symbol = symbol
+
+    @property
+    def is_change(self) -> bool:
+        return self not in (Action.NOOP, Action.WAIT)
+
+    @classmethod
+    def parse(cls, word: str) -> Action:
+        for a in cls:
+            if a.word == word:
+                return a
+        raise ValueError(word)
+
+
+@dataclass(frozen=True)
+class Change:
+    agent: str
+    action: Action
+    reason: str
+    runtime: str
+    host: str = ""
+    fields: tuple[str, ...] = ()
+    archive: str = ""  # what work a delete will archive ("" when nothing)
+    spec_hash: str = ""  # desired hash the change converges to ("" for delete)
+    waits_for: tuple[str, ...] = ()  # dependencies that must succeed first
+    adopt: bool = False  # running with owner labels but not in the inventory
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent": self.agent, "action": self.action.word, "reason": self.reason,
+                "runtime": self.runtime, "host": self.host, "fields": list(self.fields),
+                "archive": self.archive, "specHash": self.spec_hash,
+                "waitsFor": list(self.waits_for), "adopt": self.adopt}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Change:
+        return cls(d["agent"], Action.parse(d["action"]), d["reason"], d["runtime"],
+                   d.get("host", ""), tuple(d.get("fields", ())), d.get("archive", ""),
+                   d.get("specHash", ""), tuple(d.get("waitsFor", ())),
+                   bool(d.get("adopt", False)))
+
+
+@dataclass(frozen=True)
+class GrovePlan:
+    grove: str
+    manifest_digest: str
+    lineage: str
+    serial: int
+    changes: tuple[Change, ...]  # sorted: deletes first (reverse graph order), then the rest
+    created_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"))
+
+    def counts(self) -> dict[str, int]:
+        out = {a.word: 0 for a in Action if a.is_change or a is Action.WAIT}
+        for c in self.changes:
+            if c.action.word in out:
+                out[c.action.word] += 1
+        return out
+
+    @property
+    def has_changes(self) -> bool:
+        return any(c.action.is_change or c.adopt for c in self.changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"grove": self.grove, "manifestDigest": self.manifest_digest,
+                "inventory": {"lineage": self.lineage, "serial": self.serial},
+                "createdAt": self.created_at, "summary": self.counts(),
+                "changes": [c.to_json() for c in self.changes]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GrovePlan:
+        return cls(d["grove"], d["manifestDigest"], d["inventory"]["lineage"],
+                   int(d["inventory"]["serial"]),
+                   tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"])
+
+
+def document(plans: list[GrovePlan]) -> dict[str, Any]:
+    """The JSON plan document (schemas/plan.json)."""
+    total: dict[str, int] = {}
+    for p in plans:
+        for k, v in p.counts().items():
+            total[k] = total.get(k, 0) + v
+    return {"formatVersion": FORMAT, "engineVersion": __version__,
+            "changes": any(p.has_changes for p in plans), "summary": total,
+            "groves": [p.to_json() for p in plans]}
+
+
+def load_document(text: str, source: str) -> list[GrovePlan]:
+    try:
+        d = json.loads(text)
+        if d.get("formatVersion") != FORMAT:
+            raise EngineError(f"{source}: unsupported plan format {d.get('formatVersion')!r}")
+        return [GrovePlan.from_json(g) for g in d["groves"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise EngineError(f"{source}: not a plan file saved by engine plan --out ({e})") \
+            from None
+
+
+# -- the decision -----------------------------------------------------------------------
+
+def _changed_fields(old_settings: str, agent: DesiredAgent, in_place: bool) -> list[str]:
+    try:
+        old = json.loads(old_settings) if old_settings else {}
+    except ValueError:
+        old = {}
+    new = agent.settings_map()
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k) and ((k in IN_PLACE) == in_place)]
+
+
+def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
+            phase_of: dict[str, str], creating: set[str]) -> Change:
+    rec = inv.agents.get(a.name)
+    base = {"agent": a.name, "runtime": a.runtime, "host": a.host or "",
+            "spec_hash": a.spec_hash}
+    if obs is None:
+        unmet = tuple(d for d in a.depends_on if phase_of.get(d) != SUCCEEDED)
+        failed = [d for d in unmet if phase_of.get(d) == FAILED]
+        if failed:
+            return Change(**base, action=Action.WAIT, waits_for=unmet,
+                          reason=f"blocked: dependency {failed[0]} failed")
+        if unmet and rec is not None and rec.pending and not (set(unmet) & creating):
+            return Change(**base, action=Action.WAIT, waits_for=unmet,
+                          reason=f"pending: waits for {', '.join(unmet)} to succeed")
+        if rec is not None and not rec.pending:
+            why = "missing from the runtime (removed outside the engine)"
+        elif rec is not None:
+            why = "dependencies succeeded"
+        else:
+            why = "new agent"
+        if unmet:
+            why += f"; starts after {' and '.join(unmet)} succeed{'s' if len(unmet) == 1 else ''}"
+        return Change(**base, action=Action.CREATE, reason=why, waits_for=unmet)
+    if obs.spec_hash != a.spec_hash:
+        fields = _changed_fields(rec.settings, a, False) if rec else []
+        why = f"spec changed: {', '.join(fields)}" if fields else "spec changed"
+        if not fields and rec and rec.spec_hash == a.spec_hash:
+            why = "runtime object differs from the applied spec"
+        elif not fields:
+            why = "spec changed (credentials or settings not shown)"
+        return Change(**base, action=Action.REPLACE, reason=why, fields=tuple(fields))
+    in_place = _changed_fields(rec.settings, a, True) if rec else []
+    if in_place:
+        return Change(**base, action=Action.UPDATE, fields=tuple(in_place),
+                      reason=f"changed in place: {', '.join(in_place)}")
+    if obs.phase == FAILED and a.restart in ("on-failure", "always"):
+        return Change(**base, action=Action.RESTART,
+                      reason=f"{obs.reason or 'failed'}, restart: {a.restart}")
+    if obs.phase == SUCCEEDED and a.restart == "always":
+        return Change(**base, action=Action.RESTART, reason="succeeded, restart: always")
+    if rec is None:
+        return Change(**base, action=Action.NOOP, adopt=True,
+                      reason="found running with the grove's owner labels: adopted")
+    return Change(**base, action=Action.NOOP, reason=obs.reason or obs.phase.lower())
+
+
+def plan_grove(grove: DesiredGrove, actual: Actual) -> GrovePlan:
+    """Decide what to do for every agent. Pure: same inputs, same plan."""
+    inv, observed = actual.inventory, actual.observed
+    phase_of = {n: o.phase for n, o in observed.items()}
+    g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
+                    {a.name: a.depends_on for a in grove.agents})
+    order = [n for gen in graph.generations(g) for n in gen]
+    creating: set[str] = set()
+    changes: list[Change] = []
+    for name in order:
+        c = _decide(grove.by_name[name], observed.get(name), inv, phase_of, creating)
+        if c.action in (Action.CREATE, Action.REPLACE, Action.RESTART):
+            creating.add(name)
+            phase_of[name] = RUNNING
+        changes.append(c)
+    changes = _deletes(grove, actual) + changes
+    return GrovePlan(grove.name, grove.manifest_digest, inv.lineage, inv.serial,
+                     tuple(changes))
+
+
+def _deletes(grove: DesiredGrove, actual: Actual) -> list[Change]:
+    inv, observed = actual.inventory, actual.observed
+    gone = sorted((set(inv.agents) | set(observed)) - set(grove.by_name))
+    if not gone:
+        return []
+    parents = {n: inv.agents[n].parent if n in inv.agents else None for n in gone}
+    g = graph.build(gone, parents, {})
+    order = [n for gen in reversed(graph.generations(g)) for n in gen]
+    out = []
+    for name in order:
+        rec, obs = inv.agents.get(name), observed.get(name)
+        work = actual.work.get(name)
+        why = "no longer in manifest"
+        renamed = _renamed_to(grove, rec.settings if rec else "")
+        if renamed:
+            why += f" (renamed to {renamed}?)"
+        out.append(Change(name, Action.DELETE, why, rec.runtime if rec else obs.runtime
+                          if obs else "", rec.host if rec else "",
+                          archive=work.describe() if work else ""))
+    return out
+
+
+def _renamed_to(grove: DesiredGrove, settings: str) -> str:
+    if not settings:
+        return ""
+    try:
+        task = json.loads(settings).get("task")
+    except ValueError:
+        return ""
+    hits = [a.name for a in grove.agents if a.task == task]
+    return hits[0] if len(hits) == 1 else ""
+
+
+# -- the human view ---------------------------------------------------------------------
+
+def render_text(plans: list[GrovePlan], color: bool = False) -> str:
+    styles = {Action.CREATE: "green", Action.REPLACE: "yellow", Action.RESTART: "yellow",
+              Action.UPDATE: "yellow", Action.DELETE: "red", Action.WAIT: "dim"}
+    lines: list[str] = []
+    total = {"create": 0, "replace": 0, "restart": 0, "update": 0, "delete": 0}
+    for p in plans:
+        shown = [c for c in p.changes if c.action is not Action.NOOP or c.adopt]
+        lines.append(f"grove {p.grove}: {len(shown)} of {len(p.changes)} agents to act on"
+                     if shown else f"grove {p.grove}: up to date")
+        for c in shown:
+            text = f"  {c.action.symbol:>3} {c.agent}  ({c.action.word}: {c.reason})"
+            if c.archive:
+                text += f"\n        work archived first: {c.archive}"
+            if color and c.action in styles:
+                text = f"[{styles[c.action]}]{_esc(text)}[/]"
+            elif color:
+                text = _esc(text)
+            lines.append(text)
+            if c.action.word in total:
+                total[c.action.word] += 1
+    lines.append("")
+    if not any(p.has_changes for p in plans):
+        lines.append("No changes. The running agents match the manifests.")
+    else:
+        lines.append(f"Plan: {total['create']} to create, {total['replace']} to replace, "
+                     f"{total['restart']} to restart, {total['update']} to update, "
+                     f"{total['delete']} to delete.")
+    return "\n".join(lines)
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", "\\[")

@@ -1,0 +1,61 @@
+"""Review: an agent's branch against its base (`engine diff`) and landing it (`engine merge`).
+
+Called by the diff and merge commands. Merging never leaves a half-merged tree: when the
+base branch is checked out, a conflicting merge is aborted; otherwise the merge is computed
+with `git merge-tree` and the branch ref moves only when it is clean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.proc import git, run
+from engine.workspace import base_commit
+
+
+def diff(root: Path, branch: str, base_ref: str, workdir: Path | None, stat: bool) -> str:
+    ref, base = base_commit(root, base_ref)
+    if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
+        raise EngineError(f"branch {branch} does not exist (was the agent applied?)")
+    args = ["diff", "--stat"] if stat else ["diff"]
+    out = git(root, *args, f"{ref}...{branch}")
+    if workdir is not None and workdir.is_dir():
+        dirty = git(workdir, "status", "--porcelain", check=False)
+        if dirty:
+            out += "\n\n# uncommitted in the agent's worktree:\n" + dirty
+    return out
+
+
+def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
+    """Merge `branch` into the base branch; returns the new base commit."""
+    ref, _ = base_commit(root, base_ref)
+    if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{ref}", check=False):
+        raise EngineError(f"base {ref!r} is not a branch; cannot merge into it")
+    if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
+        raise EngineError(f"branch {branch} does not exist")
+    current = git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False)
+    if current == ref:
+        if git(root, "status", "--porcelain", "--untracked-files=no"):
+            raise EngineError(f"{root}: uncommitted changes on {ref}; commit or stash them "
+                              "before merging")
+        p = run(["git", "merge", "--no-ff", "--no-edit", "-m", message, branch], cwd=root,
+                check=False)
+        if p.returncode != 0:
+            files = git(root, "diff", "--name-only", "--diff-filter=U", check=False)
+            git(root, "merge", "--abort", check=False)
+            raise EngineError(f"merge of {branch} into {ref} conflicts in: "
+                              f"{', '.join(files.split()) or 'unknown files'}; nothing changed")
+        return git(root, "rev-parse", "HEAD")
+    p = run(["git", "merge-tree", "--write-tree", "--name-only", ref, branch], cwd=root,
+            check=False)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0:
+        files = [ln for ln in lines[1:] if ln and not ln.startswith(("Auto-merging",
+                                                                    "CONFLICT"))]
+        raise EngineError(f"merge of {branch} into {ref} conflicts in: "
+                          f"{', '.join(sorted(set(files))) or 'unknown files'}; nothing changed")
+    tree = lines[0]
+    commit = git(root, "commit-tree", tree, "-p", ref, "-p", branch, "-m", message)
+    git(root, "update-ref", f"refs/heads/{ref}", commit)
+    return commit

@@ -1,0 +1,106 @@
+"""Runtimes: where agent processes run. One module per runtime, all satisfying `Runtime`.
+
+Called by `observe` (batched listing) and `executor` (create/delete), and by the
+interaction commands (logs, look, attach, message). Heavy clients (docker, kubernetes) are
+imported only inside their own module, which is imported only when a grove uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from engine.desired import DesiredAgent
+from engine.errors import EngineError
+
+# Phases of an agent, as observed.
+PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = (
+    "Pending", "Running", "Succeeded", "Failed", "Stopped")
+
+# Owner labels carried by everything a runtime creates.
+LABEL_GROVE, LABEL_AGENT, LABEL_HASH, LABEL_VERSION, LABEL_REPO = (
+    "engine.grove", "engine.agent", "engine.spec-hash", "engine.version", "engine.repo")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a runtime reports about one agent it owns: the essence, no ids or timestamps
+    that would make two observations of the same state differ."""
+
+    grove: str
+    name: str
+    runtime: str
+    spec_hash: str
+    phase: str
+    exit_code: int | None = None
+    reason: str = ""  # e.g. "exited 1", "killed (out of memory)", "maxDuration 30s exceeded"
+    host: str = ""  # docker host URL or kube context; "" for the default
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a runtime needs to start one agent. `secrets` holds values: never log,
+    print, label or persist it outside the agent's own secret files."""
+
+    agent: DesiredAgent
+    repo_root: Path
+    workdir: Path  # host path the agent works in (its worktree, clone or the repo)
+    # Host paths git needs besides workdir, mounted at the same path: (path, read_only).
+    # Worktree mode: the repository's common .git dir (read-write); clone mode: the
+    # main repository's objects (read-only, for the clone's alternates); shared: none.
+    git_paths: tuple[tuple[Path, bool], ...]
+    run_dir: Path  # .engine/run/<grove>/<agent>: wrapper script, exit file, secret files
+    inbox: Path  # .engine/inbox/<grove>/<agent>
+    log_file: Path  # .engine/logs/<grove>/<agent>.log
+    client: Path  # the dependency-free agent-side `engine` client (a file)
+    env: dict[str, str]  # non-secret environment, ENGINE_* included (host paths; a
+    # container runtime rewrites ENGINE_INBOX to where it mounts the inbox)
+    resume: bool = False  # restart of an existing agent: the harness may resume
+    secrets: dict[str, str] = field(repr=False, default_factory=dict)
+
+
+class Runtime(Protocol):
+    """The contract every runtime satisfies (tests/runtime_suite.py checks it)."""
+
+    name: str
+
+    def observe(self, grove: str) -> dict[str, Observed]:
+        """Every agent of `grove` this runtime holds, in one batched call."""
+
+    def create(self, launch: Launch) -> None:
+        """Start the agent (replacing any leftover object of the same agent)."""
+
+    def delete(self, grove: str, agent: str) -> None:
+        """Stop and remove the agent's process/container; no error if it is gone."""
+
+    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+        """The agent's output, line by line; with `follow`, until it ends."""
+
+    def look(self, grove: str, agent: str) -> str:
+        """The agent's current screen."""
+
+    def attach(self, grove: str, agent: str) -> int:
+        """Attach the user's terminal to the agent's session; returns an exit status."""
+
+    def send(self, grove: str, agent: str, text: str) -> None:
+        """Type `text` into the agent's session (pasted, then Enter)."""
+
+
+_MODULES = {"local": "engine.runtimes.local", "docker": "engine.runtimes.docker",
+            "kubernetes": "engine.runtimes.kubernetes"}
+
+
+def get(name: str, repo_root: Path, host: str | None = None) -> Runtime:
+    """The runtime `name` for this repository (and Docker host / kube context)."""
+    if name not in _MODULES:
+        raise EngineError(f"unknown runtime {name!r}")
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as e:
+        raise EngineError(f"runtime {name} is not available: missing Python package "
+                          f"{e.name} (pip install 'grove-engine[{name}]')") from None
+    rt: Runtime = mod.make(repo_root, host)
+    return rt

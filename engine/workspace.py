@@ -1,0 +1,240 @@
+"""Workspaces: each agent's branch and working copy, and the archive that keeps work safe.
+
+Called by `executor` (ensure before start, archive+remove on delete), `observe`
+(dirty/ahead counts for plans and status) and the review commands (diff, merge, restore).
+Branches are `engine/<grove>/<agent>`; worktrees and clones live under
+`.engine/worktrees/<grove>/<agent>`. Nothing is removed before its uncommitted changes and
+unmerged commits are saved under `refs/engine/archive/<grove>/<agent>/<n>`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.desired import DesiredAgent
+from engine.errors import EngineError
+from engine.proc import CommandFailed, git, run
+
+ARCHIVE_PREFIX = "refs/engine/archive"
+EMPTY = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    workdir: Path
+    branch: str  # "" in shared mode
+    base_commit: str
+    git_paths: tuple[tuple[Path, bool], ...]
+
+
+@dataclass(frozen=True)
+class WorkState:
+    """What would be lost without the archive: uncommitted files, commits not on base."""
+
+    dirty: int
+    ahead: int
+
+    def describe(self) -> str:
+        parts = []
+        if self.dirty:
+            parts.append(f"{self.dirty} uncommitted file{'s' if self.dirty != 1 else ''}")
+        if self.ahead:
+            parts.append(f"{self.ahead} commit{'s' if self.ahead != 1 else ''} not on base")
+        return ", ".join(parts)
+
+
+def path_for(root: Path, grove: str, agent: str) -> Path:
+    return root / ".engine" / "worktrees" / grove / agent
+
+
+def base_commit(root: Path, base_ref: str) -> tuple[str, str]:
+    """(ref name, commit) of the grove's base; the current branch when `base_ref` is ""."""
+    ref = base_ref or git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False) or "HEAD"
+    sha = git(root, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False)
+    if not sha:
+        raise EngineError(f"base ref {ref!r} not found in {root} (set spec.baseRef to an "
+                          "existing branch or commit)")
+    return ref, sha
+
+
+def _branch_exists(root: Path, branch: str) -> bool:
+    return bool(git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False))
+
+
+def _registered_worktrees(root: Path) -> dict[Path, str]:
+    out: dict[Path, str] = {}
+    cur: Path | None = None
+    for line in git(root, "worktree", "list", "--porcelain").splitlines():
+        if line.startswith("worktree "):
+            cur = Path(line[9:])
+            out[cur] = ""
+        elif line.startswith("branch ") and cur is not None:
+            out[cur] = line[7:].removeprefix("refs/heads/")
+    return out
+
+
+def ensure(root: Path, agent: DesiredAgent, base_ref: str) -> Workspace:
+    """The agent's working copy, created if missing; reused when it is already ours."""
+    ref, base = base_commit(root, base_ref)
+    if agent.workspace == "shared":
+        return Workspace(root, "", base, ())
+    path = path_for(root, agent.grove, agent.name)
+    branch = agent.branch
+    if agent.workspace == "clone":
+        return _ensure_clone(root, path, branch, base)
+    common = Path(git(root, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+    if path.exists():
+        owner = _registered_worktrees(root).get(path.resolve())
+        if owner != branch:
+            raise EngineError(f"agent {agent.grove}/{agent.name}: {path} already exists and "
+                              "is not this agent's worktree; move it away")
+        return Workspace(path, branch, base, ((common, False),))
+    git(root, "worktree", "prune")
+    if not _branch_exists(root, branch):
+        git(root, "branch", "--no-track", branch, base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        git(root, "worktree", "add", "-q", str(path), branch)
+    except CommandFailed as e:
+        raise EngineError(f"agent {agent.grove}/{agent.name}: cannot create worktree: "
+                          f"{e.stderr.strip().splitlines()[-1]}") from None
+    return Workspace(path, branch, base, ((common, False),))
+
+
+def _ensure_clone(root: Path, path: Path, branch: str, base: str) -> Workspace:
+    objects = Path(git(root, "rev-parse", "--path-format=absolute", "--git-path", "objects"))
+    if not _branch_exists(root, branch):
+        git(root, "branch", "--no-track", branch, base)
+    if not (path / ".git").is_dir():
+        if path.exists():
+            raise EngineError(f"{path} already exists and is not an engine clone; move it away")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git(root, "clone", "-q", "--shared", "--no-checkout", str(root), str(path))
+        git(path, "checkout", "-q", "-B", branch, f"origin/{branch}")
+    return Workspace(path, branch, base, ((objects, True),))
+
+
+def fetch_back(root: Path, agent: DesiredAgent | None, path: Path, branch: str) -> None:
+    """Clone mode: bring the clone's branch back into the repository."""
+    if (path / ".git").is_dir():
+        git(root, "fetch", "-q", str(path), f"+{branch}:{branch}", check=False)
+
+
+def work_state(root: Path, workdir: Path, branch: str, base: str) -> WorkState:
+    if not workdir.is_dir() or not branch:
+        return WorkState(0, 0)
+    status = git(workdir, "status", "--porcelain", "--untracked-files=all", check=False)
+    dirty = len([ln for ln in status.splitlines() if ln.strip()])
+    head = git(workdir, "rev-parse", "-q", "--verify", "HEAD", check=False)
+    ahead = 0
+    if head and base:
+        ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
+    return WorkState(dirty, ahead)
+
+
+def _next_archive(root: Path, grove: str, agent: str) -> tuple[str, int]:
+    refs = git(root, "for-each-ref", "--format=%(refname)",
+               f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
+    n = max((int(r.rsplit("/", 1)[1]) for r in refs if r.rsplit("/", 1)[1].isdigit()),
+            default=0) + 1
+    return f"{ARCHIVE_PREFIX}/{grove}/{agent}/{n}", n
+
+
+def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base: str
+            ) -> str | None:
+    """Save uncommitted changes and unmerged commits; returns the archive ref, or None
+    when there is nothing that is not already on the base."""
+    if not workdir.is_dir() or not branch:
+        return None
+    head = git(workdir, "rev-parse", "-q", "--verify", "HEAD", check=False)
+    if not head:
+        return None
+    fd, index = tempfile.mkstemp(prefix="engine-index-")
+    os.close(fd)
+    try:
+        env = {**os.environ, "GIT_INDEX_FILE": index}
+        git(workdir, "read-tree", "HEAD", env=env)
+        git(workdir, "add", "-A", env=env)
+        tree = git(workdir, "write-tree", env=env)
+    finally:
+        os.unlink(index)
+    head_tree = git(workdir, "rev-parse", f"{head}^{{tree}}")
+    ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
+    if tree == head_tree and not ahead:
+        return None
+    ref, n = _next_archive(root, grove, agent)
+    msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
+           f"Dirty: {'yes' if tree != head_tree else 'no'}\n")
+    commit = git(workdir, "commit-tree", tree, "-p", head, "-m", msg)
+    git(root, "update-ref", ref, commit)  # its parent is the branch tip: commits kept too
+    return ref
+
+
+def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Path,
+           branch: str, base: str) -> str | None:
+    """Archive, then remove the working copy and the branch. Returns the archive ref."""
+    if workspace_mode == "shared":
+        return None
+    if workspace_mode == "clone":
+        fetch_back(root, None, workdir, branch)
+    ref = archive(root, grove, agent, workdir, branch, base)
+    if workdir.exists():
+        if workspace_mode == "clone":
+            shutil.rmtree(workdir)
+        else:
+            git(root, "worktree", "remove", "--force", str(workdir), check=False)
+            if workdir.exists():
+                shutil.rmtree(workdir)
+    git(root, "worktree", "prune")
+    if branch and _branch_exists(root, branch):
+        git(root, "branch", "-D", branch)
+    return ref
+
+
+def archives(root: Path, grove: str, agent: str) -> list[str]:
+    refs = git(root, "for-each-ref", "--format=%(refname)",
+               f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
+    nums = sorted(int(r.rsplit("/", 1)[1]) for r in refs if r.rsplit("/", 1)[1].isdigit())
+    return [f"{ARCHIVE_PREFIX}/{grove}/{agent}/{n}" for n in nums]
+
+
+def restore(root: Path, grove: str, agent: str, number: int | None = None) -> tuple[str, Path]:
+    """Bring an archive back: the branch at the archived commits, the uncommitted changes
+    as uncommitted files in the agent's worktree. Returns (archive ref, worktree)."""
+    refs = archives(root, grove, agent)
+    if not refs:
+        raise EngineError(f"agent {grove}/{agent}: no archived work to restore")
+    ref = f"{ARCHIVE_PREFIX}/{grove}/{agent}/{number}" if number else refs[-1]
+    if ref not in refs:
+        raise EngineError(f"agent {grove}/{agent}: no archive #{number} (have "
+                          f"{', '.join(r.rsplit('/', 1)[1] for r in refs)})")
+    snapshot = git(root, "rev-parse", ref)
+    tip = git(root, "rev-parse", f"{snapshot}^")
+    branch = f"engine/{grove}/{agent}"
+    path = path_for(root, grove, agent)
+    if path.exists():
+        state = git(path, "status", "--porcelain", check=False)
+        if state:
+            raise EngineError(f"agent {grove}/{agent}: worktree {path} has uncommitted "
+                              "changes; commit or archive them before restoring")
+        git(path, "merge", "-q", "--ff-only", tip)
+    else:
+        if _branch_exists(root, branch) and not _is_ancestor(
+                root, git(root, "rev-parse", branch), tip):
+            raise EngineError(f"agent {grove}/{agent}: branch {branch} has moved on; "
+                              f"restore into it by hand: git checkout {ref} -- .")
+        git(root, "branch", "-f", branch, tip)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git(root, "worktree", "add", "-q", str(path), branch)
+    git(path, "checkout", snapshot, "--", ".")
+    git(path, "reset", "-q")
+    return ref, path
+
+
+def _is_ancestor(root: Path, a: str, b: str) -> bool:
+    return run(["git", "merge-base", "--is-ancestor", a, b], cwd=root, check=False
+               ).returncode == 0

@@ -1,0 +1,83 @@
+"""Test contract: everything runs for real (git, tmux, Docker, the engine's own CLI).
+
+Fakes exist only at edges this machine cannot run, and each one says so where it is
+defined (the Kubernetes API server in tests/k8s_apiserver.py is the one such stand-in).
+Tests never touch the developer's $HOME or real config: HOME and XDG_CONFIG_HOME point
+into a temporary directory for every test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main as engine_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@example.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.invalid")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.delenv("TMUX", raising=False)
+    monkeypatch.setenv("NO_COLOR", "1")
+    yield home
+    real_home = Path(os.path.expanduser("~root"))
+    assert not (real_home / ".config" / "engine" / "config.yaml.test-touched").exists()
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git repository (branch main, one commit) as the working directory."""
+    r = tmp_path / "repo"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    (r / "README.md").write_text("test repo\n")
+    (r / ".gitignore").write_text(".engine/\n")
+    git(r, "add", "-A")
+    git(r, "commit", "-qm", "initial")
+    monkeypatch.chdir(r)
+    return r
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture
+def engine(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Run the real CLI in-process: engine("plan", "--json") -> Result."""
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = engine_main(list(args))
+        cap = capsys.readouterr()
+        return Result(code, cap.out, cap.err)
+    return run
+
+
+def write_grove(root: Path, name: str, text: str, file: str = "grove.yaml") -> Path:
+    d = root / "groves" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / file).write_text(text)
+    return d
