@@ -1,0 +1,118 @@
+"""Agent images: the Dockerfiles shipped under images/, and the offline bootstrap of the base.
+
+Called by `engine image build|bootstrap` (engine/commands/image.py) and by the Docker
+runtime (which bind-mounts `entrypoint()` into every container). Talks to Docker only
+through an `ImageEngine` (the Docker runtime), so this module never imports the SDK.
+Returns image tags.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Protocol
+
+from engine.errors import EngineError
+
+PREFIX = "grove-engine"
+ROOTFS_TAG = f"{PREFIX}/rootfs:bookworm"
+BASE = "base"
+PACKAGES = ("bash", "git", "python3", "tmux", "ca-certificates")
+SUITE = "bookworm"
+
+
+class ImageEngine(Protocol):
+    def has_image(self, tag: str) -> bool: ...
+    def remove_image(self, tag: str) -> None: ...
+    def build_image(self, context: Path, tag: str, buildargs: dict[str, str],
+                    network: str | None) -> None: ...
+    def import_image(self, chunks: Iterable[bytes], tag: str) -> None: ...
+
+
+def images_dir() -> Path:
+    """Installed wheels carry images/ inside the package; a checkout has it at the top."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "images", here.parent / "images"):
+        if (cand / BASE / "Dockerfile").is_file():
+            return cand
+    raise FileNotFoundError("grove-engine images/ not found")  # a broken install: a bug
+
+
+def entrypoint() -> Path:
+    """The container entrypoint the Docker runtime mounts into every agent container."""
+    return images_dir() / BASE / "entrypoint.sh"
+
+
+def names() -> list[str]:
+    return sorted(p.parent.name for p in images_dir().glob("*/Dockerfile"))
+
+
+def tag(name: str) -> str:
+    return f"{PREFIX}/{name}:latest"
+
+
+def guess_name(image: str) -> str:
+    """The images/ name an image reference was probably built from (for hints)."""
+    repo = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+    if repo.startswith(PREFIX + "/") and repo.removeprefix(PREFIX + "/") in names():
+        return repo.removeprefix(PREFIX + "/")
+    return "NAME"
+
+
+def build(engine: ImageEngine, name: str, network: str | None = "host",
+          buildargs: dict[str, str] | None = None) -> str:
+    """docker build of images/<name>/Dockerfile as grove-engine/<name>:latest."""
+    if name not in names():
+        raise EngineError(f"image {name}: no images/{name}/Dockerfile (images: "
+                          f"{', '.join(names())})")
+    t = tag(name)
+    engine.build_image(images_dir() / name, t, buildargs or {}, network)
+    return t
+
+
+def bootstrap(engine: ImageEngine, force: bool = False) -> tuple[str, bool]:
+    """Build grove-engine/base:latest without a registry: a Debian root filesystem from
+    mmdebstrap imported as grove-engine/rootfs:bookworm, then images/base/Dockerfile on
+    top of it. Cached by tag; returns (tag, whether anything was built)."""
+    t = tag(BASE)
+    if not force and engine.has_image(t):
+        return t, False
+    if force or not engine.has_image(ROOTFS_TAG):
+        import_rootfs(engine)
+    build(engine, BASE, network="none", buildargs={"BASE": ROOTFS_TAG})
+    return t, True
+
+
+def mmdebstrap_argv() -> list[str]:
+    return ["mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(PACKAGES)}",
+            SUITE, "-"]
+
+
+def import_rootfs(engine: ImageEngine) -> None:
+    """mmdebstrap ... - | docker import: streamed, nothing large written to disk."""
+    if shutil.which("mmdebstrap") is None:
+        raise EngineError("image bootstrap: mmdebstrap is not installed "
+                          "(apt-get install mmdebstrap)")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(mmdebstrap_argv(), stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        try:
+            engine.import_image(_chunks(proc.stdout), ROOTFS_TAG)
+        finally:
+            proc.stdout.close()
+            code = proc.wait()
+        if code != 0:
+            engine.remove_image(ROOTFS_TAG)
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise EngineError(f"image bootstrap: mmdebstrap failed (exit {code})",
+                              "\n".join(tail))
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while chunk := stream.read(1 << 20):
+        yield chunk

@@ -1,0 +1,277 @@
+"""Docker runtime: every agent in its own hardened container, on the local engine or on the
+Docker host its profile names.
+
+Called through `engine.runtimes.get("docker", repo_root, host)` by observe, the executor
+and the interaction commands, and by `engine image` (as an `images.ImageEngine`). The only
+module that imports the Docker SDK. The container's configuration comes from
+`docker_spec`, the host-side files from `docker_fs`; the harness runs in a tmux session
+inside the container under images/base/entrypoint.sh, bind-mounted from the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from engine import images
+from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
+from engine.runtimes import Launch, Observed
+from engine.runtimes import docker_fs as fs
+from engine.runtimes import docker_spec as spec
+
+SCHEMES = ("unix://", "tcp://", "ssh://", "npipe://", "http://", "https://")
+START_HINT = ("start it (sudo systemctl start docker, or dockerd --bridge=none "
+              "--iptables=false as root) or fix the profile's host:")
+T = TypeVar("T")
+
+
+def connect(host: str | None) -> Any:
+    """A Docker client for `host` (None: DOCKER_HOST or the default socket), checked to
+    answer. Raises RuntimeUnavailable with one line saying how to start the engine."""
+    where = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not where.startswith(SCHEMES):
+        raise EngineError(f"docker host {where}: unknown scheme (use unix://, tcp:// or "
+                          "ssh://)")
+    try:
+        if host:
+            return docker.DockerClient(base_url=host, version="auto", timeout=120,
+                                       use_ssh_client=host.startswith("ssh://"))
+        return docker.from_env(version="auto", timeout=120)
+    except (DockerException, requests.RequestException) as e:
+        raise RuntimeUnavailable(f"docker engine at {where}: not reachable; {START_HINT}",
+                                 detail=str(e)) from None
+
+
+def make(repo_root: Path, host: str | None) -> DockerRuntime:
+    return DockerRuntime(repo_root.resolve(), host or "", connect(host))
+
+
+class DockerRuntime:
+    """One Docker engine, as seen from one repository."""
+
+    name = "docker"
+
+    def __init__(self, repo_root: Path, host: str, client: Any) -> None:
+        self.repo_root = repo_root
+        self.host = host
+        self.client = client
+        self.api = client.api
+
+    def _where(self) -> str:
+        return self.host or "the local docker engine"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one engine call, turning transport failures into runtime errors."""
+        try:
+            return fn()
+        except NotFound:
+            raise  # the caller decides what a missing object means
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise RuntimeUnavailable(f"docker engine at {self.host or 'default'}: lost "
+                                     f"while {what}; {START_HINT}", detail=str(e)) from None
+        except APIError as e:
+            if e.status_code is not None and e.status_code >= 500:
+                raise TemporaryError(f"{what}: {e.explanation or e}", delay=2.0) from None
+            raise PermanentError(f"{what}: {e.explanation or e}") from None
+
+    def _name(self, grove: str, agent: str) -> str:
+        return spec.container_name(self.repo_root, grove, agent)
+
+    # -- the Runtime protocol ---------------------------------------------------------------
+
+    def observe(self, grove: str) -> dict[str, Observed]:
+        entries = self._call(f"listing containers of grove {grove}", lambda: self.api.containers(
+            all=True, filters=spec.owner_filters(self.repo_root, grove)))
+        out = {}
+        for entry in entries:
+            o = spec.observed(entry, self.host)
+            if o.grove == grove and o.name:
+                out[o.name] = o
+        return dict(sorted(out.items()))
+
+    def create(self, launch: Launch) -> None:
+        a = launch.agent
+        who = f"agent {a.grove}/{a.name}"
+        if not a.image:
+            raise EngineError(f"{who}: runtime docker needs an image")
+        self._remove(self._name(a.grove, a.name))
+        dirs = fs.prepare(launch, images.entrypoint())
+        kwargs = spec.create_kwargs(launch, dirs, a.image)
+        kwargs.pop("detach")
+        try:
+            container = self._call(f"{who}: create", lambda: self.client.containers.create(
+                **kwargs))
+        except ImageNotFound:
+            fs.forget(launch.run_dir)
+            raise EngineError(
+                f"{who}: image {a.image} not found on {self._where()}; build it with "
+                f"`engine image build {images.guess_name(a.image)}` (or `engine image "
+                "bootstrap` offline)") from None
+        except EngineError:
+            fs.forget(launch.run_dir)
+            raise
+        try:
+            self._call(f"{who}: start", container.start)
+        except EngineError:
+            self._remove(container.id)
+            fs.forget(launch.run_dir)
+            raise
+
+    def delete(self, grove: str, agent: str) -> None:
+        name = self._name(grove, agent)
+        info = self._inspect(name)
+        if info is None:
+            return
+        self._remove(name)
+        ctl = spec.ctl_dir({"Mounts": info.get("Mounts") or []})
+        if ctl is not None:
+            fs.forget(ctl.parent)
+
+    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+        path = self._log_path(grove, agent)
+        if not path.is_file():
+            raise EngineError(f"agent {grove}/{agent}: no log at {path}")
+        return self._read_log(grove, agent, path, follow)
+
+    def look(self, grove: str, agent: str) -> str:
+        code, out = self._exec(grove, agent, ["tmux", "capture-pane", "-p", "-t",
+                                               spec.SESSION])
+        if code != 0:
+            raise EngineError(f"agent {grove}/{agent}: no session to look at (it has ended)")
+        return out
+
+    def attach(self, grove: str, agent: str) -> int:
+        cli = shutil.which("docker")
+        if cli is None:
+            raise EngineError(f"agent {grove}/{agent}: attach needs the docker command "
+                              "(apt-get install docker.io)")
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise EngineError(f"agent {grove}/{agent}: attach needs a terminal")
+        self._require_running(grove, agent)
+        argv = [cli, *(["-H", self.host] if self.host else []), "exec", "-it",
+                self._name(grove, agent), "tmux", "attach-session", "-t", spec.SESSION]
+        return subprocess.call(argv)
+
+    def send(self, grove: str, agent: str, text: str) -> None:
+        script = ('tmux set-buffer -b engine-msg -- "$1" && '
+                  'tmux paste-buffer -p -d -b engine-msg -t "$2" && sleep 0.2 && '
+                  'tmux send-keys -t "$2" Enter')
+        code, out = self._exec(grove, agent, ["bash", "-c", script, "send", text,
+                                               spec.SESSION])
+        if code != 0:
+            raise EngineError(f"agent {grove}/{agent}: cannot type into its session "
+                              f"({out.strip() or 'it has ended'})")
+
+    # -- images (engine.images.ImageEngine) ------------------------------------------------
+
+    def has_image(self, tag: str) -> bool:
+        try:
+            self._call(f"image {tag}", lambda: self.api.inspect_image(tag))
+        except ImageNotFound:
+            return False
+        return True
+
+    def remove_image(self, tag: str) -> None:
+        with contextlib.suppress(ImageNotFound):
+            self._call(f"image {tag}: remove", lambda: self.api.remove_image(tag, force=True))
+
+    def build_image(self, context: Path, tag: str, buildargs: dict[str, str],
+                    network: str | None) -> None:
+        def run() -> None:
+            for chunk in self.api.build(path=str(context), tag=tag, buildargs=buildargs,
+                                        network_mode=network, rm=True, forcerm=True,
+                                        decode=True):
+                if "error" in chunk:
+                    raise EngineError(f"image {tag}: build failed: "
+                                      f"{str(chunk['error']).strip()}")
+        self._call(f"image {tag}: build", run)
+
+    def import_image(self, chunks: Iterable[bytes], tag: str) -> None:
+        repo, _, version = tag.rpartition(":")
+        self._call(f"image {tag}: import", lambda: self.api.import_image(
+            src=iter(chunks), repository=repo, tag=version, stream_src=True))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _inspect(self, name: str) -> dict[str, Any] | None:
+        try:
+            info: dict[str, Any] = self._call(f"container {name}",
+                                              lambda: self.api.inspect_container(name))
+        except NotFound:
+            return None
+        return info
+
+    def _remove(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(f"container {name}: remove",
+                       lambda: self.api.remove_container(name, force=True))
+
+    def _require_running(self, grove: str, agent: str) -> dict[str, Any]:
+        info = self._inspect(self._name(grove, agent))
+        if info is None:
+            raise EngineError(f"agent {grove}/{agent}: no container on {self._where()}")
+        if not (info.get("State") or {}).get("Running"):
+            raise EngineError(f"agent {grove}/{agent}: its container is not running")
+        return info
+
+    def _exec(self, grove: str, agent: str, argv: list[str]) -> tuple[int, str]:
+        """Run argv in the agent's running container as its user: (exit code, output)."""
+        name = self._name(grove, agent)
+        try:
+            ex = self._call(f"agent {grove}/{agent}: exec",
+                            lambda: self.api.exec_create(name, argv, stdout=True, stderr=True))
+        except NotFound:
+            raise EngineError(f"agent {grove}/{agent}: no container on {self._where()}"
+                              ) from None
+        except PermanentError as e:
+            if "is not running" in e.summary:
+                raise EngineError(f"agent {grove}/{agent}: its container is not running"
+                                  ) from None
+            raise
+        out = self._call("exec", lambda: self.api.exec_start(ex["Id"]))
+        code = self._call("exec", lambda: self.api.exec_inspect(ex["Id"]))["ExitCode"]
+        return int(code or 0), bytes(out).decode(errors="replace")
+
+    def _log_path(self, grove: str, agent: str) -> Path:
+        info = self._inspect(self._name(grove, agent))
+        for m in (info or {}).get("Mounts") or []:
+            if m.get("Destination") == spec.LOG:
+                return Path(m["Source"])
+        return self.repo_root / ".engine" / "logs" / grove / f"{agent}.log"
+
+    def _running(self, grove: str, agent: str) -> bool:
+        info = self._inspect(self._name(grove, agent))
+        return bool(info and (info.get("State") or {}).get("Running"))
+
+    def _read_log(self, grove: str, agent: str, path: Path, follow: bool) -> Iterator[str]:
+        """Lines of the log file; with `follow`, until the container has stopped and the
+        file is drained."""
+        with open(path, "rb") as f:
+            buf = b""
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        yield line.rstrip(b"\r").decode(errors="replace")
+                    continue
+                if not follow:
+                    break
+                if not self._running(grove, agent):
+                    follow = False  # one more read drains what the last moments wrote
+                    continue
+                time.sleep(0.3)
+            if buf:
+                yield buf.rstrip(b"\r").decode(errors="replace")

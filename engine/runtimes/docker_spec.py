@@ -1,0 +1,230 @@
+"""Docker runtime, pure part: a `Launch` -> the container's create arguments, and a listed
+container -> `Observed`.
+
+Called by `engine.runtimes.docker` (create and observe). Pure: no Docker SDK, no disk, no
+network, so the hardening and the "no secret in the config" promise can be checked without
+an engine. Returns plain dicts in the shape of `docker.containers.create(**kwargs)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import __version__
+from engine.runtimes import (
+    FAILED,
+    LABEL_AGENT,
+    LABEL_GROVE,
+    LABEL_HASH,
+    LABEL_REPO,
+    LABEL_VERSION,
+    PENDING,
+    RUNNING,
+    STOPPED,
+    SUCCEEDED,
+    Launch,
+    Observed,
+)
+
+# Where things live inside every agent container.
+WORKSPACE = "/workspace"
+HOME = "/home/agent"
+SECRETS = "/run/secrets"
+CTL = "/run/engine/ctl"  # exit code and reason, written by the entrypoint
+INBOX = "/run/engine/inbox"
+LOG = "/run/engine/log"  # the pane's output, a bind-mounted host file
+CLIENT = "/usr/local/bin/engine"
+ENTRYPOINT = "/usr/local/lib/engine/entrypoint.sh"
+SESSION = "agent"  # the tmux session the harness runs in
+
+TMPFS_TMP = "rw,nosuid,nodev,size=512m"
+DEFAULT_PIDS = 512
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    """Host paths the runtime prepares for one agent (see docker_fs.prepare)."""
+
+    ctl: Path
+    secrets: Path
+    log: Path
+    inbox: Path
+    client: Path
+    entrypoint: Path
+
+
+def repo_tag(repo_root: Path) -> str:
+    """A short, stable digest of the repository path: keeps two repositories' groves of the
+    same name apart on one Docker engine."""
+    return hashlib.sha256(str(repo_root).encode()).hexdigest()[:8]
+
+
+def container_name(repo_root: Path, grove: str, agent: str) -> str:
+    return f"engine-{grove}-{agent}-{repo_tag(repo_root)}"
+
+
+def owner_filters(repo_root: Path, grove: str) -> dict[str, list[str]]:
+    """The one label filter observe lists with."""
+    return {"label": [f"{LABEL_GROVE}={grove}", f"{LABEL_REPO}={repo_root}"]}
+
+
+def uid_gid(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def _env(launch: Launch) -> dict[str, str]:
+    """The container's environment: no secret values, host paths rewritten to container
+    paths, git made usable for the agent user."""
+    a = launch.agent
+    rewrite = {str(launch.inbox): INBOX, str(launch.workdir): WORKSPACE}
+    env = {**dict(a.env), **{k: rewrite.get(v, v) for k, v in launch.env.items()}}
+    env["ENGINE_INBOX"] = INBOX
+    env.setdefault("ENGINE_GROVE", a.grove)
+    env.setdefault("ENGINE_AGENT", a.name)
+    env["HOME"] = HOME
+    env.setdefault("LANG", "C.UTF-8")
+    git_config = [("safe.directory", "*"), ("gc.auto", "0"), ("maintenance.auto", "false"),
+                  ("user.name", f"{a.name} ({a.grove})"),
+                  ("user.email", f"{a.name}@{a.grove}.engine.invalid")]
+    env["GIT_CONFIG_COUNT"] = str(len(git_config))
+    for i, (k, v) in enumerate(git_config):
+        env[f"GIT_CONFIG_KEY_{i}"] = k
+        env[f"GIT_CONFIG_VALUE_{i}"] = v
+    if a.max_duration:
+        env["ENGINE_MAX_DURATION"] = str(a.max_duration)
+    files = credential_files(launch)
+    if files:
+        env["ENGINE_CREDENTIAL_FILES"] = "\n".join(f"{n}={p}" for n, p in files)
+    return dict(sorted(env.items()))
+
+
+def credential_files(launch: Launch) -> list[tuple[str, str]]:
+    """(credential, path relative to home) pairs, if the agent declares any."""
+    raw: Any = getattr(launch.agent, "credential_files", None) or ()
+    pairs = raw.items() if isinstance(raw, Mapping) else raw
+    out = []
+    for name, path in pairs:
+        rel = str(path).lstrip("/")
+        if ".." in Path(rel).parts or name not in launch.secrets:
+            continue
+        out.append((str(name), rel))
+    return sorted(out)
+
+
+def _mount(source: Path | str, target: str, read_only: bool) -> dict[str, Any]:
+    return {"Type": "bind", "Source": str(source), "Target": target, "ReadOnly": read_only}
+
+
+def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
+    a = launch.agent
+    ro = a.access == "read-only"
+    out = [_mount(launch.workdir, WORKSPACE, ro)]
+    out += [_mount(p, str(p), ro or p_ro) for p, p_ro in launch.git_paths]
+    out += [_mount(dirs.secrets, SECRETS, True), _mount(dirs.ctl, CTL, False),
+            _mount(dirs.log, LOG, False), _mount(dirs.inbox, INBOX, False),
+            _mount(dirs.client, CLIENT, True), _mount(dirs.entrypoint, ENTRYPOINT, True)]
+    for source, target, m_ro in a.mounts:
+        src = (launch.repo_root / Path(source).expanduser()).resolve()
+        out.append(_mount(src, target, m_ro))
+    return out
+
+
+def network_mode(network: str) -> str:
+    return network or "none"
+
+
+def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
+    """Arguments for `client.containers.create`: the hardened default sandbox, loosened
+    only where the resolved profile says so. Carries no secret value."""
+    a = launch.agent
+    uid, gid = uid_gid(a.user)
+    res = a.resources
+    tmpfs = {"/tmp": TMPFS_TMP}
+    if a.read_only_root:
+        tmpfs[HOME] = f"rw,nosuid,nodev,size=512m,uid={uid},gid={gid},mode=0700"
+    kwargs: dict[str, Any] = {
+        "image": image,
+        "name": container_name(launch.repo_root, a.grove, a.name),
+        "hostname": a.name,
+        "entrypoint": ["/bin/bash", ENTRYPOINT],
+        "command": list(a.command),
+        "user": f"{uid}:{gid}",
+        "working_dir": WORKSPACE,
+        "environment": _env(launch),
+        "labels": {LABEL_GROVE: a.grove, LABEL_AGENT: a.name, LABEL_HASH: a.spec_hash,
+                   LABEL_VERSION: __version__, LABEL_REPO: str(launch.repo_root)},
+        "mounts": mounts(launch, dirs),
+        "tmpfs": tmpfs,
+        "read_only": a.read_only_root,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "init": True,
+        "pids_limit": res.pids or DEFAULT_PIDS,
+        "network_mode": network_mode(a.network),
+        "privileged": a.privileged,
+        "detach": True,
+    }
+    if res.memory:
+        kwargs["mem_limit"] = res.memory
+        kwargs["memswap_limit"] = res.memory  # equal: no swap, so the limit really holds
+    if res.cpus:
+        kwargs["nano_cpus"] = int(res.cpus * 1e9)
+    return kwargs
+
+
+# -- observation ---------------------------------------------------------------------------
+
+_EXITED = re.compile(r"Exited \((-?\d+)\)")
+
+
+def exit_code(status: str) -> int | None:
+    """The exit code in a container list entry's Status ("Exited (137) 3 seconds ago")."""
+    m = _EXITED.match(status or "")
+    return int(m.group(1)) if m else None
+
+
+def ctl_dir(entry: Mapping[str, Any]) -> Path | None:
+    """The host directory mounted at CTL, from a list entry's Mounts."""
+    for m in entry.get("Mounts") or []:
+        if m.get("Destination") == CTL and m.get("Source"):
+            return Path(m["Source"])
+    return None
+
+
+def read_reason(ctl: Path | None) -> str:
+    """The reason the entrypoint recorded (out of memory, maxDuration), if readable here."""
+    if ctl is None:
+        return ""
+    try:
+        return (ctl / "reason").read_text(errors="replace").strip().splitlines()[0][:200]
+    except (OSError, IndexError):
+        return ""
+
+
+def observed(entry: Mapping[str, Any], host: str) -> Observed:
+    """A container list entry (sparse, as the list call returns it) -> Observed."""
+    labels = entry.get("Labels") or {}
+    state = entry.get("State") or ""
+    code, reason = None, ""
+    if state in ("running", "restarting", "paused"):
+        phase = RUNNING
+    elif state == "created":
+        phase = PENDING
+    elif state == "exited":
+        code = exit_code(entry.get("Status") or "")
+        phase = SUCCEEDED if code == 0 else FAILED
+        if code != 0:
+            reason = read_reason(ctl_dir(entry)) or f"exited {code}"
+    elif state == "removing":
+        phase = STOPPED
+    else:
+        phase, reason = FAILED, f"container {state or 'in an unknown state'}"
+    return Observed(grove=labels.get(LABEL_GROVE, ""), name=labels.get(LABEL_AGENT, ""),
+                    runtime="docker", spec_hash=labels.get(LABEL_HASH, ""), phase=phase,
+                    exit_code=code, reason=reason, host=host)
