@@ -1,0 +1,144 @@
+"""`engine history [-g G] [--agent NAME] [--json] [--reverse]`: how each grove's topology
+changed commit by commit, read from git (agents added, removed or changed, who spawned
+whom, and the Spawned-By / Spawn-Request trailers), newest commit first.
+
+Reads manifests at every commit that touched `groves/` without checking anything out;
+commits whose manifests do not parse are reported as such and skipped over.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine import history_scan as scan
+from engine import ui
+from engine.commands import _common
+from engine.errors import EngineError
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "history", help="how the groves' topology changed, commit by commit",
+        description="List, from git, every commit that added, removed or changed agents: "
+        "commit, author, date, who spawned whom and the Spawned-By / Spawn-Request "
+        "trailers. Newest commit first (--reverse: oldest first). With --agent, explain one "
+        "agent: when and by whom it was added, its chain of parents, and what happened to "
+        "it since.")
+    _common.add_grove_arg(p)
+    p.add_argument("--agent", metavar="NAME", help="focus on one agent (NAME or GROVE/NAME)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--reverse", action="store_true", help="oldest commit first")
+    p.add_argument("--rev", default="HEAD", metavar="REF",
+                   help="history leading to this revision (default: HEAD)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    r = _common.repo()
+    found = scan.scan(r.root, args.rev, args.groves)
+    events = found.events
+    if args.agent:
+        story = explain(found, args.agent, args.groves)
+        if args.json:
+            ui.print_json(story.to_json(args.reverse))
+        else:
+            ui.out(story.text(args.reverse).rstrip("\n"))
+        return 0
+    ordered = events if args.reverse else list(reversed(events))
+    if args.json:
+        ui.print_json({"order": "oldest-first" if args.reverse else "newest-first",
+                       "commits": [e.to_json() for e in ordered]})
+        return 0
+    if not ordered:
+        ui.out("no topology changes in the git history of groves/")
+    for e in ordered:
+        ui.out(e.text())
+    return 0
+
+
+@dataclass
+class Story:
+    """Everything the history says about one agent."""
+
+    grove: str
+    name: str
+    events: list[scan.Event]
+    current: scan.AgentRec | None
+    lineage: list[tuple[str, scan.Event | None]] = field(default_factory=list)
+
+    def origin(self) -> scan.Event | None:
+        adds = [e for e in self.events if self.name in e.added_names()]
+        return adds[-1] if adds else None
+
+    def to_json(self, reverse: bool) -> dict[str, Any]:
+        origin = self.origin()
+        return {
+            "grove": self.grove, "agent": self.name, "exists": self.current is not None,
+            "spawnedBy": self.current.parent if self.current else None,
+            "addedIn": origin.commit.to_json() if origin else None,
+            "lineage": [{"agent": n, "addedIn": e.commit.to_json() if e else None}
+                        for n, e in self.lineage],
+            "order": "oldest-first" if reverse else "newest-first",
+            "commits": [e.to_json() for e in (self.events if reverse
+                                              else reversed(self.events))],
+        }
+
+    def text(self, reverse: bool) -> str:
+        now = (f"exists at HEAD, spawned by {self.current.parent}" if self.current and
+               self.current.parent else "exists at HEAD, a seed agent (no parent)"
+               if self.current else "not in the manifests at HEAD")
+        lines = [f"agent {self.grove}/{self.name}: {now}"]
+        origin = self.origin()
+        if origin:
+            lines.append(f"  added in {origin.commit.line()}")
+            lines += [f"    {k}: {v}" for k, vs in sorted(origin.commit.trailers.items())
+                      for v in vs if k in scan.TRAILERS]
+        if len(self.lineage) > 1:
+            lines.append("  lineage (seed first): " + " -> ".join(n for n, _ in self.lineage))
+            for n, e in self.lineage[:-1]:
+                lines.append(f"    {n}: added in " + (e.commit.line() if e else "unknown"))
+        lines.append("  commits:" if self.events else "  no commit in the history names it")
+        for e in (self.events if reverse else reversed(self.events)):
+            lines.append("    " + e.text().replace("\n", "\n    "))
+        return "\n".join(lines) + "\n"
+
+
+def explain(found: scan.History, agent: str, groves: list[str] | None) -> Story:
+    """The story of `agent` (NAME or GROVE/NAME) across the scanned history."""
+    events = found.events
+    gname, _, name = agent.rpartition("/")
+    seen = sorted({e.grove for e in events if name in e.names()
+                   and (not gname or e.grove == gname)})
+    if not seen:
+        where = f"grove {gname}" if gname else ", ".join(groves or []) or "any grove"
+        raise EngineError(f"agent {agent}: never appears in the git history of {where}")
+    if len(seen) > 1:
+        raise EngineError(f"agent {name}: in several groves ({', '.join(seen)}); say "
+                          f"GROVE/{name}")
+    grove = seen[0]
+    mine = [e for e in events if e.grove == grove]
+    final = found.final.get(grove, {})
+    story = Story(grove, name, [e for e in mine if name in e.names()], final.get(name))
+    chain: list[str] = []
+    cur: str | None = name
+    hops = 0
+    while cur and hops < 100:
+        chain.append(cur)
+        rec = final.get(cur) or _last_known(mine, cur)
+        cur = rec.parent if rec else None
+        hops += 1
+    for n in reversed(chain):
+        adds = [e for e in mine if n in e.added_names()]
+        story.lineage.append((n, adds[-1] if adds else None))
+    return story
+
+
+def _last_known(events: list[scan.Event], name: str) -> scan.AgentRec | None:
+    for e in reversed(events):
+        for n, rec in e.removed:
+            if n == name:
+                return rec
+    return None
+

@@ -1,0 +1,250 @@
+"""Audit trail: git history of `groves/` -> topology `Event`s, oldest first.
+
+Called by the `history` command. Walks every commit that touched `groves/` (one
+`git log`, one `git ls-tree` per commit, blobs through one long-lived
+`git cat-file --batch`), reads the agents each grove declares at that commit (names,
+spawnedBy, spawnRequest, spawnedAt, dependsOn; no schema or layering, so old or broken
+commits still read), and reports what each commit changed. A merge only reports what
+none of its parents had, so a change made on a branch is told once, by its own commit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from engine import manifest, revisions
+from engine.topology import changed_fields
+from engine.yamlio import YamlError, load_text
+
+TRAILERS = ("Spawned-By", "Spawn-Request")
+_FMT = "%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%(trailers:only,unfold)%x1e"
+
+
+@dataclass(frozen=True)
+class AgentRec:
+    """One agent as declared at a commit."""
+
+    parent: str | None
+    request: str | None
+    spawned_at: str | None
+    body: str  # canonical JSON of the raw entry, to tell changes
+
+    def to_json(self, name: str) -> dict[str, Any]:
+        return {"name": name, "spawnedBy": self.parent, "spawnRequest": self.request,
+                "spawnedAt": self.spawned_at}
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str
+    parents: tuple[str, ...]
+    author: str
+    email: str
+    date: str
+    subject: str
+    trailers: dict[str, list[str]] = field(hash=False, compare=False)
+
+    def line(self) -> str:
+        return f"{self.sha[:10]} {self.date} {self.author} <{self.email}>: {self.subject}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"commit": self.sha, "parents": list(self.parents), "author": self.author,
+                "email": self.email, "date": self.date, "subject": self.subject,
+                "trailers": {k: v for k, v in sorted(self.trailers.items())}}
+
+
+@dataclass
+class Event:
+    """What one commit did to one grove's topology."""
+
+    commit: Commit
+    grove: str
+    added: list[tuple[str, AgentRec]]
+    removed: list[tuple[str, AgentRec]]
+    changed: list[tuple[str, list[str]]]
+    state: dict[str, AgentRec]  # the grove's agents after this commit
+    invalid: str = ""  # the first problem when the manifests did not parse
+
+    def added_names(self) -> set[str]:
+        return {n for n, _ in self.added}
+
+    def names(self) -> set[str]:
+        """Agents this event concerns, parents of added agents included."""
+        out = self.added_names() | {n for n, _ in self.removed} | {n for n, _ in self.changed}
+        return out | {r.parent for _, r in self.added if r.parent}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.commit.to_json(), "grove": self.grove,
+                "added": [r.to_json(n) for n, r in self.added],
+                "removed": [r.to_json(n) for n, r in self.removed],
+                "changed": [{"name": n, "fields": f} for n, f in self.changed],
+                "invalid": self.invalid or None}
+
+    def text(self) -> str:
+        lines = [f"{self.commit.line()}  [grove {self.grove}]"]
+        lines += [f"  {k}: {v}" for k, vs in sorted(self.commit.trailers.items())
+                  for v in vs if k in TRAILERS]
+        for n, r in self.added:
+            via = f" (spawned by {r.parent}" + (f", request {r.request})" if r.request
+                                                else ")") if r.parent else " (seed agent)"
+            lines.append(f"  + {n}{via}")
+        lines += [f"  - {n}" for n, _ in self.removed]
+        lines += [f"  ~ {n}: {', '.join(f)}" for n, f in self.changed]
+        if self.invalid:
+            lines.append(f"  ! manifests do not parse here: {self.invalid}")
+        return "\n".join(lines)
+
+
+class _Blobs:
+    """A long-lived `git cat-file --batch` reading blobs on demand."""
+
+    def __init__(self, root: Path) -> None:
+        self.proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=root,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def read(self, sha: str) -> bytes:
+        stdin: IO[bytes] = self.proc.stdin  # type: ignore[assignment]
+        stdout: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
+        stdin.write(sha.encode() + b"\n")
+        stdin.flush()
+        head = stdout.readline().split()
+        if len(head) != 3:
+            return b""
+        data = stdout.read(int(head[2]))
+        stdout.read(1)
+        return data
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def _agents_of(text: str, display: str) -> dict[str, AgentRec]:
+    out: dict[str, AgentRec] = {}
+    for doc in load_text(text, display):
+        data = doc.data if isinstance(doc.data, dict) else {}
+        entries: list[tuple[Any, Any]] = []
+        spec: dict[str, Any] = data["spec"] if isinstance(data.get("spec"), dict) else {}
+        if data.get("kind") == "Grove":
+            entries = [(a.get("name"), a) for a in spec.get("agents") or []
+                       if isinstance(a, dict)]
+        elif data.get("kind") == "Agent" and isinstance(data.get("metadata"), dict):
+            entries = [(data["metadata"].get("name"), spec)]
+        for name, body in entries:
+            if isinstance(name, str):
+                out[name] = AgentRec(_str(body.get("spawnedBy")), _str(body.get("spawnRequest")),
+                                     _str(body.get("spawnedAt")),
+                                     json.dumps(body, sort_keys=True, default=str))
+    return out
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def commits(root: Path, rev: str) -> list[Commit]:
+    """Commits that touched groves/ up to `rev`, parents before children."""
+    sha = revisions.resolve(root, rev)
+    raw = revisions.git(root, "log", "--topo-order", "--reverse", "--parents",
+                        f"--format={_FMT}", sha, "--", manifest.GROVES_DIR + "/")
+    out = []
+    for rec in raw.decode("utf-8", errors="replace").split("\x1e"):
+        parts = rec.strip("\n").split("\x1f")
+        if len(parts) < 7:
+            continue
+        trailers: dict[str, list[str]] = {}
+        for line in parts[6].splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip():
+                trailers.setdefault(key.strip(), []).append(value.strip())
+        out.append(Commit(parts[0], tuple(parts[1].split()), parts[2], parts[3], parts[4],
+                          parts[5], trailers))
+    return out
+
+
+@dataclass
+class History:
+    events: list[Event]  # oldest first
+    final: dict[str, dict[str, AgentRec]]  # grove -> agents at the revision scanned
+
+
+def scan(root: Path, rev: str = "HEAD", groves: list[str] | None = None) -> History:
+    """Every topology change of the selected groves in the history of `rev`, oldest first,
+    and each grove's agents at `rev`."""
+    history = commits(root, rev)
+    blobs = _Blobs(root)
+    files: dict[str, dict[str, AgentRec] | str] = {}  # blob -> agents, or a parse error
+    # commit -> grove -> (the grove's files at that commit, its agents)
+    states: dict[str, dict[str, tuple[tuple[str, ...], dict[str, AgentRec]]]] = {}
+    memo: dict[tuple[str, ...], tuple[dict[str, AgentRec] | None, str]] = {}
+    events: list[Event] = []
+    try:
+        for c in history:
+            tree = revisions.grove_blobs(root, c.sha)
+            parents = [states.get(p, {}) for p in c.parents] or [{}]
+            mine = states[c.sha] = {}
+            for grove in sorted(set(tree) | {g for s in parents for g in s}):
+                if groves and grove not in groves:
+                    continue
+                key = tuple(sorted(f"{n}:{s}" for n, s in tree.get(grove, {}).items()))
+                before = [p.get(grove, ((), {})) for p in parents]
+                if any(k == key for k, _ in before):
+                    mine[grove] = next(b for b in before if b[0] == key)
+                    continue  # this commit left the grove as one of its parents had it
+                if (grove, *key) not in memo:
+                    memo[(grove, *key)] = _grove_state(grove, tree.get(grove, {}), blobs,
+                                                       files)
+                state, problem = memo[(grove, *key)]
+                now = state if state is not None else before[0][1]
+                mine[grove] = (key, now)
+                ev = _event(c, grove, [b[1] for b in before], now, problem)
+                if ev:
+                    events.append(ev)
+    finally:
+        blobs.close()
+    last = states.get(history[-1].sha, {}) if history else {}
+    return History(events, {g: agents for g, (_, agents) in last.items()})
+
+
+def _grove_state(grove: str, files: dict[str, str], blobs: _Blobs,
+                 cache: dict[str, dict[str, AgentRec] | str]
+                 ) -> tuple[dict[str, AgentRec] | None, str]:
+    state: dict[str, AgentRec] = {}
+    for name, sha in sorted(files.items()):
+        if sha not in cache:
+            display = f"{manifest.GROVES_DIR}/{grove}/{name}"
+            try:
+                cache[sha] = _agents_of(blobs.read(sha).decode("utf-8"), display)
+            except YamlError as e:
+                cache[sha] = str(e.diagnostic)
+            except UnicodeDecodeError:
+                cache[sha] = f"{display}: not UTF-8 text"
+        got = cache[sha]
+        if isinstance(got, str):
+            return None, got
+        state.update(got)
+    return state, ""
+
+
+def _event(c: Commit, grove: str, before: list[dict[str, AgentRec]],
+           now: dict[str, AgentRec], problem: str) -> Event | None:
+    if problem:
+        return Event(c, grove, [], [], [], now, problem)
+    added = [(n, now[n]) for n in sorted(now) if all(n not in b for b in before)]
+    removed = [(n, before[0][n]) for n in sorted(before[0])
+               if n not in now and all(n in b for b in before)]
+    changed = []
+    for n in sorted(now):
+        if all(n in b and b[n].body != now[n].body for b in before):
+            old = json.loads(before[0][n].body)
+            changed.append((n, changed_fields(old, json.loads(now[n].body))))
+    if added or removed or changed:
+        return Event(c, grove, added, removed, changed, now)
+    return None
