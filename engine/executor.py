@@ -9,6 +9,8 @@ Progress flows out through `Hooks`; this module never prints.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -131,13 +133,24 @@ def _start(run: Run, change: Change, resume: bool) -> str:
             _save_record(run, a, None, pending=True)
             return "pending"
         _wait_for(run, change.waits_for)
-    ws = workspace.ensure(run.root, a, run.grove.base_ref)
+    inputs = tuple(run.grove.by_name[d].branch for d in a.depends_on if d in run.grove.by_name)
+    ws = workspace.ensure(run.root, a, run.grove.base_ref, inputs)
+    failpoint("worktree")
     _write_instructions(run, a, ws)
     launch = launch_for(run.root, a, ws, resume)
     rt = run.rts.get(a.runtime, a.host)
     _retrying(lambda: rt.create(launch))
+    failpoint("runtime")
     _save_record(run, a, ws)
+    failpoint("record")
     return PAST[change.action]
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for crash tests: ENGINE_FAILPOINT=<name> SIGKILLs this process
+    there, the way a power cut or OOM kill would."""
+    if os.environ.get("ENGINE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_instructions(run: Run, a: DesiredAgent, ws: workspace.Workspace) -> None:

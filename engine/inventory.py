@@ -53,7 +53,7 @@ class Record:
 @dataclass
 class Inventory:
     grove: str
-    lineage: str = field(default_factory=lambda: uuid.uuid4().hex)
+    lineage: str = ""  # set on the first save; "" means no state yet
     serial: int = 0
     agents: dict[str, Record] = field(default_factory=dict)
 
@@ -86,6 +86,7 @@ def load(state_dir: Path, grove: str) -> Inventory:
 
 
 def save(state_dir: Path, inv: Inventory) -> None:
+    inv.lineage = inv.lineage or uuid.uuid4().hex
     inv.serial += 1
     data = json.dumps(inv.to_json(), indent=1, sort_keys=True).encode()
     atomic_write(path_for(state_dir, inv.grove), data)

@@ -77,13 +77,40 @@ def _registered_worktrees(root: Path) -> dict[Path, str]:
     return out
 
 
-def ensure(root: Path, agent: DesiredAgent, base_ref: str) -> Workspace:
-    """The agent's working copy, created if missing; reused when it is already ours."""
+def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str:
+    """Where a new agent branch starts: the base, with the branches of the agent's
+    dependencies merged in (so a dependent sees its dependencies' work)."""
+    start = base
+    for branch in inputs:
+        tip = git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
+        if not tip or _is_ancestor(root, tip, start):
+            continue
+        if _is_ancestor(root, start, tip):
+            start = tip
+            continue
+        p = run(["git", "merge-tree", "--write-tree", "--name-only", start, tip], cwd=root,
+                check=False)
+        lines = p.stdout.strip().splitlines()
+        if p.returncode != 0:
+            raise EngineError(f"agent {who}: the work of its dependencies conflicts "
+                              f"({branch}: {', '.join(lines[1:4])})")
+        start = git(root, "commit-tree", lines[0], "-p", start, "-p", tip, "-m",
+                    f"engine: start {who} from {branch}")
+    return start
+
+
+def ensure(root: Path, agent: DesiredAgent, base_ref: str,
+           inputs: tuple[str, ...] = ()) -> Workspace:
+    """The agent's working copy, created if missing; reused when it is already ours.
+    A new branch starts from the base plus the `inputs` branches (its dependencies)."""
     ref, base = base_commit(root, base_ref)
     if agent.workspace == "shared":
         return Workspace(root, "", base, ())
     path = path_for(root, agent.grove, agent.name)
     branch = agent.branch
+    if not _branch_exists(root, branch):
+        git(root, "branch", "--no-track", branch,
+            start_point(root, base, inputs, f"{agent.grove}/{agent.name}"))
     if agent.workspace == "clone":
         return _ensure_clone(root, path, branch, base)
     common = Path(git(root, "rev-parse", "--path-format=absolute", "--git-common-dir"))
@@ -94,8 +121,6 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str) -> Workspace:
                               "is not this agent's worktree; move it away")
         return Workspace(path, branch, base, ((common, False),))
     git(root, "worktree", "prune")
-    if not _branch_exists(root, branch):
-        git(root, "branch", "--no-track", branch, base)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         git(root, "worktree", "add", "-q", str(path), branch)
@@ -107,8 +132,6 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str) -> Workspace:
 
 def _ensure_clone(root: Path, path: Path, branch: str, base: str) -> Workspace:
     objects = Path(git(root, "rev-parse", "--path-format=absolute", "--git-path", "objects"))
-    if not _branch_exists(root, branch):
-        git(root, "branch", "--no-track", branch, base)
     if not (path / ".git").is_dir():
         if path.exists():
             raise EngineError(f"{path} already exists and is not an engine clone; move it away")

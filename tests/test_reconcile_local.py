@@ -1,0 +1,270 @@
+"""Plan/apply/destroy on the local runtime, end to end: real git, real tmux, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import git, write_grove
+
+GROVE = """\
+apiVersion: engine/v1alpha1
+kind: Grove
+metadata: {{name: demo}}
+spec:
+  defaults: {{profile: local, harness: shell}}
+  profiles:
+    local: {{runtime: local, spawn: {{allowProfiles: [local]}}}}
+  agents:
+{agents}
+"""
+
+
+def grove(repo: Path, agents: str) -> Path:
+    return write_grove(repo, "demo", GROVE.format(agents=agents))
+
+
+TWO = """\
+    - name: researcher
+      task: echo notes > NOTES.md && git add NOTES.md && git commit -qm notes
+    - name: coder
+      dependsOn: [researcher]
+      task: test -f NOTES.md || exit 3; echo code > CODE.md && git add CODE.md && git commit -qm code
+"""
+
+
+def status(engine, name: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+    res = engine("status", "--json")
+    assert res.code == 0, res
+    agents = {a["name"]: a for a in json.loads(res.out)["groves"][0]["agents"]}
+    return agents[name] if name else agents
+
+
+def wait_phase(engine, name: str, phases: set[str], timeout: float = 20) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(engine, name)
+        if st["phase"] in phases or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def test_apply_converges_in_dependency_order_and_is_idempotent(repo: Path, engine) -> None:
+    grove(repo, TWO)
+    res = engine("plan", "--detailed-exitcode")
+    assert res.code == 2
+    assert "+ researcher" in res.out and "Plan: 2 to create" in res.out
+    res = engine("apply", "--auto-approve", "--wait", "--timeout", "30")
+    assert res.code == 0, res
+    st = status(engine)
+    assert st["researcher"]["phase"] == "Succeeded" and st["coder"]["phase"] == "Succeeded"
+    assert st["coder"]["ahead"] == 2  # the coder branch started after researcher? no: from base
+    assert git(repo, "log", "-1", "--format=%s", "engine/demo/coder") == "code"
+    res = engine("plan", "--detailed-exitcode")
+    assert res.code == 0, res
+    assert "No changes" in res.out
+
+
+def test_dependent_is_pending_until_a_later_apply(repo: Path, engine) -> None:
+    grove(repo, TWO)
+    assert engine("apply", "--auto-approve").code == 0
+    assert status(engine, "coder")["phase"] == "Pending"
+    wait_phase(engine, "researcher", {"Succeeded"})
+    res = engine("plan", "--json")
+    changes = {c["agent"]: c for c in json.loads(res.out)["groves"][0]["changes"]}
+    assert changes["coder"]["action"] == "create"
+    assert changes["coder"]["reason"] == "dependencies succeeded"
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    assert status(engine, "coder")["phase"] == "Succeeded"
+
+
+def test_spec_change_replaces_with_reason_and_keeps_branch(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: echo one > A && git add A && git commit -qm one\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    grove(repo, "    - name: a\n      task: echo two > B && git add B && git commit -qm two\n")
+    res = engine("plan")
+    assert "-/+ a  (replace: spec changed: command, task)" in res.out
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    log = git(repo, "log", "--format=%s", "engine/demo/a").splitlines()
+    assert log[:2] == ["two", "one"]
+
+
+def test_removed_agent_is_deleted_with_work_archived_and_restorable(repo: Path, engine) -> None:
+    grove(repo, "    - name: keep\n      task: 'true'\n"
+                "    - name: gone\n      task: echo c > C && git add C && git commit -qm c\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    wt = repo / ".engine/worktrees/demo/gone"
+    (wt / "UNSAVED.txt").write_text("precious\n")
+    grove(repo, "    - name: keep\n      task: 'true'\n")
+    res = engine("plan")
+    assert "- gone  (delete: no longer in manifest)" in res.out
+    assert "work archived first: 1 uncommitted file, 1 commit not on base" in res.out
+    res = engine("apply", "--auto-approve")
+    assert res.code == 0 and "refs/engine/archive/demo/gone/1" in res.out
+    assert not wt.exists()
+    assert "engine/demo/gone" not in git(repo, "branch", "--list")
+    res = engine("restore", "demo/gone")
+    assert res.code == 0, res
+    assert (wt / "UNSAVED.txt").read_text() == "precious\n"
+    assert (wt / "C").exists()
+    assert git(wt, "status", "--porcelain") == "?? UNSAVED.txt"
+
+
+def test_rename_is_said_in_the_plan(repo: Path, engine) -> None:
+    grove(repo, "    - name: old\n      task: echo same\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    grove(repo, "    - name: new\n      task: echo same\n")
+    res = engine("plan")
+    assert "- old  (delete: no longer in manifest (renamed to new?))" in res.out
+    assert "+ new  (create: new agent)" in res.out
+
+
+def test_failed_command_fails_its_agent_and_others_go_on(repo: Path, engine) -> None:
+    grove(repo, "    - name: broken\n      task: no-such-command-xyz\n"
+                "    - name: fine\n      task: 'true'\n")
+    res = engine("apply", "--auto-approve", "--wait")
+    assert res.code == 1  # an agent ended Failed
+    st = status(engine)
+    assert st["broken"]["phase"] == "Failed" and st["broken"]["exitCode"] == 127
+    assert "command not found" in st["broken"]["reason"]
+    assert st["fine"]["phase"] == "Succeeded"
+
+
+def test_restart_on_failure_is_planned(repo: Path, engine) -> None:
+    grove(repo, "    - name: flaky\n      restart: on-failure\n      task: exit 4\n")
+    engine("apply", "--auto-approve", "--wait")
+    res = engine("plan")
+    assert "~> flaky  (restart: exited 4, restart: on-failure)" in res.out
+
+
+def test_max_duration_stops_a_sleeping_agent(repo: Path, engine) -> None:
+    grove(repo, "    - name: sleepy\n      maxDuration: 1s\n      task: sleep 30\n")
+    t0 = time.monotonic()
+    res = engine("apply", "--auto-approve", "--wait", "--timeout", "20")
+    assert res.code == 1
+    assert time.monotonic() - t0 < 15
+    st = status(engine, "sleepy")
+    assert st["phase"] == "Failed" and st["reason"] == "maxDuration 1s exceeded"
+
+
+def test_worktree_path_taken_by_someone_else_is_refused(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: 'true'\n")
+    taken = repo / ".engine/worktrees/demo/a"
+    taken.mkdir(parents=True)
+    (taken / "mine.txt").write_text("not the engine's\n")
+    res = engine("apply", "--auto-approve")
+    assert res.code == 1
+    assert "already exists and is not this agent's worktree" in res.out
+    assert (taken / "mine.txt").read_text() == "not the engine's\n"
+
+
+def test_missing_base_branch_is_reported(repo: Path, engine) -> None:
+    text = GROVE.format(agents="    - name: a\n      task: 'true'\n").replace(
+        "spec:\n", "spec:\n  baseRef: nope\n")
+    write_grove(repo, "demo", text)
+    res = engine("apply", "--auto-approve")
+    assert res.code == 1
+    assert "base ref 'nope' not found" in res.out
+
+
+def test_second_apply_while_locked_names_the_holder(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: 'true'\n")
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        lock = repo / ".engine/state/demo.lock"
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"id": "abc123", "operation": "apply", "who": "ci",
+                                    "pid": holder.pid, "host": __import__("socket")
+                                    .gethostname(), "created": "2026-01-01T00:00:00Z"}))
+        res = engine("apply", "--auto-approve")
+        assert res.code == 1
+        assert "grove demo is locked: apply by ci" in res.err and "abc123" in res.err
+        assert engine("force-unlock", "wrong", "-g", "demo").code == 1
+        assert engine("force-unlock", "abc123", "-g", "demo").code == 0
+        assert engine("apply", "--auto-approve").code == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_saved_plan_is_applied_exactly_or_refused_when_stale(repo: Path, engine,
+                                                              tmp_path: Path) -> None:
+    grove(repo, "    - name: a\n      task: 'true'\n")
+    planfile = tmp_path / "p.json"
+    assert engine("plan", "--out", str(planfile)).code == 0
+    grove(repo, "    - name: a\n      task: 'true'\n    - name: b\n      task: 'true'\n")
+    res = engine("apply", str(planfile))
+    assert res.code == 1 and "stale: the manifests changed" in res.err
+    assert engine("plan", "--out", str(planfile)).code == 0
+    assert engine("apply", str(planfile)).code == 0
+    assert set(status(engine)) == {"a", "b"}
+    res = engine("apply", str(planfile))
+    assert res.code == 1 and "stale: the state changed" in res.err
+
+
+def test_apply_without_tty_needs_auto_approve(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: 'true'\n")
+    res = engine("apply")
+    assert res.code == 1 and "--auto-approve" in res.err
+
+
+def test_logs_look_message_diff_merge(repo: Path, engine) -> None:
+    grove(repo, "    - name: chat\n      task: |\n        echo ready\n"
+                "        IFS= read -r line; echo \"got: $line\"\n"
+                "        echo \"$line\" > MSG && git add MSG && git commit -qm msg\n")
+    assert engine("apply", "--auto-approve").code == 0
+    deadline = time.monotonic() + 10
+    while "ready" not in engine("look", "chat").out and time.monotonic() < deadline:
+        time.sleep(0.1)
+    res = engine("message", "chat", "hello 'there' $HOME `x`")
+    assert res.code == 0, res
+    assert wait_phase(engine, "chat", {"Succeeded", "Failed"})["phase"] == "Succeeded"
+    logs = engine("logs", "chat").out
+    assert "got: hello 'there' $HOME `x`" in logs
+    diff = engine("diff", "chat")
+    assert "+hello 'there' $HOME `x`" in diff.out
+    res = engine("merge", "chat")
+    assert res.code == 0, res
+    assert (repo / "MSG").read_text() == "hello 'there' $HOME `x`\n"
+
+
+def test_merge_conflict_is_refused_naming_files(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: echo agent > README.md && git commit -qam a\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    (repo / "README.md").write_text("human\n")
+    git(repo, "commit", "-qam", "human")
+    res = engine("merge", "a")
+    assert res.code == 1 and "conflicts in: README.md" in res.err
+    assert (repo / "README.md").read_text() == "human\n"
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+@pytest.mark.parametrize("point", ["after-worktree", "after-runtime", "after-first-agent"])
+def test_sigkill_during_apply_then_reapply_converges(repo: Path, point: str) -> None:
+    """Kill a real `engine apply` process at several points; a re-apply converges with no
+    duplicate sessions, no orphaned worktrees and no lost work."""
+    grove(repo, "".join(f"    - name: a{i}\n      task: echo {i} > F && git add F && "
+                        f"git commit -qm c{i}\n" for i in range(6)))
+    env_hook = {"after-worktree": "worktree", "after-runtime": "runtime",
+                "after-first-agent": "record"}[point]
+    import os
+    import sys
+    env = {**os.environ, "ENGINE_FAILPOINT": env_hook}
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve",
+                        "--parallelism", "1"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == -9, p.stderr
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve", "--wait"],
+                       cwd=repo, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "engine", "plan", "--detailed-exitcode"],
+                       cwd=repo, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout
+    worktrees = [ln for ln in git(repo, "worktree", "list").splitlines()]
+    assert len(worktrees) == 7  # the repository + one per agent, no orphans
+    for i in range(6):
+        assert git(repo, "log", "-1", "--format=%s", f"engine/demo/a{i}") == f"c{i}"
