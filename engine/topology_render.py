@@ -9,9 +9,8 @@ Markdown is capped below GitHub's 65,536-character comment limit.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import networkx as nx
 
 from engine import graph
 
@@ -23,6 +22,9 @@ MARKDOWN_LIMIT = 60_000
 MAX_GRAPH_NODES = 300  # a Mermaid chart bigger than this is unreadable in a comment
 MAX_GRAPH_EDGES = 450  # GitHub's Mermaid refuses charts over 500 edges
 MARKER = "<!-- grove-engine topology diff -->"
+STYLES = {"added": "fill:#d4f8d4,stroke:#2a2",
+          "removed": "fill:#f8d4d4,stroke:#a22,stroke-dasharray: 4 2",
+          "changed": "fill:#fff3c4,stroke:#b80"}
 _ROW_STEPS = ((200, True), (200, False), (100, False), (40, False), (10, False), (0, False))
 
 
@@ -122,50 +124,73 @@ def _fold_name(anchor: str | None) -> str:
     return f"MORE-{anchor}" if anchor else "MORE"
 
 
-def diff_graph(d: TopologyDiff) -> tuple[nx.DiGraph, dict[str, str], dict[str, str],
-                                         dict[tuple[str, str], str]]:
-    """The collapsed graph of one diff with its labels, node classes and edge classes."""
+@dataclass(frozen=True)
+class Chart:
+    """A collapsed diff graph ready to draw: nodes, edges (source, target, kind), labels,
+    node classes (added/removed/changed) and edge classes (added/removed)."""
+
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str, str], ...]
+    labels: dict[str, str]
+    classes: dict[str, str]
+    edge_classes: dict[tuple[str, str], str]
+
+
+def chart(d: TopologyDiff) -> Chart:
+    """The collapsed graph of one diff (pure Python: no graph library needed to draw it)."""
     shown, folded = visible(d)
-    g: nx.DiGraph = nx.DiGraph()
-    g.add_nodes_from(sorted(shown))
+    edges: dict[tuple[str, str], str] = {}
     for e in d.edges:
-        if e.source in shown and e.target in shown and not g.has_edge(e.source, e.target):
-            g.add_edge(e.source, e.target, kind=e.kind)
+        if e.source in shown and e.target in shown:
+            edges.setdefault((e.source, e.target), e.kind)
     classes = {a.name: "added" for a in d.added}
     classes |= {a.name: "removed" for a in d.removed}
     classes |= {c.name: "changed" for c in d.changed}
     marks = {"added": "+ ", "removed": "- ", "changed": "~ "}
     labels = {n: marks.get(classes.get(n, ""), "") + n for n in shown}
-    for anchor, n in sorted(folded.items(), key=lambda kv: kv[0] or ""):
-        name = _fold_name(anchor)
-        g.add_node(name)
-        labels[name] = f"+{n} unchanged"
+    for anchor, n in folded.items():
+        labels[_fold_name(anchor)] = f"+{n} unchanged"
         if anchor:
-            g.add_edge(anchor, name, kind=graph.PARENT)
+            edges[(anchor, _fold_name(anchor))] = graph.PARENT
     edge_classes = {(e.source, e.target): "added" for e in d.edges_added}
     edge_classes |= {(e.source, e.target): "removed" for e in d.edges_removed}
-    return g, labels, classes, edge_classes
+    return Chart(tuple(sorted(labels)), tuple(sorted((u, v, k) for (u, v), k in edges.items())),
+                 labels, classes, edge_classes)
+
+
+def _node_id(name: str) -> str:
+    return "n_" + name.replace("-", "_")  # as engine.graph.to_mermaid names nodes
 
 
 def to_mermaid(d: TopologyDiff) -> str:
-    g, labels, classes, edge_classes = diff_graph(d)
-    return graph.to_mermaid(g, labels, classes, edge_classes)
+    """Mermaid flowchart of the collapsed diff, in engine.graph.to_mermaid's style: added
+    nodes green, removed red and dashed, changed yellow; new edges thick, removed dotted."""
+    c = chart(d)
+    lines = ["flowchart TD"] + [f'  {_node_id(n)}["{c.labels[n]}"]' for n in c.nodes]
+    arrows = {"added": "==>", "removed": "-.->"}
+    for u, v, kind in c.edges:
+        arrow = arrows.get(c.edge_classes.get((u, v), ""), "-->")
+        label = "|dependsOn|" if kind == graph.DEPENDS else ""
+        lines.append(f"  {_node_id(u)} {arrow}{label} {_node_id(v)}")
+    lines += [f"  classDef {k} {STYLES[k]}" for k in sorted(set(c.classes.values()))]
+    lines += [f"  class {_node_id(n)} {k}" for n, k in sorted(c.classes.items())]
+    return "\n".join(lines) + "\n"
 
 
 def to_dot(d: TopologyDiff) -> str:
-    g, labels, classes, edge_classes = diff_graph(d)
+    c = chart(d)
     colors = {"added": "#2a2", "removed": "#a22", "changed": "#b80"}
     lines = [f'digraph "{d.grove}" {{', "  rankdir=TB;"]
-    for n in sorted(g.nodes):
-        c = classes.get(n)
-        style = f', color="{colors[c]}", penwidth=2' if c else ""
-        style += ", style=dashed" if c == "removed" or n.startswith("MORE") else ""
-        lines.append(f'  "{n}" [label="{labels[n]}"{style}];')
-    for u, v in sorted(g.edges):
-        c = edge_classes.get((u, v))
-        attrs = [f'color="{colors[c]}"'] if c else []
-        attrs += ["style=dashed"] if c == "removed" else []
-        attrs += ['label="dependsOn"'] if g.edges[u, v].get("kind") == graph.DEPENDS else []
+    for n in c.nodes:
+        k = c.classes.get(n)
+        style = f', color="{colors[k]}", penwidth=2' if k else ""
+        style += ", style=dashed" if k == "removed" or n.startswith("MORE") else ""
+        lines.append(f'  "{n}" [label="{c.labels[n]}"{style}];')
+    for u, v, kind in c.edges:
+        k = c.edge_classes.get((u, v))
+        attrs = [f'color="{colors[k]}"'] if k else []
+        attrs += ["style=dashed"] if k == "removed" else []
+        attrs += ['label="dependsOn"'] if kind == graph.DEPENDS else []
         lines.append(f'  "{u}" -> "{v}"' + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     return "\n".join([*lines, "}"]) + "\n"
 
@@ -209,9 +234,9 @@ def _grove_md(d: TopologyDiff, rows_cap: int, graphs: bool, notes: list[str]) ->
     out += [*edges[:rows_cap], *([f"- ... {len(edges) - rows_cap} more edge changes"]
                                  if len(edges) > rows_cap else []), *([""] if edges else [])]
     if graphs:
-        g, *_ = diff_graph(d)
-        if g.number_of_nodes() > MAX_GRAPH_NODES or g.number_of_edges() > MAX_GRAPH_EDGES:
-            out += [f"_Graph left out: {g.number_of_nodes()} boxes to draw, over the "
+        c = chart(d)
+        if len(c.nodes) > MAX_GRAPH_NODES or len(c.edges) > MAX_GRAPH_EDGES:
+            out += [f"_Graph left out: {len(c.nodes)} boxes to draw, over the "
                     f"{MAX_GRAPH_NODES} a readable chart holds. Run "
                     f"`engine graph -g {d.grove} --base REF --format dot` to see it._", ""]
         else:
