@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine import inventory, runtimes, workspace
 from engine.desired import DesiredGrove
@@ -83,3 +84,32 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
             work[name] = workspace.work_state(root, root / rec.workdir, rec.branch,
                                               rec.base_commit)
     return Actual(grove_name, inv, observed, work, errors)
+
+
+def status_rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
+    """One row per agent for `engine status` (and agents' StatusRequests)."""
+    out = []
+    names = sorted(set(grove.by_name) | set(actual.inventory.agents) | set(actual.observed))
+    for n in names:
+        a = grove.by_name.get(n)
+        rec = actual.inventory.agents.get(n)
+        obs = actual.observed.get(n)
+        work = actual.work.get(n)
+        phase = obs.phase if obs else "Pending" if a else "Orphaned"
+        out.append({
+            "name": n,
+            "phase": phase,
+            "reason": obs.reason if obs else ("waiting for " + ", ".join(a.depends_on)
+                                              if a and a.depends_on else ""),
+            "runtime": (a.runtime if a else rec.runtime if rec else obs.runtime if obs
+                        else ""),
+            "branch": rec.branch if rec else (a.branch if a else ""),
+            "parent": (a.spawned_by if a else rec.parent if rec else "") or "",
+            "workspace": rec.workdir if rec else "",
+            "dirty": work.dirty if work else 0,
+            "ahead": work.ahead if work else 0,
+            "exitCode": obs.exit_code if obs else None,
+            "inManifest": a is not None,
+            "upToDate": bool(obs and a and obs.spec_hash == a.spec_hash),
+        })
+    return out

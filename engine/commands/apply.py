@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import inventory, plan, reconcile, ui
+from engine import ingest, inventory, plan, reconcile, ui
 from engine.commands import _common
 from engine.errors import EngineError, UsageError
 from engine.executor import Outcome, Settings
-from engine.observe import Runtimes
+from engine.desired import DesiredGrove
+from engine.observe import Runtimes, observe, status_rows
 from engine.plan import Change
 
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
                 reconcile.check_fresh(r.root, g, saved[g.name])
                 the_plan = saved[g.name]
             else:
+                g = _ingest(r, g, args, rts)
                 the_plan = reconcile.make_plan(r.root, g, rts)
                 if not the_plan.has_changes:
                     results.append(reconcile.Result(g.name, the_plan, []))
@@ -116,6 +118,19 @@ def run(args: argparse.Namespace) -> int:
         for g in groves:
             phases[g.name] = reconcile.wait_terminal(r.root, g, rts, args.timeout)
     return _report(results, phases, args)
+
+
+def _ingest(r: _common.Repo, g: DesiredGrove, args: argparse.Namespace, rts: Runtimes
+            ) -> DesiredGrove:
+    """Answer agents' pending requests first; accepted spawns join this apply."""
+    opts = _common.options(r, args, create_key=True)
+    rep = ingest.process(r.root, g, opts, rts,
+                         lambda gr: status_rows(gr, observe(r.root, gr.name, gr, rts)))
+    for rid, why in rep.rejected:
+        ui.err(f"grove {g.name}: request {rid} rejected: {why}")
+    if not rep.wrote_manifests:
+        return g
+    return reconcile.load_desired(r.root, g.directory, opts)
 
 
 def _confirm(the_plan: plan.GrovePlan) -> bool:

@@ -7,8 +7,7 @@ from typing import Any
 
 from engine import ui
 from engine.commands import _common
-from engine.desired import DesiredGrove
-from engine.observe import Actual, Runtimes, observe
+from engine.observe import Runtimes, observe, status_rows
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -18,34 +17,6 @@ def register(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
-    out = []
-    names = sorted(set(grove.by_name) | set(actual.inventory.agents) | set(actual.observed))
-    for n in names:
-        a = grove.by_name.get(n)
-        rec = actual.inventory.agents.get(n)
-        obs = actual.observed.get(n)
-        work = actual.work.get(n)
-        phase = obs.phase if obs else "Pending" if a else "Orphaned"
-        out.append({
-            "name": n,
-            "phase": phase,
-            "reason": obs.reason if obs else ("waiting for " + ", ".join(a.depends_on)
-                                              if a and a.depends_on else ""),
-            "runtime": (a.runtime if a else rec.runtime if rec else obs.runtime if obs
-                        else ""),
-            "branch": rec.branch if rec else (a.branch if a else ""),
-            "parent": (a.spawned_by if a else rec.parent if rec else "") or "",
-            "workspace": rec.workdir if rec else "",
-            "dirty": work.dirty if work else 0,
-            "ahead": work.ahead if work else 0,
-            "exitCode": obs.exit_code if obs else None,
-            "inManifest": a is not None,
-            "upToDate": bool(obs and a and obs.spec_hash == a.spec_hash),
-        })
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     groves = _common.load(r, args, resolve_secrets=False)
@@ -53,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     doc = []
     for g in groves:
         actual = observe(r.root, g.name, g, rts, with_work=True, tolerate=True)
-        doc.append({"grove": g.name, "agents": rows(g, actual),
+        doc.append({"grove": g.name, "agents": status_rows(g, actual),
                     "errors": [f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}"
                                for k, v in sorted(actual.errors.items())]})
     if args.json:

@@ -1,0 +1,55 @@
+"""`engine spawn NAME --task T` from outside an agent: add an agent to the grove's
+engine-owned `spawned.yaml` (inside an agent, the agent-side client handles `spawn`)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from typing import Any
+
+from engine import desired, inventory, manifest, ui, writeback
+from engine.commands import _common
+from engine.errors import EngineError, InvalidManifests
+from engine.inbox import NAME
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "spawn", help="add an agent (written to groves/<grove>/spawned.yaml)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--task", required=True)
+    p.add_argument("--profile")
+    p.add_argument("--harness")
+    p.add_argument("--parent", help="record this agent as its parent")
+    p.add_argument("--depends-on", action="append", default=[], metavar="AGENT")
+    p.add_argument("--commit", action="store_true", help="commit spawned.yaml with trailers")
+    _common.add_grove_arg(p)
+    _common.add_set_arg(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    r = _common.repo()
+    grove = _common.one_grove(r, args, resolve_secrets=False)
+    if not NAME.fullmatch(args.name):
+        raise EngineError(f"agent name {args.name!r} is not valid (lower-case letters, "
+                          "digits and '-', at most 40 characters)")
+    if args.name in grove.by_name:
+        raise EngineError(f"agent {grove.name}/{args.name} already exists")
+    spawn = writeback.Spawn(args.name, args.task, args.parent or "",
+                            f"cli-{uuid.uuid4().hex[:12]}", inventory.now(),
+                            args.profile or "", args.harness or "", tuple(args.depends_on))
+    # check the grove as it would be with the new agent before writing anything
+    src = manifest.load_grove(grove.directory, r.root)
+    doc = spawn.document()
+    src.agents[spawn.name] = manifest.Entry(spawn.name, doc["spec"], src.grove.doc, ("spec",))
+    try:
+        desired.build(src, _common.options(r, args, resolve_secrets=False))
+    except InvalidManifests as e:
+        raise EngineError(f"agent {grove.name}/{args.name}: "
+                          f"{e.diagnostics[0].message}") from None
+    writeback.append(r.root, grove.name, [spawn], args.commit or grove.commit_spawns)
+    ui.out(f"added {grove.name}/{args.name} to {writeback.spawned_path(r.root, grove.name)}"
+           f"{' (committed)' if args.commit or grove.commit_spawns else ''}; "
+           "run engine apply (or engine watch) to start it")
+    return 0
