@@ -1,0 +1,256 @@
+"""Kubernetes runtime, API edge: HTTP requests to one cluster, errors, and observed essence.
+
+Called by `engine.runtimes.kubernetes` only. `Cluster.request` sends one request through
+the urllib3 pool of a `kubernetes` ApiClient (which did the kubeconfig work: TLS,
+tokens, exec plugins) and turns every failure a user can cause into one line: cluster
+unreachable, namespace missing, RBAC forbidden (naming verb and resource), a field-manager
+conflict (naming the manager). `essence` turns listed Pods and Jobs into `Observed`.
+This module does not import the `kubernetes` package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import urllib3
+
+from engine import __version__
+from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
+from engine.runtimes import (
+    FAILED,
+    LABEL_AGENT,
+    LABEL_HASH,
+    PENDING,
+    RUNNING,
+    STOPPED,
+    SUCCEEDED,
+    Observed,
+)
+
+KINDS = {  # kind -> (API path prefix, plural)
+    "Pod": ("/api/v1", "pods"), "Secret": ("/api/v1", "secrets"),
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+}
+APPLY = "application/apply-patch+yaml"
+
+
+def plural(kind: str) -> str:
+    return KINDS[kind][1]
+
+
+def path(kind: str, namespace: str, name: str = "", sub: str = "") -> str:
+    prefix, plural = KINDS[kind]
+    return "/".join(p for p in (f"{prefix}/namespaces/{namespace}/{plural}", name, sub) if p)
+
+
+class NotFound(EngineError):
+    """The object is not there (the namespace is: a missing namespace is its own error)."""
+
+
+class Invalid(PermanentError):
+    """422: the API server refused the object, e.g. a change to an immutable field."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a request does, in RBAC terms, so that errors can name it."""
+
+    verb: str
+    resource: str
+    namespace: str
+    name: str = ""
+
+
+class Cluster:
+    """One kubeconfig context: a base URL, auth headers and a connection pool."""
+
+    def __init__(self, api_client: Any, context: str, namespace: str) -> None:
+        self.api = api_client
+        self.context = context
+        self.namespace = namespace  # the context's default namespace
+
+    def request(self, method: str, url_path: str, call: Call, *,
+                query: dict[str, str] | None = None, body: Any = None,
+                content_type: str = "application/json", stream: bool = False,
+                timeout: float = 30.0) -> Any:
+        """Parsed JSON of the response, or the open response when `stream`."""
+        cfg = self.api.configuration
+        url = cfg.host.rstrip("/") + url_path + ("?" + urlencode(query) if query else "")
+        headers = {"Accept": "application/json", "User-Agent": f"grove-engine/{__version__}"}
+        for auth in cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        if getattr(cfg, "username", None):
+            headers["Authorization"] = cfg.get_basic_auth_token()
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body).encode()
+        try:
+            resp = self.api.rest_client.pool_manager.request(
+                method, url, body=data, headers=headers, preload_content=not stream,
+                timeout=urllib3.Timeout(connect=5.0, read=None if stream else timeout),
+                retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0))
+        except urllib3.exceptions.HTTPError as e:
+            raise RuntimeUnavailable(f"kubernetes: cannot reach the cluster of context "
+                                     f"{self.context} at {cfg.host}: {_reason(e)}") from None
+        if resp.status >= 400:
+            raw = resp.read() if stream else resp.data
+            raise self._error(resp.status, _status(raw), call, resp.headers)
+        if stream:
+            return resp
+        return json.loads(resp.data) if resp.data else {}
+
+    def _error(self, code: int, status: dict[str, Any], call: Call,
+               headers: Any) -> EngineError:
+        message = str(status.get("message") or f"HTTP {code}")
+        details = status.get("details") or {}
+        where = f"in namespace {call.namespace}" if call.namespace else "in the cluster"
+        obj = f"{call.resource} {call.namespace}/{call.name}" if call.name else call.resource
+        if code == 401:
+            return RuntimeUnavailable(f"kubernetes: the cluster of context {self.context} "
+                                      "refused the kubeconfig's credentials (401)")
+        if code == 403:
+            return EngineError(f"kubernetes: RBAC forbids {call.verb} on {call.resource} "
+                               f"{where} (context {self.context}): grant verb {call.verb!r} "
+                               f"on resource {call.resource!r}", message)
+        if code == 404 and (details.get("kind") == "namespaces"
+                            or message.startswith('namespaces "')):
+            return EngineError(f"kubernetes: namespace {call.namespace} not found on context "
+                               f"{self.context} (create it: kubectl create namespace "
+                               f"{call.namespace})", message)
+        if code == 404:
+            return NotFound(f"kubernetes: {obj} not found", message)
+        if code == 409 and status.get("reason") == "Conflict" and details.get("causes"):
+            return EngineError(f"kubernetes: {obj}: {_conflicts(details['causes'])}; the "
+                               "engine does not take fields over (undo that change, or "
+                               "delete the object)", message)
+        if code == 409:
+            return TemporaryError(f"kubernetes: {obj}: {message}", delay=2.0)
+        if code == 422:
+            return Invalid(f"kubernetes: {obj} is invalid: {message}")
+        if code == 429 or code >= 500:
+            delay = float(headers.get("Retry-After") or 1) if headers else 1.0
+            return TemporaryError(f"kubernetes: {call.verb} {obj}: {message}", delay=delay)
+        return PermanentError(f"kubernetes: {call.verb} {obj}: {message} (HTTP {code})")
+
+
+def _status(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"message": raw.decode(errors="replace").strip()[:200]}
+    return value if isinstance(value, dict) else {}
+
+
+def _reason(e: Exception) -> str:
+    text = str(getattr(e, "reason", None) or e)
+    m = re.search(r"\[Errno -?\d+\] ([^')\]]+)", text)
+    return (m.group(1) if m else text.rsplit(": ", 1)[-1]).strip().lower()
+
+
+def _conflicts(causes: list[dict[str, Any]]) -> str:
+    """'field .spec.x is managed by "kubectl-edit"', for each conflicting field."""
+    out = []
+    for c in causes:
+        m = re.search(r'conflict with "([^"]+)"', str(c.get("message", "")))
+        manager = m.group(1) if m else "another field manager"
+        out.append(f"field {c.get('field', '?')} is managed by {manager!r}")
+    return "; ".join(sorted(set(out)))
+
+
+# -- observed essence -------------------------------------------------------------------
+
+_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                  "CreateContainerConfigError", "CreateContainerError"}
+
+
+def _created(obj: dict[str, Any]) -> str:
+    return str(obj.get("metadata", {}).get("creationTimestamp") or "")
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == "agent":
+            state = cs.get("state") or {}
+            return dict(state.get("terminated") or cs.get("lastState", {}).get("terminated")
+                        or {})
+    return {}
+
+
+def _waiting(pod: dict[str, Any]) -> str:
+    st = pod.get("status", {})
+    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason:
+            return str(reason)
+    return ""
+
+
+def pod_state(pod: dict[str, Any]) -> tuple[str, int | None, str]:
+    """(phase, exit code, reason) of one Pod."""
+    st = pod.get("status") or {}
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return STOPPED, None, "terminating"
+    phase, term, waiting = st.get("phase", "Pending"), _terminated(pod), _waiting(pod)
+    code = term.get("exitCode")
+    if st.get("reason") == "DeadlineExceeded":
+        return FAILED, code, "maxDuration exceeded"
+    if phase == "Succeeded":
+        return SUCCEEDED, 0 if code is None else code, ""
+    if phase == "Failed":
+        why = ("killed (out of memory)" if term.get("reason") == "OOMKilled"
+               else f"exited {code}" if code is not None else str(st.get("reason") or "failed"))
+        return FAILED, code, why
+    if waiting in _PULL_FAILURES:
+        return FAILED, None, f"cannot start: {waiting}"
+    if phase == "Running":
+        return RUNNING, None, f"restarting ({waiting})" if waiting else ""
+    if phase == "Unknown":
+        return FAILED, None, "pod state unknown (node unreachable)"
+    return PENDING, None, f"starting ({waiting})" if waiting else "starting"
+
+
+def _job_state(job: dict[str, Any]) -> tuple[str, str] | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return SUCCEEDED, ""
+        if cond.get("type") == "Failed":
+            reason = cond.get("reason", "")
+            return FAILED, "maxDuration exceeded" if reason == "DeadlineExceeded" else reason
+    return None
+
+
+def essence(grove: str, pods: list[dict[str, Any]], jobs: list[dict[str, Any]],
+            host: str) -> dict[str, Observed]:
+    """One `Observed` per agent from the listed Pods and Jobs: a finished Job's verdict
+    wins; otherwise the newest live Pod (a terminating one only when nothing else is)."""
+    out: dict[str, Observed] = {}
+    by_agent: dict[str, list[dict[str, Any]]] = {}
+    for pod in pods:
+        by_agent.setdefault(pod["metadata"]["labels"][LABEL_AGENT], []).append(pod)
+    jobs_by = {j["metadata"]["labels"][LABEL_AGENT]: j for j in jobs}
+    for agent in sorted(set(by_agent) | set(jobs_by)):
+        cands = sorted(by_agent.get(agent, []), key=lambda p: (
+            not p["metadata"].get("deletionTimestamp"), _created(p)))
+        job = jobs_by.get(agent)
+        owner = job or cands[-1]
+        phase, code, reason = pod_state(cands[-1]) if cands else (PENDING, None, "no pod yet")
+        verdict = _job_state(job) if job else None
+        if verdict and job and job["metadata"].get("deletionTimestamp"):
+            verdict = (STOPPED, "terminating")
+        if verdict and verdict[0] != phase:
+            phase, reason = verdict[0], verdict[1] or reason
+        out[agent] = Observed(grove=grove, name=agent, runtime="kubernetes",
+                              spec_hash=owner["metadata"]["labels"].get(LABEL_HASH, ""),
+                              phase=phase, exit_code=code, reason=reason, host=host)
+    return out

@@ -1,0 +1,371 @@
+"""Kubernetes runtime: each agent a Job (restart: never) or Pod on a cluster, via the API.
+
+Called through `engine.runtimes.get("kubernetes", repo_root, host)` (host = a kubeconfig
+context, None for the current one) by observe, the executor and the interaction commands;
+`pull_inbox`/`push_inbox` by the controller. The `kubernetes` package (an optional extra)
+is imported only here, for kubeconfig loading and exec websockets. Objects come from
+`k8s_objects`; every write is a server-side apply with field manager "grove-engine" and
+force=false, so a re-apply changes nothing and a field another manager owns is reported,
+never taken over. Observation is one label-selector list of Pods and one of Jobs per
+namespace the grove uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes.config
+import kubernetes.stream
+
+from engine import __version__, fsutil, manifest
+from engine.desired import DesiredAgent
+from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
+from engine.runtimes import LABEL_HASH, LABEL_REPO, Launch, Observed
+from engine.runtimes import k8s_inbox as inbox
+from engine.runtimes import k8s_objects as objs
+from engine.runtimes.k8s_api import APPLY, Call, Cluster, Invalid, NotFound, essence, path, plural
+
+_DELETE_ORDER = ("Job", "Pod", "NetworkPolicy", "Secret", "ConfigMap")
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    """Where an agent's objects live: kubeconfig ("" = $KUBECONFIG or ~/.kube/config),
+    context ("" = the current one) and namespace."""
+
+    kubeconfig: str
+    context: str
+    namespace: str
+
+
+def make(repo_root: Path, host: str | None = None) -> KubernetesRuntime:
+    return KubernetesRuntime(repo_root, host)
+
+
+class KubernetesRuntime:
+    name = "kubernetes"
+
+    def __init__(self, repo_root: Path, context: str | None = None) -> None:
+        self.repo_root = repo_root
+        self.context = context or ""
+        self._clusters: dict[tuple[str, str], Cluster] = {}
+        self._where: dict[tuple[str, str], Target] = {}  # (grove, agent) -> target
+
+    # -- clusters and targets -----------------------------------------------------------
+
+    def cluster(self, kubeconfig: str, context: str) -> Cluster:
+        key = (kubeconfig, context or self.context)
+        if key not in self._clusters:
+            self._clusters[key] = _connect(kubeconfig, key[1])
+        return self._clusters[key]
+
+    def target(self, agent: DesiredAgent) -> Target:
+        kubeconfig = str(agent.extra("kubeconfig") or "")
+        if kubeconfig and not Path(kubeconfig).expanduser().is_absolute():
+            kubeconfig = str(self.repo_root / kubeconfig)
+        context = str(agent.extra("context") or self.context)
+        namespace = agent.extra("namespace") or self.cluster(kubeconfig, context).namespace
+        return Target(kubeconfig, context, namespace)
+
+    def _state_file(self, grove: str) -> Path:
+        return self.repo_root / ".engine" / "state" / "kubernetes" / f"{grove}.json"
+
+    def _grove(self, grove: str) -> tuple[str, str, set[Target]]:
+        """(remote, repo label, targets): targets named by the grove's kubernetes profiles
+        plus every target the runtime created something in (so moved agents are found)."""
+        remote, targets = "", set()
+        state = self._state_file(grove)
+        recorded = json.loads(state.read_text()) if state.is_file() else {}
+        gdir = self.repo_root / manifest.GROVES_DIR / grove
+        if gdir.is_dir():
+            src = manifest.load_grove(gdir, self.repo_root)
+            remote = str(src.spec.get("remote") or "")
+            for entry in src.profiles.values():
+                if entry.data.get("runtime") == "kubernetes":
+                    kc = str(entry.data.get("kubeconfig") or "")
+                    if kc and not Path(kc).expanduser().is_absolute():
+                        kc = str(self.repo_root / kc)
+                    ctx = str(entry.data.get("context") or self.context)
+                    ns = entry.data.get("namespace") or self.cluster(kc, ctx).namespace
+                    targets.add(Target(kc, ctx, ns))
+        targets |= {Target(*t) for t in recorded.get("targets", [])}
+        repo = objs.repo_label(remote) if remote else str(recorded.get("repo", ""))
+        return remote, repo, targets
+
+    def _record(self, grove: str, target: Target, repo: str) -> None:
+        path_ = self._state_file(grove)
+        with fsutil.flock(path_.with_suffix(".lock")):
+            old = json.loads(path_.read_text()) if path_.is_file() else {}
+            targets = sorted({*map(tuple, old.get("targets", [])),
+                              (target.kubeconfig, target.context, target.namespace)})
+            data = {"repo": repo, "targets": targets}
+            if data != old:
+                fsutil.atomic_write(path_, json.dumps(data, indent=1).encode())
+
+    # -- the Runtime protocol -----------------------------------------------------------
+
+    def observe(self, grove: str) -> dict[str, Observed]:
+        _, repo, targets = self._grove(grove)
+        out: dict[str, Observed] = {}
+        for t in sorted(targets):
+            cl = self.cluster(t.kubeconfig, t.context)
+            query = {"labelSelector": objs.selector(grove, repo)} if repo else {
+                "labelSelector": f"engine.grove={grove}"}
+            items = {kind: cl.request("GET", path(kind, t.namespace),
+                                      Call("list", kind.lower() + "s", t.namespace),
+                                      query=query).get("items") or []
+                     for kind in ("Pod", "Job")}
+            for name, obs in essence(grove, items["Pod"], items["Job"], t.context).items():
+                self._where[(grove, name)] = t
+                out[name] = obs
+        return dict(sorted(out.items()))
+
+    def create(self, launch: Launch) -> None:
+        agent = launch.agent
+        remote, repo, _ = self._grove(agent.grove)
+        objs.check(agent, remote)
+        t = self.target(agent)
+        cl = self.cluster(t.kubeconfig, t.context)
+        _push_branch(launch, remote)
+        host_paths = tuple(str(p) for p in (self.repo_root.resolve(), self.repo_root))
+        client = launch.client.read_text() if launch.client.is_file() else ""
+        pl = objs.PodLaunch(t.namespace, remote,
+                            objs.pod_env(agent, launch.env, host_paths, remote),
+                            __version__, repo, client)
+        built = objs.build(agent, pl, dict(launch.secrets))
+        self._record(agent.grove, t, repo)
+        self._where[(agent.grove, agent.name)] = t
+        workload = built[-1]
+        self._clear_leftover(cl, workload, repo)
+        for obj in built:
+            try:
+                self._apply(cl, obj)
+            except Invalid:
+                if obj is not workload:
+                    raise
+                self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
+                self._apply(cl, obj)
+
+    def delete(self, grove: str, agent: str) -> None:
+        known = self._where.get((grove, agent))
+        targets = [known] if known else sorted(self._grove(grove)[2])
+        name = objs.object_name(grove, agent)
+        for t in targets:
+            cl = self.cluster(t.kubeconfig, t.context)
+            for kind in _DELETE_ORDER:
+                with contextlib.suppress(NotFound):
+                    self._delete(cl, kind, t.namespace, name)
+        self._where.pop((grove, agent), None)
+
+    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+        cl, ns, pod = self._pod(grove, agent)
+        query = {"container": objs.CONTAINER, **({"follow": "true"} if follow else {})}
+        resp = cl.request("GET", path("Pod", ns, pod, "log"),
+                          Call("get", "pods/log", ns, pod), query=query, stream=True)
+        buf = b""
+        try:
+            for chunk in resp.stream(4096):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                yield from (line.decode(errors="replace") for line in lines)
+            if buf:
+                yield buf.decode(errors="replace")
+        finally:
+            resp.release_conn()
+
+    def look(self, grove: str, agent: str) -> str:
+        return self._exec(grove, agent, inbox.tmux("capture-pane", "-p", "-t", objs.SESSION))
+
+    def send(self, grove: str, agent: str, text: str) -> None:
+        self._exec(grove, agent, inbox.paste(text))
+
+    def attach(self, grove: str, agent: str) -> int:
+        cl, ns, pod = self._pod(grove, agent)
+        argv = ["kubectl", *inbox.kubectl_flags(self._kubeconfig(grove, agent), cl.context),
+                "-n", ns, "exec", "-it", pod, "-c", objs.CONTAINER, "--",
+                *inbox.tmux("attach", "-t", objs.SESSION)]
+        if not shutil.which("kubectl"):
+            raise EngineError(f"agent {grove}/{agent}: attach needs kubectl on PATH; "
+                              f"or run: {' '.join(argv)}")
+        return subprocess.call(argv)
+
+    # -- agent-side inbox, carried over exec --------------------------------------------
+
+    def pull_inbox(self, grove: str, agent: str, dest: Path) -> list[Path]:
+        """Copy the agent's inbox (`/run/engine/inbox` in its Pod) into `dest`; returns the
+        files written. The Pod side is `tar | base64` over pods/exec."""
+        return inbox.extract(self._exec(grove, agent, inbox.pack()), dest)
+
+    def push_inbox(self, grove: str, agent: str, files: dict[str, bytes]) -> None:
+        """Write result files (name -> content) into the agent's inbox in its Pod."""
+        self._exec(grove, agent, inbox.unpack_argv(files))
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _apply(self, cl: Cluster, obj: dict[str, Any]) -> dict[str, Any]:
+        meta, kind = obj["metadata"], obj["kind"]
+        result: dict[str, Any] = cl.request(
+            "PATCH", path(kind, meta["namespace"], meta["name"]),
+            Call("patch", plural(kind), meta["namespace"], meta["name"]),
+            query={"fieldManager": objs.FIELD_MANAGER, "force": "false"}, body=obj,
+            content_type=APPLY)
+        return result
+
+    def _delete(self, cl: Cluster, kind: str, ns: str, name: str) -> None:
+        query = {"propagationPolicy": "Foreground" if kind == "Job" else "Background"}
+        cl.request("DELETE", path(kind, ns, name),
+                   Call("delete", plural(kind), ns, name), query=query)
+
+    def _get(self, cl: Cluster, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = cl.request(
+                "GET", path(kind, ns, name),
+                Call("get", plural(kind), ns, name))
+        except NotFound:
+            return None
+        return obj
+
+    def _clear_leftover(self, cl: Cluster, workload: dict[str, Any], repo: str) -> None:
+        """Remove an earlier workload of this agent unless it is live with the same spec:
+        create() starts the agent, so a finished or outdated one is replaced."""
+        meta, kind = workload["metadata"], workload["kind"]
+        old = self._get(cl, kind, meta["namespace"], meta["name"])
+        if old is None:
+            return
+        labels = old["metadata"].get("labels") or {}
+        if labels.get(LABEL_REPO) != repo:
+            raise EngineError(f"kubernetes: {kind.lower()} {meta['namespace']}/{meta['name']}"
+                              " exists and is not owned by this repository's grove (labels "
+                              f"{LABEL_REPO}={labels.get(LABEL_REPO, 'none')}); not touching "
+                              "it")
+        status = old.get("status") or {}
+        finished = status.get("phase") in ("Succeeded", "Failed") or any(
+            c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+            for c in status.get("conditions") or [] if kind == "Job")
+        if old["metadata"].get("deletionTimestamp") or finished \
+                or labels.get(LABEL_HASH) != meta["labels"][LABEL_HASH]:
+            self._remove(cl, kind, meta["namespace"], meta["name"])
+
+    def _remove(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90) -> None:
+        """Delete and wait until it is gone (a new object takes the same name)."""
+        try:
+            self._delete(cl, kind, ns, name)
+        except NotFound:
+            return
+        deadline = time.monotonic() + wait
+        while self._get(cl, kind, ns, name) is not None:
+            if time.monotonic() > deadline:
+                raise TemporaryError(f"kubernetes: {kind.lower()} {ns}/{name} is still "
+                                     "terminating", delay=5.0)
+            time.sleep(0.5)
+
+    def _kubeconfig(self, grove: str, agent: str) -> str:
+        t = self._where.get((grove, agent))
+        return t.kubeconfig if t else ""
+
+    def _pod(self, grove: str, agent: str) -> tuple[Cluster, str, str]:
+        """(cluster, namespace, name) of the agent's newest Pod."""
+        known = self._where.get((grove, agent))
+        _, repo, targets = self._grove(grove)
+        for t in [known] if known else sorted(targets):
+            cl = self.cluster(t.kubeconfig, t.context)
+            items = cl.request("GET", path("Pod", t.namespace), Call("list", "pods",
+                                                                     t.namespace),
+                               query={"labelSelector": objs.selector(grove, repo, agent)}
+                               ).get("items") or []
+            live = [p for p in items if not p["metadata"].get("deletionTimestamp")] or items
+            if live:
+                self._where[(grove, agent)] = t
+                newest = max(live, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+                return cl, t.namespace, str(newest["metadata"]["name"])
+        raise EngineError(f"agent {grove}/{agent}: no pod on the cluster "
+                          f"(searched {', '.join(t.namespace for t in sorted(targets))})")
+
+    def _exec(self, grove: str, agent: str, argv: list[str], timeout: float = 60) -> str:
+        cl, ns, pod = self._pod(grove, agent)
+        core = kubernetes.client.CoreV1Api(cl.api)
+        try:
+            ws = kubernetes.stream.stream(
+                core.connect_get_namespaced_pod_exec, pod, ns, command=argv,
+                container=objs.CONTAINER, stdin=False, stdout=True, stderr=True, tty=False,
+                _preload_content=False)
+            ws.run_forever(timeout=timeout)
+            out, err, code = ws.read_stdout(), ws.read_stderr(), ws.returncode
+            ws.close()
+        except kubernetes.client.exceptions.ApiException as e:
+            if e.status == 403:
+                raise EngineError(f"kubernetes: RBAC forbids create on pods/exec in namespace "
+                                  f"{ns} (context {cl.context}): grant verb 'create' on "
+                                  "resource 'pods/exec'") from None
+            raise EngineError(f"agent {grove}/{agent}: exec in pod {ns}/{pod} failed: "
+                              f"{e.reason}") from None
+        if code:
+            raise EngineError(f"agent {grove}/{agent}: {argv[0]} in pod {ns}/{pod} exited "
+                              f"{code}: {(err or '').strip()[:200]}")
+        return str(out or "")
+
+
+def _connect(kubeconfig: str, context: str) -> Cluster:
+    """A Cluster for a kubeconfig context; RuntimeUnavailable when there is none."""
+    where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    files = [Path(p).expanduser() for p in where.split(os.pathsep) if p]
+    cfg_mod: Any = kubernetes.config  # typed in some client versions, not in others
+    if not any(f.is_file() for f in files):
+        if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            conf = kubernetes.client.Configuration()
+            cfg_mod.load_incluster_config(client_configuration=conf)
+            ns_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+            ns = ns_file.read_text().strip() if ns_file.is_file() else "default"
+            return Cluster(kubernetes.client.ApiClient(conf), "in-cluster", ns)
+        raise RuntimeUnavailable(f"kubernetes: no kubeconfig at {where} (set KUBECONFIG or "
+                                 "the profile's kubeconfig:)")
+    try:
+        contexts, active = cfg_mod.list_kube_config_contexts(
+            os.pathsep.join(str(f) for f in files))
+        api = cfg_mod.new_client_from_config(config_file=os.pathsep.join(map(str, files)),
+                                             context=context or None, persist_config=False)
+    except (cfg_mod.ConfigException, OSError, ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeUnavailable(f"kubernetes: kubeconfig {where}: {first}") from None
+    chosen = next((c for c in contexts if c.get("name") == (context or active.get("name"))),
+                  active)
+    ns = (chosen.get("context") or {}).get("namespace") or "default"
+    return Cluster(api, str(chosen.get("name", context)), ns)
+
+
+def _push_branch(launch: Launch, remote: str) -> None:
+    """Make the agent's branch reachable by the cluster: push it to the grove's remote.
+    A rejected push is fine when the remote already has the branch (the agent's own
+    earlier pushes may be ahead of the local branch)."""
+    agent = launch.agent
+    src = launch.workdir if launch.workdir.is_dir() else launch.repo_root
+    ref = "HEAD" if src == launch.workdir else f"refs/heads/{agent.branch}"
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        if subprocess.run(["git", "-C", str(launch.repo_root), "rev-parse", "-q", "--verify",
+                           ref], capture_output=True, env=env).returncode:
+            ref = "HEAD"
+        push = subprocess.run(["git", "-C", str(src), "push", "-q", remote,
+                               f"{ref}:refs/heads/{agent.branch}"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        if push.returncode == 0:
+            return
+        there = subprocess.run(["git", "-C", str(src), "ls-remote", "--exit-code", remote,
+                                f"refs/heads/{agent.branch}"],
+                               capture_output=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise TemporaryError(f"agent {agent.grove}/{agent.name}: git push to {remote} timed "
+                             "out", delay=10.0) from None
+    if there.returncode != 0:
+        lines = [x for x in push.stderr.splitlines() if x.strip()]
+        raise EngineError(f"agent {agent.grove}/{agent.name}: cannot push {agent.branch} to "
+                          f"{remote}: {lines[-1] if lines else 'git push failed'}")
