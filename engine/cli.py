@@ -31,13 +31,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command module `argv` names, if it names one plainly (`engine -C d validate`)."""
+    args = list(argv)
+    while args and args[0] == "-C":
+        args = args[2:]
+    if args and not args[0].startswith("-"):
+        name = args[0].replace("-", "_")
+        return name if name in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of command `only` (importing one command module
+    keeps `engine validate` from paying for the runtimes' imports)."""
     parser = _Parser(prog="engine", description="Run teams of isolated AI coding agents "
                      "from grove manifests, GitOps style.")
     parser.add_argument("--version", action="version", version=f"grove-engine {__version__}")
     parser.add_argument("-C", dest="chdir", metavar="DIR", help="run as if started in DIR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMANDS:
+    for name in [only] if only else COMMANDS:
         try:
             mod = importlib.import_module(f"engine.commands.{name}")
         except ModuleNotFoundError as e:
@@ -51,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        only = _command_in(argv)
+        try:
+            args = build_parser(only).parse_args(argv)
+        except UsageError:
+            if only is None:
+                raise
+            args = build_parser().parse_args(argv)  # let the full parser word the error
         if args.chdir:
             os.chdir(args.chdir)
         if not getattr(args, "_run", None):

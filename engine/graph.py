@@ -2,15 +2,18 @@
 
 Called by `desired` (cycle check), `plan` and `executor` (order), and the `graph` command
 (rendering). Edges are parent -> child (`spawnedBy`) and dependency -> dependent
-(`dependsOn`). Everything here is sorted, so output is deterministic.
+(`dependsOn`). Everything here is sorted, so output is deterministic. networkx is imported
+only by the functions that build or walk a graph: `validate` needs just `wait_cycle`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 PARENT = "spawned"
 DEPENDS = "dependsOn"
@@ -18,6 +21,8 @@ DEPENDS = "dependsOn"
 
 def build(nodes: Iterable[str], parents: Mapping[str, str | None],
           depends: Mapping[str, Iterable[str]]) -> nx.DiGraph:
+    import networkx as nx
+
     g: nx.DiGraph = nx.DiGraph()
     names = sorted(nodes)
     g.add_nodes_from(names)
@@ -33,6 +38,8 @@ def build(nodes: Iterable[str], parents: Mapping[str, str | None],
 
 def find_cycle(g: nx.DiGraph) -> list[str] | None:
     """One cycle as a closed path [a, b, ..., a], or None."""
+    import networkx as nx
+
     try:
         edges = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
@@ -43,11 +50,40 @@ def find_cycle(g: nx.DiGraph) -> list[str] | None:
 
 def generations(g: nx.DiGraph) -> list[list[str]]:
     """Creation order: each generation depends only on earlier ones."""
+    import networkx as nx
+
     return [sorted(gen) for gen in nx.topological_generations(g)]
 
 
 def descendants(g: nx.DiGraph, node: str) -> set[str]:
+    import networkx as nx
+
     return set(nx.descendants(g, node)) if node in g else set()
+
+
+def wait_cycle(waits: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """A cycle in "waits for" edges (an agent waits for its dependencies and its parent), as
+    a closed path [a, b, ..., a] where each waits for the next; None when there is none.
+    Iterative, so a chain of 10,000 agents does not hit the recursion limit."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(waits):
+        if state.get(start):
+            continue
+        path = [start]
+        todo = [iter(sorted(waits[start]))]
+        state[start] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif nxt in waits and state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            elif nxt in waits and not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(sorted(waits[nxt])))
+    return None
 
 
 def depth_of(parents: Mapping[str, str | None], name: str) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import EngineError, UsageError
+from engine.errors import Diagnostic, EngineError, UsageError
 from engine.yamlio import Document, YamlError, load_file
 
 Key = tuple[str, ...]
@@ -35,11 +35,20 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer of settings; `where(key)` names the file:line a value came from."""
+    """One layer of settings; `where(key)` names the file:line a value came from (only asked
+    for when provenance is wanted). `doc` and `base` locate it in a manifest, if it is one."""
 
     name: str
     data: dict[str, Any]
     where: Callable[[Key], str]
+    doc: Document | None = None
+    base: tuple[str | int, ...] = ()
+
+    def diag(self, key: Key, message: str) -> Diagnostic:
+        """A diagnostic at `key` of this layer (file:line:col when it is a manifest)."""
+        if self.doc is None:
+            return Diagnostic(message=f"{message} (set by {self.name})")
+        return self.doc.diag((*self.base, *key), message)
 
 
 def fixed(name: str, data: dict[str, Any]) -> Layer:
@@ -51,17 +60,42 @@ def from_document(name: str, doc: Document, base: tuple[str | int, ...],
     def where(key: Key) -> str:
         line, _ = doc.where((*base, *key))
         return f"{doc.file}:{line}"
-    return Layer(name, data, where)
+    return Layer(name, data, where, doc, base)
 
 
-def merge(layers: Iterable[Layer], provenance: bool = False
-          ) -> tuple[dict[str, Any], dict[Key, str]]:
-    """Resolve layers into one map; with `provenance`, also key path -> source."""
-    out: dict[str, Any] = {}
+def merge(layers: Iterable[Layer], provenance: bool = False,
+          start: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[Key, str]]:
+    """Resolve layers into one map; with `provenance`, also key path -> source. `start` is a
+    map already merged from lower layers (copied, never changed): callers that share lower
+    layers between many agents merge those once."""
+    out: dict[str, Any] = copy_tree(start) if start else {}
     prov: dict[Key, str] = {}
     for layer in layers:
-        _merge_into(out, layer.data, (), layer if provenance else None, prov)
+        if provenance:
+            _merge_into(out, layer.data, (), layer, prov)
+        else:
+            merge_into(out, layer.data)
     return out, prov
+
+
+def copy_tree(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a merged map deep enough that merging into it leaves `data` unchanged."""
+    return {k: copy_tree(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+            for k, v in data.items()}
+
+
+def merge_into(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    """Merge one layer's data into `dst` (no provenance): the path every agent takes."""
+    for k, v in src.items():
+        if v is None:
+            dst.pop(k, None)
+        elif isinstance(v, dict):
+            cur = dst.get(k)
+            if not isinstance(cur, dict):
+                cur = dst[k] = {}
+            merge_into(cur, v)
+        else:
+            dst[k] = list(v) if isinstance(v, list) else v
 
 
 def _merge_into(dst: dict[str, Any], src: dict[str, Any], base: Key,

@@ -1,26 +1,35 @@
 """Stage 1, checking: the JSON Schemas in `schemas/` are the one source of truth for the format.
 
-Called by `manifest` (every document) and `inbox` (spawn requests). Returns diagnostics
-located at file:line:col; never raises for invalid input.
+Called by `manifest` (every document), `harnesses` (the built-in catalog) and `inbox`
+(spawn requests). Returns diagnostics located at file:line:col, each starting with the
+object it concerns (`agent coder: unknown field 'colour'`); never raises for invalid input.
+Valid documents pass through `schema_fast` (the same schemas compiled to predicates);
+jsonschema runs only when that pre-check fails, to find and word every error.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-from referencing import Registry, Resource
-
+from engine import schema_fast
 from engine.errors import Diagnostic
-from engine.yamlio import Document
+from engine.yamlio import Document, Path_, format_path
+
+if TYPE_CHECKING:
+    import jsonschema
 
 API_VERSION = "engine/v1alpha1"
 KINDS = {"Grove": "grove.json", "Agent": "agent.json", "Profile": "profile.json",
          "Harness": "harness.json"}
 ID_BASE = "https://grove-engine.dev/schemas/v1alpha1/"
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?\Z")
+_JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+               "NoneType": "null", "dict": "object", "list": "array"}
 
 
 def schema_dir() -> Path:
@@ -33,62 +42,140 @@ def schema_dir() -> Path:
 
 
 @functools.cache
-def _registry() -> tuple[Registry, dict[str, dict[str, Any]]]:
-    schemas = {p.name: json.loads(p.read_text()) for p in sorted(schema_dir().glob("*.json"))}
-    resources = [(ID_BASE + n, Resource.from_contents(s)) for n, s in schemas.items()]
-    return Registry().with_resources(resources), schemas
+def _schemas() -> dict[str, dict[str, Any]]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(schema_dir().glob("*.json"))}
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any
+             ) -> Iterator[Any]:
+    """`pattern` with ECMA-262's `$` (no match before a trailing newline)."""
+    from jsonschema.exceptions import ValidationError
+    if isinstance(instance, str) and not re.search(schema_fast.python_pattern(pattern),
+                                                   instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
 @functools.cache
 def validator(file: str, pointer: str = "") -> jsonschema.Draft202012Validator:
-    """A validator for a schema file, or for a `$defs` entry of it (`pointer` = name)."""
-    registry, schemas = _registry()
+    """A jsonschema validator for a schema file, or for a `$defs` entry (`pointer` = name)."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    schemas = _schemas()
+    registry: Registry[Any] = Registry().with_resources(
+        [(ID_BASE + n, Resource.from_contents(s)) for n, s in schemas.items()])
     schema: dict[str, Any] = schemas[file]
     if pointer:
         schema = {"$ref": f"{ID_BASE}{file}#/$defs/{pointer}"}
-    return jsonschema.Draft202012Validator(schema, registry=registry)
+    cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+    v: jsonschema.Draft202012Validator = cls(schema, registry=registry)
+    return v
+
+
+def is_valid(data: Any, file: str, pointer: str = "") -> bool:
+    fast = schema_fast.checker(schema_dir(), file, pointer)
+    if fast is not None and fast(data):
+        return True
+    return not any(True for _ in validator(file, pointer).iter_errors(data))
 
 
 def check_document(doc: Document) -> list[Diagnostic]:
     """Schema diagnostics for one manifest document (all of them, most relevant first)."""
     data = doc.data
     if not isinstance(data, dict):
-        return [doc.diag((), "a manifest document must be a mapping")]
+        return [doc.diag((), "document: a manifest document must be a mapping with "
+                             "apiVersion, kind, metadata and spec")]
     api, kind = data.get("apiVersion"), data.get("kind")
     if api != API_VERSION:
         return [doc.diag(("apiVersion",) if "apiVersion" in data else (),
-                         f"unknown apiVersion {api!r}; expected {API_VERSION!r}")]
+                         f"document: unknown apiVersion {api!r}; expected {API_VERSION!r}")]
     if kind not in KINDS:
         return [doc.diag(("kind",) if "kind" in data else (),
-                         f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")]
+                         f"document: unknown kind {kind!r}; expected one of "
+                         f"{', '.join(KINDS)}")]
+    fast = schema_fast.checker(schema_dir(), KINDS[kind])
+    if fast is not None and fast(data):
+        return []
     return errors_for(validator(KINDS[kind]), data, doc)
 
 
 def errors_for(v: jsonschema.Draft202012Validator, data: Any, doc: Document,
-               prefix: tuple[str | int, ...] = ()) -> list[Diagnostic]:
+               prefix: Path_ = ()) -> list[Diagnostic]:
+    """Every schema error of `data` (found at `prefix` inside `doc`), worded for people."""
+    import jsonschema
+
     out = []
+    root = doc.data if prefix else data
     for err in v.iter_errors(data):
         best = jsonschema.exceptions.best_match([err])
-        path = (*prefix, *best.absolute_path)
-        out.append(doc.diag(path, _message(best, path)))
+        path: Path_ = (*prefix, *best.absolute_path)
+        subject, rest = subject_of(root, path)
+        at = path
+        if best.validator in ("additionalProperties", "unevaluatedProperties"):
+            extra = sorted(_unexpected(best))
+            at = (*path, extra[0]) if extra else path  # point at the unknown key itself
+        out.append(doc.diag(at, f"{subject}: {_message(best, rest)}"))
     return out
 
 
-def _message(err: jsonschema.ValidationError, path: tuple[str | int, ...]) -> str:
-    where = ".".join(str(p) for p in path) or "document"
+def subject_of(data: Any, path: Path_) -> tuple[str, Path_]:
+    """The object a path inside a document concerns, and the path inside that object:
+    (`agent coder`, ('resources', 'memory')) for spec.agents[3].resources.memory."""
+    data = data if isinstance(data, dict) else {}
+    kind = data.get("kind")
+    meta = data.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    label = name if isinstance(name, str) and _NAME.match(name) else "(unnamed)"
+    spec = data.get("spec") if isinstance(data.get("spec"), dict) else {}
+    if kind == "Grove" and len(path) >= 3 and path[0] == "spec":
+        if path[1] == "agents" and isinstance(path[2], int):
+            agents = spec.get("agents")
+            entry = agents[path[2]] if isinstance(agents, list) and path[2] < len(agents) \
+                else None
+            aname = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(aname, str) and _NAME.match(aname):
+                return f"agent {aname}", path[3:]
+            return f"agent at spec.agents[{path[2]}]", path[3:]
+        if path[1] in ("profiles", "harnesses"):
+            return f"{str(path[1])[:-1]} {path[2]}", path[3:]
+    if kind in ("Agent", "Profile", "Harness"):
+        return f"{str(kind).lower()} {label}", path[1:] if path[:1] == ("spec",) else path
+    return f"grove {label}", path
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 50 else f"{text[:45]}...' ({len(value)} characters)" \
+        if isinstance(value, str) else text[:47] + "..."
+
+
+def _message(err: jsonschema.ValidationError, rest: Path_) -> str:
+    field = format_path(rest)
+    where = f"{field}: " if field else ""
+    desc = err.schema.get("description", "") if isinstance(err.schema, dict) else ""
     if err.validator in ("additionalProperties", "unevaluatedProperties"):
-        extra = sorted(set(_unexpected(err)))
+        extra = sorted(_unexpected(err))
         if extra:
-            return f"{where}: unknown field {', '.join(map(repr, extra))}"
+            s = "s" if len(extra) > 1 else ""
+            return f"{where}unknown field{s} {', '.join(map(repr, extra))}"
     if err.validator == "pattern":
-        return f"{where}: {err.instance!r} is not a valid name or value " \
-               f"(must match {err.validator_value})"
+        rule = desc.rstrip(".") if desc else f"must match {err.validator_value}"
+        return f"{where}{_short(err.instance)} is not valid ({rule[:1].lower()}{rule[1:]})"
     if err.validator == "enum":
-        return f"{where}: {err.instance!r} is not one of " \
+        return f"{where}{_short(err.instance)} is not one of " \
                f"{', '.join(map(str, err.validator_value))}"
     if err.validator == "type":
-        return f"{where}: expected {err.validator_value}, got {type(err.instance).__name__}"
-    return f"{where}: {err.message}"
+        expected = err.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        got = _JSON_TYPES.get(type(err.instance).__name__, type(err.instance).__name__)
+        return f"{where}expected {expected}, got {got}"
+    if err.validator == "required":
+        missing = re.match(r"'([^']*)'", err.message)
+        return f"{where}missing required field {missing.group(1)!r}" if missing \
+            else f"{where}{err.message}"
+    if err.validator in ("oneOf", "anyOf") and desc:
+        return f"{where}{_short(err.instance)} is not valid ({desc.rstrip('.')})"
+    return f"{where}{err.message}"
 
 
 def _unexpected(err: jsonschema.ValidationError) -> list[str]:
@@ -101,9 +188,8 @@ def _unexpected(err: jsonschema.ValidationError) -> list[str]:
 
 
 def _ref_properties(ref: str) -> set[str]:
-    _, schemas = _registry()
     file, _, frag = ref.partition("#")
-    target = schemas.get(file.rsplit("/", 1)[-1] or "agent.json", {})
+    target: Any = _schemas().get(file.rsplit("/", 1)[-1] or "agent.json", {})
     for part in frag.strip("/").split("/"):
         target = target.get(part, {}) if part else target
     return set(target.get("properties", {}))

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def use_color(stream: Any = None) -> bool:
@@ -19,6 +20,8 @@ def use_color(stream: Any = None) -> bool:
 
 
 def console(stderr: bool = False) -> Console:
+    from rich.console import Console  # rich takes a while to import; most output is plain
+
     stream = sys.stderr if stderr else sys.stdout
     color = use_color(stream)
     return Console(file=stream, no_color=not color, force_terminal=color,

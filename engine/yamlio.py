@@ -7,8 +7,7 @@ bomb fails fast, and files over a size limit are refused before parsing.
 
 from __future__ import annotations
 
-import datetime as _dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,22 @@ import yaml
 from engine.errors import Diagnostic
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
-MAX_NODES = 2_000_000  # expanded nodes per file; a billion-laughs document blows past it
+MAX_DEPTH = 64
+# Nodes a file may expand to: every node of an alias-free document (each takes at least two
+# bytes of text) plus a little; anchors and aliases that expand past it are an alias bomb.
+MIN_NODE_BUDGET = 10_000
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _CORE = "tag:yaml.org,2002:"
-_SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
-_constructor = yaml.constructor.SafeConstructor()
+_MAP, _SEQ, _STR = f"{_CORE}map", f"{_CORE}seq", f"{_CORE}str"
+_sc = yaml.constructor.SafeConstructor()
+_SCALARS: dict[str, Callable[[yaml.ScalarNode], Any]] = {
+    f"{_CORE}null": lambda _n: None,
+    f"{_CORE}bool": _sc.construct_yaml_bool,
+    f"{_CORE}int": _sc.construct_yaml_int,
+    f"{_CORE}float": _sc.construct_yaml_float,
+    f"{_CORE}timestamp": lambda n: n.value,  # kept as the text the user wrote
+}
 
 Path_ = tuple[str | int, ...]
 
@@ -63,71 +72,85 @@ class YamlError(Exception):
 
 
 class _Builder:
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, budget: int) -> None:
         self.file = file
-        self.budget = MAX_NODES
+        self.budget = budget
         self.marks: dict[Path_, tuple[int, int]] = {}
 
     def fail(self, node: yaml.Node, message: str) -> YamlError:
         m = node.start_mark
         return YamlError(Diagnostic(self.file, m.line + 1, m.column + 1, message))
 
-    def build(self, node: yaml.Node, path: Path_, depth: int = 0) -> Any:
+    def build(self, node: yaml.Node, path: Path_, depth: int, at: yaml.Node) -> Any:
+        """Plain data for `node`; `at` (the node itself, or its key) is where `path` is."""
         self.budget -= 1
         if self.budget < 0:
-            raise self.fail(node, f"document expands to more than {MAX_NODES} nodes "
-                                  "(alias bomb?)")
-        if depth > 64:
-            raise self.fail(node, "document nested more than 64 levels deep")
-        self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-        if isinstance(node, yaml.MappingNode):
-            if node.tag != f"{_CORE}map":
-                raise self.fail(node, f"unsupported YAML tag {node.tag}")
+            raise self.fail(node, "document expands to too many nodes through anchors and "
+                                  "aliases (an alias bomb?)")
+        mark = at.start_mark
+        self.marks[path] = (mark.line + 1, mark.column + 1)
+        tag = node.tag
+        if isinstance(node, yaml.ScalarNode):
+            if tag == _STR:
+                return node.value
+            make = _SCALARS.get(tag)
+            if make is None:
+                raise self.fail(node, f"unsupported YAML tag {_short_tag(tag)} (only plain "
+                                      "YAML values are allowed)")
+            return make(node)
+        if depth >= MAX_DEPTH:
+            raise self.fail(node, f"document nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.SequenceNode) and tag == _SEQ:
+            return [self.build(v, (*path, i), depth + 1, v) for i, v in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode) and tag == _MAP:
             return self._mapping(node, path, depth)
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag != f"{_CORE}seq":
-                raise self.fail(node, f"unsupported YAML tag {node.tag}")
-            return [self.build(v, (*path, i), depth + 1) for i, v in enumerate(node.value)]
-        if node.tag not in _SCALAR_TAGS:
-            raise self.fail(node, f"unsupported YAML tag {node.tag}")
-        value = _constructor.construct_object(node, deep=True)
-        if isinstance(value, _dt.date | _dt.datetime):
-            return node.value  # keep timestamps as the text the user wrote
-        return value
+        raise self.fail(node, f"unsupported YAML tag {_short_tag(tag)} (only plain YAML "
+                              "values are allowed)")
 
     def _mapping(self, node: yaml.MappingNode, path: Path_, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == f"{_CORE}merge":
                 raise self.fail(key_node, "YAML merge keys (<<) are not supported")
-            if not isinstance(key_node, yaml.ScalarNode):
+            if not isinstance(key_node, yaml.ScalarNode) or (key_node.tag != _STR
+                                                             and key_node.tag not in _SCALARS):
                 raise self.fail(key_node, "mapping keys must be plain strings")
-            key = str(key_node.value)
+            key = str(key_node.value)  # `NO: 1` is the variable NO, not the boolean false
             if key in out:
                 raise self.fail(key_node, f"duplicate key {key!r}")
-            out[key] = self.build(value_node, (*path, key), depth + 1)
+            out[key] = self.build(value_node, (*path, key), depth + 1, key_node)
         return out
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
 
 
 def load_text(text: str, file: str) -> list[Document]:
     """Parse every document in `text`; raise YamlError naming file:line:col."""
     docs: list[Document] = []
+    budget = MIN_NODE_BUDGET + len(text) // 2
     try:
         for i, node in enumerate(_compose_all(text)):
             if node is None:
                 continue
-            b = _Builder(file)
-            data = b.build(node, ())
+            b = _Builder(file, budget)
+            data = b.build(node, (), 0, node)
+            budget = b.budget
             docs.append(Document(file, i, data, b.marks))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         msg = e.problem or e.context or "invalid YAML"
-        if "\t" in msg or "tab" in msg:
-            msg = f"{msg} (YAML does not allow tabs for indentation)"
+        lines = text.splitlines()
+        indent = lines[line - 1][:col] if 0 < line <= len(lines) else ""
+        if "\t" in indent and not indent.strip(" \t"):
+            msg = "tab character used for indentation (YAML allows only spaces)"
         raise YamlError(Diagnostic(file, line, col, f"invalid YAML: {msg}")) from None
     except yaml.YAMLError as e:
         raise YamlError(Diagnostic(file, 1, 1, f"invalid YAML: {e}")) from None
+    except RecursionError:
+        raise YamlError(Diagnostic(file, 1, 1, "invalid YAML: nested too deeply")) from None
     return docs
 
 

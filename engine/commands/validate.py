@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     opts = _common.options(r, args, resolve_secrets=not args.no_secrets)
     diags: list[Diagnostic] = []
-    summary = []
+    summary: list[dict[str, Any]] = []
     for d in _targets(r.root, args.paths):
         try:
             g = desired.build(manifest.load_grove(d, r.root), opts)
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         return 1 if diags else 0
     if diags:
         raise InvalidManifests(diags)
-    n = sum(s["agents"] for s in summary)
-    names = ", ".join(s["grove"] for s in summary)
+    n = sum(int(s["agents"]) for s in summary)
+    names = ", ".join(str(s["grove"]) for s in summary)
     ui.out(f"valid: {len(summary)} grove{'s' if len(summary) != 1 else ''} ({names}), "
            f"{n} agent{'s' if n != 1 else ''}")
     return 0
