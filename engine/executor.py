@@ -9,8 +9,6 @@ Progress flows out through `Hooks`; this module never prints.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from typing import Protocol
 from engine import graph, inventory, secrets, workspace
 from engine.desired import DesiredAgent, DesiredGrove
 from engine.errors import EngineError, TemporaryError
+from engine.fsutil import failpoint
 from engine.inventory import Inventory, Record
 from engine.observe import Runtimes
 from engine.plan import Action, Change, GrovePlan
@@ -145,12 +144,6 @@ def _start(run: Run, change: Change, resume: bool) -> str:
     failpoint("record")
     return PAST[change.action]
 
-
-def failpoint(name: str) -> None:
-    """Fault injection for crash tests: ENGINE_FAILPOINT=<name> SIGKILLs this process
-    there, the way a power cut or OOM kill would."""
-    if os.environ.get("ENGINE_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_instructions(run: Run, a: DesiredAgent, ws: workspace.Workspace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,10 @@ def flock(path: Path, blocking: bool = True) -> Iterator[bool]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for crash tests: ENGINE_FAILPOINT=<name> SIGKILLs this process
+    there, the way a power cut or an OOM kill would."""
+    if os.environ.get("ENGINE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -109,6 +109,7 @@ class Gate:
         self.grove = grove
         self.opts = opts
         self.accepted: list[writeback.Spawn] = []
+        self._src: manifest.GroveSource | None = None
 
     def check(self, req: Request) -> writeback.Spawn:
         g, spec = self.grove, req.spec
@@ -158,19 +159,26 @@ class Gate:
         spawn = writeback.Spawn(name, task, parent.name, req.id, inventory.now(),
                                 "" if profile == parent.profile and "profile" not in spec
                                 else profile, str(spec.get("harness", "")), tuple(deps))
-        self._no_escalation(parent, spawn)
+        try:
+            self._no_escalation(parent, spawn)
+        except EngineError:
+            self.forget(spawn.name)
+            raise
         self.accepted.append(spawn)
         return spawn
 
     def _no_escalation(self, parent: desired.DesiredAgent, spawn: writeback.Spawn) -> None:
         """Resolve the child as it would run and compare it with its parent."""
-        src = manifest.load_grove(self.grove.directory, self.root)
+        if self._src is None:
+            self._src = manifest.load_grove(self.grove.directory, self.root)
+        src = self._src
         doc = spawn.document()
-        fake = manifest.Entry(spawn.name, doc["spec"], src.grove.doc, ("spec",))
-        src.agents[spawn.name] = fake
+        src.agents[spawn.name] = manifest.Entry(spawn.name, doc["spec"], src.grove.doc,
+                                                ("spec",))
         try:
             child = desired.build(src, self.opts).by_name[spawn.name]
         except InvalidManifests as e:
+            del src.agents[spawn.name]
             raise EngineError(e.diagnostics[0].message) from None
         if ACCESS_RANK.get(child.access, 1) > ACCESS_RANK.get(parent.access, 1):
             raise EngineError(f"child would get {child.access} access; parent has "
@@ -188,6 +196,11 @@ class Gate:
         if child.runtime == "local" and parent.runtime != "local":
             raise EngineError(f"child would run unsandboxed (runtime local); parent runs on "
                               f"{parent.runtime}")
+
+    def forget(self, name: str) -> None:
+        """Drop a child that failed the escalation check from the cached sources."""
+        if self._src is not None:
+            self._src.agents.pop(name, None)
 
 
 def _net_rank(network: str) -> int:

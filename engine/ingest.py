@@ -15,7 +15,7 @@ from pathlib import Path
 from engine import desired, events, inbox, inventory, writeback
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
-from engine.fsutil import atomic_write
+from engine.fsutil import atomic_write, failpoint
 from engine.inbox import Answer, Request
 from engine.observe import Actual, Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
@@ -61,8 +61,10 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
             answers.append(_done(root, grove, req))
     fresh = [s for s in gate.accepted if s.request not in recorded]
     writeback.append(root, grove.name, fresh, grove.commit_spawns)
+    failpoint("ingest-written")
     for ans in answers:
         inbox.answer(root, grove.name, ans)
+        failpoint("ingest-answered")
         if ans.request.kind == "SpawnRequest":
             if ans.status == "accepted":
                 report.accepted.append(ans.child)
