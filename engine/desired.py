@@ -85,6 +85,11 @@ class DesiredAgent:
     settings: str  # canonical JSON of the resolved settings (no secret values)
     spec_hash: str
     runtime_extra: tuple[tuple[str, str], ...] = ()  # runtime-specific settings, JSON values
+    # argv for a restart that resumes the harness's previous session; () = cannot resume
+    resume_command: tuple[str, ...] = ()
+    # credentials the chosen auth method needs as files: (credential name, path relative to
+    # the agent's home); the runtime writes the value there (0600), not into the environment
+    credential_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def branch(self) -> str:
@@ -99,6 +104,16 @@ class DesiredAgent:
             if k == key:
                 return json.loads(v)
         return default
+
+
+@dataclass(frozen=True)
+class _Auth:
+    """The chosen auth method: its credentials, name, credential files and plain env."""
+
+    creds: tuple[CredentialRef, ...]
+    name: str | None = None
+    files: tuple[tuple[str, str], ...] = ()
+    set_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,18 @@ def parse_memory(value: Any) -> int | None:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+def task_args(merged: dict[str, Any], task: str) -> list[str]:
+    """How the task follows the command: `taskArg` position (last argument), flag
+    (`taskFlag` then the task; a flag ending in '=' is joined to it) or none."""
+    mode = merged.get("taskArg", "position")
+    if mode == "none":
+        return []
+    if mode == "position":
+        return [task]
+    flag = str(merged.get("taskFlag") or "-p")
+    return [flag + task] if flag.endswith("=") else [flag, task]
+
+
 def manifest_digest(directory: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(directory.glob("*.yaml")):
@@ -228,10 +255,17 @@ def agent_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.L
         known = sorted(set(src.harnesses) | set(harnesses.names()))
         raise EngineError(f"{hwhere}: agent {entry.name}: unknown harness {hname!r} "
                           f"(harnesses: {', '.join(known)})")
+    # A harness's image is only a default: any image the user config, profile or agent
+    # names wins, so it sits right above the built-in defaults.
+    himage = [layers.Layer(h.name, {"image": h.data["image"]}, h.where)
+              for h in hl if "image" in h.data]
+    hl = [layers.Layer(h.name, {k: v for k, v in h.data.items() if k != "image"}, h.where)
+          for h in hl]
     defaults = src.spec.get("defaults") or {}
     return [
         layers.fixed("built-in", {**layers.BUILTIN_DEFAULTS,
                                   "workspace": src.spec.get("workspace", "worktree")}),
+        *himage,
         opts.user.defaults,
         layers.from_document("grove defaults", src.grove.doc, ("spec", "defaults"), defaults),
         prof, *hl,
@@ -263,6 +297,7 @@ class _Builder:
         self.opts = opts
         self.diags: list[Diagnostic] = []
         self.parents = {n: e.data.get("spawnedBy") for n, e in src.agents.items()}
+        self.auth_methods: dict[str, list[dict[str, Any]]] = {}  # per harness name
 
     def problem(self, entry: Entry, message: str, *sub: str | int) -> None:
         self.diags.append(entry.diag(f"agent {entry.name}: {message}", *sub))
@@ -339,12 +374,14 @@ class _Builder:
         role = self._render(entry, merged.get("role", ""), ctx, "role")
         env = tuple(sorted((k, self._render(entry, str(v), ctx, "env", k))
                            for k, v in (merged.get("env") or {}).items()))
-        command = self._command(entry, merged, ctx)
-        creds, auth = self._credentials(entry, merged)
+        command, resume = self._command(entry, merged, ctx)
+        auth = self._credentials(entry, merged)
+        creds = auth.creds
+        env = tuple(sorted({**auth.set_env, **dict(env)}.items()))
         merged["env"] = dict(env)
         merged["command"] = list(command)
-        if auth:
-            merged["auth"] = auth
+        if auth.name:
+            merged["auth"] = auth.name
         refs = [("dependsOn", d) for d in merged.get("dependsOn") or []]
         refs += [("spawnedBy", parent)] if parent else []
         for key, ref in refs:
@@ -381,10 +418,11 @@ class _Builder:
             allow_profiles=tuple(spawn.get("allowProfiles") or ()),
             allow_harnesses=tuple(spawn["allowHarnesses"]) if "allowHarnesses" in spawn
             else None,
-            instructions_file=merged.get("instructionsFile"), role=role, auth=auth,
+            instructions_file=merged.get("instructionsFile"), role=role, auth=auth.name,
             workspace=merged.get("workspace", "worktree"),
             depth=graph.depth_of(self.parents, entry.name), source=entry.where(),
-            settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra)
+            settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra,
+            resume_command=resume, credential_files=auth.files)
 
     def _render(self, entry: Entry, text: str, ctx: dict[str, Any], *where: str) -> str:
         try:
@@ -395,47 +433,68 @@ class _Builder:
             return text
 
     def _command(self, entry: Entry, merged: dict[str, Any], ctx: dict[str, Any]
-                 ) -> tuple[str, ...]:
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The argv that starts the agent, and the argv that resumes its previous session
+        on a restart (`resume` arguments before the task; () when the harness has none)."""
         argv = [self._render(entry, a, ctx, "command") for a in merged.get("command") or []]
         if not argv:
             self.problem(entry, f"harness {merged['harness']} has no command")
-            return ()
-        mode = merged.get("taskArg", "position")
-        resume = [str(a) for a in merged.get("resume") or []] if merged.get("_resume") else []
-        argv += resume
-        if mode == "flag":
-            argv += [str(merged.get("taskFlag") or "-p"), ctx["task"]]
-        elif mode == "position":
-            argv.append(ctx["task"])
-        return tuple(argv)
+            return (), ()
+        resume = [self._render(entry, str(a), ctx, "resume") for a in merged.get("resume") or []]
+        task = task_args(merged, ctx["task"])
+        return tuple(argv + task), (tuple(argv + resume + task) if resume else ())
 
-    def _credentials(self, entry: Entry, merged: dict[str, Any]
-                     ) -> tuple[tuple[CredentialRef, ...], str | None]:
+    def _credentials(self, entry: Entry, merged: dict[str, Any]) -> _Auth:
+        """The credentials the agent receives. Without auth methods, every credential of the
+        profile; with them, only those of the method `auth:` names, else of the first one
+        the profile's credentials satisfy. None satisfied is a problem naming what is
+        missing (never a value)."""
         avail = {}
         for name, ref in sorted((merged.get("credentials") or {}).items()):
             if ref:
                 src, val = next(iter(ref.items()))
                 avail[name] = CredentialRef(name, "env" if src == "fromEnv" else "file", val)
-        methods = merged.get("auth") if isinstance(merged.get("auth"), list) else []
         wanted = merged.get("auth") if isinstance(merged.get("auth"), str) else None
+        hname = merged["harness"]
+        if hname not in self.auth_methods:  # the agent's `auth:` replaces the list: take it
+            hl = harness_layers(self.src, hname) or []  # from the harness's own layers
+            self.auth_methods[hname] = layers.merge(hl)[0].get("auth") or []
+        methods = self.auth_methods[hname]
+        harness = f"harness {hname}"
         if not methods:
-            return tuple(avail.values()), None
+            if wanted:
+                self.problem(entry, f"auth {wanted!r}: {harness} has no auth methods", "auth")
+            return _Auth(tuple(avail.values()))
+        names = [str(m["name"]) for m in methods]
+        if wanted and wanted not in names:
+            self.problem(entry, f"auth {wanted!r}: {harness} has no such auth method "
+                                f"(methods: {', '.join(names)})", "auth")
+            return _Auth((), wanted)
+        unmet = []
         for m in methods:
             if wanted and m["name"] != wanted:
                 continue
-            needs = [*m.get("env", []), *(f["credential"] for f in m.get("files", []))]
-            if all(n in avail and self._present(avail[n]) for n in needs):
-                return tuple(avail[n] for n in sorted(set(needs))), str(m["name"])
-        options = "; ".join(f"{m['name']} needs "
-                            + ", ".join([*m.get("env", []),
-                                         *(f["credential"] for f in m.get("files", []))])
-                            for m in methods if not wanted or m["name"] == wanted)
-        if wanted and not options:
-            self.problem(entry, f"harness {merged['harness']} has no auth method {wanted!r}")
-        elif self.opts.resolve_secrets:
-            self.problem(entry, f"harness {merged['harness']}: no auth method is satisfied "
-                                f"by the profile's credentials ({options})")
-        return (), wanted
+            files = tuple(sorted((str(f["credential"]), str(f["path"]))
+                                 for f in m.get("files") or []))
+            needs = sorted({*m.get("env", []), *(n for n, _ in files)})
+            missing = [w for w in (self._missing(merged, n, avail.get(n)) for n in needs) if w]
+            if not missing:
+                return _Auth(tuple(avail[n] for n in needs), str(m["name"]), files,
+                             {k: str(v) for k, v in (m.get("setEnv") or {}).items()})
+            unmet.append(f"{m['name']}: {', '.join(missing)}")
+        self.problem(entry, f"{harness}: no auth method is satisfied ({'; '.join(unmet)})")
+        return _Auth((), wanted)
+
+    def _missing(self, merged: dict[str, Any], name: str, cred: CredentialRef | None
+                 ) -> str:
+        """Why credential `name` cannot be had ("" when it can): the profile lacks it, or
+        its environment variable or file is absent."""
+        if cred is None:
+            return f"credential {name} is not in profile {merged['profile']}"
+        if self._present(cred):
+            return ""
+        what = "is not set" if cred.source == "env" else "does not exist"
+        return f"credential {name}: {cred.describe()} {what}"
 
     def _present(self, cred: CredentialRef) -> bool:
         if not self.opts.resolve_secrets:
