@@ -287,3 +287,382 @@ def test_builder_refuses_mounts_missing_remote_and_embedded_tokens(tmp_path: Pat
     root = desired.DesiredAgent(**{**agent.__dict__, "user": "0"})
     with pytest.raises(EngineError, match="user 0 is root"):
         objs.check(root, "https://x/r.git")
+
+
+# -- (b) the client flow against the API server stand-in --------------------------------
+
+KUBE = """\
+apiVersion: engine/v1alpha1
+kind: Grove
+metadata: {{name: kube}}
+spec:
+  remote: {remote}
+  defaults: {{profile: pod, harness: shell}}
+  profiles:
+    pod:
+      runtime: kubernetes
+      image: grove-engine/base:latest
+      namespace: {namespace}
+      kubeconfig: {kubeconfig}
+      credentials: {{GIT_TOKEN: {{fromEnv: TEST_GIT_TOKEN}}}}
+  agents:
+    - name: worker
+      task: {task}
+"""
+
+
+class Kube:
+    """A repository whose grove `kube` runs on the stand-in API server."""
+
+    def __init__(self, repo: Path, api: FakeApiServer) -> None:
+        self.repo, self.api = repo, api
+        self.remote = repo.parent / "remote.git"
+        git(repo.parent, "init", "-q", "--bare", str(self.remote))
+        self.kubeconfig = api.kubeconfig(repo.parent / "kubeconfig")
+        self.rt = get("kubernetes", repo)
+
+    def grove(self, task: str = "echo hi", namespace: str = "agents",
+              kubeconfig: Path | None = None) -> DesiredGrove:
+        write_grove(self.repo, "kube", KUBE.format(
+            remote=self.remote, namespace=namespace, task=json.dumps(task),
+            kubeconfig=kubeconfig or self.kubeconfig))
+        return load(self.repo, "kube")
+
+    def launch(self, agent: DesiredAgent) -> Launch:
+        wt = self.repo / ".engine" / "worktrees" / agent.grove / agent.name
+        if not wt.exists():
+            git(self.repo, "worktree", "add", "-q", "-b", agent.branch, str(wt))
+        eng = self.repo / ".engine"
+        return Launch(agent=agent, repo_root=self.repo, workdir=wt, git_paths=(),
+                      run_dir=eng / "run", inbox=eng / "inbox" / agent.name,
+                      log_file=eng / "logs" / f"{agent.name}.log",
+                      client=ROOT / "engine" / "client.py",
+                      env={"ENGINE_INBOX": str(eng / "inbox" / agent.name),
+                           "ENGINE_GROVE": agent.grove, "LOG_LEVEL": "info"},
+                      secrets={"GIT_TOKEN": SECRET})
+
+    def objects(self, ns: str = "agents") -> dict[str, dict[str, Any]]:
+        return {f"{o['kind']}/{o['metadata']['name']}": o
+                for plural in ("configmaps", "secrets", "networkpolicies", "jobs", "pods",
+                               "persistentvolumeclaims")
+                for o in self.api.items(plural, ns)}
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    server = FakeApiServer(namespaces=("default", "agents"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kube(repo: Path, api: FakeApiServer) -> Kube:
+    return Kube(repo, api)
+
+
+def job_pod(kube: Kube, ns: str = "agents") -> str:
+    pods = [p["metadata"]["name"] for p in kube.api.items("pods", ns)]
+    assert len(pods) == 1, pods
+    return pods[0]
+
+
+def test_create_applies_every_object_and_pushes_the_branch(kube: Kube) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    objs_ = kube.objects()
+    assert sorted(k for k in objs_ if not k.startswith("Pod/")) == [
+        "ConfigMap/kube-worker", "Job/kube-worker", "NetworkPolicy/kube-worker",
+        "Secret/kube-worker"]
+    for o in objs_.values():
+        assert o["metadata"]["labels"]["engine.grove"] == "kube"
+        assert o["metadata"]["labels"]["engine.agent"] == "worker"
+        assert SECRET not in json.dumps(o) or o["kind"] == "Secret"
+    assert [m["manager"] for m in objs_["Job/kube-worker"]["metadata"]["managedFields"]] == [
+        "grove-engine"]
+    assert base64.b64decode(objs_["Secret/kube-worker"]["data"]["GIT_TOKEN"]).decode() == SECRET
+    # the branch the init container clones is on the remote, at the worktree's commit
+    assert git(kube.remote, "rev-parse", "refs/heads/engine/kube/worker") == git(
+        kube.repo, "rev-parse", "HEAD")
+    env = {e["name"]: e["value"] for e in objs_["Job/kube-worker"]["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["ENGINE_INBOX"] == "/run/engine/inbox" and env["LOG_LEVEL"] == "info"
+    assert str(kube.repo) not in json.dumps(env)
+    state = json.loads((kube.repo / ".engine/state/kubernetes/kube.json").read_text())
+    assert state["targets"] == [[str(kube.kubeconfig), "", "agents"]]
+
+
+def test_observe_is_two_lists_per_namespace_and_follows_the_pod(kube: Kube) -> None:
+    g = kube.grove()
+    worker = g.agent("worker")
+    assert kube.rt.observe("kube") == {}
+    kube.rt.create(kube.launch(worker))
+    kube.api.requests.clear()
+    obs = kube.rt.observe("kube")["worker"]
+    assert kube.api.requests == [("GET", "/api/v1/namespaces/agents/pods"),
+                                 ("GET", "/apis/batch/v1/namespaces/agents/jobs")]
+    assert (obs.phase, obs.spec_hash, obs.runtime) == (PENDING, worker.spec_hash, "kubernetes")
+    pod = job_pod(kube)
+    kube.api.set_pod("agents", pod, "Running")
+    assert kube.rt.observe("kube")["worker"].phase == RUNNING
+    kube.api.set_pod("agents", pod, "Failed", exit_code=3, reason="Error")
+    kube.api.set_job("agents", "kube-worker", "Failed", "BackoffLimitExceeded")
+    obs = kube.rt.observe("kube")["worker"]
+    assert (obs.phase, obs.exit_code, obs.reason) == (FAILED, 3, "exited 3")
+    kube.api.set_pod("agents", pod, "Failed", exit_code=137, reason="OOMKilled")
+    assert kube.rt.observe("kube")["worker"].reason == "killed (out of memory)"
+
+
+def test_reapply_is_idempotent_and_a_finished_agent_is_replaced(kube: Kube) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    kube.api.set_pod("agents", job_pod(kube), "Running")
+    before = {k: o["metadata"]["resourceVersion"] for k, o in kube.objects().items()}
+    kube.rt.create(kube.launch(worker))
+    after = {k: o["metadata"]["resourceVersion"] for k, o in kube.objects().items()}
+    assert after == before
+    # finished: create() starts it again (a new Job, a new Pod)
+    kube.api.set_pod("agents", job_pod(kube), "Succeeded", exit_code=0)
+    kube.api.set_job("agents", "kube-worker", "Complete")
+    assert kube.rt.observe("kube")["worker"].phase == SUCCEEDED
+    uid = kube.objects()["Job/kube-worker"]["metadata"]["uid"]
+    kube.rt.create(kube.launch(worker))
+    assert kube.objects()["Job/kube-worker"]["metadata"]["uid"] != uid
+    assert kube.rt.observe("kube")["worker"].phase == PENDING
+
+
+def test_changed_spec_replaces_the_workload(kube: Kube) -> None:
+    kube.rt.create(kube.launch(kube.grove("echo one").agent("worker")))
+    old = kube.objects()["Job/kube-worker"]["metadata"]["uid"]
+    changed = kube.grove("echo two").agent("worker")
+    kube.rt.create(kube.launch(changed))
+    job = kube.objects()["Job/kube-worker"]
+    assert job["metadata"]["uid"] != old
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "echo two"
+    assert kube.rt.observe("kube")["worker"].spec_hash == changed.spec_hash
+
+
+def merge_patch(api: FakeApiServer, url_path: str, patch: dict[str, Any], manager: str) -> int:
+    import urllib.request
+    req = urllib.request.Request(
+        f"{api.url}{url_path}?fieldManager={manager}", method="PATCH",
+        data=json.dumps(patch).encode(),
+        headers={"Content-Type": "application/merge-patch+json",
+                 "Authorization": f"Bearer {api.token}"})
+    with urllib.request.urlopen(req) as resp:
+        return int(resp.status)
+
+
+def test_conflict_names_the_other_field_manager_and_overwrites_nothing(kube: Kube) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    kube.api.set_pod("agents", job_pod(kube), "Running")
+    url = "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies/kube-worker"
+    assert merge_patch(kube.api, url, {"spec": {"policyTypes": ["Ingress"]}},
+                       "kubectl-edit") == 200
+    with pytest.raises(EngineError) as err:
+        kube.rt.create(kube.launch(worker))
+    assert "kubectl-edit" in err.value.summary and ".spec.policyTypes" in err.value.summary
+    assert "\n" not in err.value.summary
+    pol = kube.objects()["NetworkPolicy/kube-worker"]
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_delete_removes_every_object_and_tolerates_absence(kube: Kube) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    kube.rt.delete("kube", "worker")
+    assert kube.objects() == {}
+    fresh = get("kubernetes", kube.repo)  # no memory of where the agent was
+    fresh.delete("kube", "worker")
+    assert fresh.observe("kube") == {}
+
+
+def test_logs_and_follow(kube: Kube) -> None:
+    kube.rt.create(kube.launch(kube.grove().agent("worker")))
+    pod = job_pod(kube)
+    kube.api.set_pod("agents", pod, "Running")
+    kube.api.append_log("agents", pod, "line one\nline two\n")
+    assert list(kube.rt.logs("kube", "worker")) == ["line one", "line two"]
+
+    def finish() -> None:
+        time.sleep(0.3)
+        kube.api.append_log("agents", pod, "line three\n")
+        kube.api.set_pod("agents", pod, "Succeeded", exit_code=0)
+    t = threading.Thread(target=finish)
+    t.start()
+    assert list(kube.rt.logs("kube", "worker", follow=True)) == [
+        "line one", "line two", "line three"]
+    t.join()
+
+
+# -- bad input: cluster, namespace, RBAC ------------------------------------------------
+
+def test_no_kubeconfig_is_one_line_runtime_unavailable(kube: Kube, repo: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = kube.grove(kubeconfig=repo.parent / "missing").agent("worker")
+    with pytest.raises(RuntimeUnavailable) as err:
+        kube.rt.create(kube.launch(worker))
+    assert "no kubeconfig at" in err.value.summary and "\n" not in err.value.summary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_cluster_fails_plan_with_one_line_and_exit_1(kube: Kube, engine: Any
+                                                                 ) -> None:
+    cfg = yaml.safe_load(kube.kubeconfig.read_text())
+    cfg["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"
+    dead = kube.repo.parent / "dead-kubeconfig"
+    dead.write_text(yaml.safe_dump(cfg))
+    kube.grove(kubeconfig=dead)
+    res = engine("plan", "-g", "kube")
+    assert res.code == 1, res
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the cluster" in lines[0], res.err
+    assert "connection refused" in lines[0]
+
+
+def test_missing_namespace_is_a_clear_error(kube: Kube) -> None:
+    worker = kube.grove(namespace="nowhere").agent("worker")
+    with pytest.raises(EngineError, match="namespace nowhere not found on context fake"):
+        kube.rt.create(kube.launch(worker))
+
+
+@pytest.mark.parametrize(("verb", "resource", "call"), [
+    ("list", "pods", "observe"), ("patch", "jobs", "create"), ("delete", "secrets", "delete"),
+    ("get", "pods/log", "logs")])
+def test_rbac_forbidden_names_verb_and_resource(kube: Kube, verb: str, resource: str,
+                                                call: str) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    kube.api.set_pod("agents", job_pod(kube), "Running")
+    kube.api.forbidden.add((verb, resource))
+    actions = {"observe": lambda: kube.rt.observe("kube"),
+               "create": lambda: kube.rt.create(kube.launch(kube.grove("changed")
+                                                            .agent("worker"))),
+               "delete": lambda: kube.rt.delete("kube", "worker"),
+               "logs": lambda: list(kube.rt.logs("kube", "worker"))}
+    with pytest.raises(EngineError) as err:
+        actions[call]()
+    assert f"RBAC forbids {verb} on {resource} in namespace agents" in err.value.summary
+    assert f"grant verb {verb!r} on resource {resource!r}" in err.value.summary
+
+
+def test_wrong_token_is_runtime_unavailable(kube: Kube) -> None:
+    kube.api.kubeconfig(kube.kubeconfig, token="wrong")
+    kube.grove()
+    with pytest.raises(RuntimeUnavailable, match="refused the kubeconfig's credentials"):
+        kube.rt.observe("kube")
+
+
+def test_foreign_object_of_the_same_name_is_not_taken_over(kube: Kube) -> None:
+    worker = kube.grove().agent("worker")
+    kube.rt.create(kube.launch(worker))
+    url = "/apis/batch/v1/namespaces/agents/jobs/kube-worker"
+    merge_patch(kube.api, url, {"metadata": {"labels": {"engine.repo": "other"}}}, "someone")
+    with pytest.raises(EngineError, match="not owned by this repository"):
+        kube.rt.create(kube.launch(worker))
+
+
+# -- the Pod's scripts, run for real: git, tmux, the agent-side client ------------------
+
+class PodDirs:
+    """The Pod's paths as host directories; the scripts read them from ENGINE_* vars."""
+
+    def __init__(self, tmp: Path, remote: Path) -> None:
+        self.ws, self.eng, self.sec = tmp / "workspace", tmp / "run-engine", tmp / "secrets"
+        for d in (self.ws, self.eng / "bin", self.sec, tmp / "home"):
+            d.mkdir(parents=True)
+        (self.sec / "GIT_TOKEN").write_text(SECRET)
+        for name in ("wrapper", "clone"):
+            (self.eng / "bin" / name).write_text(objs.script(name))
+        shutil.copy(ROOT / "engine" / "client.py", self.eng / "bin" / "engine")
+        (self.eng / "bin" / "engine").chmod(0o755)
+        self.env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp / "home"),
+                    "ENGINE_WORKSPACE": str(self.ws), "ENGINE_DIR": str(self.eng),
+                    "ENGINE_SECRETS": str(self.sec), "ENGINE_REMOTE": str(remote),
+                    "ENGINE_BRANCH": "engine/kube/worker", "ENGINE_GROVE": "kube",
+                    "ENGINE_AGENT": "worker", "ENGINE_INBOX": str(self.eng / "inbox"),
+                    "GIT_CONFIG_NOSYSTEM": "1"}
+        self.socket = str(self.eng / "tmux.sock")
+
+    def run(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=30,
+                              **kw)
+
+
+def wait_for(check: Any, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_wrapper_runs_the_harness_in_tmux_and_pushes_work_back(kube: Kube,
+                                                               tmp_path: Path) -> None:
+    kube.rt.create(kube.launch(kube.grove().agent("worker")))  # pushes the branch
+    pod = PodDirs(tmp_path / "pod", kube.remote)
+    clone = pod.run(["sh", str(pod.eng / "bin" / "clone")])
+    assert clone.returncode == 0, clone.stderr
+    task = ('echo "ready token=${GIT_TOKEN:0:5}"; read -r line; echo "$line" > got.txt; '
+            'git add got.txt && git commit -qm got; engine spawn helper --task "help me"; '
+            "echo scratch > wip.txt; exit 4")
+    proc = subprocess.Popen(["bash", str(pod.eng / "bin" / "wrapper"), "bash", "-c", task],
+                            env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        look = inbox.tmux("capture-pane", "-p", "-t", objs.SESSION, socket=pod.socket)
+        wait_for(lambda: "ready token=s3cre" in pod.run(look).stdout)
+        sent = pod.run(inbox.paste("hello; $(rm -rf /) 'quoted'", socket=pod.socket))
+        assert sent.returncode == 0, sent.stderr
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, err
+    assert "ready token=s3cre" in out  # the session's output is the container log
+    assert (pod.ws / "got.txt").read_text() == "hello; $(rm -rf /) 'quoted'\n"
+    branch = git(kube.remote, "log", "-1", "--format=%s", "refs/heads/engine/kube/worker")
+    assert branch == "got"
+    wip = git(kube.remote, "show", "refs/engine/wip/kube/worker:wip.txt")
+    assert wip == "scratch"
+    # the inbox, as pull_inbox carries it: tar | base64 in the Pod, extract on the host
+    packed = pod.run(inbox.pack(str(pod.eng / "inbox")))
+    got = inbox.extract(packed.stdout, tmp_path / "host-inbox")
+    assert [p.name.startswith("req-") and p.suffix == ".json" for p in got] == [True]
+    request = json.loads(got[0].read_text())
+    assert (request["kind"], request["spec"]["name"]) == ("SpawnRequest", "helper")
+    # and a result back into the Pod
+    res = pod.run(inbox.unpack_argv({"res-1.json": b'{"ok": true}'}, str(pod.eng / "inbox")))
+    assert res.returncode == 0, res.stderr
+    assert (pod.eng / "inbox" / "res-1.json").read_text() == '{"ok": true}'
+
+
+def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("./req-1.json", "./.req-2.tmp"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+        link = tarfile.TarInfo("./evil")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    got = inbox.extract(base64.b64encode(buf.getvalue()).decode(), tmp_path / "in")
+    assert [p.name for p in got] == ["req-1.json"]
+    bad = io.BytesIO()
+    with tarfile.open(fileobj=bad, mode="w") as tar:
+        info = tarfile.TarInfo("../escape")
+        info.size = 0
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(EngineError, match="unsafe file name"):
+        inbox.extract(base64.b64encode(bad.getvalue()).decode(), tmp_path / "in")
+    assert not (tmp_path / "escape").exists()
+    with pytest.raises(EngineError, match="unreadable archive"):
+        inbox.extract("not base64 at all!", tmp_path / "in")

@@ -60,7 +60,8 @@ def _safe_name(name: str) -> PurePosixPath:
 
 
 def extract(b64: str, dest: Path) -> list[Path]:
-    """Unpack a `tar | base64` archive of an inbox into `dest`; regular files only."""
+    """Unpack a `tar | base64` archive of an inbox into `dest`: regular files only, no
+    dot-files (half-written), nothing outside `dest`. Returns the files written."""
     out = []
     try:
         raw = base64.b64decode("".join(b64.split()), validate=True)
@@ -73,6 +74,8 @@ def extract(b64: str, dest: Path) -> list[Path]:
             if not member.isfile():
                 continue
             rel = _safe_name(member.name)
+            if rel.name.startswith("."):  # a file the agent is still writing
+                continue
             f = tar.extractfile(member)
             if f is None:
                 continue
