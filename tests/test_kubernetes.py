@@ -21,7 +21,7 @@ import yaml
 
 from engine import desired, manifest
 from engine.desired import DesiredAgent, DesiredGrove
-from engine.errors import EngineError, InvalidManifests, RuntimeUnavailable
+from engine.errors import EngineError, RuntimeUnavailable
 from engine.runtimes import FAILED, PENDING, RUNNING, SUCCEEDED, Launch, get
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
@@ -275,7 +275,7 @@ spec:
 
 def test_builder_refuses_mounts_missing_remote_and_embedded_tokens(tmp_path: Path) -> None:
     agent = all_example_agents(tmp_path)[0]
-    with pytest.raises(EngineError, match="needs spec.remote"):
+    with pytest.raises(EngineError, match=r"needs spec\.remote"):
         objs.check(agent, "")
     with pytest.raises(EngineError, match="must not embed a password or token"):
         objs.check(agent, "https://user:tok@github.com/o/r.git")
