@@ -666,3 +666,23 @@ def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:
     assert not (tmp_path / "escape").exists()
     with pytest.raises(EngineError, match="unreadable archive"):
         inbox.extract("not base64 at all!", tmp_path / "in")
+
+
+def test_engine_apply_status_destroy_on_the_cluster(kube: Kube, engine: Any) -> None:
+    kube.grove()
+    git(kube.repo, "add", "-A")
+    git(kube.repo, "commit", "-qm", "grove")
+    res = engine("apply", "--auto-approve", "-g", "kube")
+    assert res.code == 0, res
+    assert "Job/kube-worker" in kube.objects()
+    kube.api.set_pod("agents", job_pod(kube), "Running")
+    res = engine("status", "--json", "-g", "kube")
+    assert res.code == 0, res
+    agent = json.loads(res.out)["groves"][0]["agents"][0]
+    assert (agent["name"], agent["phase"], agent["runtime"]) == ("worker", "Running",
+                                                                 "kubernetes")
+    res = engine("plan", "--detailed-exitcode", "-g", "kube")
+    assert res.code == 0, res
+    res = engine("destroy", "--auto-approve", "-g", "kube")
+    assert res.code == 0, res
+    assert kube.objects() == {}
