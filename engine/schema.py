@@ -28,6 +28,7 @@ KINDS = {"Grove": "grove.json", "Agent": "agent.json", "Profile": "profile.json"
          "Harness": "harness.json"}
 ID_BASE = "https://grove-engine.dev/schemas/v1alpha1/"
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?\Z")
+_SINGULAR = {"profiles": "profile", "harnesses": "harness"}
 _JSON_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
                "NoneType": "null", "dict": "object", "list": "array"}
 
@@ -110,11 +111,15 @@ def errors_for(v: jsonschema.Draft202012Validator, data: Any, doc: Document,
         best = jsonschema.exceptions.best_match([err])
         path: Path_ = (*prefix, *best.absolute_path)
         subject, rest = subject_of(root, path)
-        at = path
+        at, message = path, _message(best, rest)
         if best.validator in ("additionalProperties", "unevaluatedProperties"):
             extra = sorted(_unexpected(best))
             at = (*path, extra[0]) if extra else path  # point at the unknown key itself
-        out.append(doc.diag(at, f"{subject}: {_message(best, rest)}"))
+        elif "propertyNames" in best.absolute_schema_path and isinstance(best.instance, str):
+            at = (*path, best.instance)  # a bad key: say it at the key, as its object
+            subject, rest = subject_of(root, at)
+            message = _message(best, ()).replace(" is not valid", " is not a valid name", 1)
+        out.append(doc.diag(at, f"{subject}: {message}"))
     return out
 
 
@@ -125,7 +130,8 @@ def subject_of(data: Any, path: Path_) -> tuple[str, Path_]:
     kind = data.get("kind")
     meta = data.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
-    label = name if isinstance(name, str) and _NAME.match(name) else "(unnamed)"
+    label = (name if _NAME.match(name) else _short(name)) if isinstance(name, str) \
+        else "(unnamed)"
     spec = data.get("spec") if isinstance(data.get("spec"), dict) else {}
     if kind == "Grove" and len(path) >= 3 and path[0] == "spec":
         if path[1] == "agents" and isinstance(path[2], int):
@@ -137,7 +143,7 @@ def subject_of(data: Any, path: Path_) -> tuple[str, Path_]:
                 return f"agent {aname}", path[3:]
             return f"agent at spec.agents[{path[2]}]", path[3:]
         if path[1] in ("profiles", "harnesses"):
-            return f"{str(path[1])[:-1]} {path[2]}", path[3:]
+            return f"{_SINGULAR[str(path[1])]} {path[2]}", path[3:]
     if kind in ("Agent", "Profile", "Harness"):
         return f"{str(kind).lower()} {label}", path[1:] if path[:1] == ("spec",) else path
     return f"grove {label}", path
