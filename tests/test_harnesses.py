@@ -23,7 +23,7 @@ import yaml
 
 from engine import desired, harnesses, instructions, manifest
 from engine.errors import InvalidManifests
-from tests.conftest import git, write_grove
+from tests.conftest import ROOT, git, write_grove
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "harnesses"
 HARNESSES = ["claude", "codex", "gemini", "opencode", "shell"]
@@ -298,6 +298,32 @@ def test_harness_image_is_only_a_default(repo: Path, monkeypatch: pytest.MonkeyP
         "example/agent:1"
     assert build(repo, grove_yaml(claude_agent(), CLAUDE_PROFILE)).agent("a").image == \
         "grove-engine/claude:latest"
+
+
+def test_override_without_auth_methods_passes_the_profiles_credentials(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_creds(monkeypatch, "OTHER_TOKEN")  # e.g. a local login instead of a key
+    defs = {"claude": {"builtin": "claude", "auth": []}}
+    profile = {"sandbox": {"runtime": "docker", "credentials": {
+        "OTHER_TOKEN": {"fromEnv": "OTHER_TOKEN"}}}}
+    a = build(repo, grove_yaml(claude_agent(), profile, defs)).agent("a")
+    assert a.auth is None and [c.name for c in a.credentials] == ["OTHER_TOKEN"]
+    assert a.command == ("claude", "--dangerously-skip-permissions", "-p", "--", "t")
+
+
+@pytest.mark.parametrize("name,package", [
+    ("claude", "@anthropic-ai/claude-code"), ("gemini", "@google/gemini-cli"),
+    ("codex", "@openai/codex"), ("opencode", "opencode-ai")])
+def test_image_dockerfile(name: str, package: str) -> None:
+    """The images cannot be built offline: check what they are made of."""
+    text = (ROOT / "images" / name / "Dockerfile").read_text()
+    steps = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert steps[0] == "FROM grove-engine/base:latest"
+    assert steps[1] == "USER root" and steps[-1] == "USER 1000:1000"
+    assert f'npm install -g --no-audit --no-fund "{package}@${{VERSION}}"' in text
+    spec = harnesses.spec(name)
+    assert spec is not None and spec["image"] == f"grove-engine/{name}:latest"
+    assert f"{spec['command'][0]} --version" in text
 
 
 # -- bad input --------------------------------------------------------------------------
