@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine import graph, harnesses, layers, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
@@ -38,6 +39,7 @@ RUNTIME_ONLY = {
 DEFAULT_POLICY = {"maxAgents": 50, "maxDepth": 3, "maxChildren": 10}
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "Ki": 1024, "Mi": 1024**2,
           "Gi": 1024**3, "Ti": 1024**4}
+_ENV_REF = re.compile(r"\benv\.([A-Za-z_][A-Za-z0-9_]*)|\benv\[\s*['\"]([^'\"]+)['\"]\s*\]")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -163,8 +165,11 @@ class Options:
     repo_root: Path | None = None
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(data)
 
 
 def parse_duration(value: Any) -> int | None:
@@ -205,18 +210,37 @@ def manifest_digest(directory: Path) -> str:
 
 # -- layering ---------------------------------------------------------------------------
 
-def _selection(src: GroveSource, entry: Entry, key: str, opts: Options) -> tuple[str, str]:
-    """The profile or harness an agent uses, and where that choice was made."""
+class _Choice(NamedTuple):
+    """The profile or harness an agent uses, where that choice was made (file:line,
+    "--set" or "built-in"; worked out only when asked), and a diagnostic maker for it."""
+
+    name: str
+    where_at: Callable[[], str]
+    diag: Callable[[str], Diagnostic]
+
+    @property
+    def where(self) -> str:
+        return self.where_at()
+
+
+def _selection(src: GroveSource, entry: Entry, key: str, opts: Options) -> _Choice:
     if key in opts.sets:
-        return str(opts.sets[key]), "--set"
+        value = opts.sets[key]
+        return _Choice(str(value), lambda: "--set",
+                       lambda m: Diagnostic("--set", 0, 0, f"{m} (from --set {key}={value})"))
     if key in entry.data:
-        return str(entry.data[key]), entry.where(key)
+        return _Choice(str(entry.data[key]), lambda: entry.where(key),
+                       lambda m: entry.diag(m, key))
     defaults = src.spec.get("defaults") or {}
     if key in defaults:
-        return str(defaults[key]), src.grove.where("spec", "defaults", key)
-    if key in opts.user.defaults.data:
-        return str(opts.user.defaults.data[key]), opts.user.defaults.where((key,))
-    return ("local" if key == "profile" else "shell"), "built-in"
+        return _Choice(str(defaults[key]), lambda: src.grove.where("spec", "defaults", key),
+                       lambda m: src.grove.diag(m, "spec", "defaults", key))
+    user = opts.user.defaults
+    if key in user.data:
+        return _Choice(str(user.data[key]), lambda: user.where((key,)),
+                       lambda m: user.diag((key,), m))
+    return _Choice("local" if key == "profile" else "shell", lambda: "built-in",
+                   lambda m: entry.diag(m))
 
 
 def harness_layers(src: GroveSource, name: str) -> list[layers.Layer] | None:
@@ -243,18 +267,36 @@ def profile_layer(src: GroveSource, name: str) -> layers.Layer | None:
 
 
 def agent_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.Layer]:
-    """All layers of one agent, lowest first. Raises EngineError on unknown references."""
-    pname, pwhere = _selection(src, entry, "profile", opts)
-    hname, hwhere = _selection(src, entry, "harness", opts)
+    """All layers of one agent, lowest first. Raises InvalidManifests (one diagnostic, at
+    the place the profile or harness was chosen) on an unknown profile or harness."""
+    return [*lower_layers(src, entry, opts), *upper_layers(src, entry, opts)]
+
+
+def upper_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.Layer]:
+    """The agent's own layer and those above it."""
+    return [
+        layers.from_document(f"agent {entry.name}", entry.doc, entry.path, entry.data),
+        layers.fixed("--set", opts.sets),
+        layers.fixed("selection", {"profile": _selection(src, entry, "profile", opts).name,
+                                   "harness": _selection(src, entry, "harness", opts).name}),
+    ]
+
+
+def lower_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.Layer]:
+    """The layers below the agent's own (built-in ... harness). They are the same for
+    every agent that uses the same profile and harness, so `build` merges them once."""
+    pname, _, pdiag = _selection(src, entry, "profile", opts)
+    hname, _, hdiag = _selection(src, entry, "harness", opts)
     prof = profile_layer(src, pname)
     if prof is None:
-        raise EngineError(f"{pwhere}: agent {entry.name}: unknown profile {pname!r} "
-                          f"(profiles: {', '.join(sorted(src.profiles)) or 'none'})")
+        raise InvalidManifests([pdiag(
+            f"agent {entry.name}: unknown profile {pname!r} "
+            f"(profiles: {', '.join(sorted(set(src.profiles) | {'local'}))})")])
     hl = harness_layers(src, hname)
     if hl is None:
         known = sorted(set(src.harnesses) | set(harnesses.names()))
-        raise EngineError(f"{hwhere}: agent {entry.name}: unknown harness {hname!r} "
-                          f"(harnesses: {', '.join(known)})")
+        raise InvalidManifests([hdiag(f"agent {entry.name}: unknown harness {hname!r} "
+                                      f"(harnesses: {', '.join(known)})")])
     # A harness's image is only a default: any image the user config, profile or agent
     # names wins, so it sits right above the built-in defaults.
     himage = [layers.Layer(h.name, {"image": h.data["image"]}, h.where)
@@ -269,20 +311,29 @@ def agent_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.L
         opts.user.defaults,
         layers.from_document("grove defaults", src.grove.doc, ("spec", "defaults"), defaults),
         prof, *hl,
-        layers.from_document(f"agent {entry.name}", entry.doc, entry.path, entry.data),
-        layers.fixed("--set", opts.sets),
-        layers.fixed("selection", {"profile": pname, "harness": hname}),
     ]
 
 
-def resolve(src: GroveSource, name: str, opts: Options, provenance: bool = False
+def resolve(src: GroveSource, name: str, opts: Options, provenance: bool = False,
+            bases: dict[tuple[str, str], dict[str, Any]] | None = None,
             ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """The merged (unrendered) settings of one agent, optionally with provenance."""
+    """The merged (unrendered) settings of one agent, optionally with provenance. `bases`
+    caches the merged lower layers per (profile, harness) across the agents of a grove."""
     entry = src.agents[name]
-    merged, prov = layers.merge(agent_layers(src, entry, opts), provenance)
+    if bases is None or provenance:
+        merged, prov = layers.merge(agent_layers(src, entry, opts), provenance)
+    else:  # upper_layers, merged without building Layer objects: once per agent
+        key = (_selection(src, entry, "profile", opts).name,
+               _selection(src, entry, "harness", opts).name)
+        if key not in bases:
+            bases[key] = layers.merge(lower_layers(src, entry, opts))[0]
+        merged, prov = layers.copy_tree(bases[key]), {}
+        layers.merge_into(merged, entry.data)
+        layers.merge_into(merged, opts.sets)
+        merged["profile"], merged["harness"] = key
     for k in ("profile", "harness"):
         if provenance:
-            prov[(k,)] = _selection(src, entry, k, opts)[1]
+            prov[(k,)] = _selection(src, entry, k, opts).where
     merged.pop("builtin", None)
     merged.pop("description", None)
     prov.pop(("builtin",), None)
@@ -298,6 +349,8 @@ class _Builder:
         self.diags: list[Diagnostic] = []
         self.parents = {n: e.data.get("spawnedBy") for n, e in src.agents.items()}
         self.auth_methods: dict[str, list[dict[str, Any]]] = {}  # per harness name
+        self.bases: dict[tuple[str, str], dict[str, Any]] = {}
+        self.allow_env: list[str] = []  # the current agent's allowEnv
 
     def problem(self, entry: Entry, message: str, *sub: str | int) -> None:
         self.diags.append(entry.diag(f"agent {entry.name}: {message}", *sub))
@@ -309,11 +362,8 @@ class _Builder:
         for name in sorted(src.agents):
             try:
                 agents.append(self._agent(src.agents[name]))
-            except EngineError as e:
-                file_line, _, msg = e.summary.partition(": ")
-                f, _, line = file_line.rpartition(":")
-                self.diags.append(Diagnostic(f, int(line) if line.isdigit() else 0, 0, msg)
-                                  if f else Diagnostic(message=e.summary))
+            except InvalidManifests as e:
+                self.diags.extend(e.diagnostics)
         pol = {**DEFAULT_POLICY, **(src.spec.get("policy") or {})}
         policy = Policy(pol["maxAgents"], pol["maxDepth"], pol["maxChildren"])
         self._check_graph(policy)
@@ -358,7 +408,8 @@ class _Builder:
 
     def _agent(self, entry: Entry) -> DesiredAgent:
         src, opts = self.src, self.opts
-        merged, _ = resolve(src, entry.name, opts)
+        merged, _ = resolve(src, entry.name, opts, bases=self.bases)
+        self.allow_env = [str(n) for n in merged.get("allowEnv") or []]
         runtime = merged.get("runtime", "local")
         parent = merged.get("spawnedBy")
         ctx: dict[str, Any] = {
@@ -396,7 +447,8 @@ class _Builder:
             resources = Resources(res.get("cpus"), parse_memory(res.get("memory")),
                                   res.get("pids"))
         except ValueError as e:
-            raise EngineError(f"{entry.where()}: agent {entry.name}: {e}") from None
+            raise InvalidManifests([entry.diag(f"agent {entry.name}: resources: {e}",
+                                               "resources")]) from None
         digest = self._digest(entry, creds)
         hashed = {k: v for k, v in merged.items() if k not in IN_PLACE}
         spec_hash = hashlib.sha256(canonical([hashed, digest]).encode()).hexdigest()[:16]
@@ -429,8 +481,21 @@ class _Builder:
             return render(text, ctx)
         except TemplateError as e:
             field_name = ".".join(where)
-            self.problem(entry, f"{field_name}: {e}", *where)
+            self.problem(entry, f"{field_name}: {self._env_problem(text, ctx) or e}", *where)
             return text
+
+    def _env_problem(self, text: str, ctx: dict[str, Any]) -> str:
+        """A clearer reason when a template reads an `env` name it may not (or that is
+        unset), naming the variable but never a value."""
+        for m in _ENV_REF.finditer(text):
+            name = m.group(1) or m.group(2)
+            if name not in self.allow_env:
+                allowed = ", ".join(self.allow_env) or "none"
+                return f"env.{name}: {name} is not in the profile's allowEnv (allowed: " \
+                       f"{allowed})"
+            if name not in ctx["env"]:
+                return f"env.{name}: environment variable {name} is not set"
+        return ""
 
     def _command(self, entry: Entry, merged: dict[str, Any], ctx: dict[str, Any]
                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -509,18 +574,25 @@ class _Builder:
         try:
             return secrets.digest(creds, self.opts.secret_key or b"engine")
         except secrets.MissingSecret as e:
-            self.problem(entry, e.summary, "credentials")
+            # said at the agent, naming where the credential was declared (never a value)
+            _, prov = resolve(self.src, entry.name, self.opts, provenance=True)
+            declared = [w for k, w in sorted(prov.items()) if k[:1] == ("credentials",)
+                        and e.summary.startswith(f"credential {k[1]}:")]
+            at = f" (declared at {declared[0]})" if declared else ""
+            self.problem(entry, f"{e.summary}{at}", "credentials")
             return ""
 
     def _check_graph(self, policy: Policy) -> None:
         src = self.src
-        deps = {n: e.data.get("dependsOn") or [] for n, e in src.agents.items()}
-        g = graph.build(src.agents, self.parents, deps)
-        cycle = graph.find_cycle(g)
+        waits = {n: [*(e.data.get("dependsOn") or []), *([p] if (p := self.parents[n]) else [])]
+                 for n, e in src.agents.items()}
+        cycle = graph.wait_cycle(waits)
         if cycle:
             first = src.agents[cycle[0]]
-            self.diags.append(first.diag("dependency cycle: " + " -> ".join(cycle),
-                                         "dependsOn"))
+            key = "dependsOn" if cycle[1] in (first.data.get("dependsOn") or []) \
+                else "spawnedBy"
+            self.problem(first, "dependency cycle: " + " -> ".join(cycle)
+                         + " (each waits for the next)", key)
         if len(src.agents) > policy.max_agents:
             self.diags.append(src.grove.diag(
                 f"grove {src.name}: {len(src.agents)} agents, over policy.maxAgents "
