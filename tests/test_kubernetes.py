@@ -305,9 +305,11 @@ spec:
       namespace: {namespace}
       kubeconfig: {kubeconfig}
       credentials: {{GIT_TOKEN: {{fromEnv: TEST_GIT_TOKEN}}}}
+{extra}
   agents:
     - name: worker
       task: {task}
+      restart: {restart}
 """
 
 
@@ -322,10 +324,11 @@ class Kube:
         self.rt = get("kubernetes", repo)
 
     def grove(self, task: str = "echo hi", namespace: str = "agents",
-              kubeconfig: Path | None = None) -> DesiredGrove:
+              kubeconfig: Path | None = None, extra: str = "", restart: str = "never"
+              ) -> DesiredGrove:
         write_grove(self.repo, "kube", KUBE.format(
             remote=self.remote, namespace=namespace, task=json.dumps(task),
-            kubeconfig=kubeconfig or self.kubeconfig))
+            kubeconfig=kubeconfig or self.kubeconfig, extra=extra, restart=restart))
         return load(self.repo, "kube")
 
     def launch(self, agent: DesiredAgent) -> Launch:
@@ -440,6 +443,17 @@ def test_changed_spec_replaces_the_workload(kube: Kube) -> None:
     assert job["metadata"]["uid"] != old
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "echo two"
     assert kube.rt.observe("kube")["worker"].spec_hash == changed.spec_hash
+
+
+def test_switching_to_a_pod_with_network_drops_the_job_and_the_policy(kube: Kube) -> None:
+    kube.rt.create(kube.launch(kube.grove().agent("worker")))
+    assert "NetworkPolicy/kube-worker" in kube.objects()
+    service = kube.grove(extra="      network: bridge", restart="always").agent("worker")
+    kube.rt.create(kube.launch(service))
+    assert sorted(kube.objects()) == ["ConfigMap/kube-worker", "Pod/kube-worker",
+                                      "Secret/kube-worker"]
+    kube.api.set_pod("agents", "kube-worker", "Running")
+    assert kube.rt.observe("kube")["worker"].phase == RUNNING
 
 
 def merge_patch(api: FakeApiServer, url_path: str, patch: dict[str, Any], manager: str) -> int:

@@ -77,8 +77,9 @@ def owner_labels(agent: DesiredAgent, pl: PodLaunch) -> dict[str, str]:
 
 def selector(grove: str, repo: str, agent: str | None = None) -> str:
     """The label selector of a grove's objects (or of one agent's)."""
-    parts = [f"{LABEL_GROVE}={grove}", f"{LABEL_REPO}={repo}"]
-    return ",".join([*parts, f"{LABEL_AGENT}={agent}"] if agent else parts)
+    parts = [f"{LABEL_GROVE}={grove}", *([f"{LABEL_REPO}={repo}"] if repo else []),
+             *([f"{LABEL_AGENT}={agent}"] if agent else [])]
+    return ",".join(parts)
 
 
 def check(agent: DesiredAgent, remote: str) -> None:

@@ -29,12 +29,14 @@ import kubernetes.stream
 from engine import __version__, fsutil, manifest
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import LABEL_HASH, LABEL_REPO, Launch, Observed
+from engine.runtimes import LABEL_HASH, LABEL_REPO, Launch, Observed, k8s_git
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
 from engine.runtimes.k8s_api import APPLY, Call, Cluster, Invalid, NotFound, essence, path, plural
 
 _DELETE_ORDER = ("Job", "Pod", "NetworkPolicy", "Secret", "ConfigMap")
+# Objects an agent may stop needing while keeping its name; the PVC is kept (work on it).
+_OPTIONAL = {"Job", "Pod", "NetworkPolicy", "Secret"}
 
 
 @dataclass(frozen=True, order=True)
@@ -69,12 +71,16 @@ class KubernetesRuntime:
         return self._clusters[key]
 
     def target(self, agent: DesiredAgent) -> Target:
-        kubeconfig = str(agent.extra("kubeconfig") or "")
-        if kubeconfig and not Path(kubeconfig).expanduser().is_absolute():
-            kubeconfig = str(self.repo_root / kubeconfig)
-        context = str(agent.extra("context") or self.context)
-        namespace = agent.extra("namespace") or self.cluster(kubeconfig, context).namespace
-        return Target(kubeconfig, context, namespace)
+        return self._resolve(agent.extra("kubeconfig"), agent.extra("context"),
+                             agent.extra("namespace"))
+
+    def _resolve(self, kubeconfig: str | None, context: str | None, namespace: str | None
+                 ) -> Target:
+        kc = str(kubeconfig or "")
+        if kc and not Path(kc).expanduser().is_absolute():
+            kc = str(self.repo_root / kc)
+        ctx = str(context or self.context)
+        return Target(kc, ctx, namespace or self.cluster(kc, ctx).namespace)
 
     def _state_file(self, grove: str) -> Path:
         return self.repo_root / ".engine" / "state" / "kubernetes" / f"{grove}.json"
@@ -90,13 +96,10 @@ class KubernetesRuntime:
             src = manifest.load_grove(gdir, self.repo_root)
             remote = str(src.spec.get("remote") or "")
             for entry in src.profiles.values():
-                if entry.data.get("runtime") == "kubernetes":
-                    kc = str(entry.data.get("kubeconfig") or "")
-                    if kc and not Path(kc).expanduser().is_absolute():
-                        kc = str(self.repo_root / kc)
-                    ctx = str(entry.data.get("context") or self.context)
-                    ns = entry.data.get("namespace") or self.cluster(kc, ctx).namespace
-                    targets.add(Target(kc, ctx, ns))
+                data = entry.data
+                if data.get("runtime") == "kubernetes":
+                    targets.add(self._resolve(data.get("kubeconfig"), data.get("context"),
+                                              data.get("namespace")))
         targets |= {Target(*t) for t in recorded.get("targets", [])}
         repo = objs.repo_label(remote) if remote else str(recorded.get("repo", ""))
         return remote, repo, targets
@@ -118,8 +121,7 @@ class KubernetesRuntime:
         out: dict[str, Observed] = {}
         for t in sorted(targets):
             cl = self.cluster(t.kubeconfig, t.context)
-            query = {"labelSelector": objs.selector(grove, repo)} if repo else {
-                "labelSelector": f"engine.grove={grove}"}
+            query = {"labelSelector": objs.selector(grove, repo)}
             items = {kind: cl.request("GET", path(kind, t.namespace),
                                       Call("list", kind.lower() + "s", t.namespace),
                                       query=query).get("items") or []
@@ -135,7 +137,7 @@ class KubernetesRuntime:
         objs.check(agent, remote)
         t = self.target(agent)
         cl = self.cluster(t.kubeconfig, t.context)
-        _push_branch(launch, remote)
+        k8s_git.push_branch(launch, remote)
         host_paths = tuple(str(p) for p in (self.repo_root.resolve(), self.repo_root))
         client = launch.client.read_text() if launch.client.is_file() else ""
         pl = objs.PodLaunch(t.namespace, remote,
@@ -146,6 +148,9 @@ class KubernetesRuntime:
         self._where[(agent.grove, agent.name)] = t
         workload = built[-1]
         self._clear_leftover(cl, workload, repo)
+        for kind in sorted(_OPTIONAL - {o["kind"] for o in built}):  # e.g. network: none
+            with contextlib.suppress(NotFound):                     # was dropped
+                self._delete(cl, kind, t.namespace, workload["metadata"]["name"])
         for obj in built:
             try:
                 self._apply(cl, obj)
@@ -190,8 +195,8 @@ class KubernetesRuntime:
 
     def attach(self, grove: str, agent: str) -> int:
         cl, ns, pod = self._pod(grove, agent)
-        argv = ["kubectl", *inbox.kubectl_flags(self._kubeconfig(grove, agent), cl.context),
-                "-n", ns, "exec", "-it", pod, "-c", objs.CONTAINER, "--",
+        flags = inbox.kubectl_flags(self._where[(grove, agent)].kubeconfig, cl.context)
+        argv = ["kubectl", *flags, "-n", ns, "exec", "-it", pod, "-c", objs.CONTAINER, "--",
                 *inbox.tmux("attach", "-t", objs.SESSION)]
         if not shutil.which("kubectl"):
             raise EngineError(f"agent {grove}/{agent}: attach needs kubectl on PATH; "
@@ -268,10 +273,6 @@ class KubernetesRuntime:
                                      "terminating", delay=5.0)
             time.sleep(0.5)
 
-    def _kubeconfig(self, grove: str, agent: str) -> str:
-        t = self._where.get((grove, agent))
-        return t.kubeconfig if t else ""
-
     def _pod(self, grove: str, agent: str) -> tuple[Cluster, str, str]:
         """(cluster, namespace, name) of the agent's newest Pod."""
         known = self._where.get((grove, agent))
@@ -340,32 +341,3 @@ def _connect(kubeconfig: str, context: str) -> Cluster:
                   active)
     ns = (chosen.get("context") or {}).get("namespace") or "default"
     return Cluster(api, str(chosen.get("name", context)), ns)
-
-
-def _push_branch(launch: Launch, remote: str) -> None:
-    """Make the agent's branch reachable by the cluster: push it to the grove's remote.
-    A rejected push is fine when the remote already has the branch (the agent's own
-    earlier pushes may be ahead of the local branch)."""
-    agent = launch.agent
-    src = launch.workdir if launch.workdir.is_dir() else launch.repo_root
-    ref = "HEAD" if src == launch.workdir else f"refs/heads/{agent.branch}"
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-    try:
-        if subprocess.run(["git", "-C", str(launch.repo_root), "rev-parse", "-q", "--verify",
-                           ref], capture_output=True, env=env).returncode:
-            ref = "HEAD"
-        push = subprocess.run(["git", "-C", str(src), "push", "-q", remote,
-                               f"{ref}:refs/heads/{agent.branch}"],
-                              capture_output=True, text=True, env=env, timeout=120)
-        if push.returncode == 0:
-            return
-        there = subprocess.run(["git", "-C", str(src), "ls-remote", "--exit-code", remote,
-                                f"refs/heads/{agent.branch}"],
-                               capture_output=True, env=env, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise TemporaryError(f"agent {agent.grove}/{agent.name}: git push to {remote} timed "
-                             "out", delay=10.0) from None
-    if there.returncode != 0:
-        lines = [x for x in push.stderr.splitlines() if x.strip()]
-        raise EngineError(f"agent {agent.grove}/{agent.name}: cannot push {agent.branch} to "
-                          f"{remote}: {lines[-1] if lines else 'git push failed'}")
