@@ -334,3 +334,15 @@ def test_json_matches_the_published_schema(repo: Path) -> None:
     assert doc["head"] == {"label": "head", "ref": None, "commit": None, "workingTree": True}
     bad = {**doc, "summary": {**doc["summary"], "added": "one"}}
     assert list(v.iter_errors(bad))
+
+
+def test_engine_plan_base_goes_through_plan_between(repo: Path, engine: Any) -> None:
+    write_grove(repo, "demo", grove_yaml("demo", BASE))
+    commit(repo, "a")
+    same = engine("plan", "--base", "HEAD", "--detailed-exitcode")
+    assert same.code == 0, same
+    write_grove(repo, "demo", grove_yaml("demo", HEAD))
+    md = engine("plan", "--base", "HEAD", "--format", "markdown", "--detailed-exitcode")
+    assert md.code == 2, md
+    assert md.out.startswith(topology_render.MARKER)
+    assert "| added | `helper` |" in md.out
