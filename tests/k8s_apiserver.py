@@ -7,8 +7,8 @@ real paths, status codes and Status objects for what the runtime uses:
 - /api/v1/namespaces/{ns}/{pods,secrets,configmaps,persistentvolumeclaims}[/{name}],
   /apis/batch/v1/namespaces/{ns}/jobs[/{name}],
   /apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies[/{name}];
-- list with labelSelector (=, !=, exists, !exists), get, delete (propagationPolicy),
-  pods/{name}/log (follow streams until the Pod finishes);
+- list with labelSelector (=, !=, exists, !exists) and limit/continue pages, get,
+  delete (propagationPolicy), pods/{name}/log (follow streams until the Pod finishes);
 - server-side apply (PATCH application/apply-patch+yaml, fieldManager, force) with
   managedFields per manager, 409 conflicts naming the other manager, no resourceVersion
   bump on a no-op apply, 422 for changes to immutable Pod/Job specs; merge patches
@@ -400,8 +400,13 @@ class _Handler(BaseHTTPRequestHandler):
             sel = query.get("labelSelector", "")
             items = [o for o in api.items(plural, ns)
                      if _matches(o["metadata"].get("labels") or {}, sel)]
+            start = int(query.get("continue") or 0)
+            end = start + int(query["limit"]) if query.get("limit") else len(items)
+            meta = {"resourceVersion": str(api.rv)}
+            if end < len(items):
+                meta["continue"] = str(end)
             return 200, {"kind": KINDS[plural][1] + "List", "apiVersion": KINDS[plural][0],
-                         "metadata": {"resourceVersion": str(api.rv)}, "items": items}
+                         "metadata": meta, "items": items[start:end]}
         if method == "GET":
             obj = api.get(plural, ns, key[2])
             if obj is None:

@@ -416,6 +416,18 @@ def test_observe_is_two_lists_per_namespace_and_follows_the_pod(kube: Kube) -> N
     assert kube.rt.observe("kube")["worker"].reason == "killed (out of memory)"
 
 
+def test_observe_pages_through_long_lists(kube: Kube, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.runtimes import kubernetes as k8s_runtime
+    g = kube.grove()
+    for name in ("a1", "a2", "a3"):
+        agent = DesiredAgent(**{**g.agent("worker").__dict__, "name": name})
+        kube.rt.create(kube.launch(agent))
+    monkeypatch.setattr(k8s_runtime, "LIST_PAGE", 2)
+    kube.api.requests.clear()
+    assert sorted(kube.rt.observe("kube")) == ["a1", "a2", "a3"]
+    assert len(kube.api.requests) == 4  # two pages of Pods, two of Jobs
+
+
 def test_reapply_is_idempotent_and_a_finished_agent_is_replaced(kube: Kube) -> None:
     worker = kube.grove().agent("worker")
     kube.rt.create(kube.launch(worker))
@@ -654,6 +666,28 @@ def test_wrapper_runs_the_harness_in_tmux_and_pushes_work_back(kube: Kube,
     res = pod.run(inbox.unpack_argv({"res-1.json": b'{"ok": true}'}, str(pod.eng / "inbox")))
     assert res.returncode == 0, res.stderr
     assert (pod.eng / "inbox" / "res-1.json").read_text() == '{"ok": true}'
+
+
+def test_inbox_sync_pulls_requests_once_and_sends_answers_once(tmp_path: Path) -> None:
+    """The exec transport is replaced by running the same argv locally, with the Pod's
+    inbox path mapped to a directory: sh, tar and base64 run for real."""
+    pod_inbox, host = tmp_path / "pod-inbox", tmp_path / "host-inbox"
+    pod_inbox.mkdir()
+    (pod_inbox / "req-1.json").write_text('{"id": "1"}')
+    (pod_inbox / ".req-2.tmp").write_text("{half")
+    calls: list[list[str]] = []
+
+    def run(argv: list[str]) -> str:
+        calls.append(argv)
+        argv = [a.replace(objs.INBOX, str(pod_inbox)) for a in argv]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert [p.name for p in inbox.sync(run, host)] == ["req-1.json"]
+    assert len(calls) == 1
+    (host / "res-1.json").write_text('{"accepted": true}')
+    assert inbox.sync(run, host) == []
+    assert (pod_inbox / "res-1.json").read_text() == '{"accepted": true}'
+    assert len(calls) == 3
+    assert inbox.sync(run, host) == [] and len(calls) == 4  # nothing new to send
 
 
 def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:

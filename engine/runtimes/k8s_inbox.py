@@ -11,12 +11,15 @@ from __future__ import annotations
 import base64
 import io
 import tarfile
+import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from engine import fsutil
 from engine.errors import EngineError
 from engine.runtimes.k8s_objects import INBOX, SESSION, TMUX_SOCKET
 
+Run = Callable[[list[str]], str]  # runs argv in the agent's container, returns stdout
 MAX_PUSH = 96 * 1024  # one exec argument stays well under the kernel's 128 KiB limit
 
 
@@ -88,3 +91,30 @@ def extract(b64: str, dest: Path) -> list[Path]:
 def kubectl_flags(kubeconfig: str, context: str) -> list[str]:
     flags = ["--kubeconfig", kubeconfig] if kubeconfig else []
     return flags + (["--context", context] if context and context != "in-cluster" else [])
+
+
+def pull(run: Run, dest: Path) -> list[Path]:
+    return extract(run(pack()), dest)
+
+
+def push(run: Run, files: dict[str, bytes]) -> None:
+    run(unpack_argv(files))
+
+
+def sync(run: Run, host_inbox: Path) -> list[Path]:
+    """One controller step for a Pod's inbox: copy the files the host lacks into
+    `host_inbox` (where ingest reads them), then send the host's answers (`res-*.json`)
+    the Pod lacks. Returns the files copied. Two exec calls at most."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pulled = pull(run, Path(tmp))
+        in_pod = {p.name for p in pulled}
+        got = []
+        for p in pulled:
+            if not (host_inbox / p.name).exists():
+                fsutil.atomic_write(host_inbox / p.name, p.read_bytes(), 0o600)
+                got.append(host_inbox / p.name)
+    answers = {p.name: p.read_bytes() for p in sorted(host_inbox.glob("res-*.json"))
+               if p.name not in in_pod} if host_inbox.is_dir() else {}
+    if answers:
+        push(run, answers)
+    return got

@@ -34,6 +34,7 @@ from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
 from engine.runtimes.k8s_api import APPLY, Call, Cluster, Invalid, NotFound, essence, path, plural
 
+LIST_PAGE = 500  # objects per list call: 1,000 agents are 2 pages of Pods, 2 of Jobs
 _DELETE_ORDER = ("Job", "Pod", "NetworkPolicy", "Secret", "ConfigMap")
 # Objects an agent may stop needing while keeping its name; the PVC is kept (work on it).
 _OPTIONAL = {"Job", "Pod", "NetworkPolicy", "Secret"}
@@ -121,10 +122,7 @@ class KubernetesRuntime:
         out: dict[str, Observed] = {}
         for t in sorted(targets):
             cl = self.cluster(t.kubeconfig, t.context)
-            query = {"labelSelector": objs.selector(grove, repo)}
-            items = {kind: cl.request("GET", path(kind, t.namespace),
-                                      Call("list", kind.lower() + "s", t.namespace),
-                                      query=query).get("items") or []
+            items = {kind: self._list(cl, kind, t.namespace, objs.selector(grove, repo))
                      for kind in ("Pod", "Job")}
             for name, obs in essence(grove, items["Pod"], items["Job"], t.context).items():
                 self._where[(grove, name)] = t
@@ -208,11 +206,19 @@ class KubernetesRuntime:
     def pull_inbox(self, grove: str, agent: str, dest: Path) -> list[Path]:
         """Copy the agent's inbox (`/run/engine/inbox` in its Pod) into `dest`; returns the
         files written. The Pod side is `tar | base64` over pods/exec."""
-        return inbox.extract(self._exec(grove, agent, inbox.pack()), dest)
+        return inbox.pull(self._runner(grove, agent), dest)
 
     def push_inbox(self, grove: str, agent: str, files: dict[str, bytes]) -> None:
         """Write result files (name -> content) into the agent's inbox in its Pod."""
-        self._exec(grove, agent, inbox.unpack_argv(files))
+        inbox.push(self._runner(grove, agent), files)
+
+    def sync_inbox(self, grove: str, agent: str, host_inbox: Path) -> list[Path]:
+        """Pull the Pod's new requests into `host_inbox`, send back the host's answers
+        (see k8s_inbox.sync); returns the request files pulled."""
+        return inbox.sync(self._runner(grove, agent), host_inbox)
+
+    def _runner(self, grove: str, agent: str) -> inbox.Run:
+        return lambda argv: self._exec(grove, agent, argv)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -224,6 +230,19 @@ class KubernetesRuntime:
             query={"fieldManager": objs.FIELD_MANAGER, "force": "false"}, body=obj,
             content_type=APPLY)
         return result
+
+    def _list(self, cl: Cluster, kind: str, ns: str, selector: str) -> list[dict[str, Any]]:
+        """Every object of `kind` matching `selector`, in pages of LIST_PAGE."""
+        items: list[dict[str, Any]] = []
+        query = {"labelSelector": selector, "limit": str(LIST_PAGE)}
+        while True:
+            page = cl.request("GET", path(kind, ns), Call("list", plural(kind), ns),
+                              query=query)
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+            query = {**query, "continue": token}
 
     def _delete(self, cl: Cluster, kind: str, ns: str, name: str) -> None:
         query = {"propagationPolicy": "Foreground" if kind == "Job" else "Background"}
@@ -279,10 +298,7 @@ class KubernetesRuntime:
         _, repo, targets = self._grove(grove)
         for t in [known] if known else sorted(targets):
             cl = self.cluster(t.kubeconfig, t.context)
-            items = cl.request("GET", path("Pod", t.namespace), Call("list", "pods",
-                                                                     t.namespace),
-                               query={"labelSelector": objs.selector(grove, repo, agent)}
-                               ).get("items") or []
+            items = self._list(cl, "Pod", t.namespace, objs.selector(grove, repo, agent))
             live = [p for p in items if not p["metadata"].get("deletionTimestamp")] or items
             if live:
                 self._where[(grove, agent)] = t
