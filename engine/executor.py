@@ -81,6 +81,14 @@ class Run:
     settings: Settings
     lock: threading.Lock = field(default_factory=threading.Lock)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    _base: tuple[str, str] | None = None
+
+    def base(self) -> tuple[str, str]:
+        """The grove's base (ref, commit), resolved once per run."""
+        with self.lock:
+            if self._base is None:
+                self._base = workspace.base_commit(self.root, self.grove.base_ref)
+            return self._base
 
     @property
     def state_dir(self) -> Path:
@@ -133,7 +141,7 @@ def _start(run: Run, change: Change, resume: bool) -> str:
             return "pending"
         _wait_for(run, change.waits_for)
     inputs = tuple(run.grove.by_name[d].branch for d in a.depends_on if d in run.grove.by_name)
-    ws = workspace.ensure(run.root, a, run.grove.base_ref, inputs)
+    ws = workspace.ensure(run.root, a, run.grove.base_ref, inputs, run.base())
     failpoint("worktree")
     _write_instructions(run, a, ws)
     launch = launch_for(run.root, a, ws, resume)
@@ -238,7 +246,7 @@ def _one(run: Run, change: Change) -> Outcome:
 
 def _ws_of(run: Run, name: str) -> workspace.Workspace | None:
     a = run.grove.by_name[name]
-    return workspace.ensure(run.root, a, run.grove.base_ref)
+    return workspace.ensure(run.root, a, run.grove.base_ref, base=run.base())
 
 
 def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rts: Runtimes,
@@ -246,6 +254,8 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
     """Carry out `plan`; returns one outcome per agent that had something to do."""
     run = Run(root, grove, inv, rts, hooks or NoHooks(), settings or Settings())
     changes = {c.agent: c for c in plan.changes}
+    if any(c.action.is_change for c in plan.changes) and (root / ".git").exists():
+        workspace.prune(root)  # once, before worktrees are added concurrently
     for c in plan.changes:
         if c.action is Action.DELETE:
             _one(run, c)

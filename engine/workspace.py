@@ -9,6 +9,7 @@ unmerged commits are saved under `refs/engine/archive/<grove>/<agent>/<n>`.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -99,35 +100,45 @@ def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str
     return start
 
 
+@functools.cache
+def common_dir(root: Path) -> Path:
+    return Path(git(root, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+
+
 def ensure(root: Path, agent: DesiredAgent, base_ref: str,
-           inputs: tuple[str, ...] = ()) -> Workspace:
+           inputs: tuple[str, ...] = (), base: tuple[str, str] | None = None) -> Workspace:
     """The agent's working copy, created if missing; reused when it is already ours.
-    A new branch starts from the base plus the `inputs` branches (its dependencies)."""
-    ref, base = base_commit(root, base_ref)
+    A new branch starts from the base plus the `inputs` branches (its dependencies).
+    `base` is the already resolved (ref, commit) when the caller has it."""
+    _, sha = base or base_commit(root, base_ref)
     if agent.workspace == "shared":
-        return Workspace(root, "", base, ())
+        return Workspace(root, "", sha, ())
     path = path_for(root, agent.grove, agent.name)
     branch = agent.branch
-    if not _branch_exists(root, branch):
-        git(root, "branch", "--no-track", branch,
-            start_point(root, base, inputs, f"{agent.grove}/{agent.name}"))
     if agent.workspace == "clone":
-        return _ensure_clone(root, path, branch, base)
-    common = Path(git(root, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+        if not _branch_exists(root, branch):
+            git(root, "branch", "--no-track", branch,
+                start_point(root, sha, inputs, f"{agent.grove}/{agent.name}"))
+        return _ensure_clone(root, path, branch, sha)
+    mounts = ((common_dir(root), False),)
     if path.exists():
         owner = _registered_worktrees(root).get(path.resolve())
         if owner != branch:
             raise EngineError(f"agent {agent.grove}/{agent.name}: {path} already exists and "
                               "is not this agent's worktree; move it away")
-        return Workspace(path, branch, base, ((common, False),))
-    git(root, "worktree", "prune")
+        return Workspace(path, branch, sha, mounts)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _branch_exists(root, branch):
+        args = ["worktree", "add", "-q", str(path), branch]
+    else:  # one git call creates the branch and its worktree
+        start = start_point(root, sha, inputs, f"{agent.grove}/{agent.name}")
+        args = ["worktree", "add", "-q", "--no-track", "-b", branch, str(path), start]
     try:
-        git(root, "worktree", "add", "-q", str(path), branch)
+        git(root, *args)
     except CommandFailed as e:
         raise EngineError(f"agent {agent.grove}/{agent.name}: cannot create worktree: "
                           f"{e.stderr.strip().splitlines()[-1]}") from None
-    return Workspace(path, branch, base, ((common, False),))
+    return Workspace(path, branch, sha, mounts)
 
 
 def _ensure_clone(root: Path, path: Path, branch: str, base: str) -> Workspace:
@@ -145,6 +156,11 @@ def fetch_back(root: Path, agent: DesiredAgent | None, path: Path, branch: str) 
     """Clone mode: bring the clone's branch back into the repository."""
     if (path / ".git").is_dir():
         git(root, "fetch", "-q", str(path), f"+{branch}:{branch}", check=False)
+
+
+def prune(root: Path) -> None:
+    """Forget worktrees whose directories are gone (never while adding concurrently)."""
+    git(root, "worktree", "prune", check=False)
 
 
 def work_state(root: Path, workdir: Path, branch: str, base: str) -> WorkState:
