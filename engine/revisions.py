@@ -10,6 +10,7 @@ missing from the result). Problems name the side (base or head) they belong to.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import subprocess
 from dataclasses import dataclass
@@ -83,16 +84,17 @@ def resolve(root: Path, ref: str) -> str:
 
 def grove_blobs(root: Path, commit: str) -> dict[str, dict[str, str]]:
     """Grove name -> {file name: blob hash} of the `*.yaml` files directly in each
-    `groves/<name>/` directory at `commit` (a directory with no YAML maps to {})."""
+    `groves/<name>/` directory at `commit` (a directory with no YAML maps to {}). `root`
+    may be a sub-directory of the git repository (a monorepo)."""
     out: dict[str, dict[str, str]] = {}
-    raw = git(root, "ls-tree", "-r", "-z", "--full-tree", commit, "--",
-              manifest.GROVES_DIR + "/")
+    raw = git(root, "ls-tree", "-r", "-z", commit, "--", manifest.GROVES_DIR + "/")
+    prefix = _prefix(root)
     for rec in raw.decode("utf-8", errors="surrogateescape").split("\0"):
         if not rec:
             continue
         meta, _, path = rec.partition("\t")
         mode, kind, sha = meta.split()
-        parts = path.split("/")
+        parts = path.removeprefix(prefix).split("/")
         if len(parts) < 3:
             continue
         files = out.setdefault(parts[1], {})
@@ -100,6 +102,13 @@ def grove_blobs(root: Path, commit: str) -> dict[str, dict[str, str]]:
                 and parts[2].endswith(".yaml"):
             files[parts[2]] = sha
     return out
+
+
+@functools.cache
+def _prefix(root: Path) -> str:
+    """Where `root` sits inside its git repository ("" at the top, "infra/" below it):
+    `git ls-tree` names files from the top of the tree."""
+    return git(root, "rev-parse", "--show-prefix").decode().strip()
 
 
 def read_blobs(root: Path, shas: list[str]) -> dict[str, bytes]:

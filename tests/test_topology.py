@@ -85,7 +85,7 @@ def test_edges_match_the_spawn_graph_of_engine_graph() -> None:
     g = build("demo", {**HEAD, "x": {"spawnedBy": "lead", "dependsOn": ["lead", "tester"]}})
     nx_graph = graph.build([a.name for a in g.agents], {a.name: a.spawned_by for a in g.agents},
                            {a.name: a.depends_on for a in g.agents})
-    want = {(u, v, k["kind"]) for u, v, k in nx_graph.edges(data=True)}
+    want = {(u, v, nx_graph.edges[u, v]["kind"]) for u, v in nx_graph.edges}
     assert {(e.source, e.target, e.kind) for e in topology.edges_of(g)} == want
 
 
@@ -346,3 +346,19 @@ def test_engine_plan_base_goes_through_plan_between(repo: Path, engine: Any) -> 
     assert md.code == 2, md
     assert md.out.startswith(topology_render.MARKER)
     assert "| added | `helper` |" in md.out
+
+
+def test_groves_below_the_top_of_a_monorepo(repo: Path, engine: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    infra = repo / "infra"
+    write_grove(infra, "demo", grove_yaml("demo", BASE))
+    commit(repo, "a")
+    write_grove(infra, "demo", grove_yaml("demo", HEAD))
+    monkeypatch.chdir(infra)
+    r = engine("graph", "--base", "HEAD", "--format", "text")
+    assert r.code == 0, r
+    assert "  + helper (spawned by coder)" in r.out and "grove demo (changed)" in r.out
+    hist = engine("history", "--json")
+    assert hist.code == 0, hist
+    assert [a["name"] for a in json.loads(hist.out)["commits"][0]["added"]] == \
+        ["coder", "lead", "old", "tester"]
