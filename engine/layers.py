@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
-from engine.errors import Diagnostic, EngineError, UsageError
+from engine import schema
+from engine.errors import Diagnostic, InvalidManifests, UsageError
 from engine.yamlio import Document, YamlError, load_file
 
 Key = tuple[str, ...]
+SECURITY_KEYS = ("allowPrivileged", "allowHostMounts")
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "runtime": "local",
@@ -127,7 +129,8 @@ def _drop(prov: dict[Key, str], key: Key) -> None:
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """`--set a.b=value` pairs -> a nested map; values are YAML scalars (`null` deletes)."""
+    """`--set a.b=value` pairs -> a nested map; values are YAML scalars or flow lists
+    (`null` deletes), checked against the schemas like any other layer."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -139,14 +142,17 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, dict | list):
-            value = raw
+        if isinstance(value, dict):
+            value = raw  # maps are written as dotted keys; a list replaces, like any layer
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UsageError(f"--set {pair!r}: {p} is set twice")
         node[parts[-1]] = value
+    problems = schema.setting_errors(out)
+    if problems:
+        raise UsageError(f"--set {problems[0][1]}")
     return out
 
 
@@ -165,6 +171,8 @@ class UserConfig:
 
 
 def load_user_config(path: Path | None = None) -> UserConfig:
+    """The user config (`defaults:` for every agent, `security:` switches), checked: every
+    problem is reported as file:line:col, like a manifest's."""
     path = path or user_config_path()
     empty = UserConfig(fixed("user config", {}))
     if not path.is_file():
@@ -172,17 +180,32 @@ def load_user_config(path: Path | None = None) -> UserConfig:
     try:
         docs = load_file(path)
     except YamlError as e:
-        raise EngineError(str(e.diagnostic)) from None
+        raise InvalidManifests([e.diagnostic]) from None
     if not docs:
         return empty
-    doc = docs[0]
-    data = doc.data
-    if not isinstance(data, dict) or not set(data) <= {"defaults", "security"}:
-        raise EngineError(f"{path}: expected a map with 'defaults' and 'security' keys")
-    defaults = data.get("defaults") or {}
-    security = data.get("security") or {}
-    if not isinstance(defaults, dict) or not isinstance(security, dict):
-        raise EngineError(f"{path}: 'defaults' and 'security' must be maps")
+    doc, data = docs[0], docs[0].data
+    if not isinstance(data, dict):
+        raise InvalidManifests([doc.diag((), "user config: expected a map with 'defaults' "
+                                             "and 'security'")])
+    diags = [doc.diag((k,), f"user config: unknown key {k!r} (keys: defaults, security)")
+             for k in data if k not in ("defaults", "security")]
+    defaults, security = data.get("defaults") or {}, data.get("security") or {}
+    for key, value in (("defaults", defaults), ("security", security)):
+        if not isinstance(value, dict):
+            diags.append(doc.diag((key,), f"user config: {key}: expected a map"))
+    if isinstance(defaults, dict):
+        diags += [doc.diag(("defaults", *p), f"user config: defaults.{m}")
+                  for p, m in schema.setting_errors(defaults)]
+    if isinstance(security, dict):
+        for k, v in security.items():
+            if k not in SECURITY_KEYS:
+                diags.append(doc.diag(("security", k), f"user config: unknown security key "
+                                                       f"{k!r} (keys: {', '.join(SECURITY_KEYS)})"))
+            elif not isinstance(v, bool):
+                diags.append(doc.diag(("security", k), f"user config: security.{k}: expected "
+                                                       "true or false"))
+    if diags:
+        raise InvalidManifests(diags)
     return UserConfig(from_document("user config", doc, ("defaults",), defaults),
-                      bool(security.get("allowPrivileged")),
-                      bool(security.get("allowHostMounts")))
+                      security.get("allowPrivileged") is True,
+                      security.get("allowHostMounts") is True)

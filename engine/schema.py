@@ -80,6 +80,37 @@ def is_valid(data: Any, file: str, pointer: str = "") -> bool:
     return not any(True for _ in validator(file, pointer).iter_errors(data))
 
 
+@functools.cache
+def _setting_schemas() -> dict[str, str]:
+    """Every setting an agent can have (agent, profile and harness fields) -> the pointer of
+    its schema, for checking layers that are not manifests: user config and --set."""
+    out: dict[str, str] = {}
+    for file, definition in (("harness.json", "spec"), ("profile.json", "spec"),
+                             ("agent.json", "fields")):
+        for key in _schemas()[file]["$defs"][definition]["properties"]:
+            out[key] = f"{file}#{definition}/properties/{key}"
+    return out
+
+
+def setting_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
+    """(path, message) for each unknown or ill-typed setting in `data`, each message
+    starting with the setting's dotted path (`null` deletes a lower layer's value, so it is
+    always allowed)."""
+    known = _setting_schemas()
+    out: list[tuple[Path_, str]] = []
+    for key, value in data.items():
+        if key not in known:
+            out.append(((key,), f"{key}: unknown setting"))
+            continue
+        if value is None:
+            continue
+        file, _, pointer = known[key].partition("#")
+        for err in validator(file, pointer).iter_errors(value):
+            path: Path_ = (key, *err.absolute_path)
+            out.append((path, _message(err, path)))
+    return out
+
+
 def check_document(doc: Document) -> list[Diagnostic]:
     """Schema diagnostics for one manifest document (all of them, most relevant first)."""
     data = doc.data
