@@ -168,10 +168,20 @@ def default_options(root: Path) -> desired.Options:
     return desired.Options(resolve_secrets=False, repo_root=root)
 
 
+Known = dict[str, desired.DesiredGrove]
+
+
+def _reuse(known: Known | None, grove: str, digest_: str) -> desired.DesiredGrove | None:
+    """A grove already built from byte-identical manifests (the other side of a diff)."""
+    g = (known or {}).get(grove)
+    return g if g is not None and g.manifest_digest == digest_ else None
+
+
 def load_revision(root: Path, ref: str, label: str = "base", names: list[str] | None = None,
-                  opts: desired.Options | None = None
+                  opts: desired.Options | None = None, known: Known | None = None
                   ) -> tuple[Side, dict[str, desired.DesiredGrove]]:
-    """Desired state of every grove (or the named ones) at revision `ref`."""
+    """Desired state of every grove (or the named ones) at revision `ref`; a grove whose
+    files are identical to one in `known` is taken from there instead of rebuilt."""
     side = Side(label, ref, resolve(root, ref))
     assert side.commit is not None
     texts, diags = texts_at(root, side.commit, names)
@@ -179,6 +189,10 @@ def load_revision(root: Path, ref: str, label: str = "base", names: list[str] | 
     opts = opts or default_options(root)
     for grove, files in texts.items():
         directory = root / manifest.GROVES_DIR / grove
+        same = _reuse(known, grove, digest(files))
+        if same is not None:
+            out[grove] = same
+            continue
         try:
             g = desired.build(manifest.load_grove(directory, root, texts=files), opts)
             out[grove] = dataclasses.replace(g, manifest_digest=digest(files))
@@ -190,8 +204,8 @@ def load_revision(root: Path, ref: str, label: str = "base", names: list[str] | 
 
 
 def load_worktree(root: Path, names: list[str] | None = None,
-                  opts: desired.Options | None = None, label: str = "head"
-                  ) -> tuple[Side, dict[str, desired.DesiredGrove]]:
+                  opts: desired.Options | None = None, label: str = "head",
+                  known: Known | None = None) -> tuple[Side, dict[str, desired.DesiredGrove]]:
     """Desired state of the groves in the working tree, as the head of a comparison."""
     side = Side(label, None, None)
     out: dict[str, desired.DesiredGrove] = {}
@@ -199,6 +213,10 @@ def load_worktree(root: Path, names: list[str] | None = None,
     opts = opts or default_options(root)
     for directory in manifest.grove_dirs(root):
         if names is not None and directory.name not in names:
+            continue
+        same = _reuse(known, directory.name, desired.manifest_digest(directory))
+        if same is not None:
+            out[directory.name] = same
             continue
         try:
             out[directory.name] = desired.build(manifest.load_grove(directory, root), opts)

@@ -175,9 +175,9 @@ def diff_revisions(root: Path, groves: list[str] | None, base: str, head: str | 
     tree). A grove missing on one side is all added or all removed."""
     base_side, old = revisions.load_revision(root, base, "base", groves, opts)
     if head is None:
-        head_side, new = revisions.load_worktree(root, groves, opts)
+        head_side, new = revisions.load_worktree(root, groves, opts, known=old)
     else:
-        head_side, new = revisions.load_revision(root, head, "head", groves, opts)
+        head_side, new = revisions.load_revision(root, head, "head", groves, opts, known=old)
     names = sorted(set(old) | set(new))
     for n in groves or []:
         if n not in names:

@@ -362,3 +362,17 @@ def test_groves_below_the_top_of_a_monorepo(repo: Path, engine: Any,
     assert hist.code == 0, hist
     assert [a["name"] for a in json.loads(hist.out)["commits"][0]["added"]] == \
         ["coder", "lead", "old", "tester"]
+
+
+def test_a_grove_with_identical_files_is_built_once(repo: Path) -> None:
+    write_grove(repo, "demo", grove_yaml("demo", BASE))
+    write_grove(repo, "other", grove_yaml("other", BASE))
+    commit(repo, "a")
+    write_grove(repo, "other", grove_yaml("other", HEAD))
+    _, old = revisions.load_revision(repo, "HEAD")
+    _, new = revisions.load_worktree(repo, known=old)
+    assert new["demo"] is old["demo"]
+    assert new["other"] is not old["other"]
+    assert new["other"].manifest_digest != old["other"].manifest_digest
+    _, again = revisions.load_revision(repo, "HEAD", "head", known=old)
+    assert again["other"] is old["other"]
