@@ -734,3 +734,21 @@ def test_engine_apply_status_destroy_on_the_cluster(kube: Kube, engine: Any) -> 
     res = engine("destroy", "--auto-approve", "-g", "kube")
     assert res.code == 0, res
     assert kube.objects() == {}
+
+
+def test_kind_workflow_grove_is_valid_and_builds_valid_objects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GIT_TOKEN", "x")
+    flow = yaml.safe_load((ROOT / "docs" / "examples" / "kind-e2e.yml").read_text())
+    steps = {s["name"]: s for s in flow["jobs"]["kind"]["steps"] if "name" in s}
+    script = steps["Write the end-to-end grove"]["run"]
+    text = script.split("<<YAML\n", 1)[1].split("\nYAML\n", 1)[0]
+    text = (text.replace("$GROVE", "e2e-123").replace("${{ github.repository }}", "o/r")
+            .replace("\\$", "$"))
+    write_grove(tmp_path, "e2e-123", text)
+    g = load(tmp_path, "e2e-123")
+    writer = g.agent("writer")
+    assert (writer.runtime, writer.extra("imagePullPolicy")) == ("kubernetes", "Never")
+    for obj in objs.build(writer, pod_launch(writer, g.remote), {"GIT_TOKEN": "x"}):
+        validate(obj)
+    assert "engine apply --auto-approve --wait" in steps["Apply and wait"]["run"]
