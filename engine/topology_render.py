@@ -227,10 +227,12 @@ def _grove_md(d: TopologyDiff, rows_cap: int, graphs: bool, notes: list[str]) ->
             out.append(f"| ... | {len(rows) - rows_cap} more not shown | | | | | |")
             notes.append(f"grove {d.grove}: {len(rows) - rows_cap} rows left out")
         out.append("")
+    # an edge from a new (or gone) agent's parent to it is already in the table
+    implied = {(a.parent, a.name) for a in (*d.added, *d.removed)}
     edges = [f"- added edge {_code(e.source)} → {_code(e.target)} ({e.kind})"
-             for e in d.edges_added]
+             for e in d.edges_added if (e.source, e.target) not in implied]
     edges += [f"- removed edge {_code(e.source)} → {_code(e.target)} ({e.kind})"
-              for e in d.edges_removed]
+              for e in d.edges_removed if (e.source, e.target) not in implied]
     out += [*edges[:rows_cap], *([f"- ... {len(edges) - rows_cap} more edge changes"]
                                  if len(edges) > rows_cap else []), *([""] if edges else [])]
     if graphs:

@@ -376,3 +376,17 @@ def test_a_grove_with_identical_files_is_built_once(repo: Path) -> None:
     assert new["other"].manifest_digest != old["other"].manifest_digest
     _, again = revisions.load_revision(repo, "HEAD", "head", known=old)
     assert again["other"] is old["other"]
+
+
+def test_markdown_lists_only_edges_the_table_does_not_imply() -> None:
+    base = build("demo", {"a": {}, "b": {}, "c": {"spawnedBy": "a"}})
+    head = build("demo", {"a": {}, "b": {}, "c": {"spawnedBy": "b", "dependsOn": ["a"]},
+                          "d": {"spawnedBy": "a"}})
+    report = topology.Report(revisions.Side("base", "main", "a" * 40),
+                             revisions.Side("head", None, None), (topology.compare(base, head),))
+    text = topology.render(report, "markdown")
+    assert "- added edge `b` → `c` (spawned)" in text
+    assert "- added edge `a` → `c` (dependsOn)" in text
+    assert "- removed edge `a` → `c` (spawned)" in text
+    assert "`a` → `d`" not in text  # d is in the table as added, spawned by a
+    assert "  + edge a -> d (spawned)" in topology.render(report, "text")
