@@ -38,14 +38,14 @@ def run(args: argparse.Namespace) -> int:
     if args.base:
         opts = _common.options(r, args, resolve_secrets=False)
         report = topology.diff_revisions(r.root, args.groves, args.base, args.head, opts)
-        sys_out(_diff(report, args.format))
+        _print(_diff(report, args.format))
         return 0
     groves = _common.load(r, args, resolve_secrets=False)
-    sys_out(_current(groves, args.format))
+    _print(_current(groves, args.format))
     return 0
 
 
-def sys_out(text: str) -> None:
+def _print(text: str) -> None:
     ui.out(text.rstrip("\n"))
 
 
