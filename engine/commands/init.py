@@ -41,19 +41,21 @@ def register(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     if not root.is_dir():
-        raise EngineError(f"{args.dir}: not a directory")
-    name = args.name or re.sub(r"[^a-z0-9-]+", "-", root.name.lower()).strip("-")[:40] or "main"
+        raise EngineError(f"init: {args.dir} is not a directory")
+    name = args.name or re.sub(r"[^a-z0-9-]+", "-", root.name.lower()).strip("-")[:40] \
+        .strip("-") or "main"
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?", name):
-        raise EngineError(f"grove name {name!r} is not valid: use lower-case letters, digits "
+        raise EngineError(f"grove {name!r}: not a valid name: use lower-case letters, digits "
                           "and '-', at most 40 characters")
     grove = root / "groves" / name / "grove.yaml"
-    if grove.exists():
-        raise EngineError(f"{grove}: already exists")
+    if grove.parent.exists():
+        raise EngineError(f"grove {name}: {grove.parent.relative_to(root)}/ already exists; "
+                          "nothing written (choose another name with --name)")
     grove.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(grove, TEMPLATE.format(schema=SCHEMA_URL, name=name).encode())
     ignore = root / ".gitignore"
     lines = ignore.read_text().splitlines() if ignore.exists() else []
-    if ".engine/" not in lines and ".engine" not in lines:
+    if not {".engine/", ".engine", "/.engine/", "/.engine"} & {x.strip() for x in lines}:
         atomic_write(ignore, ("\n".join([*lines, ".engine/"]) + "\n").encode())
     ui.out(f"created {grove.relative_to(root)}; next: engine validate && engine plan")
     return 0
