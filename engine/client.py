@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import uuid
+from typing import Any
 
 API = "engine/v1alpha1"
 MAX_TEXT = 64 * 1024
@@ -28,7 +29,7 @@ def _inbox() -> str:
     return path
 
 
-def _write(kind: str, spec: dict) -> tuple:
+def _write(kind: str, spec: dict[str, Any]) -> tuple[str, str]:
     inbox = _inbox()
     rid = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:10]
     doc = {"apiVersion": API, "kind": kind, "id": rid,
@@ -44,14 +45,15 @@ def _write(kind: str, spec: dict) -> tuple:
     return inbox, rid
 
 
-def _wait(inbox: str, rid: str, timeout: float) -> dict:
+def _wait(inbox: str, rid: str, timeout: float) -> dict[str, Any]:
     path = os.path.join(inbox, f"res-{rid}.json")
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:
         try:
             with open(path) as f:
-                return json.load(f)
+                data: dict[str, Any] = json.load(f)
+                return data
         except (FileNotFoundError, ValueError):
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
@@ -60,7 +62,7 @@ def _wait(inbox: str, rid: str, timeout: float) -> dict:
     sys.exit(1)
 
 
-def _finish(res: dict, ok_text: str) -> int:
+def _finish(res: dict[str, Any], ok_text: str) -> int:
     if res.get("status") in ("accepted", "ok", "delivered"):
         if ok_text:
             print(ok_text.format(**res))
@@ -70,7 +72,7 @@ def _finish(res: dict, ok_text: str) -> int:
 
 
 def cmd_spawn(a: argparse.Namespace) -> int:
-    spec = {"name": a.name, "task": a.task}
+    spec: dict[str, Any] = {"name": a.name, "task": a.task}
     if a.profile:
         spec["profile"] = a.profile
     if a.harness:
@@ -112,7 +114,7 @@ def cmd_done(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="engine", description="grove-engine, inside an agent")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("spawn", help="ask for a child agent")

@@ -266,16 +266,16 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
         for gen in graph.generations(g):
             todo = []
             for name in gen:
-                c = changes.get(name)
-                if c is None or not (c.action.is_change or c.adopt):
+                ch = changes.get(name)
+                if ch is None or not (ch.action.is_change or ch.adopt):
                     continue
                 if name in skipped:
-                    out = Outcome(name, c.action, "skipped", f"skipped because "
+                    out = Outcome(name, ch.action, "skipped", f"skipped because "
                                   f"{skipped[name]} failed")
                     run.outcomes[name] = out
                     run.hooks.finished(grove.name, out)
                     continue
-                todo.append(c)
+                todo.append(ch)
             for out in pool.map(lambda c: _one(run, c), todo):
                 if out.status == "failed":
                     for d in graph.descendants(g, out.agent):

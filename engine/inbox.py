@@ -10,6 +10,7 @@ event log `.engine/events.jsonl`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -90,10 +91,8 @@ def answer(root: Path, grove: str, ans: Answer) -> None:
     doc = {"id": req.id, "status": ans.status, "reason": ans.reason, "child": ans.child,
            "data": ans.data}
     atomic_write(req.path.with_name(f"res-{req.id}.json"), json.dumps(doc).encode())
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.replace(req.path, req.path.with_name(f"done-{req.id}.json"))
-    except FileNotFoundError:
-        pass
     events.record(root, {"grove": grove, "event": f"{req.kind}", "id": req.id,
                          "from": req.agent, "status": ans.status, "reason": ans.reason,
                          "child": ans.child})

@@ -147,17 +147,17 @@ def _changed_fields(old_settings: str, agent: DesiredAgent, in_place: bool) -> l
 def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
             phase_of: dict[str, str], creating: set[str]) -> Change:
     rec = inv.agents.get(a.name)
-    base = {"agent": a.name, "runtime": a.runtime, "host": a.host or "",
-            "spec_hash": a.spec_hash}
+    def mk(action: Action, reason: str, **kw: Any) -> Change:
+        return Change(a.name, action, reason, a.runtime, a.host or "",
+                      spec_hash=a.spec_hash, **kw)
+
     if obs is None:
         unmet = tuple(d for d in a.depends_on if phase_of.get(d) != SUCCEEDED)
         failed = [d for d in unmet if phase_of.get(d) == FAILED]
         if failed:
-            return Change(**base, action=Action.WAIT, waits_for=unmet,
-                          reason=f"blocked: dependency {failed[0]} failed")
+            return mk(Action.WAIT, f"blocked: dependency {failed[0]} failed", waits_for=unmet)
         if unmet and rec is not None and rec.pending and not (set(unmet) & creating):
-            return Change(**base, action=Action.WAIT, waits_for=unmet,
-                          reason=f"pending: waits for {', '.join(unmet)} to succeed")
+            return mk(Action.WAIT, f"pending: waits for {', '.join(unmet)} to succeed", waits_for=unmet)
         if rec is not None and not rec.pending:
             why = "missing from the runtime (removed outside the engine)"
         elif rec is not None:
@@ -166,7 +166,7 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
             why = "new agent"
         if unmet:
             why += f"; starts after {' and '.join(unmet)} succeed{'s' if len(unmet) == 1 else ''}"
-        return Change(**base, action=Action.CREATE, reason=why, waits_for=unmet)
+        return mk(Action.CREATE, why, waits_for=unmet)
     if obs.spec_hash != a.spec_hash:
         fields = _changed_fields(rec.settings, a, False) if rec else []
         why = f"spec changed: {', '.join(fields)}" if fields else "spec changed"
@@ -174,20 +174,17 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
             why = "runtime object differs from the applied spec"
         elif not fields:
             why = "spec changed (credentials or settings not shown)"
-        return Change(**base, action=Action.REPLACE, reason=why, fields=tuple(fields))
+        return mk(Action.REPLACE, why, fields=tuple(fields))
     in_place = _changed_fields(rec.settings, a, True) if rec else []
     if in_place:
-        return Change(**base, action=Action.UPDATE, fields=tuple(in_place),
-                      reason=f"changed in place: {', '.join(in_place)}")
+        return mk(Action.UPDATE, f"changed in place: {', '.join(in_place)}", fields=tuple(in_place))
     if obs.phase == FAILED and a.restart in ("on-failure", "always"):
-        return Change(**base, action=Action.RESTART,
-                      reason=f"{obs.reason or 'failed'}, restart: {a.restart}")
+        return mk(Action.RESTART, f"{obs.reason or 'failed'}, restart: {a.restart}")
     if obs.phase == SUCCEEDED and a.restart == "always":
-        return Change(**base, action=Action.RESTART, reason="succeeded, restart: always")
+        return mk(Action.RESTART, "succeeded, restart: always")
     if rec is None:
-        return Change(**base, action=Action.NOOP, adopt=True,
-                      reason="found running with the grove's owner labels: adopted")
-    return Change(**base, action=Action.NOOP, reason=obs.reason or obs.phase.lower())
+        return mk(Action.NOOP, "found running with the grove's owner labels: adopted", adopt=True)
+    return mk(Action.NOOP, obs.reason or obs.phase.lower())
 
 
 def plan_grove(grove: DesiredGrove, actual: Actual) -> GrovePlan:

@@ -15,7 +15,7 @@ from engine.workspace import base_commit
 
 
 def diff(root: Path, branch: str, base_ref: str, workdir: Path | None, stat: bool) -> str:
-    ref, base = base_commit(root, base_ref)
+    ref, _ = base_commit(root, base_ref)
     if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
         raise EngineError(f"branch {branch} does not exist (was the agent applied?)")
     args = ["diff", "--stat"] if stat else ["diff"]
@@ -51,10 +51,10 @@ def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
             check=False)
     lines = p.stdout.strip().splitlines()
     if p.returncode != 0:
-        files = [ln for ln in lines[1:] if ln and not ln.startswith(("Auto-merging",
+        names = [ln for ln in lines[1:] if ln and not ln.startswith(("Auto-merging",
                                                                     "CONFLICT"))]
         raise EngineError(f"merge of {branch} into {ref} conflicts in: "
-                          f"{', '.join(sorted(set(files))) or 'unknown files'}; nothing changed")
+                          f"{', '.join(sorted(set(names))) or 'unknown files'}; nothing changed")
     tree = lines[0]
     commit = git(root, "commit-tree", tree, "-p", ref, "-p", branch, "-m", message)
     git(root, "update-ref", f"refs/heads/{ref}", commit)

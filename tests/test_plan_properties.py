@@ -3,6 +3,7 @@ plan(desired, observe(apply(plan))) == no changes, with every edge respected in 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -143,4 +144,4 @@ def test_generations_match_networkx(agents: list[dict]) -> None:
     g.add_edge(agents[-1]["name"], agents[0]["name"])
     cycle = graph.find_cycle(g)
     assert cycle and cycle[0] == cycle[-1]
-    assert all(g.has_edge(u, v) for u, v in zip(cycle, cycle[1:], strict=False))
+    assert all(g.has_edge(u, v) for u, v in itertools.pairwise(cycle))

@@ -97,8 +97,10 @@ def spawned_docs(repo: Path) -> list[dict]:
 SEED = """\
     - name: seed
       task: |
-        engine spawn kid-a --wait --task 'echo a > A && git add A && git commit -qm a && engine spawn grandkid --wait --task "echo g > G && git add G && git commit -qm g"'
-        engine spawn kid-b --wait --task 'echo b > B && git add B && git commit -qm b; engine done --result "b is done"'
+        engine spawn kid-a --wait --task 'echo a > A && git add A && git commit -qm a && \
+          engine spawn grandkid --wait --task "echo g > G && git add G && git commit -qm g"'
+        engine spawn kid-b --wait --task 'echo b > B && git add B && git commit -qm b; \
+          engine done --result "b is done"'
         engine spawn bad --profile other --wait --task true 2> REJECTED || true
         git add REJECTED && git commit -qm rejected
 """

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     groves = _common.load(r, args, resolve_secrets=False)
     rts = Runtimes(r.root)
-    doc = []
+    doc: list[dict[str, Any]] = []
     for g in groves:
         actual = observe(r.root, g.name, g, rts, with_work=True, tolerate=True)
         doc.append({"grove": g.name, "agents": status_rows(g, actual),
@@ -31,15 +31,15 @@ def run(args: argparse.Namespace) -> int:
         ui.print_json({"formatVersion": 1, "groves": doc})
         return 0
     cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode"]
-    for g in doc:
-        ui.out(f"grove {g['grove']}")
+    for entry in doc:
+        ui.out(f"grove {entry['grove']}")
         table = [[str(x[c] if x[c] is not None else "-") or "-" for c in cols]
-                 for x in g["agents"]]
+                 for x in entry["agents"]]
         widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
         ui.out("  " + "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
-        for row, x in zip(table, g["agents"], strict=True):
+        for row, x in zip(table, entry["agents"], strict=True):
             line = "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))
             ui.out(line.rstrip() + (f"  ({x['reason']})" if x["reason"] else ""))
-        for e in g["errors"]:
+        for e in entry["errors"]:
             ui.err(f"warning: {e}")
     return 0
