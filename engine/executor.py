@@ -112,7 +112,12 @@ def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
     values = {c.name: secrets.read(c) for c in agent.credentials}
     inbox = root / ".engine" / "inbox" / agent.grove / agent.name
     inbox.mkdir(parents=True, exist_ok=True)
-    env = dict(agent.env)
+    # commits made by an agent are attributed to it (the profile's env may override)
+    ident = {"GIT_AUTHOR_NAME": f"{agent.name} ({agent.grove})",
+             "GIT_AUTHOR_EMAIL": f"{agent.name}@{agent.grove}.agents.invalid"}
+    ident |= {"GIT_COMMITTER_NAME": ident["GIT_AUTHOR_NAME"],
+              "GIT_COMMITTER_EMAIL": ident["GIT_AUTHOR_EMAIL"]}
+    env = {**ident, **dict(agent.env)}
     env.update({"ENGINE_GROVE": agent.grove, "ENGINE_AGENT": agent.name,
                 "ENGINE_INBOX": str(inbox), "ENGINE_PARENT": agent.spawned_by or "",
                 "ENGINE_BRANCH": ws.branch, "ENGINE_PROFILE": agent.profile})

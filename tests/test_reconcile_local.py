@@ -67,6 +67,9 @@ def test_apply_converges_in_dependency_order_and_is_idempotent(repo: Path, engin
     assert st["researcher"]["phase"] == "Succeeded" and st["coder"]["phase"] == "Succeeded"
     assert st["coder"]["ahead"] == 2  # started from researcher's work, then its own commit
     assert git(repo, "log", "-1", "--format=%s", "engine/demo/coder") == "code"
+    # each agent's commits are attributed to the agent
+    assert git(repo, "log", "-1", "--format=%an <%ae>", "engine/demo/coder") == \
+        "coder (demo) <coder@demo.agents.invalid>"
     res = engine("plan", "--detailed-exitcode")
     assert res.code == 0, res
     assert "No changes" in res.out
