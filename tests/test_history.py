@@ -117,6 +117,9 @@ def test_removed_agent_story_and_grove_filter(repo: Path, engine: Any) -> None:
     assert "not in the manifests at HEAD" in engine("history", "--agent", "gone").out
     only = history(engine, "-g", "other")
     assert [c["grove"] for c in only["commits"]] == ["other"]
+    unknown = engine("history", "-g", "nope")
+    assert unknown.code == 1
+    assert unknown.err == "error: grove nope: not found in the git history of groves/\n"
 
 
 def test_merge_reports_a_branch_change_once(repo: Path, engine: Any) -> None:

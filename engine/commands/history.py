@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     found = scan.scan(r.root, args.rev, args.groves)
     events = found.events
+    seen = {e.grove for e in events} | set(found.final)
+    for g in args.groves or []:
+        if g not in seen:
+            raise EngineError(f"grove {g}: not found in the git history of groves/")
     if args.agent:
         story = explain(found, args.agent, args.groves)
         if args.json:
