@@ -532,6 +532,20 @@ def test_no_kubeconfig_is_one_line_runtime_unavailable(kube: Kube, repo: Path,
     assert "no kubeconfig at" in err.value.summary and "\n" not in err.value.summary
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("not: [valid", "is not valid YAML at line 1"),
+    ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
+     "Expected key current-context")])
+def test_broken_kubeconfig_is_one_line_runtime_unavailable(kube: Kube, text: str,
+                                                           message: str) -> None:
+    broken = kube.repo.parent / "broken-kubeconfig"
+    broken.write_text(text)
+    kube.grove(kubeconfig=broken)
+    with pytest.raises(RuntimeUnavailable) as err:
+        kube.rt.observe("kube")
+    assert message in err.value.summary and "\n" not in err.value.summary
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ from typing import Any
 
 import kubernetes.config
 import kubernetes.stream
+import yaml
 
 from engine import __version__, fsutil, manifest
 from engine.desired import DesiredAgent
@@ -350,6 +351,11 @@ def _connect(kubeconfig: str, context: str) -> Cluster:
             os.pathsep.join(str(f) for f in files))
         api = cfg_mod.new_client_from_config(config_file=os.pathsep.join(map(str, files)),
                                              context=context or None, persist_config=False)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise RuntimeUnavailable(f"kubernetes: kubeconfig {where} is not valid YAML{at}: "
+                                 f"{getattr(e, 'problem', None) or 'parse error'}") from None
     except (cfg_mod.ConfigException, OSError, ValueError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeUnavailable(f"kubernetes: kubeconfig {where}: {first}") from None
