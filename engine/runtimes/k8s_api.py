@@ -24,6 +24,7 @@ from engine.runtimes import (
     FAILED,
     LABEL_AGENT,
     LABEL_HASH,
+    LABEL_REPO,
     PENDING,
     RUNNING,
     STOPPED,
@@ -254,3 +255,21 @@ def essence(grove: str, pods: list[dict[str, Any]], jobs: list[dict[str, Any]],
                               spec_hash=owner["metadata"]["labels"].get(LABEL_HASH, ""),
                               phase=phase, exit_code=code, reason=reason, host=host)
     return out
+
+
+def outdated(old: dict[str, Any], wanted: dict[str, Any], repo: str) -> bool:
+    """Whether an agent's existing workload must go before `wanted` is applied: create()
+    starts the agent, so a finished, terminating or differently specified one is replaced.
+    Refuses an object of the same name that another repository's grove owns."""
+    meta, kind = wanted["metadata"], wanted["kind"]
+    labels = old["metadata"].get("labels") or {}
+    if labels.get(LABEL_REPO) != repo:
+        raise EngineError(f"kubernetes: {kind.lower()} {meta['namespace']}/{meta['name']} "
+                          "exists and is not owned by this repository's grove (label "
+                          f"{LABEL_REPO}={labels.get(LABEL_REPO, 'none')}); not touching it")
+    status = old.get("status") or {}
+    finished = status.get("phase") in ("Succeeded", "Failed") or any(
+        c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+        for c in status.get("conditions") or [] if kind == "Job")
+    return bool(old["metadata"].get("deletionTimestamp") or finished
+                or labels.get(LABEL_HASH) != meta["labels"][LABEL_HASH])

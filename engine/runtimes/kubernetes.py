@@ -30,10 +30,11 @@ import yaml
 from engine import __version__, fsutil, manifest
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import LABEL_HASH, LABEL_REPO, Launch, Observed, k8s_git
+from engine.runtimes import Launch, Observed, k8s_git
+from engine.runtimes import k8s_api as api
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
-from engine.runtimes.k8s_api import APPLY, Call, Cluster, Invalid, NotFound, essence, path, plural
+from engine.runtimes.k8s_api import Call, Cluster, NotFound
 
 LIST_PAGE = 500  # objects per list call: 1,000 agents are 2 pages of Pods, 2 of Jobs
 _DELETE_ORDER = ("Job", "Pod", "NetworkPolicy", "Secret", "ConfigMap")
@@ -125,7 +126,7 @@ class KubernetesRuntime:
             cl = self.cluster(t.kubeconfig, t.context)
             items = {kind: self._list(cl, kind, t.namespace, objs.selector(grove, repo))
                      for kind in ("Pod", "Job")}
-            for name, obs in essence(grove, items["Pod"], items["Job"], t.context).items():
+            for name, obs in api.essence(grove, items["Pod"], items["Job"], t.context).items():
                 self._where[(grove, name)] = t
                 out[name] = obs
         return dict(sorted(out.items()))
@@ -153,7 +154,7 @@ class KubernetesRuntime:
         for obj in built:
             try:
                 self._apply(cl, obj)
-            except Invalid:
+            except api.Invalid:
                 if obj is not workload:
                     raise
                 self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
@@ -173,7 +174,7 @@ class KubernetesRuntime:
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         cl, ns, pod = self._pod(grove, agent)
         query = {"container": objs.CONTAINER, **({"follow": "true"} if follow else {})}
-        resp = cl.request("GET", path("Pod", ns, pod, "log"),
+        resp = cl.request("GET", api.path("Pod", ns, pod, "log"),
                           Call("get", "pods/log", ns, pod), query=query, stream=True)
         buf = b""
         try:
@@ -226,10 +227,10 @@ class KubernetesRuntime:
     def _apply(self, cl: Cluster, obj: dict[str, Any]) -> dict[str, Any]:
         meta, kind = obj["metadata"], obj["kind"]
         result: dict[str, Any] = cl.request(
-            "PATCH", path(kind, meta["namespace"], meta["name"]),
-            Call("patch", plural(kind), meta["namespace"], meta["name"]),
+            "PATCH", api.path(kind, meta["namespace"], meta["name"]),
+            Call("patch", api.plural(kind), meta["namespace"], meta["name"]),
             query={"fieldManager": objs.FIELD_MANAGER, "force": "false"}, body=obj,
-            content_type=APPLY)
+            content_type=api.APPLY)
         return result
 
     def _list(self, cl: Cluster, kind: str, ns: str, selector: str) -> list[dict[str, Any]]:
@@ -237,7 +238,7 @@ class KubernetesRuntime:
         items: list[dict[str, Any]] = []
         query = {"labelSelector": selector, "limit": str(LIST_PAGE)}
         while True:
-            page = cl.request("GET", path(kind, ns), Call("list", plural(kind), ns),
+            page = cl.request("GET", api.path(kind, ns), Call("list", api.plural(kind), ns),
                               query=query)
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
@@ -247,14 +248,14 @@ class KubernetesRuntime:
 
     def _delete(self, cl: Cluster, kind: str, ns: str, name: str) -> None:
         query = {"propagationPolicy": "Foreground" if kind == "Job" else "Background"}
-        cl.request("DELETE", path(kind, ns, name),
-                   Call("delete", plural(kind), ns, name), query=query)
+        cl.request("DELETE", api.path(kind, ns, name),
+                   Call("delete", api.plural(kind), ns, name), query=query)
 
     def _get(self, cl: Cluster, kind: str, ns: str, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = cl.request(
-                "GET", path(kind, ns, name),
-                Call("get", plural(kind), ns, name))
+                "GET", api.path(kind, ns, name),
+                Call("get", api.plural(kind), ns, name))
         except NotFound:
             return None
         return obj
@@ -266,18 +267,7 @@ class KubernetesRuntime:
         old = self._get(cl, kind, meta["namespace"], meta["name"])
         if old is None:
             return
-        labels = old["metadata"].get("labels") or {}
-        if labels.get(LABEL_REPO) != repo:
-            raise EngineError(f"kubernetes: {kind.lower()} {meta['namespace']}/{meta['name']}"
-                              " exists and is not owned by this repository's grove (labels "
-                              f"{LABEL_REPO}={labels.get(LABEL_REPO, 'none')}); not touching "
-                              "it")
-        status = old.get("status") or {}
-        finished = status.get("phase") in ("Succeeded", "Failed") or any(
-            c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
-            for c in status.get("conditions") or [] if kind == "Job")
-        if old["metadata"].get("deletionTimestamp") or finished \
-                or labels.get(LABEL_HASH) != meta["labels"][LABEL_HASH]:
+        if api.outdated(old, workload, repo):
             self._remove(cl, kind, meta["namespace"], meta["name"])
 
     def _remove(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90) -> None:
