@@ -10,7 +10,9 @@ none of its parents had, so a change made on a branch is told once, by its own c
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,24 +101,37 @@ class Event:
         return "\n".join(lines)
 
 
-class _Blobs:
-    """A long-lived `git cat-file --batch` reading blobs on demand."""
+class _Objects:
+    """A long-lived `git cat-file --batch`: objects by hash or `rev:path`, on demand."""
 
     def __init__(self, root: Path) -> None:
         self.proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=root,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def read(self, sha: str) -> bytes:
+    def read(self, spec: str) -> tuple[str, bytes]:
+        """(type, content), or ("missing", b"")."""
         stdin: IO[bytes] = self.proc.stdin  # type: ignore[assignment]
         stdout: IO[bytes] = self.proc.stdout  # type: ignore[assignment]
-        stdin.write(sha.encode() + b"\n")
+        stdin.write(spec.encode() + b"\n")
         stdin.flush()
         head = stdout.readline().split()
         if len(head) != 3:
-            return b""
+            return "missing", b""
         data = stdout.read(int(head[2]))
         stdout.read(1)
-        return data
+        return head[1].decode(), data
+
+    def tree(self, spec: str) -> dict[str, tuple[str, str]]:
+        """Entries of a tree object: name -> (mode, hex hash); {} when there is none."""
+        kind, data = self.read(spec)
+        out: dict[str, tuple[str, str]] = {}
+        pos = 0
+        while kind == "tree" and pos < len(data):
+            nul = data.index(b"\0", pos)
+            mode, _, name = data[pos:nul].decode("utf-8", errors="replace").partition(" ")
+            out[name] = (mode, data[nul + 1:nul + 21].hex())
+            pos = nul + 21
+        return out
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -126,7 +141,33 @@ class _Blobs:
             self.proc.stdout.close()
 
 
-def _agents_of(text: str, display: str) -> dict[str, AgentRec]:
+_MARKER = re.compile(r"^(?:---|\.\.\.)(?=\s|$)", re.MULTILINE)
+
+
+def _chunks(text: str) -> list[str]:
+    """The documents of a YAML stream, split at `---` / `...` lines (which YAML forbids
+    inside content), so that an append-only file re-parses only its new documents."""
+    cuts = [m.start() for m in _MARKER.finditer(text)]
+    bounds = [0, *[c for c in cuts if c > 0], len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if text[a:b].strip()]
+
+
+def _agents_of(text: str, display: str, docs: dict[str, dict[str, AgentRec]]
+               ) -> dict[str, AgentRec]:
+    """Agents a file declares; `docs` caches them per document text across commits."""
+    out: dict[str, AgentRec] = {}
+    for chunk in _chunks(text):
+        if chunk not in docs:
+            try:
+                docs[chunk] = _doc_agents(chunk, display)
+            except YamlError:
+                load_text(text, display)  # raises the error with the file's own line numbers
+                raise
+        out.update(docs[chunk])
+    return out
+
+
+def _doc_agents(text: str, display: str) -> dict[str, AgentRec]:
     out: dict[str, AgentRec] = {}
     for doc in load_text(text, display):
         data = doc.data if isinstance(doc.data, dict) else {}
@@ -179,49 +220,55 @@ def scan(root: Path, rev: str = "HEAD", groves: list[str] | None = None) -> Hist
     """Every topology change of the selected groves in the history of `rev`, oldest first,
     and each grove's agents at `rev`."""
     history = commits(root, rev)
-    blobs = _Blobs(root)
+    prefix = revisions.git(root, "rev-parse", "--show-prefix").decode().strip()
+    git = _Objects(root)
     files: dict[str, dict[str, AgentRec] | str] = {}  # blob -> agents, or a parse error
-    # commit -> grove -> (the grove's files at that commit, its agents)
-    states: dict[str, dict[str, tuple[tuple[str, ...], dict[str, AgentRec]]]] = {}
-    memo: dict[tuple[str, ...], tuple[dict[str, AgentRec] | None, str]] = {}
+    docs: dict[str, dict[str, AgentRec]] = {}  # document text -> agents
+    # commit -> grove -> (the grove directory's tree hash, its agents)
+    states: dict[str, dict[str, tuple[str, dict[str, AgentRec]]]] = {}
+    memo: dict[tuple[str, str], tuple[dict[str, AgentRec] | None, str]] = {}
     events: list[Event] = []
     try:
         for c in history:
-            tree = revisions.grove_blobs(root, c.sha)
+            dirs = {n: sha for n, (mode, sha) in
+                    git.tree(f"{c.sha}:{prefix}{manifest.GROVES_DIR}").items() if mode == "40000"}
             parents = [states.get(p, {}) for p in c.parents] or [{}]
             mine = states[c.sha] = {}
-            for grove in sorted(set(tree) | {g for s in parents for g in s}):
+            for grove in sorted(set(dirs) | {g for s in parents for g in s}):
                 if groves and grove not in groves:
                     continue
-                key = tuple(sorted(f"{n}:{s}" for n, s in tree.get(grove, {}).items()))
-                before = [p.get(grove, ((), {})) for p in parents]
+                key = dirs.get(grove, "")
+                before = [p.get(grove, ("", {})) for p in parents]
                 if any(k == key for k, _ in before):
                     mine[grove] = next(b for b in before if b[0] == key)
                     continue  # this commit left the grove as one of its parents had it
-                if (grove, *key) not in memo:
-                    memo[(grove, *key)] = _grove_state(grove, tree.get(grove, {}), blobs,
-                                                       files)
-                state, problem = memo[(grove, *key)]
+                if (grove, key) not in memo:
+                    memo[(grove, key)] = _grove_state(grove, key, git, files, docs)
+                state, problem = memo[(grove, key)]
                 now = state if state is not None else before[0][1]
                 mine[grove] = (key, now)
                 ev = _event(c, grove, [b[1] for b in before], now, problem)
                 if ev:
                     events.append(ev)
     finally:
-        blobs.close()
+        git.close()
     last = states.get(history[-1].sha, {}) if history else {}
     return History(events, {g: agents for g, (_, agents) in last.items()})
 
 
-def _grove_state(grove: str, files: dict[str, str], blobs: _Blobs,
-                 cache: dict[str, dict[str, AgentRec] | str]
+def _grove_state(grove: str, tree: str, git: _Objects,
+                 cache: dict[str, dict[str, AgentRec] | str],
+                 docs: dict[str, dict[str, AgentRec]]
                  ) -> tuple[dict[str, AgentRec] | None, str]:
     state: dict[str, AgentRec] = {}
-    for name, sha in sorted(files.items()):
+    entries = git.tree(tree) if tree else {}
+    for name, (mode, sha) in sorted(entries.items()):
+        if not name.endswith(".yaml") or mode not in ("100644", "100755"):
+            continue
         if sha not in cache:
             display = f"{manifest.GROVES_DIR}/{grove}/{name}"
             try:
-                cache[sha] = _agents_of(blobs.read(sha).decode("utf-8"), display)
+                cache[sha] = _agents_of(git.read(sha)[1].decode("utf-8"), display, docs)
             except YamlError as e:
                 cache[sha] = str(e.diagnostic)
             except UnicodeDecodeError:

@@ -157,3 +157,23 @@ def test_empty_history_and_bad_rev(repo: Path, engine: Any) -> None:
     assert r.code == 0 and "no topology changes" in r.out
     bad = engine("history", "--rev", "nope")
     assert bad.code == 1 and bad.err == "error: revision nope not found\n"
+
+
+def test_documents_are_split_only_at_markers_and_errors_keep_file_lines(repo: Path,
+                                                                        engine: Any) -> None:
+    from engine import history_scan
+
+    text = "a: 1\n---\nb: |\n  ---\n  text\n--- {c: 3}\n...\n"
+    assert history_scan._chunks(text) == ["a: 1\n", "---\nb: |\n  ---\n  text\n",
+                                          "--- {c: 3}\n", "...\n"]
+    write_grove(repo, "demo", grove_yaml("demo", {"lead": {}}))
+    spawn(repo, "helper", "lead", "req-1")
+    f = repo / "groves" / "demo" / "spawned.yaml"
+    f.write_text(f.read_text() + "---\napiVersion: engine/v1alpha1\nkind: [oops\n")
+    bad = commit(repo, "broken append")
+    doc = history(engine)
+    broken = next(c for c in doc["commits"] if c["commit"] == bad)
+    assert broken["invalid"].startswith("groves/demo/spawned.yaml:")
+    line = int(broken["invalid"].split(":")[1])
+    # a line of the whole file (the unclosed list runs to its end), not of the last document
+    assert line in (13, 14) and len(f.read_text().splitlines()) == 13
