@@ -25,7 +25,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from engine import desired, events, executor, ingest, inventory, manifest, plan
+from engine import desired, events, executor, inbox, ingest, inventory, manifest, plan
 from engine.desired import DesiredGrove
 from engine.errors import EngineError, InvalidManifests
 from engine.observe import Runtimes, observe, status_rows
@@ -133,7 +133,9 @@ class Controller:
         grove = self._desired(name)
         if grove is None:
             return
-        # 1. requests from agents (spawns become manifest entries)
+        # 1. requests from agents (spawns become manifest entries); runtimes whose agents
+        # cannot write to the host's inbox directory (Pods) carry it over their API first
+        self._sync_remote_inboxes(grove, rts)
         rep = ingest.process(self.root, grove, self.opts, rts,
                              lambda g: status_rows(g, observe(self.root, g.name, g, rts)))
         for child in rep.accepted:
@@ -153,6 +155,23 @@ class Controller:
             actual = observe(self.root, name, grove, rts)
         # 3. tell parents about children that ended
         ingest.notify_parents(self.root, grove, actual)
+
+
+    def _sync_remote_inboxes(self, grove: DesiredGrove, rts: Runtimes) -> None:
+        remote = [a for a in grove.agents if a.runtime == "kubernetes"]
+        if not remote:
+            return
+        running = observe(self.root, grove.name, grove, rts).observed
+        for a in remote:
+            obs = running.get(a.name)
+            rt = rts.get(a.runtime, a.host)
+            sync = getattr(rt, "sync_inbox", None)
+            if obs is None or obs.phase != "Running" or sync is None:
+                continue
+            try:
+                sync(grove.name, a.name, inbox.inbox_dir(self.root, grove.name, a.name))
+            except EngineError as e:
+                self.log(f"{grove.name}/{a.name}: inbox sync failed: {e.summary}")
 
 
 class _LogHooks:
