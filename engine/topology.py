@@ -144,9 +144,10 @@ def edges_of(g: DesiredGrove | None) -> set[Edge]:
 
 def compare(base: DesiredGrove | None, head: DesiredGrove | None) -> TopologyDiff:
     """The topology diff of one grove; None for a side where the grove does not exist."""
-    if base is None and head is None:
+    either = head if head is not None else base
+    if either is None:
         raise ValueError("compare needs at least one side")
-    name = (head or base).name  # type: ignore[union-attr]
+    name = either.name
     b = base.by_name if base else {}
     h = head.by_name if head else {}
     added = tuple(_info(h[n]) for n in sorted(set(h) - set(b)))
