@@ -23,6 +23,7 @@ from engine.errors import Diagnostic, EngineError, InvalidManifests
 from engine.manifest import Entry, GroveSource
 from engine.render import TemplateError, render
 from engine.secrets import CredentialRef
+from engine.yamlio import bulk
 
 # Settings that change how the engine treats an agent but not the agent's process: a change
 # updates the inventory in place instead of replacing the agent.
@@ -613,4 +614,5 @@ class _Builder:
 
 def build(src: GroveSource, opts: Options | None = None) -> DesiredGrove:
     """Resolve every agent of a grove; raise InvalidManifests listing all problems."""
-    return _Builder(src, opts or Options()).build()
+    with bulk():
+        return _Builder(src, opts or Options()).build()

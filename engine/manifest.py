@@ -14,7 +14,7 @@ from typing import Any
 
 from engine import schema
 from engine.errors import Diagnostic, EngineError, InvalidManifests
-from engine.yamlio import Document, YamlError, load_file, load_text
+from engine.yamlio import Document, YamlError, bulk, load_file, load_text
 
 GROVES_DIR = "groves"
 SPAWNED_FILE = "spawned.yaml"
@@ -72,7 +72,11 @@ def load_grove(directory: Path, display_root: Path | None = None,
                texts: dict[str, str] | None = None) -> GroveSource:
     """Load one grove directory. `texts` (file name -> content) replaces reading the disk,
     for manifests taken from a git revision."""
-    rel = _display(directory, display_root)
+    with bulk():
+        return _load(directory, _display(directory, display_root), texts)
+
+
+def _load(directory: Path, rel: str, texts: dict[str, str] | None) -> GroveSource:
     docs: list[Document] = []
     diags: list[Diagnostic] = []
     files = sorted(texts) if texts is not None else sorted(
