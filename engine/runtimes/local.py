@@ -6,7 +6,8 @@ wrapper (`.engine/run/<grove>/<agent>/run.sh`) that enters the agent's worktree,
 its environment, reads its secrets from 0600 files (then deletes them), runs the harness
 under `timeout` when maxDuration is set, and records the exit code atomically. Output is
 piped to `.engine/logs/<grove>/<agent>.log`. Observation is one `list-sessions` call plus
-the exit files of finished agents.
+the exit files of finished agents. Agents here share the user's home, so a harness's login
+files (`credential_files`) are where the program already looks; they are not copied.
 """
 
 from __future__ import annotations
@@ -147,7 +148,9 @@ class LocalRuntime:
             '  rm -rf "$secrets"',
             "fi",
         ]
-        argv = " ".join(q(x) for x in a.command)
+        # a restart resumes the harness's previous session when it knows how
+        command = a.resume_command if launch.resume and a.resume_command else a.command
+        argv = " ".join(q(x) for x in command)
         if a.max_duration:
             argv = f"timeout --foreground -k 10 {a.max_duration} {argv}"
         lines += [
