@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,14 +45,37 @@ def connect(host: str | None) -> Any:
     if not where.startswith(SCHEMES):
         raise EngineError(f"docker host {where}: unknown scheme (use unix://, tcp:// or "
                           "ssh://)")
-    try:
+    def client(version: str) -> Any:
         if host:
-            return docker.DockerClient(base_url=host, version="auto", timeout=120,
+            return docker.DockerClient(base_url=host, version=version, timeout=120,
                                        use_ssh_client=host.startswith("ssh://"))
-        return docker.from_env(version="auto", timeout=120)
+        return docker.from_env(version=version, timeout=120)
+
+    if where.startswith("unix://"):
+        _probe_unix(where, where.removeprefix("unix://"))
+    # Probe first with a client that makes no request while being built, so a failed
+    # connection leaves nothing open; then speak the highest API version both sides know.
+    probe = client(docker.constants.MINIMUM_DOCKER_API_VERSION)
+    try:
+        server = str(probe.api.version(api_version=False)["ApiVersion"])
     except (DockerException, requests.RequestException) as e:
         raise RuntimeUnavailable(f"docker engine at {where}: not reachable; {START_HINT}",
                                  detail=str(e)) from None
+    finally:
+        probe.close()
+    ours = docker.constants.DEFAULT_DOCKER_API_VERSION
+    return client(server if docker.utils.version_lt(server, ours) else ours)
+
+
+def _probe_unix(where: str, path: str) -> None:
+    """docker-py leaks the socket of a failed unix connection: try it ourselves first."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise RuntimeUnavailable(f"docker engine at {where}: not reachable "
+                                     f"({e.strerror or e}); {START_HINT}") from None
 
 
 def make(repo_root: Path, host: str | None) -> DockerRuntime:
@@ -67,6 +92,11 @@ class DockerRuntime:
         self.host = host
         self.client = client
         self.api = client.api
+        # pooled connections are closed when the runtime goes away, warning-free
+        self._closer = weakref.finalize(self, client.close)
+
+    def close(self) -> None:
+        self._closer()
 
     def _where(self) -> str:
         return self.host or "the local docker engine"

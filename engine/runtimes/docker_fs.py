@@ -5,11 +5,12 @@ Called by `engine.runtimes.docker` before a container is created (`prepare`) and
 is removed (`forget`). Returns the `HostDirs` the container spec mounts.
 
 Ownership: the agent runs as a fixed uid (1000 by default) that is usually not the uid of
-the engine. What the engine made for this one agent (its worktree, the worktree's git
-entry, its scratch dirs, its secret files) is given to that uid: chown when the engine is
-root, nothing when the uids already match, else a POSIX ACL. What is shared with the rest of
-the repository (the git objects, the grove's branch refs) keeps its owner and gains an ACL
-entry for the agent uid only, so the repository's owner keeps every right it had.
+the engine. What the engine made for this one agent's container (its scratch dirs, its secret
+files) is given to that uid: chown when the engine is root, nothing when the uids already
+match, else a POSIX ACL. Git state (the worktree, its entry in the common git dir, the git
+objects, the grove's branch refs) keeps its owner and gains an ACL entry for the agent uid
+only, so the repository's owner keeps every right it had, and the host's git, which refuses a
+repository owned by another user, keeps working in the worktree.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from engine.errors import EngineError
+from engine.fsutil import atomic_write
 from engine.runtimes import Launch
-from engine.runtimes.docker_spec import HostDirs, uid_gid
+from engine.runtimes.docker_spec import HostDirs, client_shim, uid_gid
 
 _ACCESS, _DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -43,6 +45,8 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
         shutil.rmtree(d, ignore_errors=True)
     ctl.mkdir(parents=True)
     _write_secrets(secrets, launch.secrets)
+    shim = launch.run_dir / "bin" / "engine"
+    atomic_write(shim, client_shim().encode(), 0o755)
     launch.inbox.mkdir(parents=True, exist_ok=True)
     launch.log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(launch.log_file, "ab" if launch.resume else "wb"):
@@ -50,9 +54,9 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     for p in (ctl, secrets, launch.inbox, launch.log_file):
         give(p, uid, gid)
     if a.access != "read-only":
-        _grant_workspace(launch, uid, gid)
+        _grant_workspace(launch, uid)
     return HostDirs(ctl=ctl, secrets=secrets, log=launch.log_file, inbox=launch.inbox,
-                    client=launch.client, entrypoint=entrypoint)
+                    client=launch.client, client_bin=shim, entrypoint=entrypoint)
 
 
 def forget(run_dir: Path) -> None:
@@ -69,18 +73,15 @@ def _write_secrets(directory: Path, values: dict[str, str]) -> None:
             f.write(value)
 
 
-def _grant_workspace(launch: Launch, uid: int, gid: int) -> None:
-    """Make the workdir and the git state its commits touch writable by the agent uid."""
-    shared_workdir = launch.workdir.resolve() == launch.repo_root.resolve()
-    if shared_workdir:
-        share(launch.workdir, uid, files=True)
-    else:
-        give(launch.workdir, uid, gid)
+def _grant_workspace(launch: Launch, uid: int) -> None:
+    """Make the workdir and the git state its commits touch writable by the agent uid.
+    ACLs, not chown: the host's git refuses repositories owned by another user."""
+    share(launch.workdir, uid, files=True)
     dotgit = launch.workdir / ".git"
     if dotgit.is_file():  # a worktree: its private git dir lives in the common dir
         text = dotgit.read_text().strip()
         if text.startswith("gitdir:"):
-            give(Path(text.removeprefix("gitdir:").strip()), uid, gid)
+            share(Path(text.removeprefix("gitdir:").strip()), uid, files=True)
     branch_dir = Path(launch.agent.branch).parent
     for path, read_only in launch.git_paths:
         if read_only:

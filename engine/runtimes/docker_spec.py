@@ -38,7 +38,8 @@ SECRETS = "/run/secrets"
 CTL = "/run/engine/ctl"  # exit code and reason, written by the entrypoint
 INBOX = "/run/engine/inbox"
 LOG = "/run/engine/log"  # the pane's output, a bind-mounted host file
-CLIENT = "/usr/local/bin/engine"
+CLIENT = "/usr/local/lib/engine/client.py"
+CLIENT_BIN = "/usr/local/bin/engine"  # a two-line shim: runs CLIENT with python3
 ENTRYPOINT = "/usr/local/lib/engine/entrypoint.sh"
 SESSION = "agent"  # the tmux session the harness runs in
 
@@ -55,6 +56,7 @@ class HostDirs:
     log: Path
     inbox: Path
     client: Path
+    client_bin: Path
     entrypoint: Path
 
 
@@ -128,11 +130,18 @@ def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
     out += [_mount(p, str(p), ro or p_ro) for p, p_ro in launch.git_paths]
     out += [_mount(dirs.secrets, SECRETS, True), _mount(dirs.ctl, CTL, False),
             _mount(dirs.log, LOG, False), _mount(dirs.inbox, INBOX, False),
-            _mount(dirs.client, CLIENT, True), _mount(dirs.entrypoint, ENTRYPOINT, True)]
+            _mount(dirs.client, CLIENT, True), _mount(dirs.client_bin, CLIENT_BIN, True),
+            _mount(dirs.entrypoint, ENTRYPOINT, True)]
     for source, target, m_ro in a.mounts:
         src = (launch.repo_root / Path(source).expanduser()).resolve()
         out.append(_mount(src, target, m_ro))
     return out
+
+
+def client_shim() -> str:
+    """The `engine` command on PATH inside the container (mode bits of the mounted client
+    file do not matter)."""
+    return f'#!/bin/sh\nexec python3 -S {CLIENT} "$@"\n'
 
 
 def network_mode(network: str) -> str:
@@ -146,6 +155,9 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
     uid, gid = uid_gid(a.user)
     res = a.resources
     tmpfs = {"/tmp": TMPFS_TMP}
+    if launch.workdir.resolve() == launch.repo_root.resolve():
+        # shared workspace: hide the engine's state (other agents' worktrees and secrets)
+        tmpfs[f"{WORKSPACE}/.engine"] = "ro,size=1m"
     if a.read_only_root:
         tmpfs[HOME] = f"rw,nosuid,nodev,size=512m,uid={uid},gid={gid},mode=0700"
     kwargs: dict[str, Any] = {

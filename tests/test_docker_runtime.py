@@ -1,0 +1,316 @@
+"""The Docker runtime against a real Docker engine: sandbox, workspace, secrets, phases,
+interaction, two engines, bad input. Launches are built directly (a real repository and
+worktree per test) instead of going through plan/apply, which have their own tests.
+The agent-side client mounted into containers is the real engine/client.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.errors import EngineError, RuntimeUnavailable
+from engine.runtimes import docker as docker_rt
+from engine.runtimes import docker_spec as spec
+from tests.conftest import git
+from tests.docker_fixtures import (  # noqa: F401  (fixtures)
+    IMAGE,
+    Agents,
+    agents,
+    base_image,
+    docker_cli,
+    docker_client,
+)
+
+pytestmark = pytest.mark.docker
+
+SECRET_A = "s3cr3t-value-for-a-8d1f"
+SECRET_B = "s3cr3t-value-for-b-77c2"
+
+GROVE = f"""\
+apiVersion: engine/v1alpha1
+kind: Grove
+metadata: {{name: g}}
+spec:
+  defaults: {{profile: box, harness: shell}}
+  profiles:
+    box:
+      runtime: docker
+      image: {IMAGE}
+      resources: {{cpus: 1, memory: 256Mi, pids: 128}}
+      credentials: {{TOKEN: {{fromEnv: TEST_TOKEN}}}}
+    reader: {{runtime: docker, image: {IMAGE}, access: read-only}}
+    small: {{runtime: docker, image: {IMAGE}, resources: {{memory: 64Mi}}}}
+  agents:
+"""
+
+PROBE = r"""
+set -u
+out=/workspace/probe.txt
+{
+  echo "uid=$(id -u)"
+  echo "cap=$(awk '/^CapEff/ {print $2}' /proc/self/status)"
+  echo "net=$(ls /sys/class/net | tr '\n' ' ')"
+  touch /usr/x 2>/dev/null && echo "root=writable" || echo "root=readonly"
+  touch /tmp/x && echo "tmp=ok"
+  touch "$HOME/x" && echo "home=ok"
+  echo "token=$TOKEN"
+  echo "secret=$(stat -c '%a %u' /run/secrets/TOKEN)"
+  echo "secrets=$(ls /run/secrets | tr '\n' ' ')"
+  echo "sock=$(ls /var/run/docker.sock 2>&1 >/dev/null | wc -l)"
+  echo "inbox=$ENGINE_INBOX"
+  echo "other=$(cat /run/secrets/* | grep -c for-b)"
+  echo "worktree-b=$(ls {other} 2>&1 | grep -c 'No such file')"
+} > "$out"
+engine message b hello-from-a
+git add probe.txt && git commit -qm "a: probe"
+"""
+
+
+def agent_entry(name: str, task: str, **extra: str) -> str:
+    lines = [f"    - name: {name}", f"      task: {json.dumps(task)}"]
+    lines += [f"      {k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def test_sandbox_isolation_secrets_and_commit(agents: Agents, repo: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "digest-input")
+    other = repo / ".engine" / "worktrees" / "g" / "b"
+    g = agents.grove(GROVE + agent_entry("a", PROBE.replace("{other}", str(other)))
+                     + agent_entry("b", "sleep 30"))
+    la = agents.launch(g.agent("a"), {"TOKEN": SECRET_A})
+    lb = agents.launch(g.agent("b"), {"TOKEN": SECRET_B})
+    rt = agents.start(lb)
+    agents.start(la)
+    o = agents.wait(rt, "g", "a")
+    assert (o.phase, o.exit_code, o.runtime) == ("Succeeded", 0, "docker"), o
+    probe = parse((la.workdir / "probe.txt").read_text())
+    assert probe["uid"] == "1000"
+    assert probe["cap"] == "0000000000000000"
+    assert probe["net"].split() == ["lo"]
+    assert probe["root"] == "readonly"
+    assert probe["tmp"] == probe["home"] == "ok"
+    assert probe["token"] == SECRET_A
+    assert probe["secret"] == "400 1000"
+    assert probe["secrets"].split() == ["TOKEN"]
+    assert probe["sock"] == "1"
+    assert probe["inbox"] == "/run/engine/inbox"
+    assert probe["other"] == "0"
+    assert probe["worktree-b"] == "1"
+    # the commit made inside the container is on the agent's branch, seen from the host
+    assert git(repo, "log", "-1", "--format=%s", "engine/g/a") == "a: probe"
+    assert git(repo, "show", "engine/g/a:probe.txt").startswith("uid=1000")
+    assert git(repo, "fsck", "--no-progress") == ""
+    assert git(la.workdir, "status", "--porcelain") == ""
+    # the real agent client wrote into the inbox the host reads
+    reqs = [json.loads(p.read_text()) for p in la.inbox.glob("req-*.json")]
+    assert [(r["kind"], r["from"]) for r in reqs] == [("MessageRequest", "a")]
+    # secret values: nowhere in the container config, labels or the log
+    name = spec.container_name(repo, "g", "a")
+    inspect = docker_cli("inspect", name)
+    assert SECRET_A not in inspect and SECRET_B not in inspect
+    labels = json.loads(inspect)[0]["Config"]["Labels"]
+    assert labels["engine.grove"] == "g" and labels["engine.agent"] == "a"
+    assert set(labels) >= {"engine.spec-hash", "engine.version", "engine.repo"}
+    assert SECRET_A not in la.log_file.read_text(errors="replace")
+    hc = json.loads(inspect)[0]["HostConfig"]
+    assert (hc["CapDrop"], hc["SecurityOpt"], hc["ReadonlyRootfs"], hc["Init"]) == (
+        ["ALL"], ["no-new-privileges"], True, True)
+    assert hc["Memory"] == hc["MemorySwap"] == 256 * 1024**2
+    assert hc["PidsLimit"] == 128 and hc["NanoCpus"] == 10**9
+    assert hc["NetworkMode"] == "none" and not hc["Privileged"]
+    # observe is one list: b still runs, a succeeded
+    seen = rt.observe("g")
+    assert sorted(seen) == ["a", "b"] and seen["b"].phase == "Running"
+    assert seen["a"].spec_hash == g.agent("a").spec_hash
+    # delete removes the container and the secret files on the host
+    rt.delete("g", "b")
+    assert "b" not in rt.observe("g")
+    assert not (lb.run_dir / "secrets").exists()
+    rt.delete("g", "b")  # gone already: no error
+
+
+def test_exit_codes_and_reasons(agents: Agents, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    hog = "python3 -c 'b = bytearray(400 * 1024 * 1024); print(len(b))'"
+    g = agents.grove(GROVE + agent_entry("fails", "echo bye; exit 3")
+                     + agent_entry("hog", hog, profile="small")
+                     + agent_entry("slow", "sleep 60", maxDuration="2s", profile="small")
+                     + agent_entry("victim", "sleep 60", profile="small"))
+    rts = [agents.start(agents.launch(g.agent(n), {"TOKEN": "x"} if n == "fails" else {}))
+           for n in ("fails", "hog", "slow", "victim")]
+    rt = rts[0]
+    agents.wait(rt, "g", "victim", until=("Running",))
+    docker_cli("kill", spec.container_name(agents.repo, "g", "victim"))
+    got = {n: agents.wait(rt, "g", n) for n in ("fails", "hog", "slow", "victim")}
+    assert (got["fails"].phase, got["fails"].exit_code, got["fails"].reason) == (
+        "Failed", 3, "exited 3")
+    assert (got["hog"].phase, got["hog"].exit_code, got["hog"].reason) == (
+        "Failed", 137, "killed: out of memory")
+    assert (got["slow"].phase, got["slow"].exit_code, got["slow"].reason) == (
+        "Failed", 124, "maxDuration 2s exceeded")
+    assert (got["victim"].phase, got["victim"].exit_code, got["victim"].reason) == (
+        "Failed", 137, "exited 137")
+    assert "bye" in list(rt.logs("g", "fails"))
+
+
+def test_look_send_and_follow_logs(agents: Agents, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    task = "echo ready; read -r line; echo \"got:$line\"; exit 0"
+    g = agents.grove(GROVE + agent_entry("talk", task))
+    rt = agents.start(agents.launch(g.agent("talk"), {"TOKEN": "x"}))
+    deadline = time.monotonic() + 30
+    while "ready" not in rt.look("g", "talk"):
+        assert time.monotonic() < deadline, rt.look("g", "talk")
+        time.sleep(0.2)
+    rt.send("g", "talk", "hello 'quoted' $HOME")
+    lines = list(rt.logs("g", "talk", follow=True))  # ends when the container does
+    assert "got:hello 'quoted' $HOME" in lines
+    o = agents.wait(rt, "g", "talk")
+    assert (o.phase, o.exit_code) == ("Succeeded", 0)
+    with pytest.raises(EngineError, match="not running|ended"):
+        rt.look("g", "talk")
+    with pytest.raises(EngineError, match="not running"):
+        rt.send("g", "talk", "too late")
+
+
+def test_read_only_access_and_clone_mode(agents: Agents, repo: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    g = agents.grove(GROVE
+                     + agent_entry("ro", "touch /workspace/x || exit 7", profile="reader")
+                     + agent_entry("cl", "echo c > c.txt && git add c.txt && "
+                                         "git commit -qm clone-commit", profile="reader"))
+    rt = agents.start(agents.launch(g.agent("ro")))
+    o = agents.wait(rt, "g", "ro")
+    assert (o.phase, o.exit_code) == ("Failed", 7)
+    # clone mode: the commit lands in the agent's own clone, the repository's objects are
+    # mounted read-only for its alternates
+    cl = g.agent("cl")
+    writable = type(cl)(**{**cl.__dict__, "access": "read-write"})
+    launch = agents.launch(writable, mode="clone")
+    agents.start(launch)
+    o = agents.wait(rt, "g", "cl")
+    assert (o.phase, o.exit_code) == ("Succeeded", 0), o
+    assert git(launch.workdir, "log", "-1", "--format=%s", "engine/g/cl") == "clone-commit"
+    assert git(repo, "log", "-1", "--format=%s", "engine/g/cl") == "initial"
+
+
+# -- two engines --------------------------------------------------------------------------
+
+@pytest.fixture
+def second_engine(docker_client: object, base_image: str) -> Iterator[str]:
+    """A second dockerd on its own socket (no bridge, no iptables), with the test image."""
+    d = Path(tempfile.mkdtemp(prefix="eng-d2-", dir="/tmp"))
+    host = f"unix://{d}/docker.sock"
+    log = open(d / "dockerd.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ["dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false", "-H", host,
+         "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
+         "--pidfile", str(d / "docker.pid")], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = docker_rt.connect(host)
+                break
+            except RuntimeUnavailable:
+                assert proc.poll() is None, (d / "dockerd.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "second dockerd did not start"
+                time.sleep(0.5)
+        image = docker_client.api.get_image(base_image)  # type: ignore[attr-defined]
+        client.api.load_image(image)
+        client.close()
+        yield host
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_agents_on_two_engines(second_engine: str, agents: Agents,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    text = GROVE.replace("  agents:\n", f"    far: {{runtime: docker, image: {IMAGE}, "
+                                        f"host: 'unix://{second_engine[7:]}'}}\n  agents:\n")
+    g = agents.grove(text + agent_entry("near", "sleep 30")
+                     + agent_entry("away", "sleep 30", profile="far"))
+    near = agents.start(agents.launch(g.agent("near"), {"TOKEN": "x"}))
+    away = agents.start(agents.launch(g.agent("away")))
+    assert away is not near and away.host == second_engine
+    agents.wait(near, "g", "near", until=("Running",))
+    o = agents.wait(away, "g", "away", until=("Running",))
+    assert o.host == second_engine
+    assert sorted(near.observe("g")) == ["near"]
+    assert sorted(away.observe("g")) == ["away"]
+    assert spec.container_name(agents.repo, "g", "away") in docker_cli(
+        "ps", "--format", "{{.Names}}", host=second_engine)
+    away.delete("g", "away")  # before the second engine stops, so it stops at once
+    assert away.observe("g") == {}
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+def test_missing_image_is_a_clear_error(agents: Agents) -> None:
+    g = agents.grove(GROVE.replace("  agents:\n", "    nope: {runtime: docker, image: "
+                                   "grove-engine/nope:latest}\n  agents:\n")
+                     + agent_entry("x", "true", profile="nope"))
+    with pytest.raises(EngineError) as e:
+        agents.start(agents.launch(g.agent("x")))
+    assert "grove-engine/nope:latest not found" in e.value.summary
+    assert "engine image build" in e.value.summary and "bootstrap" in e.value.summary
+    assert "x" not in agents.runtime().observe("g")
+
+
+def test_engine_not_running_and_unknown_scheme(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeUnavailable) as e:
+        docker_rt.make(tmp_path, f"unix://{tmp_path}/no.sock")
+    assert "\n" not in e.value.summary and "start it" in e.value.summary
+    assert str(tmp_path / "no.sock") in e.value.summary
+    with pytest.raises(EngineError, match="unknown scheme"):
+        docker_rt.make(tmp_path, "ftp://example.invalid")
+
+
+def test_engine_cli_without_engine(engine, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/absent.sock")
+    r = engine("image", "bootstrap")
+    assert r.code == 1 and r.err.count("\n") <= 2 and "not reachable" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_hardening_is_in_the_spec_and_secrets_are_not(agents: Agents, repo: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    g = agents.grove(GROVE + agent_entry("p", "true"))
+    launch = agents.launch(g.agent("p"), {"TOKEN": SECRET_A})
+    dirs = spec.HostDirs(ctl=Path("/c"), secrets=Path("/s"), log=Path("/l"), inbox=Path("/i"),
+                         client=Path("/cl"), client_bin=Path("/b"), entrypoint=Path("/e"))
+    kw = spec.create_kwargs(launch, dirs, IMAGE)
+    assert SECRET_A not in json.dumps(kw)
+    assert kw["user"] == "1000:1000" and kw["network_mode"] == "none"
+    assert kw["tmpfs"]["/home/agent"].endswith("uid=1000,gid=1000,mode=0700")
+    targets = {m["Target"]: m for m in kw["mounts"]}
+    assert targets["/workspace"]["Source"] == str(launch.workdir)
+    assert targets[str(repo / ".git")]["ReadOnly"] is False
+    assert targets["/run/secrets"]["ReadOnly"] is True
+    assert not any("docker.sock" in m["Source"] for m in kw["mounts"])
+    assert os.path.basename(kw["name"]).startswith("engine-g-p-")
