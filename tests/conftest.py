@@ -18,6 +18,7 @@ import pytest
 from engine.cli import main as engine_main
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.docker_fixtures"]  # Docker fixtures (engine, base image)
 
 
 @pytest.fixture(autouse=True)

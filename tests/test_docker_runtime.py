@@ -21,14 +21,7 @@ from engine.errors import EngineError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
 from engine.runtimes import docker_spec as spec
 from tests.conftest import git
-from tests.docker_fixtures import (  # noqa: F401  (fixtures)
-    IMAGE,
-    Agents,
-    agents,
-    base_image,
-    docker_cli,
-    docker_client,
-)
+from tests.docker_fixtures import IMAGE, Agents, docker_cli
 
 pytestmark = pytest.mark.docker
 
@@ -181,7 +174,7 @@ def test_look_send_and_follow_logs(agents: Agents, monkeypatch: pytest.MonkeyPat
     assert "got:hello 'quoted' $HOME" in lines
     o = agents.wait(rt, "g", "talk")
     assert (o.phase, o.exit_code) == ("Succeeded", 0)
-    with pytest.raises(EngineError, match="not running|ended"):
+    with pytest.raises(EngineError, match=r"not running|ended"):
         rt.look("g", "talk")
     with pytest.raises(EngineError, match="not running"):
         rt.send("g", "talk", "too late")
