@@ -6,6 +6,7 @@ The agent-side client mounted into containers is the real engine/client.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -58,6 +59,8 @@ out=/workspace/probe.txt
   echo "token=$TOKEN"
   echo "secret=$(stat -c '%a %u' /run/secrets/TOKEN)"
   echo "secrets=$(ls /run/secrets | tr '\n' ' ')"
+  echo "file=$(cat "$HOME/.config/tool/token") $(stat -c '%a %u' "$HOME/.config/tool/token")"
+  echo "fileenv=${FILECRED:-unset}"
   echo "sock=$(ls /var/run/docker.sock 2>&1 >/dev/null | wc -l)"
   echo "inbox=$ENGINE_INBOX"
   echo "other=$(cat /run/secrets/* | grep -c for-b)"
@@ -84,7 +87,8 @@ def test_sandbox_isolation_secrets_and_commit(agents: Agents, repo: Path,
     other = repo / ".engine" / "worktrees" / "g" / "b"
     g = agents.grove(GROVE + agent_entry("a", PROBE.replace("{other}", str(other)))
                      + agent_entry("b", "sleep 30"))
-    la = agents.launch(g.agent("a"), {"TOKEN": SECRET_A})
+    a = dataclasses.replace(g.agent("a"), credential_files=(("FILECRED", ".config/tool/token"),))
+    la = agents.launch(a, {"TOKEN": SECRET_A, "FILECRED": "file-secret-9f"})
     lb = agents.launch(g.agent("b"), {"TOKEN": SECRET_B})
     rt = agents.start(lb)
     agents.start(la)
@@ -98,7 +102,9 @@ def test_sandbox_isolation_secrets_and_commit(agents: Agents, repo: Path,
     assert probe["tmp"] == probe["home"] == "ok"
     assert probe["token"] == SECRET_A
     assert probe["secret"] == "400 1000"
-    assert probe["secrets"].split() == ["TOKEN"]
+    assert probe["secrets"].split() == ["FILECRED", "TOKEN"]
+    assert probe["file"] == "file-secret-9f 600 1000"  # a credential file in the home
+    assert probe["fileenv"] == "unset"  # ... and not in the environment
     assert probe["sock"] == "1"
     assert probe["inbox"] == "/run/engine/inbox"
     assert probe["other"] == "0"
@@ -193,7 +199,7 @@ def test_read_only_access_and_clone_mode(agents: Agents, repo: Path,
     # clone mode: the commit lands in the agent's own clone, the repository's objects are
     # mounted read-only for its alternates
     cl = g.agent("cl")
-    writable = type(cl)(**{**cl.__dict__, "access": "read-write"})
+    writable = dataclasses.replace(cl, access="read-write")
     launch = agents.launch(writable, mode="clone")
     agents.start(launch)
     o = agents.wait(rt, "g", "cl")

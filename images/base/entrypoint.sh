@@ -8,6 +8,7 @@
 #
 # Contract with the runtime (engine/runtimes/docker_spec.py):
 #   /run/secrets/NAME       one file per credential; exported as $NAME to the harness only
+#                           (unless it is delivered as a file, see ENGINE_CREDENTIAL_FILES)
 #   /run/engine/ctl/exit    written here: the harness's exit code
 #   /run/engine/ctl/reason  written here when the end needs explaining (out of memory,
 #                           maxDuration exceeded); read by the engine's observe
@@ -22,12 +23,15 @@ if [ "${1:-}" = __run ]; then
   # Inside the tmux pane: wait until output capture is on, then run the harness.
   shift
   tmux wait-for engine-go
+  # credentials delivered as files into $HOME are not also put in the environment
+  as_files=" $(printf '%s\n' "${ENGINE_CREDENTIAL_FILES:-}" | cut -s -d= -f1 | tr '\n' ' ') "
+  unset ENGINE_CREDENTIAL_FILES
   for f in /run/secrets/*; do
     [ -f "$f" ] || continue
     name=${f##*/}
-    case "$name" in
-      [A-Za-z_]*) [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && export "$name=$(cat "$f")" ;;
-    esac
+    [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || continue
+    [[ "$as_files" == *" $name "* ]] && continue
+    export "$name=$(cat "$f")"
   done
   cd /workspace 2>/dev/null || true
   "$@"
