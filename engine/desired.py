@@ -9,6 +9,7 @@ No raw dicts travel past this stage except the canonical settings kept for displ
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -181,6 +182,7 @@ def parse_duration(value: Any) -> int | None:
     return int(value[:-1]) * _SECONDS[value[-1]]
 
 
+@functools.lru_cache(maxsize=256)
 def parse_memory(value: Any) -> int | None:
     if value is None:
         return None
@@ -328,9 +330,9 @@ def resolve(src: GroveSource, name: str, opts: Options, provenance: bool = False
                _selection(src, entry, "harness", opts).name)
         if key not in bases:
             bases[key] = layers.merge(lower_layers(src, entry, opts))[0]
-        merged, prov = layers.copy_tree(bases[key]), {}
-        layers.merge_into(merged, entry.data)
-        layers.merge_into(merged, opts.sets)
+        merged, prov = layers.overlay(bases[key], entry.data), {}
+        if opts.sets:
+            merged = layers.overlay(merged, opts.sets)
         merged["profile"], merged["harness"] = key
     for k in ("profile", "harness"):
         if provenance:

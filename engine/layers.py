@@ -80,6 +80,22 @@ def merge(layers: Iterable[Layer], provenance: bool = False,
     return out, prov
 
 
+def overlay(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """`base` with one more layer merged on top, as a new map: only the maps `data` reaches
+    into are copied, the rest is shared with `base` (so treat nested values as read-only).
+    The same result as merging onto a deep copy, without copying every agent's base."""
+    out = dict(base)
+    for k, v in data.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict):
+            cur = out.get(k)
+            out[k] = overlay(cur if isinstance(cur, dict) else {}, v)
+        else:
+            out[k] = list(v) if isinstance(v, list) else v
+    return out
+
+
 def copy_tree(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of a merged map deep enough that merging into it leaves `data` unchanged."""
     return {k: copy_tree(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v

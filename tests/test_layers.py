@@ -272,3 +272,14 @@ def test_merging_lower_layers_first_gives_the_same_result(datas: list[dict[str, 
     split, _ = layers.merge(ls[-1:], start=lower)
     assert split == whole
     assert lower == start_copy  # the shared start is never changed
+
+
+@settings(max_examples=200, deadline=None)
+@given(TREES, TREES)
+def test_overlay_equals_merging_onto_a_copy(base: dict[str, Any], top: dict[str, Any]) -> None:
+    """`overlay` (what every agent's own layer goes through) shares untouched maps with the
+    base instead of copying them, and must give the same map and leave the base alone."""
+    frozen = json.dumps(base, sort_keys=True)
+    expected, _ = layers.merge([layer("top", top)], start=base)
+    assert layers.overlay(base, top) == expected
+    assert json.dumps(base, sort_keys=True) == frozen
