@@ -189,7 +189,8 @@ def test_exit_codes_are_documented_as_the_cli_implements_them() -> None:
 def test_mkdocs_nav_lists_the_pages() -> None:
     cfg = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     pages = [next(iter(item.values())) for item in cfg["nav"]]
-    assert pages == ["index.md", "getting-started.md", "concepts.md", "reference.md",
+    assert pages == ["index.md", "getting-started.md", "concepts.md", "configuration.md",
+                     "reference.md",
                      "commands.md", "runtimes.md", "harnesses.md", "security.md", "ci.md",
                      "editors.md", "kubernetes.md", "scaling.md", "troubleshooting.md"]
 
