@@ -91,7 +91,7 @@ def mmdebstrap_argv() -> list[str]:
             SUITE, "-"]
 
 
-def import_rootfs(engine: ImageEngine) -> None:
+def import_rootfs(engine: ImageEngine, tag: str = ROOTFS_TAG) -> None:
     """mmdebstrap ... - | docker import: streamed, nothing large written to disk."""
     if shutil.which("mmdebstrap") is None:
         raise EngineError("image bootstrap: mmdebstrap is not installed "
@@ -100,17 +100,24 @@ def import_rootfs(engine: ImageEngine) -> None:
         proc = subprocess.Popen(mmdebstrap_argv(), stdout=subprocess.PIPE, stderr=err,
                                 stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
+        failed: EngineError | None = None
         try:
-            engine.import_image(_chunks(proc.stdout), ROOTFS_TAG)
+            engine.import_image(_chunks(proc.stdout), tag)
+        except EngineError as e:
+            failed = e
         finally:
             proc.stdout.close()
             code = proc.wait()
         if code != 0:
-            engine.remove_image(ROOTFS_TAG)
+            engine.remove_image(tag)
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+            if failed is not None:
+                tail.append(f"docker import: {failed.summary}")
             raise EngineError(f"image bootstrap: mmdebstrap failed (exit {code})",
                               "\n".join(tail))
+        if failed is not None:
+            raise failed
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
