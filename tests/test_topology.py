@@ -390,3 +390,24 @@ def test_markdown_lists_only_edges_the_table_does_not_imply() -> None:
     assert "- removed edge `a` → `c` (spawned)" in text
     assert "`a` → `d`" not in text  # d is in the table as added, spawned by a
     assert "  + edge a -> d (spawned)" in topology.render(report, "text")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(min_value=-1, max_value=30), min_size=1, max_size=30),
+       st.sets(st.integers(min_value=0, max_value=29), max_size=5))
+def test_collapsing_accounts_for_every_agent_once(parents: list[int], changed: set[int]) -> None:
+    # agent i's parent is an earlier agent (or none), so the spawn tree has no cycle
+    infos = tuple(topology.AgentInfo(f"a{i}", f"a{p}" if 0 <= p < i else None, "local", "shell",
+                                     "local") for i, p in enumerate(parents))
+    changes = tuple(topology.AgentChange(a, ("task",)) for a in infos
+                    if int(a.name[1:]) in changed)
+    names = {c.name for c in changes}
+    d = topology.TopologyDiff("g", "changed", (), (), changes,
+                              tuple(a.name for a in infos if a.name not in names), (), (),
+                              infos, ())
+    shown, folded = topology_render.visible(d)
+    parent = {a.name: a.parent for a in infos}
+    assert names <= shown
+    assert all(parent[n] is None or parent[n] in shown for n in shown)  # placed by ancestors
+    assert len(shown) + sum(folded.values()) == len(infos)
+    assert all(anchor is None or anchor in shown for anchor in folded)
