@@ -60,8 +60,10 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
 
 
 def forget(run_dir: Path) -> None:
-    """Remove the agent's secret files from the host once its container is gone."""
-    shutil.rmtree(run_dir / "secrets", ignore_errors=True)
+    """Remove what `prepare` made in the run dir (secret files first) once the container
+    is gone; the log and the inbox stay."""
+    for sub in ("secrets", "ctl", "bin"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
 
 
 def _write_secrets(directory: Path, values: dict[str, str]) -> None:
