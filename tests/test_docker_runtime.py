@@ -21,7 +21,7 @@ import pytest
 from engine.errors import EngineError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
 from engine.runtimes import docker_spec as spec
-from tests.conftest import git
+from tests.conftest import git, write_grove
 from tests.docker_fixtures import IMAGE, Agents, docker_cli
 
 pytestmark = pytest.mark.docker
@@ -313,3 +313,36 @@ def test_hardening_is_in_the_spec_and_secrets_are_not(agents: Agents, repo: Path
     assert targets["/run/secrets"]["ReadOnly"] is True
     assert not any("docker.sock" in m["Source"] for m in kw["mounts"])
     assert os.path.basename(kw["name"]).startswith("engine-g-p-")
+
+
+def test_killed_container_through_plan(engine, repo: Path,  # type: ignore[no-untyped-def]
+                                       base_image: str) -> None:
+    """End to end through the CLI: apply, `docker kill`, and the plan restarts only the
+    agent whose restart policy asks for it, with the observed reason."""
+    write_grove(repo, "k", f"""\
+apiVersion: engine/v1alpha1
+kind: Grove
+metadata: {{name: k}}
+spec:
+  defaults: {{profile: box, harness: shell}}
+  profiles:
+    box: {{runtime: docker, image: {base_image}}}
+  agents:
+    - {{name: once, task: sleep 60}}
+    - {{name: keeper, task: sleep 60, restart: on-failure}}
+""")
+    try:
+        assert engine("apply", "--auto-approve").code == 0
+        names = [spec.container_name(repo.resolve(), "k", n) for n in ("once", "keeper")]
+        docker_cli("kill", *names)
+        r = engine("plan", "--json")
+        assert r.code == 0, r
+        changes = {c["agent"]: c for c in json.loads(r.out)["groves"][0]["changes"]}
+        assert (changes["keeper"]["action"], changes["keeper"]["reason"]) == (
+            "restart", "exited 137, restart: on-failure")
+        assert (changes["once"]["action"], changes["once"]["reason"]) == (
+            "no-op", "exited 137")
+    finally:
+        assert engine("destroy", "--auto-approve").code == 0
+    assert docker_cli("ps", "-aq", "--filter", "label=engine.grove=k",
+                      "--filter", f"label=engine.repo={repo.resolve()}") == ""

@@ -138,10 +138,13 @@ class DockerRuntime:
         self._remove(self._name(a.grove, a.name))
         dirs = fs.prepare(launch, images.entrypoint())
         kwargs = spec.create_kwargs(launch, dirs, a.image)
-        kwargs.pop("detach")
+        host_config = self.api.create_host_config(
+            **{k: v for k, v in kwargs.items() if k in spec.HOST_CONFIG_KEYS})
+        config = {k: v for k, v in kwargs.items() if k not in spec.HOST_CONFIG_KEYS}
         try:
-            container = self._call(f"{who}: create", lambda: self.client.containers.create(
-                **kwargs))
+            cid = self._call(f"{who}: create", lambda: self.api.create_container(
+                **config, host_config=host_config, detach=True, use_config_proxy=False)
+            )["Id"]
         except ImageNotFound:
             fs.forget(launch.run_dir)
             raise EngineError(
@@ -152,9 +155,9 @@ class DockerRuntime:
             fs.forget(launch.run_dir)
             raise
         try:
-            self._call(f"{who}: start", container.start)
+            self._call(f"{who}: start", lambda: self.api.start(cid))
         except EngineError:
-            self._remove(container.id)
+            self._remove(cid)
             fs.forget(launch.run_dir)
             raise
 

@@ -44,6 +44,10 @@ ENTRYPOINT = "/usr/local/lib/engine/entrypoint.sh"
 SESSION = "agent"  # the tmux session the harness runs in
 
 TMPFS_TMP = "rw,nosuid,nodev,size=512m"
+# create_kwargs keys that belong to the HostConfig; the rest are the container's Config
+HOST_CONFIG_KEYS = frozenset({
+    "mounts", "tmpfs", "read_only", "cap_drop", "security_opt", "init", "pids_limit",
+    "network_mode", "privileged", "mem_limit", "memswap_limit", "nano_cpus"})
 DEFAULT_PIDS = 512
 
 
@@ -180,7 +184,6 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
         "pids_limit": res.pids or DEFAULT_PIDS,
         "network_mode": network_mode(a.network),
         "privileged": a.privileged,
-        "detach": True,
     }
     if res.memory:
         kwargs["mem_limit"] = res.memory
