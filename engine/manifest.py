@@ -93,7 +93,7 @@ def _load(directory: Path, rel: str, texts: dict[str, str] | None) -> GroveSourc
         diags.extend(schema.check_document(doc))
     if diags:
         raise InvalidManifests(diags)
-    return _index(directory, rel, docs)
+    return _index(directory, rel, docs, [f"{rel}/{n}" for n in files])
 
 
 def _display(directory: Path, root: Path | None) -> str:
@@ -103,20 +103,24 @@ def _display(directory: Path, root: Path | None) -> str:
         return str(directory)
 
 
-def _index(directory: Path, rel: str, docs: list[Document]) -> GroveSource:
+def _index(directory: Path, rel: str, docs: list[Document], files: list[str]
+           ) -> GroveSource:
     diags: list[Diagnostic] = []
     groves = [d for d in docs if d.data["kind"] == "Grove"]
     if not groves:
-        raise InvalidManifests([Diagnostic(rel, 0, 0, "no kind: Grove document in this "
-                                                      "grove directory")])
-    for extra in groves[1:]:
-        diags.append(extra.diag(("kind",), "a grove directory holds exactly one kind: Grove "
-                                           f"(another is in {groves[0].file})"))
+        what = f"grove {directory.name}: no kind: Grove document in {rel}/ (a grove " \
+               "directory needs exactly one)"
+        raise InvalidManifests([Diagnostic(files[0], 1, 1, what) if files else
+                                Diagnostic(rel, 0, 0, f"grove {directory.name}: no *.yaml "
+                                                      f"files in {rel}/")])
     gdoc = groves[0]
     name = gdoc.data["metadata"]["name"]
+    for extra in groves[1:]:
+        diags.append(extra.diag(("kind",), f"grove {name}: a grove directory holds exactly "
+                                           f"one kind: Grove (the first is in {gdoc.file})"))
     if name != directory.name:
-        diags.append(gdoc.diag(("metadata", "name"), f"grove name {name!r} must match its "
-                                                     f"directory {directory.name!r}"))
+        diags.append(gdoc.diag(("metadata", "name"), f"grove {name}: metadata.name must "
+                                                     f"match its directory {directory.name!r}"))
     src = GroveSource(name, directory, Entry(name, gdoc.data, gdoc, ()))
     spec = src.spec
     tables = {"Profile": src.profiles, "Harness": src.harnesses, "Agent": src.agents}
@@ -130,16 +134,19 @@ def _index(directory: Path, rel: str, docs: list[Document]) -> GroveSource:
         kind = doc.data["kind"]
         if kind in tables:
             n = doc.data["metadata"]["name"]
-            _add(tables[kind], Entry(n, doc.data.get("spec") or {}, doc, ("spec",)), kind, diags)
+            _add(tables[kind], Entry(n, doc.data.get("spec") or {}, doc, ("spec",)), kind, diags,
+                 ("metadata", "name"))
     if diags:
         raise InvalidManifests(diags)
     return src
 
 
-def _add(table: dict[str, Entry], entry: Entry, kind: str, diags: list[Diagnostic]) -> None:
+def _add(table: dict[str, Entry], entry: Entry, kind: str, diags: list[Diagnostic],
+         name_at: tuple[str | int, ...] = ()) -> None:
     if entry.name in table:
-        diags.append(entry.diag(f"duplicate {kind.lower()} {entry.name!r} (first defined at "
-                                f"{table[entry.name].where()})"))
+        diags.append(entry.doc.diag(name_at or entry.path, f"{kind.lower()} {entry.name}: "
+                                    f"duplicate name (first defined at "
+                                    f"{table[entry.name].where()})"))
         return
     table[entry.name] = entry
 

@@ -138,6 +138,10 @@ def test_user_config_problems_are_located(engine: Any, repo: Path, tmp_path: Pat
         f"error: {cfg}:6:3: user config: unknown security key 'allowAll' (keys: "
         "allowPrivileged, allowHostMounts)",
         "4 problems found"]
+    j = engine("validate", "--json")
+    assert j.code == 1
+    assert [(e["file"], e["line"]) for e in json.loads(j.out)["errors"]] == [
+        (str(cfg), 2), (str(cfg), 3), (str(cfg), 5), (str(cfg), 6)]
 
 
 def test_security_switches_come_from_user_config_only(tmp_path: Path) -> None:

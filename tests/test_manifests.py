@@ -135,7 +135,7 @@ def test_unsafe_grove_and_profile_names(engine: Any, repo: Path) -> None:
 def test_duplicate_agent_names_both_places(engine: Any, repo: Path) -> None:
     write_grove(repo, "g", HEAD + "  agents:\n    - name: a\n      task: x\n"
                                   "    - name: a\n      task: y\n")
-    assert bad(engine, repo) == [("groves/g/grove.yaml", 9, 7, "duplicate agent 'a' (first "
+    assert bad(engine, repo) == [("groves/g/grove.yaml", 9, 7, "agent a: duplicate name (first "
                                   "defined at groves/g/grove.yaml:7)")]
 
 
@@ -143,9 +143,24 @@ def test_duplicate_agent_across_files(engine: Any, repo: Path) -> None:
     write_grove(repo, "g", HEAD + "  agents:\n    - name: a\n      task: x\n")
     write_grove(repo, "g", "# another\napiVersion: engine/v1alpha1\nkind: Agent\n"
                            "metadata: {name: a}\nspec: {task: y}\n", file="more.yaml")
-    [(f, line, _, msg)] = bad(engine, repo)
-    assert (f, line) == ("groves/g/more.yaml", 5)
-    assert msg == "duplicate agent 'a' (first defined at groves/g/grove.yaml:7)"
+    [(f, line, col, msg)] = bad(engine, repo)
+    assert (f, line, col) == ("groves/g/more.yaml", 4, 12)
+    assert msg == "agent a: duplicate name (first defined at groves/g/grove.yaml:7)"
+
+
+def test_grove_directory_problems(engine: Any, repo: Path) -> None:
+    write_grove(repo, "g", "apiVersion: engine/v1alpha1\nkind: Agent\nmetadata: {name: a}\n"
+                           "spec: {task: x}\n", file="a.yaml")
+    write_grove(repo, "h", HEAD.replace("name: g", "name: other") + "  agents: []\n")
+    write_grove(repo, "h", HEAD.replace("name: g", "name: h") + "  agents: []\n", file="b.yaml")
+    write_grove(repo, "k", HEAD.replace("name: g", "name: kk") + "  agents: []\n")
+    assert bad(engine, repo) == [
+        ("groves/g/a.yaml", 1, 1, "grove g: no kind: Grove document in groves/g/ (a grove "
+                                  "directory needs exactly one)"),
+        ("groves/h/grove.yaml", 2, 1, "grove h: a grove directory holds exactly one kind: "
+                                      "Grove (the first is in groves/h/b.yaml)"),
+        ("groves/k/grove.yaml", 4, 3, "grove kk: metadata.name must match its directory 'k'"),
+    ]
 
 
 def test_dependency_cycle_is_printed(engine: Any, repo: Path) -> None:

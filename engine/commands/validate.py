@@ -45,10 +45,15 @@ def _targets(root: Path, paths: list[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
-    opts = _common.options(r, args, resolve_secrets=not args.no_secrets)
     diags: list[Diagnostic] = []
     summary: list[dict[str, Any]] = []
-    for d in _targets(r.root, args.paths):
+    try:
+        opts = _common.options(r, args, resolve_secrets=not args.no_secrets)
+    except InvalidManifests as e:  # the user config: reported like any manifest problem
+        diags, targets = list(e.diagnostics), []
+    else:
+        targets = _targets(r.root, args.paths)
+    for d in targets:
         try:
             g = desired.build(manifest.load_grove(d, r.root), opts)
             summary.append({"grove": g.name, "agents": len(g.agents),
