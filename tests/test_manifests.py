@@ -199,8 +199,10 @@ def test_alias_bomb_is_rejected_fast_and_small(repo: Path) -> None:
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"code": code, "seconds": took, "growth_kb": after - before}))
     """)
+    before = snapshot(repo)
     r = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True,
                        timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert snapshot(repo) == before
     stats = json.loads(r.stdout.splitlines()[-1])
     assert stats["code"] == 1
     assert stats["seconds"] < 2.0
