@@ -174,15 +174,19 @@ class DockerRuntime:
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         path = self._log_path(grove, agent)
         if not path.is_file():
-            raise EngineError(f"agent {grove}/{agent}: no log at {path}")
+            return iter(())
         return self._read_log(grove, agent, path, follow)
 
     def look(self, grove: str, agent: str) -> str:
-        code, out = self._exec(grove, agent, ["tmux", "capture-pane", "-p", "-t",
-                                               spec.SESSION])
-        if code != 0:
-            raise EngineError(f"agent {grove}/{agent}: no session to look at (it has ended)")
-        return out
+        try:
+            code, out = self._exec(grove, agent, ["tmux", "capture-pane", "-p", "-t",
+                                                   spec.SESSION])
+        except EngineError:
+            code, out = 1, ""
+        if code == 0:
+            return out
+        tail = list(self.logs(grove, agent))[-50:]  # ended: its last output instead
+        return "\n".join(tail) + ("\n" if tail else "")
 
     def attach(self, grove: str, agent: str) -> int:
         cli = shutil.which("docker")
