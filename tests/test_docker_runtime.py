@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import EngineError, RuntimeUnavailable
+from engine.errors import EngineError, PermanentError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
 from engine.runtimes import docker_spec as spec
 from tests.conftest import git, write_grove
@@ -269,13 +269,17 @@ def test_agents_on_two_engines(second_engine: str, agents: Agents,
 
 def test_missing_image_is_a_clear_error(agents: Agents) -> None:
     g = agents.grove(GROVE.replace("  agents:\n", "    nope: {runtime: docker, image: "
-                                   "grove-engine/nope:latest}\n  agents:\n")
-                     + agent_entry("x", "true", profile="nope"))
+                                   "grove-engine/nope:latest}\n    nonet: {runtime: docker, "
+                                   f"image: {IMAGE}, network: no-such-net}}\n  agents:\n")
+                     + agent_entry("x", "true", profile="nope")
+                     + agent_entry("y", "true", profile="nonet"))
     with pytest.raises(EngineError) as e:
         agents.start(agents.launch(g.agent("x")))
     assert "grove-engine/nope:latest not found" in e.value.summary
     assert "engine image build" in e.value.summary and "bootstrap" in e.value.summary
-    assert "x" not in agents.runtime().observe("g")
+    with pytest.raises(PermanentError, match=r"^agent g/y: .*no-such-net"):
+        agents.start(agents.launch(g.agent("y")))
+    assert agents.runtime().observe("g") == {}
 
 
 def test_engine_not_running_and_unknown_scheme(tmp_path: Path) -> None:

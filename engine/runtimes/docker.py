@@ -78,6 +78,14 @@ def _probe_unix(where: str, path: str) -> None:
                                      f"({e.strerror or e}); {START_HINT}") from None
 
 
+def _permanent(who: str, e: Exception) -> EngineError:
+    """EngineErrors as they are; a 404 (a network or mount source that does not exist)
+    as a PermanentError naming the agent."""
+    if isinstance(e, EngineError):
+        return e
+    return PermanentError(f"{who}: {getattr(e, 'explanation', None) or e}")
+
+
 def make(repo_root: Path, host: str | None) -> DockerRuntime:
     return DockerRuntime(repo_root.resolve(), host or "", connect(host))
 
@@ -151,15 +159,15 @@ class DockerRuntime:
                 f"{who}: image {a.image} not found on {self._where()}; build it with "
                 f"`engine image build {images.guess_name(a.image)}` (or `engine image "
                 "bootstrap` offline)") from None
-        except EngineError:
+        except (EngineError, NotFound) as e:
             fs.forget(launch.run_dir)
-            raise
+            raise _permanent(who, e) from None
         try:
             self._call(f"{who}: start", lambda: self.api.start(cid))
-        except EngineError:
+        except (EngineError, NotFound) as e:
             self._remove(cid)
             fs.forget(launch.run_dir)
-            raise
+            raise _permanent(who, e) from None
 
     def delete(self, grove: str, agent: str) -> None:
         name = self._name(grove, agent)
