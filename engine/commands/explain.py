@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from engine import desired, manifest, ui
+from engine import manifest, resolve, ui
 from engine.commands import _common
 
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     grove, agent = _common.find_agent(groves, args.agent)
     src = manifest.load_grove(grove.directory, r.root)
     opts = _common.options(r, args, resolve_secrets=False)
-    _, prov = desired.resolve(src, agent.name, opts, provenance=True)
+    _, prov = resolve.resolve(src, agent.name, opts, provenance=True)
     settings = agent.settings_map()
     rows = []
     for key, value in _flatten(settings):
