@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -166,7 +168,32 @@ def test_exit_codes_and_reasons(agents: Agents, monkeypatch: pytest.MonkeyPatch)
     assert "bye" in list(rt.logs("g", "fails"))
 
 
-def test_look_send_and_follow_logs(agents: Agents, monkeypatch: pytest.MonkeyPatch) -> None:
+def attach_and_detach(repo: Path, tmp_path: Path) -> int:
+    """`attach` in a real terminal (a pane of a separate tmux server on the host): the
+    agent's screen shows up, C-b d detaches, and attach returns docker exec's status."""
+    sock, rc = tmp_path / "tmux.sock", tmp_path / "rc"
+    py = (f"import sys; from pathlib import Path; from engine.runtimes import docker; "
+          f"sys.exit(docker.make(Path({str(repo)!r}), None).attach('g', 'talk'))")
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(py)}; echo $? > {rc}"
+    subprocess.run(["tmux", "-S", str(sock), "new-session", "-d", "-x", "120", "-y", "30",
+                    cmd], check=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "ready" not in subprocess.run(["tmux", "-S", str(sock), "capture-pane", "-p"],
+                                            capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, "attach did not show the agent's screen"
+            time.sleep(0.2)
+        subprocess.run(["tmux", "-S", str(sock), "send-keys", "C-b", "d"], check=True)
+        while not rc.exists():
+            assert time.monotonic() < deadline + 10, "attach did not return after detach"
+            time.sleep(0.2)
+        return int(rc.read_text())
+    finally:
+        subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True)
+
+
+def test_look_send_and_follow_logs(agents: Agents, monkeypatch: pytest.MonkeyPatch,
+                                   tmp_path: Path) -> None:
     monkeypatch.setenv("TEST_TOKEN", "x")
     task = "echo ready; read -r line; echo \"got:$line\"; exit 0"
     g = agents.grove(GROVE + agent_entry("talk", task))
@@ -175,6 +202,7 @@ def test_look_send_and_follow_logs(agents: Agents, monkeypatch: pytest.MonkeyPat
     while "ready" not in rt.look("g", "talk"):
         assert time.monotonic() < deadline, rt.look("g", "talk")
         time.sleep(0.2)
+    assert attach_and_detach(agents.repo, tmp_path) == 0
     rt.send("g", "talk", "hello 'quoted' $HOME")
     lines = list(rt.logs("g", "talk", follow=True))  # ends when the container does
     assert "got:hello 'quoted' $HOME" in lines
