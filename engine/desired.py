@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import graph, harnesses, layers, secrets
+from engine import checks, graph, harnesses, layers, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
 from engine.manifest import Entry, GroveSource
 from engine.render import TemplateError, render
@@ -32,14 +32,6 @@ from engine.yamlio import bulk
 # updates the inventory in place instead of replacing the agent.
 IN_PLACE = frozenset({"restart", "dependsOn", "spawnedBy", "spawnedAt", "spawnRequest",
                       "description", "spawn"})
-RUNTIME_ONLY = {
-    "host": {"docker"},
-    "namespace": {"kubernetes"}, "context": {"kubernetes"}, "kubeconfig": {"kubernetes"},
-    "runtimeClassName": {"kubernetes"}, "serviceAccountName": {"kubernetes"},
-    "nodeSelector": {"kubernetes"}, "tolerations": {"kubernetes"},
-    "imagePullPolicy": {"kubernetes"}, "imagePullSecrets": {"kubernetes"},
-    "persistence": {"kubernetes"},
-}
 DEFAULT_POLICY = {"maxAgents": 50, "maxDepth": 3, "maxChildren": 10}
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "Ki": 1024, "Mi": 1024**2,
           "Gi": 1024**3, "Ti": 1024**4}
@@ -218,7 +210,7 @@ class _Builder:
 
     def build(self) -> DesiredGrove:
         src = self.src
-        self._check_profiles()
+        self.diags += checks.profiles(src, self.opts.user, self.opts.repo_root)
         agents = []
         for name in sorted(src.agents):
             try:
@@ -227,7 +219,8 @@ class _Builder:
                 self.diags.extend(e.diagnostics)
         pol = {**DEFAULT_POLICY, **(src.spec.get("policy") or {})}
         policy = Policy(pol["maxAgents"], pol["maxDepth"], pol["maxChildren"])
-        self._check_graph(policy)
+        self.diags += checks.graph_problems(src, self.parents, policy.max_agents, policy.max_depth,
+                                   policy.max_children)
         if self.diags:
             raise InvalidManifests(self.diags)
         spec = src.spec
@@ -239,33 +232,6 @@ class _Builder:
             profiles=tuple(sorted(set(src.profiles) | {"local"})),
             harnesses=tuple(sorted(set(src.harnesses) | set(harnesses.names()))),
             manifest_digest=manifest_digest(src.directory) if src.directory.is_dir() else "")
-
-    def _check_profiles(self) -> None:
-        user = self.opts.user
-        for name, entry in sorted(self.src.profiles.items()):
-            runtime = entry.data.get("runtime", "local")
-            for key, runtimes in RUNTIME_ONLY.items():
-                if key in entry.data and runtime not in runtimes:
-                    self.diags.append(entry.diag(
-                        f"profile {name}: field {key!r} only applies to runtime "
-                        f"{'/'.join(sorted(runtimes))}, not {runtime}", key))
-            if runtime in ("docker", "kubernetes") and entry.data.get("privileged") \
-                    and not user.allow_privileged:
-                self.diags.append(entry.diag(
-                    f"profile {name}: privileged containers are refused (set "
-                    f"security.allowPrivileged: true in {layers.user_config_path()} to allow)",
-                    "privileged"))
-            for i, m in enumerate(entry.data.get("mounts") or []):
-                self._check_mount(entry, name, i, m["source"])
-
-    def _check_mount(self, entry: Entry, name: str, i: int, source: str) -> None:
-        root = (self.opts.repo_root or Path.cwd()).resolve()
-        path = (root / Path(source).expanduser()).resolve()
-        if not path.is_relative_to(root) and not self.opts.user.allow_host_mounts:
-            self.diags.append(entry.diag(
-                f"profile {name}: mount source {source} is outside the repository (set "
-                f"security.allowHostMounts: true in {layers.user_config_path()} to allow)",
-                "mounts", i, "source"))
 
     def _agent(self, entry: Entry) -> DesiredAgent:
         src, opts = self.src, self.opts
@@ -314,7 +280,7 @@ class _Builder:
         hashed = {k: v for k, v in merged.items() if k not in IN_PLACE}
         spec_hash = hashlib.sha256(canonical([hashed, digest]).encode()).hexdigest()[:16]
         spawn = merged.get("spawn") or {}
-        extra = tuple(sorted((k, canonical(merged[k])) for k in RUNTIME_ONLY
+        extra = tuple(sorted((k, canonical(merged[k])) for k in checks.RUNTIME_ONLY
                              if k in merged and k != "host"))
         return DesiredAgent(
             grove=src.name, name=entry.name, profile=merged["profile"],
@@ -442,34 +408,6 @@ class _Builder:
             at = f" (declared at {declared[0]})" if declared else ""
             self.problem(entry, f"{e.summary}{at}", "credentials")
             return ""
-
-    def _check_graph(self, policy: Policy) -> None:
-        src = self.src
-        waits = {n: [*(e.data.get("dependsOn") or []), *([p] if (p := self.parents[n]) else [])]
-                 for n, e in src.agents.items()}
-        cycle = graph.wait_cycle(waits)
-        if cycle:
-            first = src.agents[cycle[0]]
-            key = "dependsOn" if cycle[1] in (first.data.get("dependsOn") or []) \
-                else "spawnedBy"
-            self.problem(first, "dependency cycle: " + " -> ".join(cycle)
-                         + " (each waits for the next)", key)
-        if len(src.agents) > policy.max_agents:
-            self.diags.append(src.grove.diag(
-                f"grove {src.name}: {len(src.agents)} agents, over policy.maxAgents "
-                f"{policy.max_agents}", "spec", "policy"))
-        children: dict[str, int] = {}
-        for name, parent in sorted(self.parents.items()):
-            if not parent:
-                continue
-            children[parent] = children.get(parent, 0) + 1
-            entry = src.agents[name]
-            if children[parent] == policy.max_children + 1:
-                self.problem(entry, f"parent {parent} has more than policy.maxChildren "
-                                    f"{policy.max_children} children", "spawnedBy")
-            if not cycle and graph.depth_of(self.parents, name) > policy.max_depth:
-                self.problem(entry, f"spawn depth {graph.depth_of(self.parents, name)} is "
-                                    f"over policy.maxDepth {policy.max_depth}", "spawnedBy")
 
 
 def build(src: GroveSource, opts: Options | None = None) -> DesiredGrove:

@@ -418,3 +418,45 @@ def test_trailing_newline_does_not_sneak_past_a_pattern() -> None:
     assert not any(True for _ in schema.validator("common.json", "name").iter_errors("coder")
                    ) and any(True for _ in schema.validator("common.json", "name")
                              .iter_errors("coder\n"))
+
+
+def test_security_gate_and_runtime_only_fields(engine: Any, repo: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    write_grove(repo, "g", HEAD + textwrap.indent(textwrap.dedent("""\
+        profiles:
+          root:
+            runtime: docker
+            image: x
+            privileged: true
+            mounts: [{source: /etc, target: /host-etc}, {source: ./data, target: /data}]
+          plain:
+            runtime: local
+            namespace: team
+        agents: []
+        """), "  "))
+    found = bad(engine, repo)
+    assert [(line, col) for _, line, col, _ in found] == [(10, 7), (11, 17), (14, 7)]
+    assert found[0][3].startswith("profile root: privileged containers are refused (set "
+                                  "security.allowPrivileged: true in ")
+    assert found[1][3].startswith("profile root: mount source /etc is outside the "
+                                  "repository (set security.allowHostMounts: true in ")
+    assert found[2][3] == ("profile plain: field 'namespace' only applies to runtime "
+                           "kubernetes, not local")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "config.yaml").write_text(
+        "security: {allowPrivileged: true, allowHostMounts: true}\n")
+    assert [m for *_, m in bad(engine, repo)] == [found[2][3]]
+
+
+def test_policy_bounds(engine: Any, repo: Path) -> None:
+    agents = "".join(f"    - name: c{i}\n      task: x\n      spawnedBy: p\n" for i in range(3))
+    write_grove(repo, "g", HEAD + "  policy: {maxAgents: 4, maxDepth: 1, maxChildren: 2}\n"
+                "  agents:\n    - name: p\n      task: x\n" + agents
+                + "    - name: d\n      task: x\n      spawnedBy: c0\n")
+    assert bad(engine, repo) == [
+        ("groves/g/grove.yaml", 6, 3, "grove g: 5 agents, over policy.maxAgents 4"),
+        ("groves/g/grove.yaml", 18, 7, "agent c2: parent p has more than policy.maxChildren 2 "
+                                       "children"),
+        ("groves/g/grove.yaml", 21, 7, "agent d: spawn depth 2 is over policy.maxDepth 1"),
+    ]
