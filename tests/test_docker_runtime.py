@@ -22,6 +22,7 @@ import pytest
 
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
+from engine.runtimes import docker_fs as fs
 from engine.runtimes import docker_spec as spec
 from tests.conftest import git, write_grove
 from tests.docker_fixtures import IMAGE, Agents, docker_cli
@@ -377,3 +378,33 @@ spec:
         assert engine("destroy", "--auto-approve").code == 0
     assert docker_cli("ps", "-aq", "--filter", "label=engine.grove=k",
                       "--filter", f"label=engine.repo={repo.resolve()}") == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_acl_grant_gives_one_uid_access_and_keeps_owners() -> None:
+    """docker_fs.share on real files: uid 4242 gains write access (inherited by new
+    directories), the owner and mode bits of the owner stay, other uids gain nothing."""
+    top = Path(tempfile.mkdtemp(prefix="eng-acl-", dir="/tmp"))  # pytest's tmp is 0700
+    try:
+        top.chmod(0o755)
+        _check_acl_grant(top / "objects")
+    finally:
+        shutil.rmtree(top)
+
+
+def _check_acl_grant(shared: Path) -> None:
+    (shared / "ab").mkdir(parents=True)
+    (shared / "ab" / "obj").write_text("x")
+    fs.share(shared, 4242, files=False)
+    (shared / "cd").mkdir()  # made after the grant: inherits it
+
+    def as_uid(uid: int, *argv: str) -> int:
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                               "--clear-groups", *argv], capture_output=True).returncode
+
+    assert as_uid(4242, "touch", str(shared / "ab" / "new")) == 0
+    assert as_uid(4242, "touch", str(shared / "cd" / "new")) == 0
+    assert as_uid(4343, "touch", str(shared / "ab" / "other")) != 0
+    assert as_uid(4242, "sh", "-c", f"echo y > {shared / 'ab' / 'obj'}") != 0  # files: no
+    st = (shared / "ab").stat()
+    assert (st.st_uid, st.st_mode & 0o700) == (0, 0o700)
