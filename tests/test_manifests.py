@@ -460,3 +460,19 @@ def test_policy_bounds(engine: Any, repo: Path) -> None:
                                        "children"),
         ("groves/g/grove.yaml", 21, 7, "agent d: spawn depth 2 is over policy.maxDepth 1"),
     ]
+
+
+def test_few_bad_agents_in_a_big_grove_are_found_quickly(engine: Any, repo: Path) -> None:
+    entries = [f"    - name: a{i}\n      task: x\n" for i in range(3000)]
+    entries[1234] = "    - name: a1234\n      task: x\n      colour: red\n"
+    entries[2999] = "    - name: A2999\n      task: x\n"
+    write_grove(repo, "g", HEAD + "  policy: {maxAgents: 5000}\n  agents:\n" + "".join(entries))
+    t = time.perf_counter()
+    found = bad(engine, repo)
+    assert time.perf_counter() - t < 10  # the whole grove through jsonschema takes far longer
+    assert found == [
+        ("groves/g/grove.yaml", 8 + 2 * 1234 + 2, 7, "agent a1234: unknown field 'colour'"),
+        ("groves/g/grove.yaml", 8 + 2 * 2999 + 1, 7,
+         "agent at spec.agents[2999]: name: 'A2999' is not valid (a DNS-label-like name: "
+         "lower-case letters, digits and '-', 1 to 40 characters, starting and ending with a "
+         "letter or digit)")]
