@@ -128,7 +128,9 @@ def check_document(doc: Document) -> list[Diagnostic]:
     fast = schema_fast.checker(schema_dir(), KINDS[kind])
     if fast is not None and fast(data):
         return []
-    spec = data.get("spec") if isinstance(data.get("spec"), dict) else {}
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        spec = {}
     agents = spec.get("agents") if kind == "Grove" else None
     entry = schema_fast.checker(schema_dir(), "agent.json", "entry")
     if isinstance(agents, list) and len(agents) > 20 and entry is not None:
