@@ -116,7 +116,8 @@ def document(plans: list[GrovePlan]) -> dict[str, Any]:
     for p in plans:
         for k, v in p.counts().items():
             total[k] = total.get(k, 0) + v
-    return {"formatVersion": FORMAT, "engineVersion": __version__,
+    return {"apiVersion": "engine/v1alpha1", "kind": "Plan", "formatVersion": FORMAT,
+            "engineVersion": __version__,
             "changes": any(p.has_changes for p in plans), "summary": total,
             "groves": [p.to_json() for p in plans]}
 
@@ -124,7 +125,7 @@ def document(plans: list[GrovePlan]) -> dict[str, Any]:
 def load_document(text: str, source: str) -> list[GrovePlan]:
     try:
         d = json.loads(text)
-        if d.get("formatVersion") != FORMAT:
+        if d.get("kind") != "Plan" or d.get("formatVersion") != FORMAT:
             raise EngineError(f"{source}: unsupported plan format {d.get('formatVersion')!r}")
         return [GrovePlan.from_json(g) for g in d["groves"]]
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -10,9 +10,9 @@ from typing import Any
 
 from engine import ingest, inventory, plan, reconcile, ui
 from engine.commands import _common
+from engine.desired import DesiredGrove
 from engine.errors import EngineError, UsageError
 from engine.executor import Outcome, Settings
-from engine.desired import DesiredGrove
 from engine.observe import Runtimes, observe, status_rows
 from engine.plan import Change
 
@@ -145,7 +145,8 @@ def _report(results: list[reconcile.Result], phases: dict[str, dict[str, str]],
     failed = [(res.grove, o) for res in results for o in res.failed]
     bad_phase = [(g, n) for g, ps in phases.items() for n, p in ps.items() if p != "Succeeded"]
     if args.json:
-        ui.print_json({"formatVersion": 1, "ok": not failed and not bad_phase, "groves": [
+        ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "ApplyResult",
+                       "formatVersion": 1, "ok": not failed and not bad_phase, "groves": [
             {"grove": res.grove, "outcomes": [
                 {"agent": o.agent, "action": o.action.word, "status": o.status,
                  "message": o.message, "archive": o.archive, "seconds": o.seconds}

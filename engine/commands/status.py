@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
                     "errors": [f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}"
                                for k, v in sorted(actual.errors.items())]})
     if args.json:
-        ui.print_json({"formatVersion": 1, "groves": doc})
+        ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "Status", "formatVersion": 1,
+                       "groves": doc})
         return 0
     cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode"]
     for entry in doc:
