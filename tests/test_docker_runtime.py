@@ -46,6 +46,10 @@ spec:
       credentials: {{TOKEN: {{fromEnv: TEST_TOKEN}}}}
     reader: {{runtime: docker, image: {IMAGE}, access: read-only}}
     small: {{runtime: docker, image: {IMAGE}, resources: {{memory: 64Mi}}}}
+    odd: {{runtime: docker, image: {IMAGE}, user: "2000:3000"}}
+    typo: {{runtime: docker, image: {IMAGE}, env: {{X: "1"}}}}
+  harnesses:
+    broken: {{command: ["no-such-harness", "{{{{ task }}}}"], taskArg: none}}
   agents:
 """
 
@@ -151,13 +155,20 @@ def test_exit_codes_and_reasons(agents: Agents, monkeypatch: pytest.MonkeyPatch)
     g = agents.grove(GROVE + agent_entry("fails", "echo bye; exit 3")
                      + agent_entry("hog", hog, profile="small")
                      + agent_entry("slow", "sleep 60", maxDuration="2s", profile="small")
-                     + agent_entry("victim", "sleep 60", profile="small"))
+                     + agent_entry("victim", "sleep 60", profile="small")
+                     + agent_entry("stopped", "sleep 60", profile="small")
+                     + agent_entry("odd", "test $(id -u):$(id -g) = 2000:3000 && "
+                                   "touch /workspace/odd $HOME/odd", profile="odd")
+                     + agent_entry("typo", "x", profile="typo", harness="broken"))
+    names = ("fails", "hog", "slow", "victim", "stopped", "odd", "typo")
     rts = [agents.start(agents.launch(g.agent(n), {"TOKEN": "x"} if n == "fails" else {}))
-           for n in ("fails", "hog", "slow", "victim")]
+           for n in names]
     rt = rts[0]
     agents.wait(rt, "g", "victim", until=("Running",))
+    agents.wait(rt, "g", "stopped", until=("Running",))
     docker_cli("kill", spec.container_name(agents.repo, "g", "victim"))
-    got = {n: agents.wait(rt, "g", n) for n in ("fails", "hog", "slow", "victim")}
+    docker_cli("stop", "-t", "20", spec.container_name(agents.repo, "g", "stopped"))
+    got = {n: agents.wait(rt, "g", n) for n in names}
     assert (got["fails"].phase, got["fails"].exit_code, got["fails"].reason) == (
         "Failed", 3, "exited 3")
     assert (got["hog"].phase, got["hog"].exit_code, got["hog"].reason) == (
@@ -166,6 +177,11 @@ def test_exit_codes_and_reasons(agents: Agents, monkeypatch: pytest.MonkeyPatch)
         "Failed", 124, "maxDuration 2s exceeded")
     assert (got["victim"].phase, got["victim"].exit_code, got["victim"].reason) == (
         "Failed", 137, "exited 137")
+    assert (got["stopped"].phase, got["stopped"].exit_code, got["stopped"].reason) == (
+        "Failed", 143, "stopped")
+    assert (got["odd"].phase, got["odd"].exit_code) == ("Succeeded", 0)  # uid:gid 2000:3000
+    assert (got["typo"].phase, got["typo"].exit_code, got["typo"].reason) == (
+        "Failed", 127, "command not found: no-such-harness")
     assert "bye" in list(rt.logs("g", "fails"))
 
 

@@ -34,8 +34,13 @@ if [ "${1:-}" = __run ]; then
     export "$name=$(cat "$f")"
   done
   cd /workspace 2>/dev/null || true
-  "$@"
-  code=$?
+  if command -v "$1" >/dev/null; then
+    "$@"
+    code=$?
+  else
+    echo "command not found: $1" | tee "$CTL/reason" >&2
+    code=127
+  fi
   printf '%s\n' "$code" >"$CTL/exit.tmp" && mv -f "$CTL/exit.tmp" "$CTL/exit"
   tmux wait-for -S engine-done
   exit "$code"
@@ -99,7 +104,7 @@ for _ in $(seq 1 50); do
 done
 
 code=$(cat "$CTL/exit" 2>/dev/null)
-reason=
+reason=$(cat "$CTL/reason" 2>/dev/null)
 if [ -z "$code" ]; then
   code=137
   reason="harness ended without an exit status (killed)"
