@@ -163,8 +163,15 @@ def load_text(text: str, file: str) -> list[Document]:
         if "\t" in indent and not indent.strip(" \t"):
             msg = "tab character used for indentation (YAML allows only spaces)"
         raise YamlError(Diagnostic(file, line, col, f"invalid YAML: {msg}")) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, e.g. NUL
+        pos = e.position if isinstance(e.position, int) else 0
+        line, col = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+        what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        raise YamlError(Diagnostic(file, line, col, f"invalid YAML: character {what} is not "
+                                                    "allowed (control characters)")) from None
     except yaml.YAMLError as e:
-        raise YamlError(Diagnostic(file, 1, 1, f"invalid YAML: {e}")) from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise YamlError(Diagnostic(file, 1, 1, f"invalid YAML: {first}")) from None
     except RecursionError:
         raise YamlError(Diagnostic(file, 1, 1, "invalid YAML: nested too deeply")) from None
     return docs

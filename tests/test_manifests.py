@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import schema, schema_fast, yamlio
+from engine import desired, manifest, schema, schema_fast, yamlio
+from engine.errors import InvalidManifests
 from tests.conftest import ROOT, Result, write_grove
 
 ERROR = re.compile(r"^error: (?P<file>[^:\s]+):(?P<line>\d+):(?P<col>\d+): (?P<msg>\S.*)$")
@@ -476,3 +477,53 @@ def test_few_bad_agents_in_a_big_grove_are_found_quickly(engine: Any, repo: Path
          "agent at spec.agents[2999]: name: 'A2999' is not valid (a DNS-label-like name: "
          "lower-case letters, digits and '-', 1 to 40 characters, starting and ending with a "
          "letter or digit)")]
+
+
+# -- no input, however broken, gets past the loader as anything but a diagnostic ---------
+
+SEED = HEAD + textwrap.indent(textwrap.dedent("""\
+    defaults: {profile: box, env: {A: "1"}}
+    profiles:
+      box: {runtime: local, allowEnv: [HOME], credentials: {T: {fromEnv: HOME}}}
+    harnesses:
+      sh: {builtin: shell, command: [bash, -c, "{{ task }}"]}
+    agents:
+      - name: a
+        task: "{{ agent.name }}"
+        dependsOn: [b]
+      - name: b
+        harness: sh
+        task: x
+        resources: {memory: 1Gi, cpus: 0.5}
+    """), "  ")
+JUNK = st.sampled_from(["", "  ", "\t", ":", "- ", "[", "]", "{", "}", "&a ", "*a", "!!str ",
+                        "!!python/object:os.system ", "<<: *a", "~", "null", "1e9", "-1",
+                        "name: ../x", "profile: nope", "dependsOn: [a]", "spawnedBy: a",
+                        "task: '{{ env.X }}'", "task: {{", "'", '"', "\\", "#", "---",
+                        "%YAML 1.1", "? ", "|", ">", "\x00", "\u00e9", "0o17", "yes"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 40), JUNK), max_size=4))
+def test_any_broken_grove_is_a_diagnostic_never_a_crash(edits: list[tuple[int, int, str]],
+                                                        tmp_path_factory: pytest.TempPathFactory
+                                                        ) -> None:
+    lines = SEED.splitlines()
+    for line, col, junk in edits:
+        i = line % len(lines)
+        lines[i] = lines[i][:col] + junk + lines[i][col:]
+    root = tmp_path_factory.mktemp("fuzz")
+    d = write_grove(root, "g", "\n".join(lines) + "\n")
+    try:
+        desired.build(manifest.load_grove(d, root),
+                      desired.Options(resolve_secrets=True, secret_key=b"k", repo_root=root))
+    except InvalidManifests as e:
+        for diag in e.diagnostics:
+            assert diag.file.startswith("groves/g/") and diag.line >= 1 and diag.col >= 1, diag
+            assert "\n" not in diag.message
+
+
+def test_control_character_is_located(engine: Any, repo: Path) -> None:
+    write_grove(repo, "g", HEAD + "  agents:\n    - name: a\n      task: ab\x00c\n")
+    assert bad(engine, repo) == [("groves/g/grove.yaml", 8, 15, "invalid YAML: character "
+                                  "#x0000 is not allowed (control characters)")]
