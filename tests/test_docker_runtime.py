@@ -38,6 +38,8 @@ kind: Grove
 metadata: {{name: g}}
 spec:
   defaults: {{profile: box, harness: shell}}
+  harnesses:
+    broken: {{command: ["no-such-harness", "{{{{ task }}}}"], taskArg: none}}
   profiles:
     box:
       runtime: docker
@@ -48,8 +50,6 @@ spec:
     small: {{runtime: docker, image: {IMAGE}, resources: {{memory: 64Mi}}}}
     odd: {{runtime: docker, image: {IMAGE}, user: "2000:3000"}}
     typo: {{runtime: docker, image: {IMAGE}, env: {{X: "1"}}}}
-  harnesses:
-    broken: {{command: ["no-such-harness", "{{{{ task }}}}"], taskArg: none}}
   agents:
 """
 
@@ -373,6 +373,8 @@ kind: Grove
 metadata: {{name: k}}
 spec:
   defaults: {{profile: box, harness: shell}}
+  harnesses:
+    broken: {{command: ["no-such-harness", "{{{{ task }}}}"], taskArg: none}}
   profiles:
     box: {{runtime: docker, image: {base_image}}}
   agents:
