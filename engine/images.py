@@ -69,7 +69,13 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
         raise EngineError(f"image {name}: no images/{name}/Dockerfile (images: "
                           f"{', '.join(names())})")
     t = tag(name)
-    engine.build_image(images_dir() / name, t, buildargs or {}, network)
+    try:
+        engine.build_image(images_dir() / name, t, buildargs or {}, network)
+    except EngineError as e:
+        if name == BASE and not buildargs:
+            raise EngineError(f"{e.summary} (no registry reachable? `engine image bootstrap` "
+                              "builds the base image offline)", e.detail) from None
+        raise
     return t
 
 
