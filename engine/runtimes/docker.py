@@ -45,6 +45,7 @@ def connect(host: str | None) -> Any:
     if not where.startswith(SCHEMES):
         raise EngineError(f"docker host {where}: unknown scheme (use unix://, tcp:// or "
                           "ssh://)")
+
     def client(version: str) -> Any:
         if host:
             return docker.DockerClient(base_url=host, version=version, timeout=120,
@@ -144,12 +145,16 @@ class DockerRuntime:
         if not a.image:
             raise EngineError(f"{who}: runtime docker needs an image")
         self._remove(self._name(a.grove, a.name))
-        dirs = fs.prepare(launch, images.entrypoint())
-        kwargs = spec.create_kwargs(launch, dirs, a.image)
-        host_config = self.api.create_host_config(
-            **{k: v for k, v in kwargs.items() if k in spec.HOST_CONFIG_KEYS})
-        config = {k: v for k, v in kwargs.items() if k not in spec.HOST_CONFIG_KEYS}
         try:
+            dirs = fs.prepare(launch, images.entrypoint())
+        except BaseException:
+            fs.forget(launch.run_dir)  # never leave secret files behind a failed create
+            raise
+        try:
+            kwargs = spec.create_kwargs(launch, dirs, a.image)
+            host_config = self.api.create_host_config(
+                **{k: v for k, v in kwargs.items() if k in spec.HOST_CONFIG_KEYS})
+            config = {k: v for k, v in kwargs.items() if k not in spec.HOST_CONFIG_KEYS}
             cid = self._call(f"{who}: create", lambda: self.api.create_container(
                 **config, host_config=host_config, detach=True, use_config_proxy=False)
             )["Id"]

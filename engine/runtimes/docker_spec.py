@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.errors import EngineError
 from engine.runtimes import (
     FAILED,
     LABEL_AGENT,
@@ -111,15 +112,16 @@ def _env(launch: Launch) -> dict[str, str]:
 
 
 def credential_files(launch: Launch) -> list[tuple[str, str]]:
-    """(credential, path relative to home) pairs, if the agent declares any."""
-    raw: Any = getattr(launch.agent, "credential_files", None) or ()
-    pairs = raw.items() if isinstance(raw, Mapping) else raw
+    """(credential, path relative to home) of the credentials the harness reads as files."""
     out = []
-    for name, path in pairs:
+    for name, path in launch.agent.credential_files:
         rel = str(path).lstrip("/")
-        if ".." in Path(rel).parts or name not in launch.secrets:
+        if ".." in Path(rel).parts or not rel:
+            raise EngineError(f"agent {launch.agent.grove}/{launch.agent.name}: credential "
+                              f"file {path!r} is not a path inside the home")
+        if name not in launch.secrets:
             continue
-        out.append((str(name), rel))
+        out.append((name, rel))
     return sorted(out)
 
 
