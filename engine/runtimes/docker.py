@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -188,7 +187,7 @@ class DockerRuntime:
         path = self._log_path(grove, agent)
         if not path.is_file():
             return iter(())
-        return self._read_log(grove, agent, path, follow)
+        return fs.read_log(path, follow, lambda: self._running(grove, agent))
 
     def look(self, grove: str, agent: str) -> str:
         try:
@@ -303,25 +302,3 @@ class DockerRuntime:
     def _running(self, grove: str, agent: str) -> bool:
         info = self._inspect(self._name(grove, agent))
         return bool(info and (info.get("State") or {}).get("Running"))
-
-    def _read_log(self, grove: str, agent: str, path: Path, follow: bool) -> Iterator[str]:
-        """Lines of the log file; with `follow`, until the container has stopped and the
-        file is drained."""
-        with open(path, "rb") as f:
-            buf = b""
-            while True:
-                chunk = f.read(65536)
-                if chunk:
-                    buf += chunk
-                    *lines, buf = buf.split(b"\n")
-                    for line in lines:
-                        yield line.rstrip(b"\r").decode(errors="replace")
-                    continue
-                if not follow:
-                    break
-                if not self._running(grove, agent):
-                    follow = False  # one more read drains what the last moments wrote
-                    continue
-                time.sleep(0.3)
-            if buf:
-                yield buf.rstrip(b"\r").decode(errors="replace")

@@ -1,8 +1,9 @@
 """Docker runtime, host side of the disk: the directories and files one agent container
 mounts, owned or made writable by the agent's uid.
 
-Called by `engine.runtimes.docker` before a container is created (`prepare`) and after it
-is removed (`forget`). Returns the `HostDirs` the container spec mounts.
+Called by `engine.runtimes.docker` before a container is created (`prepare`, which
+returns the `HostDirs` the container spec mounts), after it is removed (`forget`), and to
+read its log (`read_log`).
 
 Ownership: the agent runs as a fixed uid (1000 by default) that is usually not the uid of
 the engine. What the engine made for this one agent's container (its scratch dirs, its secret
@@ -20,7 +21,8 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engine.errors import EngineError
@@ -91,6 +93,29 @@ def _grant_workspace(launch: Launch, uid: int) -> None:
         share(path / "objects", uid, files=False)
         share(path / "refs" / "heads" / branch_dir, uid, files=False)
         share(path / "logs" / "refs" / "heads" / branch_dir, uid, files=True)
+
+
+def read_log(path: Path, follow: bool, running: Callable[[], bool]) -> Iterator[str]:
+    """Lines of the agent's log file; with `follow`, until `running()` turns false and the
+    file is drained."""
+    with open(path, "rb") as f:
+        buf = b""
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    yield line.rstrip(b"\r").decode(errors="replace")
+                continue
+            if not follow:
+                break
+            if not running():
+                follow = False  # one more read drains what the last moments wrote
+                continue
+            time.sleep(0.3)
+        if buf:
+            yield buf.rstrip(b"\r").decode(errors="replace")
 
 
 # -- ownership ------------------------------------------------------------------------------
