@@ -6,11 +6,12 @@ For each size it writes a grove into a temporary directory, then measures (best 
 --repeat runs):
   - raw:        yaml.load of the same files with the C safe loader (the fair baseline);
   - in-process: engine.cli.main(["validate"]) in this interpreter (imports already paid);
-  - subprocess: `python -m engine validate` as a user runs it, with its peak memory
-                (ru_maxrss of that child, from wait4).
+  - subprocess: `python -m engine validate` as a user runs it (bytecode cached, after one
+                untimed run), its CPU time and peak memory (ru_maxrss, from wait4).
 Targets (this project's, on a 2-core machine): 1,000 agents under 0.5 s, 10,000 under 3 s,
-peak memory under 300 MB at 10,000; judged on the subprocess, which is what a user waits
-for. Prints PASS/FAIL per target; --strict makes a FAIL the exit status.
+peak memory under 300 MB at 10,000; judged on the subprocess wall time, which is what a
+user waits for (the CPU time beside it shows what other load on the machine added).
+Prints PASS/FAIL per target; --strict makes a FAIL the exit status.
 """
 
 from __future__ import annotations
@@ -108,22 +109,29 @@ def in_process(root: Path, repeat: int) -> float:
     return best(times)
 
 
-def as_subprocess(root: Path, repeat: int) -> tuple[float, float]:
-    """Best wall time and the largest peak memory (MB) of `python -m engine validate`."""
-    times, peaks = [], []
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    for _ in range(repeat):
+def as_subprocess(root: Path, repeat: int, pycache: Path) -> tuple[float, float, float]:
+    """Best wall time, best CPU time (user + system) and the largest peak memory (MB) of
+    `python -m engine validate`. Bytecode is cached (in `pycache`, outside the tree) and
+    one untimed run comes first, as on any machine after the first run."""
+    times, cpus, peaks = [], [], []
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env |= {"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "PYTHONPYCACHEPREFIX": str(pycache)}
+    for i in range(repeat + 1):
         t = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-m", "engine", "validate"], cwd=root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(p.pid, 0)
-        times.append(time.perf_counter() - t)
+        took = time.perf_counter() - t
         p.returncode = os.waitstatus_to_exitcode(status)
         err = p.stderr.read().decode() if p.stderr else ""
         if p.returncode != 0:
             raise SystemExit(f"validate failed ({p.returncode}): {err}")
-        peaks.append(usage.ru_maxrss / 1024)
-    return best(times), max(peaks)
+        if i:
+            times.append(took)
+            cpus.append(usage.ru_utime + usage.ru_stime)
+            peaks.append(usage.ru_maxrss / 1024)
+    return best(times), best(cpus), max(peaks)
 
 
 def main() -> int:
@@ -135,8 +143,10 @@ def main() -> int:
     verdicts = []
     print(f"python {sys.version.split()[0]}, PyYAML {yaml.__version__} "
           f"(C loader: {hasattr(yaml, 'CSafeLoader')}), best of {args.repeat}")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other work on "
+          "the machine slows every column)")
     print(f"{'agents':>7} {'MB file':>8} {'raw yaml':>9} {'in-proc':>8} {'x raw':>6} "
-          f"{'subproc':>8} {'x raw':>6} {'peak MB':>8}")
+          f"{'subproc':>8} {'x raw':>6} {'cpu':>7} {'peak MB':>8}")
     with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
         for n in (int(s) for s in args.sizes.split(",")):
             root = Path(tmp) / f"n{n}"
@@ -145,14 +155,14 @@ def main() -> int:
             grove.write_text(grove_text(n))
             raw = raw_load([grove], args.repeat)
             inproc = in_process(root, args.repeat)
-            sub, peak = as_subprocess(root, args.repeat)
+            sub, cpu, peak = as_subprocess(root, args.repeat, Path(tmp) / "pycache")
             size = grove.stat().st_size / 1e6
             print(f"{n:>7} {size:>8.2f} {raw:>8.3f}s {inproc:>7.3f}s {inproc / raw:>5.2f}x "
-                  f"{sub:>7.3f}s {sub / raw:>5.2f}x {peak:>8.1f}")
+                  f"{sub:>7.3f}s {sub / raw:>5.2f}x {cpu:>6.3f}s {peak:>8.1f}")
             if n in TARGET_SECONDS:
                 verdicts.append((f"{n} agents under {TARGET_SECONDS[n]} s (subprocess "
-                                 f"{sub:.3f} s, in-process {inproc:.3f} s)",
-                                 sub < TARGET_SECONDS[n]))
+                                 f"{sub:.3f} s wall, {cpu:.3f} s cpu; in-process "
+                                 f"{inproc:.3f} s)", sub < TARGET_SECONDS[n]))
             if n == 10000:
                 verdicts.append((f"peak memory at 10000 agents under {TARGET_MB} MB "
                                  f"({peak:.1f} MB)", peak < TARGET_MB))
