@@ -65,6 +65,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv == ["--version"]:  # without importing every command module
+            print(f"grove-engine {__version__}")
+            return 0
         only = _command_in(argv)
         try:
             args = build_parser(only).parse_args(argv)
