@@ -15,6 +15,7 @@ from engine import graph, layers
 from engine.errors import Diagnostic
 from engine.manifest import GroveSource
 
+_PLURAL = {"profile": "profiles", "harness": "harnesses"}
 # Profile fields that only one runtime reads; elsewhere they are a mistake, not a no-op.
 RUNTIME_ONLY = {
     "host": {"docker"},
@@ -50,6 +51,30 @@ def profiles(src: GroveSource, user: layers.UserConfig, repo_root: Path | None
                     f"profile {name}: mount source {source} is outside the repository (set "
                     f"security.allowHostMounts: true in {layers.user_config_path()} to allow)",
                     "mounts", i, "source"))
+    return out
+
+
+def references(src: GroveSource, builtin_harnesses: list[str]) -> list[Diagnostic]:
+    """Names that must exist even when no agent uses them yet: the grove's default profile
+    and harness, and what profiles let children use (the spawn policy reads them)."""
+    profiles = sorted(set(src.profiles) | {"local"})
+    harnesses = sorted(set(src.harnesses) | set(builtin_harnesses))
+    out = []
+    defaults = src.spec.get("defaults") or {}
+    for key, known in (("profile", profiles), ("harness", harnesses)):
+        if key in defaults and defaults[key] not in known:
+            out.append(src.grove.diag(f"grove {src.name}: spec.defaults.{key}: unknown {key} "
+                                      f"{defaults[key]!r} ({_PLURAL[key]}: {', '.join(known)})",
+                                      "spec", "defaults", key))
+    for name, entry in sorted(src.profiles.items()):
+        spawn = entry.data.get("spawn") or {}
+        for key, kind, known in (("allowProfiles", "profile", profiles),
+                                 ("allowHarnesses", "harness", harnesses)):
+            for i, ref in enumerate(spawn.get(key) or []):
+                if ref not in known:
+                    out.append(entry.diag(f"profile {name}: spawn.{key} names unknown {kind} "
+                                          f"{ref!r} ({_PLURAL[kind]}: {', '.join(known)})",
+                                          "spawn", key, i))
     return out
 
 

@@ -211,6 +211,7 @@ class _Builder:
     def build(self) -> DesiredGrove:
         src = self.src
         self.diags += checks.profiles(src, self.opts.user, self.opts.repo_root)
+        self.diags += checks.references(src, harnesses.names())
         agents = []
         for name in sorted(src.agents):
             try:

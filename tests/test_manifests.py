@@ -527,3 +527,22 @@ def test_control_character_is_located(engine: Any, repo: Path) -> None:
     write_grove(repo, "g", HEAD + "  agents:\n    - name: a\n      task: ab\x00c\n")
     assert bad(engine, repo) == [("groves/g/grove.yaml", 8, 15, "invalid YAML: character "
                                   "#x0000 is not allowed (control characters)")]
+
+
+def test_references_no_agent_uses_yet(engine: Any, repo: Path) -> None:
+    write_grove(repo, "g", HEAD + textwrap.indent(textwrap.dedent("""\
+        defaults: {profile: ghost, harness: shell}
+        profiles:
+          box:
+            spawn: {allowProfiles: [box, nowhere], allowHarnesses: [shell, robot]}
+        agents: []
+        """), "  "))
+    assert bad(engine, repo) == [
+        ("groves/g/grove.yaml", 6, 14, "grove g: spec.defaults.profile: unknown profile "
+                                       "'ghost' (profiles: box, local)"),
+        ("groves/g/grove.yaml", 9, 36, "profile box: spawn.allowProfiles names unknown "
+                                       "profile 'nowhere' (profiles: box, local)"),
+        ("groves/g/grove.yaml", 9, 70, "profile box: spawn.allowHarnesses names unknown "
+                                       "harness 'robot' (harnesses: claude, codex, gemini, "
+                                       "opencode, shell)"),
+    ]
