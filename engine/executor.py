@@ -261,9 +261,13 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
     changes = {c.agent: c for c in plan.changes}
     if any(c.action.is_change for c in plan.changes) and (root / ".git").exists():
         workspace.prune(root)  # once, before worktrees are added concurrently
-    for c in plan.changes:
-        if c.action is Action.DELETE:
-            _one(run, c)
+    deletes = {c.agent: c for c in plan.changes if c.action is Action.DELETE}
+    if deletes:  # children before parents, each generation in parallel
+        parents = {n: (inv.agents[n].parent if n in inv.agents else None) for n in deletes}
+        old = graph.build(deletes, parents, {})
+        with ThreadPoolExecutor(max_workers=max(1, run.settings.parallelism)) as pool:
+            for gen in reversed(graph.generations(old)):
+                list(pool.map(lambda n: _one(run, deletes[n]), gen))
     g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
                     {a.name: a.depends_on for a in grove.agents})
     skipped: dict[str, str] = {}

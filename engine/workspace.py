@@ -9,18 +9,23 @@ unmerged commits are saved under `refs/engine/archive/<grove>/<agent>/<n>`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
+from engine.fsutil import flock
 from engine.proc import CommandFailed, git, run
 
 ARCHIVE_PREFIX = "refs/engine/archive"
+_WT_LOCK = threading.Lock()
 EMPTY = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 
 
@@ -134,7 +139,8 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
         start = start_point(root, sha, inputs, f"{agent.grove}/{agent.name}")
         args = ["worktree", "add", "-q", "--no-track", "-b", branch, str(path), start]
     try:
-        git(root, *args)
+        with _admin(root):
+            git(root, *args)
     except CommandFailed as e:
         raise EngineError(f"agent {agent.grove}/{agent.name}: cannot create worktree: "
                           f"{e.stderr.strip().splitlines()[-1]}") from None
@@ -220,18 +226,26 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
         return None
     if workspace_mode == "clone":
         fetch_back(root, None, workdir, branch)
-    ref = archive(root, grove, agent, workdir, branch, base)
-    if workdir.exists():
-        if workspace_mode == "clone":
-            shutil.rmtree(workdir)
-        else:
+    ref = archive(root, grove, agent, workdir, branch, base)  # raises rather than lose work
+    if workspace_mode == "clone" and workdir.exists():
+        shutil.rmtree(workdir)
+    with _admin(root):
+        if workdir.exists():
             git(root, "worktree", "remove", "--force", str(workdir), check=False)
             if workdir.exists():
                 shutil.rmtree(workdir)
-    git(root, "worktree", "prune")
-    if branch and _branch_exists(root, branch):
-        git(root, "branch", "-D", branch)
+        git(root, "worktree", "prune", check=False)
+        if branch and _branch_exists(root, branch):
+            git(root, "branch", "-D", branch)
     return ref
+
+
+@contextlib.contextmanager
+def _admin(root: Path) -> Iterator[None]:
+    """Worktree administration takes turns: git reads every worktree's admin entry while
+    adding or pruning one, and parallel changes can see each other half-written."""
+    with _WT_LOCK, flock(root / ".engine" / "locks" / "worktrees.lock"):
+        yield
 
 
 def archives(root: Path, grove: str, agent: str) -> list[str]:
