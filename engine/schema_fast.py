@@ -110,7 +110,9 @@ class _Compiler:
             return lambda _x: True
         if s is False:
             return lambda _x: False
-        if not isinstance(s, dict) or set(s) - _KEYWORDS:
+        if not isinstance(s, dict):
+            raise Unsupported(f"schema {s!r}")
+        if set(s) - _KEYWORDS:
             raise Unsupported(f"keywords {sorted(set(s) - _KEYWORDS)}")
         checks: list[Check] = []
         if "type" in s:
