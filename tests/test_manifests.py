@@ -546,3 +546,17 @@ def test_references_no_agent_uses_yet(engine: Any, repo: Path) -> None:
                                        "harness 'robot' (harnesses: claude, codex, gemini, "
                                        "opencode, shell)"),
     ]
+
+
+def test_fast_check_gives_up_on_what_it_does_not_implement(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps({"type": "object", "patternProperties": {}}))
+    (tmp_path / "b.json").write_text(json.dumps(
+        {"$defs": {"x": {"properties": {"k": {}}, "additionalProperties": True}},
+         "$ref": "#/$defs/x", "unevaluatedProperties": False}))
+    (tmp_path / "c.json").write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    assert schema_fast.checker(tmp_path, "a.json") is None
+    assert schema_fast.checker(tmp_path, "b.json") is None
+    unique = schema_fast.checker(tmp_path, "c.json")
+    assert unique is not None
+    assert unique(["a", "b"]) and not unique(["a", "a"])
+    assert not unique([1, True])  # unsure (1 == True in Python): left to jsonschema
