@@ -158,7 +158,8 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
         if failed:
             return mk(Action.WAIT, f"blocked: dependency {failed[0]} failed", waits_for=unmet)
         if unmet and rec is not None and rec.pending and not (set(unmet) & creating):
-            return mk(Action.WAIT, f"pending: waits for {', '.join(unmet)} to succeed", waits_for=unmet)
+            return mk(Action.WAIT, f"pending: waits for {', '.join(unmet)} to succeed",
+                      waits_for=unmet)
         if rec is not None and not rec.pending:
             why = "missing from the runtime (removed outside the engine)"
         elif rec is not None:
