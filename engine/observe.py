@@ -77,6 +77,11 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
             if name in observed and rec and (rec.runtime, rec.host) != key:
                 continue
             observed[name] = obs
+    for name, rec in sorted(inv.agents.items()):
+        obs = observed.get(name)
+        if rec.workspace == "clone" and rec.workdir and obs and obs.phase != "Running":
+            # clone mode: an agent's commits reach its branch here once it has ended
+            workspace.fetch_back(root, root / rec.workdir, rec.branch)
     wanted = set(grove.by_name) if grove else set()
     work = {}
     for name, rec in sorted(inv.agents.items()):

@@ -158,10 +158,19 @@ def _ensure_clone(root: Path, path: Path, branch: str, base: str) -> Workspace:
     return Workspace(path, branch, base, ((objects, True),))
 
 
-def fetch_back(root: Path, agent: DesiredAgent | None, path: Path, branch: str) -> None:
-    """Clone mode: bring the clone's branch back into the repository."""
-    if (path / ".git").is_dir():
-        git(root, "fetch", "-q", str(path), f"+{branch}:{branch}", check=False)
+def fetch_back(root: Path, path: Path, branch: str) -> str:
+    """Clone mode: bring the clone's branch back into the repository's agent branch. When
+    that branch has moved on its own (not a fast-forward), the clone's tip goes to
+    `refs/engine/clone/<branch>` instead, so neither side loses commits. Returns the ref
+    updated, or "" when there is no clone."""
+    if not (path / ".git").is_dir():
+        return ""
+    if run(["git", "fetch", "-q", str(path), f"{branch}:{branch}"], cwd=root,
+           check=False).returncode == 0:
+        return f"refs/heads/{branch}"
+    side = f"refs/engine/clone/{branch.removeprefix('engine/')}"
+    git(root, "fetch", "-q", str(path), f"+{branch}:{side}")
+    return side
 
 
 def prune(root: Path) -> None:
@@ -215,7 +224,11 @@ def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base
     msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
            f"Dirty: {'yes' if tree != head_tree else 'no'}\n")
     commit = git(workdir, "commit-tree", tree, "-p", head, "-m", msg)
-    git(root, "update-ref", ref, commit)  # its parent is the branch tip: commits kept too
+    if (workdir / ".git").is_dir():  # a clone: its objects live there, fetch them over
+        git(workdir, "update-ref", "refs/engine/archive-pending", commit)
+        git(root, "fetch", "-q", str(workdir), f"+refs/engine/archive-pending:{ref}")
+    else:
+        git(root, "update-ref", ref, commit)  # its parent is the branch tip: commits kept
     return ref
 
 
@@ -225,7 +238,7 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
     if workspace_mode == "shared":
         return None
     if workspace_mode == "clone":
-        fetch_back(root, None, workdir, branch)
+        fetch_back(root, workdir, branch)
     ref = archive(root, grove, agent, workdir, branch, base)  # raises rather than lose work
     if workspace_mode == "clone" and workdir.exists():
         shutil.rmtree(workdir)

@@ -275,3 +275,32 @@ def test_sigkill_during_apply_then_reapply_converges(repo: Path, point: str) -> 
     assert len(worktrees) == 7  # the repository + one per agent, no orphans
     for i in range(6):
         assert git(repo, "log", "-1", "--format=%s", f"engine/demo/a{i}") == f"c{i}"
+
+
+def test_clone_mode_fetches_the_work_back_to_the_agent_branch(repo: Path, engine) -> None:
+    text = GROVE.format(agents="    - name: c\n      task: echo cloned > C && git add C && "
+                               "git commit -qm cloned\n").replace(
+        "spec:\n", "spec:\n  workspace: clone\n")
+    write_grove(repo, "demo", text)
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    clone = repo / ".engine/worktrees/demo/c"
+    assert (clone / ".git").is_dir()  # a clone of its own, not a worktree
+    assert len(git(repo, "worktree", "list").splitlines()) == 1
+    assert git(repo, "show", "engine/demo/c:C") == "cloned"
+    assert "+cloned" in engine("diff", "c").out
+    (clone / "DIRTY").write_text("x\n")
+    write_grove(repo, "demo", text.replace("name: c", "name: d"))
+    res = engine("apply", "--auto-approve")
+    assert res.code == 0 and "refs/engine/archive/demo/c/1" in res.out
+    assert not clone.exists()
+    assert git(repo, "show", "refs/engine/archive/demo/c/1:DIRTY") == "x"
+
+
+def test_shared_mode_works_in_the_repository_itself(repo: Path, engine) -> None:
+    text = GROVE.format(agents="    - name: s\n      task: pwd > WHERE\n").replace(
+        "spec:\n", "spec:\n  workspace: shared\n")
+    write_grove(repo, "demo", text)
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    assert (repo / "WHERE").read_text().strip() == str(repo)
+    assert engine("destroy", "--auto-approve").code == 0
+    assert (repo / "WHERE").exists()  # shared mode never removes the repository's files

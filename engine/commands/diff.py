@@ -7,7 +7,7 @@ from typing import Any
 
 from engine import review, ui
 from engine.commands import _common
-from engine.workspace import path_for
+from engine.workspace import fetch_back, path_for
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     loc = _common.locate(r, args)
     branch = loc.record.branch if loc.record else f"engine/{loc.grove}/{loc.agent}"
+    if loc.record is not None and loc.record.workspace == "clone":
+        fetch_back(r.root, path_for(r.root, loc.grove, loc.agent), branch)
     workdir = path_for(r.root, loc.grove, loc.agent)
     ui.out(review.diff(r.root, branch, _base(r, loc.grove), workdir, args.stat))
     return 0
