@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from engine import __version__
-from engine.errors import EngineError
+from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
-from engine.proc import run
+from engine.proc import CommandFailed, run
 from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
 
 SEP = "__"  # grove and agent names cannot contain "_", so session names are unambiguous
@@ -113,8 +113,17 @@ class LocalRuntime:
             {"specHash": a.spec_hash, "grove": a.grove, "agent": a.name,
              "engineVersion": __version__}).encode())
         self.state.mkdir(parents=True, exist_ok=True)
-        self.tmux("new-session", "-d", "-s", sess, "-x", "200", "-y", "50",
-                  "-c", str(launch.workdir), f"exec bash {shlex.quote(str(rd / 'run.sh'))}")
+        try:
+            self.tmux("new-session", "-d", "-s", sess, "-x", "200", "-y", "50",
+                      "-c", str(launch.workdir),
+                      f"exec bash {shlex.quote(str(rd / 'run.sh'))}")
+        except CommandFailed as e:
+            if "server exited" in e.stderr or "lost server" in e.stderr:
+                # the server was quitting as its last session ended: a new one is started
+                # by the retry
+                raise TemporaryError(f"agent {a.grove}/{a.name}: tmux server restarting",
+                                     0.1) from None
+            raise
 
     def _write_secrets(self, d: Path, values: dict[str, str]) -> None:
         if d.exists():
