@@ -47,9 +47,11 @@ class _Wake(FileSystemEventHandler):
         self.flag = flag
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        path = str(event.src_path)
+        # a finished request arrives as a rename of its temporary file: look at the target
+        path = str(getattr(event, "dest_path", "") or event.src_path)
         if "/.req-" in path or path.endswith(".tmp") or "/res-" in path \
-                or "/done-" in path or "/notify-" in path:
+                or "/done-" in path or "/notify-" in path or event.event_type in (
+                    "opened", "closed_no_write"):
             return  # our own writes and half-written requests: nothing to do yet
         self.flag.set()
 
