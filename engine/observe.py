@@ -78,8 +78,8 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
                 continue
             observed[name] = obs
     for name, rec in sorted(inv.agents.items()):
-        obs = observed.get(name)
-        if rec.workspace == "clone" and rec.workdir and obs and obs.phase != "Running":
+        seen = observed.get(name)
+        if rec.workspace == "clone" and rec.workdir and seen and seen.phase != "Running":
             # clone mode: an agent's commits reach its branch here once it has ended
             workspace.fetch_back(root, root / rec.workdir, rec.branch)
     wanted = set(grove.by_name) if grove else set()
