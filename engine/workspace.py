@@ -134,13 +134,15 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
         return Workspace(path, branch, sha, mounts)
     path.parent.mkdir(parents=True, exist_ok=True)
     if _branch_exists(root, branch):
-        args = ["worktree", "add", "-q", str(path), branch]
+        args = ["worktree", "add", "-q", "--no-checkout", str(path), branch]
     else:  # one git call creates the branch and its worktree
         start = start_point(root, sha, inputs, f"{agent.grove}/{agent.name}")
-        args = ["worktree", "add", "-q", "--no-track", "-b", branch, str(path), start]
+        args = ["worktree", "add", "-q", "--no-checkout", "--no-track", "-b", branch,
+                str(path), start]
     try:
-        with _admin(root):
+        with _admin(root):  # only the admin entry is made in turn; files come after
             git(root, *args)
+        git(path, "reset", "-q", "--hard")
     except CommandFailed as e:
         raise EngineError(f"agent {agent.grove}/{agent.name}: cannot create worktree: "
                           f"{e.stderr.strip().splitlines()[-1]}") from None
@@ -247,9 +249,9 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
             git(root, "worktree", "remove", "--force", str(workdir), check=False)
             if workdir.exists():
                 shutil.rmtree(workdir)
-        git(root, "worktree", "prune", check=False)
-        if branch and _branch_exists(root, branch):
-            git(root, "branch", "-D", branch)
+                git(root, "worktree", "prune", check=False)
+    if branch and _branch_exists(root, branch):
+        git(root, "branch", "-D", branch)
     return ref
 
 
