@@ -267,3 +267,23 @@ def test_agent_messages_another_agent(repo: Path, watch: list[Watch]) -> None:
     until(lambda: phases(repo).get("listener") == "Succeeded", what="listener")
     heard = git(repo, "show", "engine/tree/listener:HEARD")
     assert heard == "[message from talker] hi there"
+
+
+def test_watch_survives_a_bad_edit_and_holds_the_lock(repo: Path, watch: list[Watch]) -> None:
+    grove(repo, "    - name: one\n      task: 'true'\n")
+    w = Watch(repo)
+    watch.append(w)
+    until(lambda: phases(repo).get("one") == "Succeeded", what="one")
+    # a second controller for the same grove is refused, naming the holder
+    p = subprocess.run([sys.executable, "-m", "engine", "watch", "--once"], cwd=repo,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "grove tree is locked: watch by" in p.stderr
+    path = repo / "groves/tree/grove.yaml"
+    good = path.read_text()
+    path.write_text(good + "    - name: two\n      task: 'true'\n      colour: red\n")
+    until(lambda: "manifests invalid, keeping the last good state" in w.text(),
+          what="the bad edit to be logged")
+    assert w.proc.poll() is None  # still running
+    path.write_text(good + "    - name: two\n      task: 'true'\n")
+    until(lambda: phases(repo).get("two") == "Succeeded", what="two after the fix")
+    assert w.stop() == 0
