@@ -69,6 +69,9 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
         raise EngineError(f"image {name}: no images/{name}/Dockerfile (images: "
                           f"{', '.join(names())})")
     t = tag(name)
+    parent = _parent(name)
+    if parent and not engine.has_image(tag(parent)):
+        build(engine, parent, network)  # e.g. grove-engine/node under a harness image
     try:
         engine.build_image(images_dir() / name, t, buildargs or {}, network)
     except EngineError as e:
@@ -77,6 +80,19 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
                               "builds the base image offline)", e.detail) from None
         raise
     return t
+
+
+def _parent(name: str) -> str:
+    """The shipped image an image's Dockerfile starts FROM, or "" when it starts from
+    another (the base starts from a build argument)."""
+    for line in (images_dir() / name / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            ref = line.split()[1]
+            if ref.startswith(PREFIX + "/") and ref.endswith(":latest"):
+                parent = ref.removeprefix(PREFIX + "/").removesuffix(":latest")
+                return parent if parent in names() and parent != name else ""
+            return ""
+    return ""
 
 
 def bootstrap(engine: ImageEngine, force: bool = False) -> tuple[str, bool]:

@@ -318,8 +318,10 @@ def test_image_dockerfile(name: str, package: str) -> None:
     """The images cannot be built offline: check what they are made of."""
     text = (ROOT / "images" / name / "Dockerfile").read_text()
     steps = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert steps[0] == "FROM grove-engine/base:latest"
+    assert steps[0] == "FROM grove-engine/node:latest"
     assert steps[1] == "USER root" and steps[-1] == "USER 1000:1000"
+    node = (ROOT / "images" / "node" / "Dockerfile").read_text()
+    assert "FROM grove-engine/base:latest" in node and '"node@${NODE_VERSION}"' in node
     assert f'npm install -g --no-audit --no-fund "{package}@${{VERSION}}"' in text
     spec = harnesses.spec(name)
     assert spec is not None and spec["image"] == f"grove-engine/{name}:latest"

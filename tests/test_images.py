@@ -94,3 +94,11 @@ def test_bootstrap_without_mmdebstrap(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EngineError, match=r"mmdebstrap is not installed \(apt-get install"):
         images.import_rootfs(None)  # type: ignore[arg-type]  # never reaches the engine
+
+
+def test_harness_images_build_on_the_shared_node_image() -> None:
+    """`engine image build claude` builds grove-engine/node first when it is missing."""
+    assert images._parent("node") == "base"
+    for name in ("claude", "gemini", "codex", "opencode"):
+        assert images._parent(name) == "node"
+    assert images._parent("base") == ""  # FROM a build argument (the offline rootfs)
