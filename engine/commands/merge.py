@@ -7,8 +7,6 @@ from typing import Any
 
 from engine import review, ui
 from engine.commands import _common
-from engine.commands.diff import _base
-from engine.workspace import fetch_back, path_for
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -21,11 +19,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
-    loc = _common.locate(r, args)
-    branch = loc.record.branch if loc.record else f"engine/{loc.grove}/{loc.agent}"
-    if loc.record is not None and loc.record.workspace == "clone":
-        fetch_back(r.root, path_for(r.root, loc.grove, loc.agent), branch)
+    loc, branch, base = _common.review_target(r, args)
     msg = args.message or f"Merge agent {loc.grove}/{loc.agent} ({branch})"
-    commit = review.merge(r.root, branch, _base(r, loc.grove), msg)
+    commit = review.merge(r.root, branch, base, msg)
     ui.out(f"merged {branch}: {commit[:12]}")
     return 0
