@@ -287,3 +287,16 @@ def test_watch_survives_a_bad_edit_and_holds_the_lock(repo: Path, watch: list[Wa
     path.write_text(good + "    - name: two\n      task: 'true'\n")
     until(lambda: phases(repo).get("two") == "Succeeded", what="two after the fix")
     assert w.stop() == 0
+
+
+def test_agent_reads_the_grove_status(repo: Path, watch: list[Watch]) -> None:
+    grove(repo, "    - name: peer\n      task: sleep 30\n"
+                "    - name: asker\n      task: |\n"
+                "        engine status --json > S.json && git add S.json && "
+                "git commit -qm status\n")
+    watch.append(Watch(repo))
+    until(lambda: phases(repo).get("asker") == "Succeeded", what="asker")
+    doc = json.loads(git(repo, "show", "engine/tree/asker:S.json"))
+    rows = {a["name"]: a for a in doc["agents"]}
+    assert doc["grove"] == "tree" and rows["peer"]["phase"] == "Running"
+    assert rows["asker"]["phase"] == "Running"
