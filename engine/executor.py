@@ -259,7 +259,9 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
     """Carry out `plan`; returns one outcome per agent that had something to do."""
     run = Run(root, grove, inv, rts, hooks or NoHooks(), settings or Settings())
     changes = {c.agent: c for c in plan.changes}
-    if any(c.action.is_change for c in plan.changes) and (root / ".git").exists():
+    if any(c.action in (Action.CREATE, Action.REPLACE, Action.RESTART)
+           for c in plan.changes):
+        run.base()  # no repository, no commit, no base: one error before anything changes
         workspace.prune(root)  # once, before worktrees are added concurrently
     deletes = {c.agent: c for c in plan.changes if c.action is Action.DELETE}
     if deletes:  # children before parents, each generation in parallel

@@ -59,8 +59,14 @@ def path_for(root: Path, grove: str, agent: str) -> Path:
 
 def base_commit(root: Path, base_ref: str) -> tuple[str, str]:
     """(ref name, commit) of the grove's base; the current branch when `base_ref` is ""."""
+    if run(["git", "rev-parse", "--git-dir"], cwd=root, check=False).returncode != 0:
+        raise EngineError(f"{root} is not a git repository: agents need one for their "
+                          "branches (git init, then commit once)")
     ref = base_ref or git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False) or "HEAD"
     sha = git(root, "rev-parse", "-q", "--verify", f"{ref}^{{commit}}", check=False)
+    if not sha and not git(root, "rev-parse", "-q", "--verify", "HEAD", check=False):
+        raise EngineError(f"{root}: the repository has no commits yet; agent branches start "
+                          "from one (commit once)")
     if not sha:
         raise EngineError(f"base ref {ref!r} not found in {root} (set spec.baseRef to an "
                           "existing branch or commit)")

@@ -174,7 +174,8 @@ def test_missing_base_branch_is_reported(repo: Path, engine) -> None:
     write_grove(repo, "demo", text)
     res = engine("apply", "--auto-approve")
     assert res.code == 1
-    assert "base ref 'nope' not found" in res.out
+    assert res.err.startswith("error: base ref 'nope' not found")
+    assert not (repo / ".engine/worktrees").exists()
 
 
 def test_second_apply_while_locked_names_the_holder(repo: Path, engine) -> None:
