@@ -262,6 +262,7 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
     if any(c.action in (Action.CREATE, Action.REPLACE, Action.RESTART)
            for c in plan.changes):
         run.base()  # no repository, no commit, no base: one error before anything changes
+        workspace.exclude_state_dir(root)
         workspace.prune(root)  # once, before worktrees are added concurrently
     deletes = {c.agent: c for c in plan.changes if c.action is Action.DELETE}
     if deletes:  # children before parents, each generation in parallel

@@ -155,9 +155,10 @@ class Gate:
         for d in deps:
             if d not in taken:
                 raise EngineError(f"dependsOn names unknown agent {d!r}")
-        spawn = writeback.Spawn(name, task, parent.name, req.id, inventory.now(),
-                                "" if profile == parent.profile and "profile" not in spec
-                                else profile, str(spec.get("harness", "")), tuple(deps))
+        # the profile checked here is the one written: a child never falls back to a
+        # grove default its parent may not hand out
+        spawn = writeback.Spawn(name, task, parent.name, req.id, inventory.now(), profile,
+                                str(spec.get("harness", "")), tuple(deps))
         try:
             self._no_escalation(parent, spawn)
         except EngineError:

@@ -85,8 +85,15 @@ def wait_terminal(root: Path, grove: DesiredGrove, rts: Runtimes, timeout: float
         actual = observe.observe(root, grove.name, grove, rts)
         phases = {a.name: actual.observed[a.name].phase if a.name in actual.observed
                   else "Pending" for a in grove.agents}
-        blocked = {a.name for a in grove.agents if phases[a.name] == "Pending" and any(
-            phases.get(d) == FAILED for d in a.depends_on)}
+        blocked: set[str] = set()
+        changed = True
+        while changed:  # behind a failed dependency, however many levels up
+            changed = False
+            for a in grove.agents:
+                if a.name not in blocked and phases[a.name] == "Pending" and any(
+                        phases.get(d) == FAILED or d in blocked for d in a.depends_on):
+                    blocked.add(a.name)
+                    changed = True
         if all(p in (SUCCEEDED, FAILED) or n in blocked for n, p in phases.items()):
             return phases
         if time.monotonic() > deadline:

@@ -181,6 +181,21 @@ def fetch_back(root: Path, path: Path, branch: str) -> str:
     return side
 
 
+def exclude_state_dir(root: Path) -> None:
+    """Keep `.engine/` (worktrees, secrets' key, state) out of `git add -A` even in a
+    repository whose .gitignore does not name it: the repository-local exclude file."""
+    path = common_dir(root) / "info" / "exclude"
+    try:
+        lines = path.read_text().splitlines() if path.exists() else []
+    except OSError:
+        return
+    if "/.engine/" in lines or ".engine/" in lines or ".engine" in lines:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(("\n" if lines and lines[-1] else "") + "# grove-engine state\n/.engine/\n")
+
+
 def prune(root: Path) -> None:
     """Forget worktrees whose directories are gone (never while adding concurrently)."""
     git(root, "worktree", "prune", check=False)

@@ -305,3 +305,25 @@ def test_shared_mode_works_in_the_repository_itself(repo: Path, engine) -> None:
     assert (repo / "WHERE").read_text().strip() == str(repo)
     assert engine("destroy", "--auto-approve").code == 0
     assert (repo / "WHERE").exists()  # shared mode never removes the repository's files
+
+
+def test_state_dir_is_kept_out_of_git_without_a_gitignore(repo: Path, engine) -> None:
+    (repo / ".gitignore").unlink()
+    git(repo, "commit", "-qam", "no ignore file")
+    grove(repo, "    - name: a\n      task: 'true'\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    assert ".engine" not in git(repo, "status", "--porcelain")
+    assert engine("apply", "--auto-approve").code == 0
+    exclude = (repo / ".git/info/exclude").read_text()
+    assert exclude.count("/.engine/") == 1
+
+
+def test_wait_returns_behind_a_failure_two_levels_up(repo: Path, engine) -> None:
+    grove(repo, "    - name: bad\n      task: exit 3\n"
+                "    - name: after\n      dependsOn: [bad]\n      task: 'true'\n"
+                "    - name: after2\n      dependsOn: [after]\n      task: 'true'\n")
+    t0 = time.monotonic()
+    res = engine("apply", "--auto-approve", "--wait", "--timeout", "60")
+    assert res.code == 1
+    assert time.monotonic() - t0 < 30, "apply --wait hung behind the failed dependency"
+    assert "after2: skipped" in res.out

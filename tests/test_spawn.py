@@ -300,3 +300,13 @@ def test_agent_reads_the_grove_status(repo: Path, watch: list[Watch]) -> None:
     rows = {a["name"]: a for a in doc["agents"]}
     assert doc["grove"] == "tree" and rows["peer"]["phase"] == "Running"
     assert rows["asker"]["phase"] == "Running"
+
+
+def test_host_spawn_for_a_parent_passes_the_gate(repo: Path, engine) -> None:
+    grove(repo, "    - name: seed\n      task: 'true'\n")
+    res = engine("spawn", "kid", "--parent", "seed", "--profile", "other", "--task", "x")
+    assert res.code == 1 and "profile other is not allowed for children of seed" in res.err
+    assert not (repo / "groves/tree/spawned.yaml").exists()
+    assert engine("spawn", "kid", "--parent", "seed", "--task", "x").code == 0
+    docs = {d["name"]: d for d in spawned_docs(repo)}
+    assert docs["kid"]["spawnedBy"] == "seed" and docs["kid"]["profile"] == "local"

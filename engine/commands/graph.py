@@ -51,8 +51,9 @@ def _print(text: str) -> None:
 
 def _one(names: list[str], fmt: str) -> None:
     if len(names) > 1:
+        others = "markdown or text" if fmt == "json" else "markdown, text or json"
         raise EngineError(f"several groves here ({', '.join(names)}): name one with -g GROVE "
-                          f"for --format {fmt}, or use --format markdown, text or json")
+                          f"for --format {fmt}, or use --format {others}")
 
 
 def _diff(report: topology.Report, fmt: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from engine import plan, ui
 from engine.commands import _common
-from engine.errors import EngineError
+from engine.errors import EngineError, UsageError
 from engine.fsutil import atomic_write
 from engine.observe import Runtimes
 from engine.reconcile import make_plan
@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _topology(root: Path, args: argparse.Namespace) -> int:
     if not args.base:
-        raise EngineError("--head and --format need --base REF")
+        raise UsageError("engine plan: --head and --format need --base REF")
+    if args.out:
+        raise UsageError("engine plan: --out saves a plan of the running agents; it does not "
+                         "go with --base")
+    if args.json:
+        args.format = args.format or "json"
     try:
         from engine import topology
     except ImportError:

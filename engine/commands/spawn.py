@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import uuid
+from pathlib import Path
 from typing import Any
 
-from engine import desired, inventory, manifest, ui, writeback
+from engine import desired, inbox, inventory, manifest, ui, writeback
 from engine.commands import _common
 from engine.errors import EngineError, InvalidManifests
 from engine.inbox import NAME
@@ -20,7 +21,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--profile")
     p.add_argument("--harness")
-    p.add_argument("--parent", help="record this agent as its parent")
+    p.add_argument("--parent", help="spawn as a child of this agent: the parent's spawn "
+                   "policy applies, as for a request from inside it")
     p.add_argument("--depends-on", action="append", default=[], metavar="AGENT")
     p.add_argument("--commit", action="store_true", help="commit spawned.yaml with trailers")
     _common.add_grove_arg(p)
@@ -36,15 +38,28 @@ def run(args: argparse.Namespace) -> int:
                           "digits and '-', at most 40 characters)")
     if args.name in grove.by_name:
         raise EngineError(f"agent {grove.name}/{args.name} already exists")
-    spawn = writeback.Spawn(args.name, args.task, args.parent or "",
-                            f"cli-{uuid.uuid4().hex[:12]}", inventory.now(),
-                            args.profile or "", args.harness or "", tuple(args.depends_on))
+    rid = f"cli-{uuid.uuid4().hex[:12]}"
+    opts = _common.options(r, args, resolve_secrets=False)
+    if args.parent:
+        # a child named on the command line passes the same gate as one an agent asks for
+        spec = {"name": args.name, "task": args.task, "profile": args.profile,
+                "harness": args.harness, "dependsOn": args.depends_on}
+        req = inbox.Request(args.parent, Path(), rid, "SpawnRequest",
+                            {k: v for k, v in spec.items() if v})
+        try:
+            spawn = inbox.Gate(r.root, grove, opts).check(req)
+        except EngineError as e:
+            raise EngineError(f"agent {grove.name}/{args.name}: refused: {e.summary}") from None
+    else:
+        spawn = writeback.Spawn(args.name, args.task, "", rid, inventory.now(),
+                                args.profile or "", args.harness or "",
+                                tuple(args.depends_on))
     # check the grove as it would be with the new agent before writing anything
     src = manifest.load_grove(grove.directory, r.root)
     doc = spawn.document()
     src.agents[spawn.name] = manifest.Entry(spawn.name, doc["spec"], src.grove.doc, ("spec",))
     try:
-        desired.build(src, _common.options(r, args, resolve_secrets=False))
+        desired.build(src, opts)
     except InvalidManifests as e:
         raise EngineError(f"agent {grove.name}/{args.name}: "
                           f"{e.diagnostics[0].message}") from None

@@ -16,7 +16,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "watch", help="keep the grove converged (spawns, dependents, restarts, drift)",
         description="Run the controller: ingest agents' requests, converge on every "
-        "manifest change, start dependents as dependencies succeed, restart per policy.")
+        "manifest change, start dependents as dependencies succeed, restart per policy. "
+        "SIGINT or SIGTERM stops it after the current pass, with exit status 0.")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)
     p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",

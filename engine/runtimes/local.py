@@ -170,8 +170,7 @@ class LocalRuntime:
         if a.max_duration:
             lines += [f'[ "$code" = 124 ] && echo "maxDuration {a.max_duration}s exceeded" '
                       '> "$rd/reason"']
-        lines += ['[ "$code" = 127 ] && echo "command not found: '
-                  f'{q(a.command[0]) if a.command else ""}" > "$rd/reason"',
+        lines += ['[ "$code" = 127 ] && echo "exited 127: command not found" > "$rd/reason"',
                   'echo "$code" > "$rd/exit.tmp" && mv -f "$rd/exit.tmp" "$rd/exit"',
                   'exit "$code"', ""]
         return "\n".join(lines)
