@@ -327,3 +327,24 @@ def test_wait_returns_behind_a_failure_two_levels_up(repo: Path, engine) -> None
     assert res.code == 1
     assert time.monotonic() - t0 < 30, "apply --wait hung behind the failed dependency"
     assert "after2: skipped" in res.out
+
+
+def test_agents_do_not_inherit_the_engine_users_environment(repo: Path, engine,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv("SENTINEL_TOKEN", "s3cr3t-sentinel")
+    text = GROVE.format(agents="    - name: a\n      profile: keyed\n      task: env > ENV\n"
+                               "    - name: b\n      task: env > ENV\n").replace(
+        "    local: {runtime: local, spawn: {allowProfiles: [local]}}",
+        "    local: {runtime: local, spawn: {allowProfiles: [local]}}\n"
+        "    keyed: {runtime: local, credentials: {MY_TOKEN: {fromEnv: SENTINEL_TOKEN}}}")
+    write_grove(repo, "demo", text)
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    env_a = (repo / ".engine/worktrees/demo/a/ENV").read_text()
+    env_b = (repo / ".engine/worktrees/demo/b/ENV").read_text()
+    assert "MY_TOKEN=s3cr3t-sentinel" in env_a  # its own credential, by its own name
+    assert "SENTINEL_TOKEN" not in env_a and "s3cr3t-sentinel" not in env_b
+    show = subprocess.run(["tmux", "-S", str(repo / ".engine/tmux.sock"), "show-environment",
+                           "-g"], capture_output=True, text=True).stdout
+    assert "s3cr3t-sentinel" not in show
+    assert "s3cr3t-sentinel" not in (repo / ".engine/run/demo/a/run.sh").read_text()

@@ -31,6 +31,21 @@ from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
 SEP = "__"  # grove and agent names cannot contain "_", so session names are unambiguous
 
 
+# What an agent inherits from the user who runs the engine; everything else (API keys in the
+# shell, tokens, SSH agents) stays out, so an agent sees only its own credentials.
+INHERITED = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_ALL",
+             "LC_CTYPE", "TERM", "TZ", "TMPDIR", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
+             "XDG_DATA_HOME", "XDG_CACHE_HOME")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment tmux (and so every agent session) starts from."""
+    env = {k: os.environ[k] for k in INHERITED if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.setdefault("TERM", "xterm-256color")
+    return env
+
+
 class LocalRuntime:
     name = "local"
 
@@ -47,7 +62,7 @@ class LocalRuntime:
             raise EngineError("tmux is not installed; the local runtime needs it "
                               "(apt-get install tmux)")
         return run(["tmux", "-S", str(self.socket), "-f", "/dev/null", *args], check=check,
-                   input=input)
+                   input=input, env=clean_env())
 
     def session(self, grove: str, agent: str) -> str:
         return f"{grove}{SEP}{agent}"
