@@ -241,18 +241,44 @@ def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base
         os.unlink(index)
     head_tree = git(workdir, "rev-parse", f"{head}^{{tree}}")
     ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
-    if tree == head_tree and not ahead:
+    # the branch may be elsewhere than HEAD (a detached checkout, a reviewer's commit on the
+    # repository's copy of the branch): those tips become extra parents of the archive
+    tips: list[str] = []
+    for where in (workdir, root):
+        t = git(where, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
+        if t and t != head and t not in tips and not _is_ancestor(workdir, t, head) \
+                and not _is_ancestor(workdir, t, base):
+            tips.append(t)
+    clone = (workdir / ".git").is_dir()
+    extras = _clone_extras(workdir, branch, base) if clone else []
+    if tree == head_tree and not ahead and not tips and not extras:
         return None
     ref, n = _next_archive(root, grove, agent)
     msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
            f"Dirty: {'yes' if tree != head_tree else 'no'}\n")
-    commit = git(workdir, "commit-tree", tree, "-p", head, "-m", msg)
-    if (workdir / ".git").is_dir():  # a clone: its objects live there, fetch them over
+    parents = [a for t in [head, *tips] for a in ("-p", t)]
+    commit = git(workdir, "commit-tree", tree, *parents, "-m", msg)
+    if clone:  # a clone: its objects live there, fetch them over (and its other refs)
         git(workdir, "update-ref", "refs/engine/archive-pending", commit)
-        git(root, "fetch", "-q", str(workdir), f"+refs/engine/archive-pending:{ref}")
+        specs = [f"+refs/engine/archive-pending:{ref}"]
+        specs += [f"+{r}:{ref}-refs/{r.removeprefix('refs/')}" for r in extras]
+        git(root, "fetch", "-q", str(workdir), *specs)
     else:
-        git(root, "update-ref", ref, commit)  # its parent is the branch tip: commits kept
+        git(root, "update-ref", ref, commit)  # its parents are the tips: commits kept
     return ref
+
+
+def _clone_extras(clone: Path, branch: str, base: str) -> list[str]:
+    """A clone's other branches and its stash, when they hold commits not on the base."""
+    out = []
+    refs = git(clone, "for-each-ref", "--format=%(refname)", "refs/heads/", "refs/stash")
+    for r in refs.splitlines():
+        if r == f"refs/heads/{branch}":
+            continue
+        tip = git(clone, "rev-parse", r)
+        if not _is_ancestor(clone, tip, base):
+            out.append(r)
+    return out
 
 
 def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Path,

@@ -348,3 +348,31 @@ def test_agents_do_not_inherit_the_engine_users_environment(repo: Path, engine,
                            "-g"], capture_output=True, text=True).stdout
     assert "s3cr3t-sentinel" not in show
     assert "s3cr3t-sentinel" not in (repo / ".engine/run/demo/a/run.sh").read_text()
+
+
+def test_archive_keeps_a_branch_tip_that_is_not_checked_out(repo: Path, engine) -> None:
+    grove(repo, "    - name: a\n      task: |\n"
+                "        echo 1 > F && git add F && git commit -qm on-branch\n"
+                "        git checkout -q --detach HEAD~1\n"
+                "        echo 2 > G && git add G && git commit -qm detached\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    on_branch = git(repo, "rev-parse", "engine/demo/a")
+    assert engine("destroy", "--auto-approve").code == 0
+    assert git(repo, "for-each-ref", "--contains", on_branch, "--format=%(refname)") \
+        == "refs/engine/archive/demo/a/1"
+
+
+def test_clone_archive_keeps_other_branches_and_the_stash(repo: Path, engine) -> None:
+    text = GROVE.format(agents="    - name: c\n      task: |\n"
+                               "        git checkout -qb feature\n"
+                               "        echo f > F && git add F && git commit -qm feature\n"
+                               "        git checkout -q engine/demo/c\n"
+                               "        echo s > S && git add S && git stash -q\n").replace(
+        "spec:\n", "spec:\n  workspace: clone\n")
+    write_grove(repo, "demo", text)
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    assert engine("destroy", "--auto-approve").code == 0
+    refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/engine/archive/demo/c/")
+    assert "refs/engine/archive/demo/c/1-refs/heads/feature" in refs.split()
+    assert "refs/engine/archive/demo/c/1-refs/stash" in refs.split()
+    assert git(repo, "show", "refs/engine/archive/demo/c/1-refs/heads/feature:F") == "f"
