@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError, LockedError
-from engine.fsutil import atomic_write
+from engine.fsutil import atomic_write, flock
 
 FORMAT = 1
 
@@ -76,13 +76,19 @@ def load(state_dir: Path, grove: str) -> Inventory:
     except (OSError, ValueError) as e:
         raise EngineError(f"grove {grove}: state file {p} is unreadable ({e}); it is "
                           "written atomically, so this is outside damage") from None
-    if raw.get("format") != FORMAT:
-        raise EngineError(f"grove {grove}: state file {p} has unknown format "
-                          f"{raw.get('format')!r}")
-    known = set(Record.__dataclass_fields__)
-    agents = {n: Record(**{k: v for k, v in r.items() if k in known})
-              for n, r in raw.get("agents", {}).items()}
-    return Inventory(grove, raw["lineage"], int(raw["serial"]), agents)
+    try:
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"unknown format {raw.get('format')!r}")
+        known = set(Record.__dataclass_fields__)
+        agents = {}
+        for n, r in raw.get("agents", {}).items():
+            if not isinstance(r, dict) or "spec_hash" not in r:
+                raise ValueError(f"agent {n!r} has no spec_hash")
+            agents[str(n)] = Record(**{k: v for k, v in r.items() if k in known})
+        return Inventory(grove, str(raw["lineage"]), int(raw["serial"]), agents)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise EngineError(f"grove {grove}: state file {p} is damaged ({e}); move it away to "
+                          "start over (the engine then adopts what still runs)") from None
 
 
 def save(state_dir: Path, inv: Inventory) -> None:
@@ -133,36 +139,36 @@ def _alive(info: LockInfo) -> bool:
 
 @contextlib.contextmanager
 def locked(state_dir: Path, grove: str, operation: str) -> Iterator[LockInfo]:
-    """Hold the grove's lock for `operation`; LockedError names the current holder."""
+    """Hold the grove's lock for `operation`; LockedError names the current holder.
+
+    The lock file appears whole (written to a temporary file, then hard-linked into
+    place, which fails when it exists), and taking it, including taking over from a
+    holder that died, happens under a short flock, so two operations never both hold it."""
     p = _lock_path(state_dir, grove)
     p.parent.mkdir(parents=True, exist_ok=True)
     info = LockInfo(uuid.uuid4().hex[:12], operation,
                     os.environ.get("USER", "unknown"), os.getpid(), socket.gethostname(), now())
-    for _ in range(2):
+    with flock(p.with_suffix(".lock.guard")):
+        held = read_lock(state_dir, grove)
+        if held is not None and _alive(held):
+            raise LockedError(f"grove {grove} is locked: {held.describe()}",
+                              f"if that operation is gone: engine force-unlock {held.id} "
+                              f"-g {grove}")
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()  # absent, unreadable or left by a process that died: take over
+        tmp = p.with_name(f".{p.name}.{info.id}")
+        tmp.write_text(json.dumps(asdict(info)))
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            held = read_lock(state_dir, grove)
-            if held is not None and _alive(held):
-                raise LockedError(f"grove {grove} is locked: {held.describe()}",
-                                  f"if that operation is gone: engine force-unlock {held.id} "
-                                  f"-g {grove}") from None
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()  # holder died: take over
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(info), f)
-            f.flush()
-            os.fsync(f.fileno())
-        break
-    else:
-        raise LockedError(f"grove {grove}: could not take the lock {p}")
+            os.link(tmp, p)
+        finally:
+            tmp.unlink()
     try:
         yield info
     finally:
-        if (cur := read_lock(state_dir, grove)) is not None and cur.id == info.id:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        with flock(p.with_suffix(".lock.guard")):
+            if (cur := read_lock(state_dir, grove)) is not None and cur.id == info.id:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
 
 def force_unlock(state_dir: Path, grove: str, lock_id: str) -> LockInfo:
