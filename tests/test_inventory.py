@@ -51,7 +51,7 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path) -> None:
 def test_damaged_state_file_is_one_error(tmp_path: Path, text: str) -> None:
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "g.json").write_text(text)
-    with pytest.raises(EngineError, match="state file .* is damaged"):
+    with pytest.raises(EngineError, match=r"state file .* is damaged"):
         inventory.load(tmp_path, "g")
 
 
@@ -61,4 +61,5 @@ def test_state_round_trip(tmp_path: Path) -> None:
     inventory.save(tmp_path, inv)
     again = inventory.load(tmp_path, "g")
     assert again.serial == 1 and again.lineage == inv.lineage
-    assert json.loads((tmp_path / "state" / "g.json").read_text())["agents"]["a"]["spec_hash"] == "h"
+    saved = json.loads((tmp_path / "state" / "g.json").read_text())
+    assert saved["agents"]["a"]["spec_hash"] == "h"
