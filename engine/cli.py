@@ -76,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             args = build_parser().parse_args(argv)  # let the full parser word the error
         if args.chdir:
-            os.chdir(args.chdir)
+            try:
+                os.chdir(args.chdir)
+            except OSError as e:
+                raise EngineError(f"-C {args.chdir}: {e.strerror}") from None
         if not getattr(args, "_run", None):
             build_parser().print_help()
             return 2

@@ -209,6 +209,12 @@ def _delete(run: Run, change: Change) -> tuple[str, str]:
     if rec is not None and rec.workdir:
         ref = workspace.remove(run.root, run.grove.name, change.agent, rec.workspace,
                                run.root / rec.workdir, rec.branch, rec.base_commit) or ""
+    elif rec is None:  # created, then the engine died before recording it: still ours
+        found = workspace.orphan(run.root, run.grove.name, change.agent)
+        if found is not None:
+            mode, path, branch = found
+            ref = workspace.remove(run.root, run.grove.name, change.agent, mode, path,
+                                   branch, run.base()[1]) or ""
     run.record(change.agent, None)
     return "deleted", ref
 

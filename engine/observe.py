@@ -88,6 +88,11 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
         if rec.workdir and (with_work or name not in wanted):
             work[name] = workspace.work_state(root, root / rec.workdir, rec.branch,
                                               rec.base_commit)
+    for name in sorted(set(observed) - set(inv.agents) - wanted):
+        orphan = workspace.orphan(root, grove_name, name)  # running, never recorded
+        if orphan is not None and grove is not None:
+            base = workspace.base_commit(root, grove.base_ref)[1]
+            work[name] = workspace.work_state(root, orphan[1], orphan[2], base)
     return Actual(grove_name, inv, observed, work, errors)
 
 

@@ -58,6 +58,11 @@ def check_fresh(root: Path, grove: DesiredGrove, saved: plan.GrovePlan) -> None:
                              "run engine plan again")
     for c in saved.changes:
         a = grove.by_name.get(c.agent)
+        deleting = c.action is plan.Action.DELETE
+        if (a is None) != deleting or any(d not in grove.by_name for d in c.waits_for):
+            raise StalePlanError(f"agent {grove.name}/{c.agent}: the saved plan does not "
+                                 "match the manifests (edited by hand?); run engine plan "
+                                 "again")
         if c.spec_hash and a is not None and a.spec_hash != c.spec_hash:
             raise StalePlanError(f"agent {grove.name}/{c.agent}: saved plan is stale: its "
                                  "spec changed (a credential rotated?); run engine plan again")

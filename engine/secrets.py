@@ -71,13 +71,29 @@ def repo_key(state_dir: Path, create: bool) -> bytes:
     without a key file, a throw-away key: digests are then only compared within one run."""
     path = state_dir / "secret-key"
     try:
-        return bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError):
-        pass
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    except OSError as e:
+        raise EngineError(f"{path}: cannot read the secret-digest key: {e.strerror}") from None
+    if text:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise EngineError(f"{path} is damaged; delete it (agents with credentials are "
+                              "then replaced once, as after a rotation)")
+        return key
     key = _random.token_bytes(32)
     if create:
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first: use theirs
+            return repo_key(state_dir, create=False)
         with os.fdopen(fd, "w") as f:
             f.write(key.hex())
+            f.flush()
+            os.fsync(f.fileno())
     return key

@@ -181,6 +181,21 @@ def fetch_back(root: Path, path: Path, branch: str) -> str:
     return side
 
 
+def orphan(root: Path, grove: str, agent: str) -> tuple[str, Path, str] | None:
+    """A working copy the engine made for an agent but never recorded (it died in
+    between): (mode, path, branch) when the usual path holds this agent's worktree or
+    clone, else None. Anything else at that path is not the engine's and is left alone."""
+    path = path_for(root, grove, agent)
+    branch = f"engine/{grove}/{agent}"
+    if not path.is_dir():
+        return None
+    if (path / ".git").is_dir():
+        return "clone", path, branch
+    if _registered_worktrees(root).get(path.resolve()) == branch:
+        return "worktree", path, branch
+    return None
+
+
 def exclude_state_dir(root: Path) -> None:
     """Keep `.engine/` (worktrees, secrets' key, state) out of `git add -A` even in a
     repository whose .gitignore does not name it: the repository-local exclude file."""

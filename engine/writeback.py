@@ -9,12 +9,14 @@ of spawns is a git commit of that one file with `Spawned-By:` / `Spawn-Request:`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine.errors import EngineError
 from engine.fsutil import atomic_write, flock
 from engine.manifest import GROVES_DIR, SPAWNED_FILE
 from engine.proc import git
@@ -77,6 +79,10 @@ def append(root: Path, grove: str, spawns: list[Spawn], commit: bool) -> None:
     path = spawned_path(root, grove)
     with flock(root / ".engine" / "locks" / f"{grove}.spawned.lock"):
         old = path.read_text() if path.exists() else HEADER
+        present = set(re.findall(r"^metadata:\n  name: ['\"]?([a-z0-9-]+)", old, re.M))
+        clash = sorted(present & {s.name for s in spawns})
+        if clash:  # checked again under the lock: two spawns of one name race otherwise
+            raise EngineError(f"agent {grove}/{clash[0]} already exists in {path.name}")
         if not old.endswith("\n"):
             old += "\n"
         docs = "".join("---\n" + yaml.safe_dump(s.document(), sort_keys=False,

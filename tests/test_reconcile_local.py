@@ -376,3 +376,25 @@ def test_clone_archive_keeps_other_branches_and_the_stash(repo: Path, engine) ->
     assert "refs/engine/archive/demo/c/1-refs/heads/feature" in refs.split()
     assert "refs/engine/archive/demo/c/1-refs/stash" in refs.split()
     assert git(repo, "show", "refs/engine/archive/demo/c/1-refs/heads/feature:F") == "f"
+
+
+def test_unrecorded_agent_is_archived_when_removed(repo: Path) -> None:
+    """The engine died between starting an agent and recording it; the agent is then
+    removed from the manifests: its work is archived like any other's."""
+    import os
+    import sys
+    grove(repo, "    - name: a\n      task: echo x > X && git add X && git commit -qm x "
+                "&& echo wip > WIP\n")
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve"], cwd=repo,
+                       env={**os.environ, "ENGINE_FAILPOINT": "runtime"}, capture_output=True)
+    assert p.returncode == -9
+    time.sleep(1)
+    grove(repo, "    - name: b\n      task: 'true'\n")
+    p = subprocess.run([sys.executable, "-m", "engine", "plan"], cwd=repo,
+                       capture_output=True, text=True)
+    assert "work archived first: 1 uncommitted file, 1 commit not on base" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve"], cwd=repo,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "refs/engine/archive/demo/a/1" in p.stdout
+    assert not (repo / ".engine/worktrees/demo/a").exists()
+    assert git(repo, "show", "refs/engine/archive/demo/a/1:WIP") == "wip"

@@ -25,9 +25,17 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     if not args.auto_approve and not ui.is_tty():
         raise EngineError("destroy needs --auto-approve when not run from a terminal")
-    names = args.groves or [d.name for d in manifest.grove_dirs(r.root)]
+    known = {d.name for d in manifest.grove_dirs(r.root)}
+    state = r.state_dir / "state"
+    if state.is_dir():  # a grove whose directory is gone may still own agents
+        known |= {p.stem for p in state.glob("*.json")}
+    names = args.groves or sorted(known)
     if not names:
         raise EngineError("no groves to destroy")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise EngineError(f"grove {unknown[0]!r} not found (groves: "
+                          f"{', '.join(sorted(known)) or 'none'})")
     rts = Runtimes(r.root)
     failed = 0
     for name in names:
