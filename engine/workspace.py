@@ -43,6 +43,7 @@ class WorkState:
 
     dirty: int
     ahead: int
+    ignored: int = 0  # paths .gitignore hides: the archive (like git) does not keep them
 
     def describe(self) -> str:
         parts = []
@@ -50,6 +51,9 @@ class WorkState:
             parts.append(f"{self.dirty} uncommitted file{'s' if self.dirty != 1 else ''}")
         if self.ahead:
             parts.append(f"{self.ahead} commit{'s' if self.ahead != 1 else ''} not on base")
+        if self.ignored:
+            parts.append(f"not kept: {self.ignored} ignored path"
+                         f"{'s' if self.ignored != 1 else ''} (.gitignore)")
         return ", ".join(parts)
 
 
@@ -219,13 +223,17 @@ def prune(root: Path) -> None:
 def work_state(root: Path, workdir: Path, branch: str, base: str) -> WorkState:
     if not workdir.is_dir() or not branch:
         return WorkState(0, 0)
-    status = git(workdir, "status", "--porcelain", "--untracked-files=all", check=False)
-    dirty = len([ln for ln in status.splitlines() if ln.strip()])
+    status = git(workdir, "status", "--porcelain", "--untracked-files=all",
+                 "--ignored=matching", check=False)
+    lines = [ln for ln in status.splitlines() if ln.strip()]
+    ignored = sum(1 for ln in lines if ln.startswith("!!") and ln[3:].rstrip("/") not in
+                  {".engine"})
+    dirty = sum(1 for ln in lines if not ln.startswith("!!"))
     head = git(workdir, "rev-parse", "-q", "--verify", "HEAD", check=False)
     ahead = 0
     if head and base:
         ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
-    return WorkState(dirty, ahead)
+    return WorkState(dirty, ahead, ignored)
 
 
 def _next_archive(root: Path, grove: str, agent: str) -> tuple[str, int]:

@@ -398,3 +398,13 @@ def test_unrecorded_agent_is_archived_when_removed(repo: Path) -> None:
     assert p.returncode == 0 and "refs/engine/archive/demo/a/1" in p.stdout
     assert not (repo / ".engine/worktrees/demo/a").exists()
     assert git(repo, "show", "refs/engine/archive/demo/a/1:WIP") == "wip"
+
+
+def test_plan_names_ignored_files_the_archive_does_not_keep(repo: Path, engine) -> None:
+    (repo / ".gitignore").write_text(".engine/\nbuild/\n")
+    git(repo, "commit", "-qam", "ignore build")
+    grove(repo, "    - name: a\n      task: mkdir -p build && echo x > build/out.o\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    grove(repo, "    - name: b\n      task: 'true'\n")
+    res = engine("plan")
+    assert "not kept: 1 ignored path (.gitignore)" in res.out
