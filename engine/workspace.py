@@ -340,7 +340,8 @@ def archives(root: Path, grove: str, agent: str) -> list[str]:
     return [f"{ARCHIVE_PREFIX}/{grove}/{agent}/{n}" for n in nums]
 
 
-def restore(root: Path, grove: str, agent: str, number: int | None = None) -> tuple[str, Path]:
+def restore(root: Path, grove: str, agent: str, number: int | None = None,
+            mode: str = "worktree") -> tuple[str, Path]:
     """Bring an archive back: the branch at the archived commits, the uncommitted changes
     as uncommitted files in the agent's worktree. Returns (archive ref, worktree)."""
     refs = archives(root, grove, agent)
@@ -367,7 +368,11 @@ def restore(root: Path, grove: str, agent: str, number: int | None = None) -> tu
                               f"restore into it by hand: git checkout {ref} -- .")
         git(root, "branch", "-f", branch, tip)
         path.parent.mkdir(parents=True, exist_ok=True)
-        git(root, "worktree", "add", "-q", str(path), branch)
+        if mode == "clone":  # the grove's agents work in clones: restore into one
+            _ensure_clone(root, path, branch, tip)
+        else:
+            with _admin(root):
+                git(root, "worktree", "add", "-q", str(path), branch)
     git(path, "checkout", snapshot, "--", ".")
     git(path, "reset", "-q")
     return ref, path

@@ -295,6 +295,10 @@ def test_clone_mode_fetches_the_work_back_to_the_agent_branch(repo: Path, engine
     assert res.code == 0 and "refs/engine/archive/demo/c/1" in res.out
     assert not clone.exists()
     assert git(repo, "show", "refs/engine/archive/demo/c/1:DIRTY") == "x"
+    assert engine("restore", "demo/c").code == 0
+    assert (clone / ".git").is_dir() and (clone / "DIRTY").read_text() == "x\n"
+    write_grove(repo, "demo", text)  # c is back in the manifests: apply reuses the clone
+    assert engine("apply", "--auto-approve").code == 0
 
 
 def test_shared_mode_works_in_the_repository_itself(repo: Path, engine) -> None:

@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
         for ref in refs:
             ui.out(ref)
         return 0
-    ref, path = workspace.restore(r.root, gname, aname, args.archive)
+    try:  # restore into the kind of working copy the grove's agents use
+        mode = _common.load(r, argparse.Namespace(groves=[gname], set=[]),
+                            resolve_secrets=False)[0].workspace
+    except EngineError:
+        mode = "worktree"
+    ref, path = workspace.restore(r.root, gname, aname, args.archive, mode)
     ui.out(f"restored {ref} into {path.relative_to(r.root)}")
     return 0
