@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import archive as archive_mod
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
 from engine.fsutil import flock
 from engine.proc import CommandFailed, git, run
 
-ARCHIVE_PREFIX = "refs/engine/archive"
 _WT_LOCK = threading.Lock()
 EMPTY = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 
@@ -99,9 +97,9 @@ def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str
     start = base
     for branch in inputs:
         tip = git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
-        if not tip or _is_ancestor(root, tip, start):
+        if not tip or archive_mod.is_ancestor(root, tip, start):
             continue
-        if _is_ancestor(root, start, tip):
+        if archive_mod.is_ancestor(root, start, tip):
             start = tip
             continue
         p = run(["git", "merge-tree", "--write-tree", "--name-only", start, tip], cwd=root,
@@ -236,74 +234,6 @@ def work_state(root: Path, workdir: Path, branch: str, base: str) -> WorkState:
     return WorkState(dirty, ahead, ignored)
 
 
-def _next_archive(root: Path, grove: str, agent: str) -> tuple[str, int]:
-    refs = git(root, "for-each-ref", "--format=%(refname)",
-               f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
-    n = max((int(r.rsplit("/", 1)[1]) for r in refs if r.rsplit("/", 1)[1].isdigit()),
-            default=0) + 1
-    return f"{ARCHIVE_PREFIX}/{grove}/{agent}/{n}", n
-
-
-def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base: str
-            ) -> str | None:
-    """Save uncommitted changes and unmerged commits; returns the archive ref, or None
-    when there is nothing that is not already on the base."""
-    if not workdir.is_dir() or not branch:
-        return None
-    head = git(workdir, "rev-parse", "-q", "--verify", "HEAD", check=False)
-    if not head:
-        return None
-    fd, index = tempfile.mkstemp(prefix="engine-index-")
-    os.close(fd)
-    try:
-        env = {**os.environ, "GIT_INDEX_FILE": index}
-        git(workdir, "read-tree", "HEAD", env=env)
-        git(workdir, "add", "-A", env=env)
-        tree = git(workdir, "write-tree", env=env)
-    finally:
-        os.unlink(index)
-    head_tree = git(workdir, "rev-parse", f"{head}^{{tree}}")
-    ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
-    # the branch may be elsewhere than HEAD (a detached checkout, a reviewer's commit on the
-    # repository's copy of the branch): those tips become extra parents of the archive
-    tips: list[str] = []
-    for where in (workdir, root):
-        t = git(where, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
-        if t and t != head and t not in tips and not _is_ancestor(workdir, t, head) \
-                and not _is_ancestor(workdir, t, base):
-            tips.append(t)
-    clone = (workdir / ".git").is_dir()
-    extras = _clone_extras(workdir, branch, base) if clone else []
-    if tree == head_tree and not ahead and not tips and not extras:
-        return None
-    ref, n = _next_archive(root, grove, agent)
-    msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
-           f"Dirty: {'yes' if tree != head_tree else 'no'}\n")
-    parents = [a for t in [head, *tips] for a in ("-p", t)]
-    commit = git(workdir, "commit-tree", tree, *parents, "-m", msg)
-    if clone:  # a clone: its objects live there, fetch them over (and its other refs)
-        git(workdir, "update-ref", "refs/engine/archive-pending", commit)
-        specs = [f"+refs/engine/archive-pending:{ref}"]
-        specs += [f"+{r}:{ref}-refs/{r.removeprefix('refs/')}" for r in extras]
-        git(root, "fetch", "-q", str(workdir), *specs)
-    else:
-        git(root, "update-ref", ref, commit)  # its parents are the tips: commits kept
-    return ref
-
-
-def _clone_extras(clone: Path, branch: str, base: str) -> list[str]:
-    """A clone's other branches and its stash, when they hold commits not on the base."""
-    out = []
-    refs = git(clone, "for-each-ref", "--format=%(refname)", "refs/heads/", "refs/stash")
-    for r in refs.splitlines():
-        if r == f"refs/heads/{branch}":
-            continue
-        tip = git(clone, "rev-parse", r)
-        if not _is_ancestor(clone, tip, base):
-            out.append(r)
-    return out
-
-
 def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Path,
            branch: str, base: str) -> str | None:
     """Archive, then remove the working copy and the branch. Returns the archive ref."""
@@ -311,7 +241,8 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
         return None
     if workspace_mode == "clone":
         fetch_back(root, workdir, branch)
-    ref = archive(root, grove, agent, workdir, branch, base)  # raises rather than lose work
+    # raises rather than lose work
+    ref = archive_mod.archive(root, grove, agent, workdir, branch, base)
     if workspace_mode == "clone" and workdir.exists():
         shutil.rmtree(workdir)
     with _admin(root):
@@ -333,21 +264,14 @@ def _admin(root: Path) -> Iterator[None]:
         yield
 
 
-def archives(root: Path, grove: str, agent: str) -> list[str]:
-    refs = git(root, "for-each-ref", "--format=%(refname)",
-               f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
-    nums = sorted(int(r.rsplit("/", 1)[1]) for r in refs if r.rsplit("/", 1)[1].isdigit())
-    return [f"{ARCHIVE_PREFIX}/{grove}/{agent}/{n}" for n in nums]
-
-
 def restore(root: Path, grove: str, agent: str, number: int | None = None,
             mode: str = "worktree") -> tuple[str, Path]:
     """Bring an archive back: the branch at the archived commits, the uncommitted changes
     as uncommitted files in the agent's worktree. Returns (archive ref, worktree)."""
-    refs = archives(root, grove, agent)
+    refs = archive_mod.archives(root, grove, agent)
     if not refs:
         raise EngineError(f"agent {grove}/{agent}: no archived work to restore")
-    ref = f"{ARCHIVE_PREFIX}/{grove}/{agent}/{number}" if number else refs[-1]
+    ref = f"{archive_mod.ARCHIVE_PREFIX}/{grove}/{agent}/{number}" if number else refs[-1]
     if ref not in refs:
         raise EngineError(f"agent {grove}/{agent}: no archive #{number} (have "
                           f"{', '.join(r.rsplit('/', 1)[1] for r in refs)})")
@@ -362,7 +286,7 @@ def restore(root: Path, grove: str, agent: str, number: int | None = None,
                               "changes; commit or archive them before restoring")
         git(path, "merge", "-q", "--ff-only", tip)
     else:
-        if _branch_exists(root, branch) and not _is_ancestor(
+        if _branch_exists(root, branch) and not archive_mod.is_ancestor(
                 root, git(root, "rev-parse", branch), tip):
             raise EngineError(f"agent {grove}/{agent}: branch {branch} has moved on; "
                               f"restore into it by hand: git checkout {ref} -- .")
@@ -376,8 +300,3 @@ def restore(root: Path, grove: str, agent: str, number: int | None = None,
     git(path, "checkout", snapshot, "--", ".")
     git(path, "reset", "-q")
     return ref, path
-
-
-def _is_ancestor(root: Path, a: str, b: str) -> bool:
-    return run(["git", "merge-base", "--is-ancestor", a, b], cwd=root, check=False
-               ).returncode == 0

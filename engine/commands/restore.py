@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine import ui, workspace
+from engine import archive, ui, workspace
 from engine.commands import _common
 from engine.errors import EngineError
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             gname = args.groves[0]
     if args.list:
-        refs = workspace.archives(r.root, gname, aname)
+        refs = archive.archives(r.root, gname, aname)
         if not refs:
             raise EngineError(f"agent {gname}/{aname}: no archives")
         for ref in refs:
