@@ -31,6 +31,8 @@ def _flatten(data: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
+    if "/" in args.agent and not args.groves:  # GROVE/NAME: only that grove need be valid
+        args.groves = [args.agent.split("/", 1)[0]]
     groves = _common.load(r, args, resolve_secrets=False)
     grove, agent = _common.find_agent(groves, args.agent)
     src = manifest.load_grove(grove.directory, r.root)
