@@ -8,6 +8,7 @@ problems are collected and raised together as `InvalidManifests`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from engine.errors import Diagnostic, EngineError, InvalidManifests
 from engine.yamlio import Document, YamlError, bulk, load_file, load_text
 
 GROVES_DIR = "groves"
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 SPAWNED_FILE = "spawned.yaml"
 
 
@@ -92,8 +94,28 @@ def _load(directory: Path, rel: str, texts: dict[str, str] | None) -> GroveSourc
     for doc in docs:
         diags.extend(schema.check_document(doc))
     if diags:
-        raise InvalidManifests(diags)
+        raise InvalidManifests(diags + _name_problems(directory, rel, docs, files))
     return _index(directory, rel, docs, [f"{rel}/{n}" for n in files])
+
+
+def _name_problems(directory: Path, rel: str, docs: list[Document], files: list[str]
+                   ) -> list[Diagnostic]:
+    """With schema problems present, still report duplicate and misnamed documents, so
+    one run shows them all; best effort over data the schema has not vouched for."""
+    usable = [d for d in docs if isinstance(d.data, dict)
+              and d.data.get("kind") in schema.KINDS
+              and isinstance(d.data.get("metadata"), dict)
+              and isinstance(d.data["metadata"].get("name"), str)
+              and _NAME.fullmatch(d.data["metadata"]["name"])]  # bad names: said already
+    if not any(d.data["kind"] == "Grove" for d in usable):
+        return []
+    try:
+        _index(directory, rel, usable, [f"{rel}/{n}" for n in files])
+    except InvalidManifests as e:
+        return e.diagnostics
+    except (AttributeError, KeyError, TypeError):
+        return []
+    return []
 
 
 def _display(directory: Path, root: Path | None) -> str:

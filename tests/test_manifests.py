@@ -560,3 +560,14 @@ def test_fast_check_gives_up_on_what_it_does_not_implement(tmp_path: Path) -> No
     assert unique is not None
     assert unique(["a", "b"]) and not unique(["a", "a"])
     assert not unique([1, True])  # unsure (1 == True in Python): left to jsonschema
+
+
+def test_name_problems_reported_with_schema_problems(engine: Any, repo: Path) -> None:
+    """A misnamed grove, a duplicate agent and an unknown field: one run shows all three."""
+    write_grove(repo, "g", HEAD.replace("name: g", "name: other") +
+                "  agents:\n    - {name: a, task: x}\n    - {name: a, task: y, colour: red}\n")
+    messages = [m for *_, m in bad(engine, repo)]
+    assert len(messages) == 3
+    assert any("metadata.name must match its directory" in m for m in messages)
+    assert any("duplicate name" in m for m in messages)
+    assert any("unknown field 'colour'" in m for m in messages)
