@@ -6,6 +6,9 @@ Called by the `history` command. Walks every commit that touched `groves/` (one
 spawnedBy, spawnRequest, spawnedAt, dependsOn; no schema or layering, so old or broken
 commits still read), and reports what each commit changed. A merge only reports what
 none of its parents had, so a change made on a branch is told once, by its own commit.
+`add_uncommitted` adds, as an event with no commit, the spawns written to the working copy
+of a grove's spawned.yaml that HEAD does not have (a write-back whose commit failed or was
+not asked for), so no spawn is ever missing from the history.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from engine import manifest, revisions
 from engine.topology import changed_fields
-from engine.yamlio import YamlError, load_text
+from engine.trust import git as trust_git
+from engine.yamlio import MAX_FILE_BYTES, YamlError, load_text
 
 TRAILERS = ("Spawned-By", "Spawn-Request")
 _FMT = "%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%(trailers:only,unfold)%x1e"
@@ -51,10 +54,13 @@ class Commit:
     trailers: dict[str, list[str]] = field(hash=False, compare=False)
 
     def line(self) -> str:
+        if not self.sha:  # the working copy: see add_uncommitted
+            return f"uncommitted {self.date}: {self.subject}"
         return f"{self.sha[:10]} {self.date} {self.author} <{self.email}>: {self.subject}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"commit": self.sha, "parents": list(self.parents), "author": self.author,
+        return {"commit": self.sha or None, "uncommitted": not self.sha,
+                "parents": list(self.parents), "author": self.author,
                 "email": self.email, "date": self.date, "subject": self.subject,
                 "trailers": {k: v for k, v in sorted(self.trailers.items())}}
 
@@ -105,8 +111,7 @@ class _Objects:
     """A long-lived `git cat-file --batch`: objects by hash or `rev:path`, on demand."""
 
     def __init__(self, root: Path) -> None:
-        self.proc = subprocess.Popen(["git", "cat-file", "--batch"], cwd=root,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc = trust_git.popen(root, "cat-file", "--batch")
 
     def read(self, spec: str) -> tuple[str, bytes]:
         """(type, content), or ("missing", b"")."""
@@ -137,8 +142,9 @@ class _Objects:
         if self.proc.stdin:
             self.proc.stdin.close()
         self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe:
+                pipe.close()
 
 
 _MARKER = re.compile(r"^(?:---|\.\.\.)(?=\s|$)", re.MULTILINE)
@@ -214,6 +220,8 @@ def commits(root: Path, rev: str) -> list[Commit]:
 class History:
     events: list[Event]  # oldest first
     final: dict[str, dict[str, AgentRec]]  # grove -> agents at the revision scanned
+    # grove -> spawns in the working copy of spawned.yaml that are not committed
+    uncommitted: dict[str, dict[str, AgentRec]] = field(default_factory=dict)
 
 
 def scan(root: Path, rev: str = "HEAD", groves: list[str] | None = None) -> History:
@@ -295,3 +303,39 @@ def _event(c: Commit, grove: str, before: list[dict[str, AgentRec]],
     if added or removed or changed:
         return Event(c, grove, added, removed, changed, now)
     return None
+
+
+def add_uncommitted(root: Path, found: History, groves: list[str] | None = None) -> None:
+    """Add to `found` (scanned at HEAD) one last event per grove for the spawns written to
+    the working copy of its spawned.yaml that HEAD lacks, and record them in
+    `found.uncommitted`. A working copy that does not parse is reported as such."""
+    for directory in manifest.grove_dirs(root):
+        grove, path = directory.name, directory / manifest.SPAWNED_FILE
+        if (groves and grove not in groves) or not path.is_file():
+            continue
+        display = f"{manifest.GROVES_DIR}/{grove}/{manifest.SPAWNED_FILE}"
+        at_head = found.final.get(grove, {})
+        problem, agents = _working_copy(path, display)
+        added = [(n, r) for n, r in sorted(agents.items()) if n not in at_head and r.request]
+        if not added and not problem:
+            continue
+        when = max((r.spawned_at or "" for _, r in added), default="")
+        subject = f"{display}: " + ("does not parse" if problem else
+                                    f"{len(added)} spawn(s) written, not committed")
+        commit = Commit("", (), "", "", when, subject, {})
+        found.events.append(Event(commit, grove, added, [], [], {**at_head, **dict(added)},
+                                  problem))
+        if added:
+            found.uncommitted[grove] = dict(added)
+
+
+def _working_copy(path: Path, display: str) -> tuple[str, dict[str, AgentRec]]:
+    """("", agents) of a file on disk, or (the problem, {})."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return f"{display}: larger than {MAX_FILE_BYTES} bytes", {}
+        return "", _agents_of(path.read_text(encoding="utf-8"), display, {})
+    except YamlError as e:
+        return str(e.diagnostic), {}
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{display}: cannot be read ({e.__class__.__name__})", {}

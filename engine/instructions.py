@@ -10,45 +10,86 @@ The engine's text always sits between the markers `<!-- engine:begin -->` and
 is appended once and replaced in place on every later start, so re-running is idempotent
 and the repository's own text is kept byte for byte.
 
-Keeping the worktree clean (the section is per agent and must not reach a commit):
-- the file did not exist (the engine created it): its path is added to git's
-  `info/exclude` (shared by the repository's worktrees), so it never shows as untracked
-  and `git add -A` does not pick it up;
-- the file is tracked: the appended section is a local change, so the file is marked
-  `--skip-worktree` in the agent's own index (worktree and clone workspaces only, never in
-  the user's checkout): `git status` stays clean and `git commit -a` leaves the section
-  out. An agent that must itself edit that file runs
-  `git update-index --no-skip-worktree FILE` first (the section says so).
-In a `shared` workspace the section shows as a change of the user's checkout.
+Keeping the workspace clean (the section is per agent and must not reach a commit): when
+the engine makes an agent's repository (`workspace.make`, before the agent ever runs) it
+lists the file in that repository's `info/exclude` or, when the file is tracked, marks it
+`--skip-worktree` there, so `git status` stays clean and `git commit -a` leaves the section
+out. An agent that must itself edit that file runs `git update-index --no-skip-worktree
+FILE` first (the section says so). In a `shared` workspace a created file goes to the
+repository's `info/exclude`; a tracked one shows the section as a change of the user's
+checkout.
+
+The workspace is the agent's: the file is read and replaced beneath it without following
+a symlink (`engine.trust`), so a symlink planted at its name is replaced, never written
+through, and its target is never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from engine import fsutil, proc
 from engine.desired import DesiredAgent, Policy
 from engine.errors import EngineError
+from engine.trust import reader, tree
+from engine.trust.git import run as git
 
 BEGIN = "<!-- engine:begin -->"
 END = "<!-- engine:end -->"
 _EXCLUDE_NOTE = "# grove-engine: agent instructions it generates (engine/instructions.py)"
+MAX_BYTES = 1 << 20
 
 
 def write_instructions(agent: DesiredAgent, workdir: Path, policy: Policy) -> Path | None:
     """Write or refresh the agent's section of its instructions file; return the file."""
     if not agent.instructions_file:
         return None
-    path = _target(agent, workdir)
+    rel = relative(agent)
     section = render_section(agent, policy)
-    existed = path.is_file()
-    old = path.read_text(encoding="utf-8") if existed else ""
+    try:
+        old = reader.read_text(workdir, rel, MAX_BYTES)
+        existed = True
+    except reader.Untrusted:
+        old, existed = "", False  # missing, or not a regular file: replaced whole
     new = merge(old, section)
-    if new != old:
-        fsutil.atomic_write(path, new.encode("utf-8"))
-    _hide_from_git(agent, workdir, path, created=not existed or old.strip() == _own(old))
-    return path
+    if new != old or not existed:
+        _replace(workdir, rel, new.encode("utf-8"))
+    if agent.workspace == "shared" and (not existed or old.strip() == _own(old)) and \
+            not git(workdir, "ls-files", "--", rel, check=False):
+        exclude(Path(git(workdir, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+                / "info" / "exclude", rel)
+    return workdir / rel
+
+
+def relative(agent: DesiredAgent) -> str:
+    """The instructions file as a clean path relative to the workspace."""
+    rel = Path(str(agent.instructions_file))
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise EngineError(f"agent {agent.grove}/{agent.name}: instructions file "
+                          f"{agent.instructions_file} is outside the workspace")
+    return rel.as_posix()
+
+
+def _replace(workdir: Path, rel: str, data: bytes) -> None:
+    """Write `workdir/rel` whole (temp file, fsync, rename) in its directory, reached
+    without following a symlink; the directory is made when missing."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        with tree.opendir(workdir, tuple(parts[:i - 1])) as d, \
+                contextlib.suppress(FileExistsError):
+            os.mkdir(parts[i - 1], 0o755, dir_fd=d)
+    with tree.opendir(workdir, tuple(parts[:-1])) as d:
+        tmp = f".{parts[-1]}.engine-tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=d)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                     dir_fd=d)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, parts[-1], src_dir_fd=d, dst_dir_fd=d)
 
 
 def merge(existing: str, section: str) -> str:
@@ -142,41 +183,17 @@ def _own(text: str) -> str:
     return text[start:end + len(END)].strip() if start >= 0 and end >= 0 else "\0"
 
 
-def _target(agent: DesiredAgent, workdir: Path) -> Path:
-    rel = Path(str(agent.instructions_file))
-    path = (workdir / rel).resolve()
-    if rel.is_absolute() or not path.is_relative_to(workdir.resolve()):
-        raise EngineError(f"agent {agent.grove}/{agent.name}: instructions file "
-                          f"{agent.instructions_file} is outside the workspace")
-    return path
-
-
-def _hide_from_git(agent: DesiredAgent, workdir: Path, path: Path, created: bool) -> None:
-    top = proc.git(workdir, "rev-parse", "--show-toplevel", check=False)
-    if not top:
-        return  # not a git workspace: nothing can become dirty
-    rel = path.relative_to(Path(top).resolve()).as_posix()
-    tracked = bool(proc.git(workdir, "ls-files", "--", rel, check=False))
-    if tracked:
-        if agent.workspace != "shared":
-            proc.git(workdir, "update-index", "--skip-worktree", "--", rel)
-    elif created:
-        _exclude(workdir, rel)
-
-
-def _exclude(workdir: Path, rel: str) -> None:
-    """Add `/rel` to git's info/exclude once. One small O_APPEND write: starts running in
-    parallel cannot lose each other's lines (at worst a line appears twice)."""
-    raw = proc.git(workdir, "rev-parse", "--git-path", "info/exclude")
-    exclude = (workdir / raw).resolve()
+def exclude(path: Path, rel: str) -> None:
+    """Add `/rel` to the exclude file `path` (one the engine trusts: the repository's, or
+    a fresh agent repository's before the agent runs) once, in one small append."""
     pattern = "/" + rel
-    text = exclude.read_text(encoding="utf-8") if exclude.is_file() else ""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
     if pattern in text.splitlines():
         return
     add = "" if not text or text.endswith("\n") else "\n"
     add += ("" if _EXCLUDE_NOTE in text else _EXCLUDE_NOTE + "\n") + pattern + "\n"
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    with open(exclude, "a", encoding="utf-8") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
         f.write(add)
         f.flush()
         os.fsync(f.fileno())

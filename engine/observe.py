@@ -79,20 +79,21 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
             observed[name] = obs
     for name, rec in sorted(inv.agents.items()):
         seen = observed.get(name)
-        if rec.workspace == "clone" and rec.workdir and seen and seen.phase != "Running":
-            # clone mode: an agent's commits reach its branch here once it has ended
-            workspace.fetch_back(root, root / rec.workdir, rec.branch)
+        if rec.workspace != "shared" and rec.workdir and seen and seen.phase != "Running":
+            # an ended agent's commits reach its branch here (dependents start from it)
+            workspace.sync(root, grove_name, name)
     wanted = set(grove.by_name) if grove else set()
     work = {}
     for name, rec in sorted(inv.agents.items()):
         if rec.workdir and (with_work or name not in wanted):
-            work[name] = workspace.work_state(root, root / rec.workdir, rec.branch,
-                                              rec.base_commit)
+            work[name] = workspace.work_state(root, grove_name, name, root / rec.workdir,
+                                              rec.branch, rec.base_commit)
     for name in sorted(set(observed) - set(inv.agents) - wanted):
         orphan = workspace.orphan(root, grove_name, name)  # running, never recorded
         if orphan is not None and grove is not None:
             base = workspace.base_commit(root, grove.base_ref)[1]
-            work[name] = workspace.work_state(root, orphan[1], orphan[2], base)
+            work[name] = workspace.work_state(root, grove_name, name, orphan[1],
+                                              orphan[2], base)
     return Actual(grove_name, inv, observed, work, errors)
 
 

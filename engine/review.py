@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine import workspace
 from engine.errors import EngineError
-from engine.proc import git, run
+from engine.trust.git import call
+from engine.trust.git import run as git
 from engine.workspace import base_commit
 
 
@@ -18,12 +20,15 @@ def diff(root: Path, branch: str, base_ref: str, workdir: Path | None, stat: boo
     ref, _ = base_commit(root, base_ref)
     if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
         raise EngineError(f"branch {branch} does not exist (was the agent applied?)")
-    args = ["diff", "--stat"] if stat else ["diff"]
+    args = ["diff", "--no-ext-diff", "--no-textconv", *(["--stat"] if stat else [])]
     out = git(root, *args, f"{ref}...{branch}")
-    if workdir is not None and workdir.is_dir():
-        dirty = git(workdir, "status", "--porcelain", check=False)
-        if dirty:
-            out += "\n\n# uncommitted in the agent's worktree:\n" + dirty
+    owner = workspace.agent_of_branch(branch)
+    if workdir is not None and workdir.is_dir() and owner is not None:
+        _, sha = base_commit(root, base_ref)
+        state = workspace.work_state(root, *owner, workdir, branch, sha)
+        if state.dirty:
+            out += (f"\n\n# uncommitted in the agent's workspace: {state.dirty} "
+                    f"file{'s' if state.dirty != 1 else ''}")
     return out
 
 
@@ -39,16 +44,14 @@ def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
         if git(root, "status", "--porcelain", "--untracked-files=no"):
             raise EngineError(f"{root}: uncommitted changes on {ref}; commit or stash them "
                               "before merging")
-        p = run(["git", "merge", "--no-ff", "--no-edit", "-m", message, branch], cwd=root,
-                check=False)
+        p = call(root, "merge", "--no-ff", "--no-edit", "-m", message, branch)
         if p.returncode != 0:
             files = git(root, "diff", "--name-only", "--diff-filter=U", check=False)
             git(root, "merge", "--abort", check=False)
             raise EngineError(f"merge of {branch} into {ref} conflicts in: "
                               f"{', '.join(files.split()) or 'unknown files'}; nothing changed")
         return git(root, "rev-parse", "HEAD")
-    p = run(["git", "merge-tree", "--write-tree", "--name-only", ref, branch], cwd=root,
-            check=False)
+    p = call(root, "merge-tree", "--write-tree", "--name-only", ref, branch)
     lines = p.stdout.strip().splitlines()
     if p.returncode != 0:
         names = [ln for ln in lines[1:] if ln and not ln.startswith(("Auto-merging",

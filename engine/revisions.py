@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine import desired, manifest
 from engine.errors import Diagnostic, EngineError, InvalidManifests
+from engine.trust import git as trust_git
 from engine.yamlio import MAX_FILE_BYTES
 
 WORKTREE = "working tree"
@@ -53,16 +53,13 @@ class InvalidRevision(EngineError):
 
 
 def git(root: Path, *args: str, stdin: bytes | None = None) -> bytes:
-    """Run git in `root`; a failure is an EngineError carrying git's own message."""
-    try:
-        proc = subprocess.run(["git", *args], cwd=root, input=stdin, capture_output=True,
-                              check=False)
-    except FileNotFoundError:
-        raise EngineError("git: not found on PATH (comparing revisions needs git)") from None
-    if proc.returncode != 0:
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+    """Run git in `root` (the hardened runner); a failure is an EngineError carrying
+    git's own message."""
+    r = trust_git.call(root, *args, input=stdin)
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()
         raise EngineError(f"git {args[0]}: {msg[-1] if msg else 'failed'}")
-    return proc.stdout
+    return r.out
 
 
 def resolve(root: Path, ref: str) -> str:

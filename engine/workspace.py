@@ -2,15 +2,19 @@
 
 Called by `executor` (ensure before start, archive+remove on delete), `observe`
 (dirty/ahead counts for plans and status) and the review commands (diff, merge, restore).
-Branches are `engine/<grove>/<agent>`; worktrees and clones live under
-`.engine/worktrees/<grove>/<agent>`. Nothing is removed before its uncommitted changes and
-unmerged commits are saved under `refs/engine/archive/<grove>/<agent>/<n>`.
+Branches are `engine/<grove>/<agent>`. A working copy is `.engine/worktrees/<grove>/<agent>`,
+a repository the agent owns (see `engine.trust.exchange`): it is made whole in a private
+directory and renamed into place, so a crash never leaves a half-made one to reuse. Nothing
+is removed before its uncommitted changes and unmerged commits are saved under
+`refs/engine/archive/<grove>/<agent>/<n>`; when they cannot be saved, nothing is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import secrets
 import shutil
 import threading
 from collections.abc import Iterator
@@ -20,8 +24,11 @@ from pathlib import Path
 from engine import archive as archive_mod
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
-from engine.fsutil import flock
-from engine.proc import CommandFailed, git, run
+from engine.fsutil import failpoint, flock
+from engine.instructions import exclude, relative
+from engine.trust import exchange
+from engine.trust.git import GitFailed, call, ok
+from engine.trust.git import run as git
 
 _WT_LOCK = threading.Lock()
 EMPTY = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -61,7 +68,7 @@ def path_for(root: Path, grove: str, agent: str) -> Path:
 
 def base_commit(root: Path, base_ref: str) -> tuple[str, str]:
     """(ref name, commit) of the grove's base; the current branch when `base_ref` is ""."""
-    if run(["git", "rev-parse", "--git-dir"], cwd=root, check=False).returncode != 0:
+    if call(root, "rev-parse", "--git-dir").returncode != 0:
         raise EngineError(f"{root} is not a git repository: agents need one for their "
                           "branches (git init, then commit once)")
     ref = base_ref or git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False) or "HEAD"
@@ -79,16 +86,10 @@ def _branch_exists(root: Path, branch: str) -> bool:
     return bool(git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False))
 
 
-def _registered_worktrees(root: Path) -> dict[Path, str]:
-    out: dict[Path, str] = {}
-    cur: Path | None = None
-    for line in git(root, "worktree", "list", "--porcelain").splitlines():
-        if line.startswith("worktree "):
-            cur = Path(line[9:])
-            out[cur] = ""
-        elif line.startswith("branch ") and cur is not None:
-            out[cur] = line[7:].removeprefix("refs/heads/")
-    return out
+def agent_of_branch(branch: str) -> tuple[str, str] | None:
+    """(grove, agent) of an agent branch `engine/<grove>/<agent>`."""
+    parts = branch.split("/")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "engine" else None
 
 
 def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str:
@@ -96,14 +97,16 @@ def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str
     dependencies merged in (so a dependent sees its dependencies' work)."""
     start = base
     for branch in inputs:
+        owner = agent_of_branch(branch)
+        if owner is not None and path_for(root, *owner).is_dir():
+            exchange.sync(root, *owner, path_for(root, *owner), branch)
         tip = git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False)
         if not tip or archive_mod.is_ancestor(root, tip, start):
             continue
         if archive_mod.is_ancestor(root, start, tip):
             start = tip
             continue
-        p = run(["git", "merge-tree", "--write-tree", "--name-only", start, tip], cwd=root,
-                check=False)
+        p = call(root, "merge-tree", "--write-tree", "--name-only", start, tip)
         lines = p.stdout.strip().splitlines()
         if p.returncode != 0:
             raise EngineError(f"agent {who}: the work of its dependencies conflicts "
@@ -128,74 +131,89 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
         return Workspace(root, "", sha, ())
     path = path_for(root, agent.grove, agent.name)
     branch = agent.branch
-    if agent.workspace == "clone":
-        if not _branch_exists(root, branch):
-            git(root, "branch", "--no-track", branch,
-                start_point(root, sha, inputs, f"{agent.grove}/{agent.name}"))
-        return _ensure_clone(root, path, branch, sha)
-    mounts = ((common_dir(root), False),)
-    if path.exists():
-        owner = _registered_worktrees(root).get(path.resolve())
-        if owner != branch:
-            raise EngineError(f"agent {agent.grove}/{agent.name}: {path} already exists and "
-                              "is not this agent's worktree; move it away")
+    mounts = ((exchange.objects_dir(root), True),)
+    who = f"agent {agent.grove}/{agent.name}"
+    if os.path.lexists(path):
+        if not _is_agent_repo(path):
+            raise EngineError(f"{who}: {path} already exists and is not this agent's "
+                              "workspace (an earlier engine's worktree, or not the "
+                              "engine's); move it away")
+        _hide(root, agent)
         return Workspace(path, branch, sha, mounts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _branch_exists(root, branch):
-        args = ["worktree", "add", "-q", "--no-checkout", str(path), branch]
-    else:  # one git call creates the branch and its worktree
-        start = start_point(root, sha, inputs, f"{agent.grove}/{agent.name}")
-        args = ["worktree", "add", "-q", "--no-checkout", "--no-track", "-b", branch,
-                str(path), start]
+    if not _branch_exists(root, branch):
+        git(root, "branch", "--no-track", branch, start_point(root, sha, inputs, who))
+    tip = git(root, "rev-parse", f"refs/heads/{branch}")
     try:
-        with _admin(root):  # only the admin entry is made in turn; files come after
-            git(root, *args)
-        git(path, "reset", "-q", "--hard")
-    except CommandFailed as e:
-        raise EngineError(f"agent {agent.grove}/{agent.name}: cannot create worktree: "
-                          f"{e.stderr.strip().splitlines()[-1]}") from None
+        make(root, path, branch, tip, agent.name, agent.grove,
+             hide=relative(agent) if agent.instructions_file else "")
+    except GitFailed as e:
+        raise EngineError(f"{who}: cannot create its workspace: {e.summary}") from None
+    _hide(root, agent)
     return Workspace(path, branch, sha, mounts)
 
 
-def _ensure_clone(root: Path, path: Path, branch: str, base: str) -> Workspace:
-    objects = Path(git(root, "rev-parse", "--path-format=absolute", "--git-path", "objects"))
-    if not (path / ".git").is_dir():
-        if path.exists():
-            raise EngineError(f"{path} already exists and is not an engine clone; move it away")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        git(root, "clone", "-q", "--shared", "--no-checkout", str(root), str(path))
-        git(path, "checkout", "-q", "-B", branch, f"origin/{branch}")
-    return Workspace(path, branch, base, ((objects, True),))
+def _hide(root: Path, agent: DesiredAgent) -> None:
+    if agent.instructions_file:
+        exchange.hide(root, agent.grove, agent.name, relative(agent))
 
 
-def fetch_back(root: Path, path: Path, branch: str) -> str:
-    """Clone mode: bring the clone's branch back into the repository's agent branch. When
-    that branch has moved on its own (not a fast-forward), the clone's tip goes to
-    `refs/engine/clone/<branch>` instead, so neither side loses commits. Returns the ref
-    updated, or "" when there is no clone."""
-    if not (path / ".git").is_dir():
-        return ""
-    if run(["git", "fetch", "-q", str(path), f"{branch}:{branch}"], cwd=root,
-           check=False).returncode == 0:
-        return f"refs/heads/{branch}"
-    side = f"refs/engine/clone/{branch.removeprefix('engine/')}"
-    git(root, "fetch", "-q", str(path), f"+{branch}:{side}")
-    return side
+def _is_agent_repo(path: Path) -> bool:
+    """A directory (not a symlink) holding a `.git` directory: what `make` leaves."""
+    return path.is_dir() and not path.is_symlink() and (path / ".git").is_dir() and \
+        not (path / ".git").is_symlink()
+
+
+def make(root: Path, path: Path, branch: str, tip: str, name: str, grove: str,
+         overlay: str = "", hide: str = "") -> None:
+    """Make the agent's repository at `path`, checked out at `tip` on `branch` (with the
+    files of commit `overlay` on top, uncommitted, when restoring an archive). Built in
+    a private directory and renamed into place: it is there whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f".{path.name}.new-*"):
+        shutil.rmtree(old, ignore_errors=True)  # an earlier attempt that died: never used
+    tmp = path.parent / f".{path.name}.new-{secrets.token_hex(4)}"
+    try:
+        git(root, "init", "-q", "--template=", str(tmp))
+        (tmp / ".git" / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (tmp / ".git" / "objects" / "info" / "alternates").write_text(
+            f"{exchange.objects_dir(root)}\n")
+        for key, value in (("user.name", f"{name} ({grove})"),
+                           ("user.email", f"{name}@{grove}.agents.invalid"),
+                           ("gc.auto", "0")):
+            git(tmp, "config", key, value)
+        git(tmp, "update-ref", f"refs/heads/{branch}", tip)
+        git(tmp, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+        failpoint("workspace-half-made")
+        git(tmp, "reset", "-q", "--hard")
+        if hide:  # the engine's instructions file never reaches the agent's commits
+            if git(tmp, "ls-files", "--", hide):
+                git(tmp, "update-index", "--skip-worktree", "--", hide)
+            else:
+                exclude(tmp / ".git" / "info" / "exclude", hide)
+        if overlay:
+            git(tmp, "checkout", overlay, "--", ".")
+            git(tmp, "reset", "-q")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sync(root: Path, grove: str, agent: str) -> None:
+    """Bring an agent's commits into the repository (its branch moves forward)."""
+    path = path_for(root, grove, agent)
+    if _is_agent_repo(path):
+        exchange.sync(root, grove, agent, path, f"engine/{grove}/{agent}")
 
 
 def orphan(root: Path, grove: str, agent: str) -> tuple[str, Path, str] | None:
     """A working copy the engine made for an agent but never recorded (it died in
-    between): (mode, path, branch) when the usual path holds this agent's worktree or
-    clone, else None. Anything else at that path is not the engine's and is left alone."""
+    between): (mode, path, branch) when the usual path holds this agent's repository,
+    else None. Anything else at that path is not the engine's and is left alone."""
     path = path_for(root, grove, agent)
-    branch = f"engine/{grove}/{agent}"
-    if not path.is_dir():
+    if not _is_agent_repo(path):
         return None
-    if (path / ".git").is_dir():
-        return "clone", path, branch
-    if _registered_worktrees(root).get(path.resolve()) == branch:
-        return "worktree", path, branch
-    return None
+    return "worktree", path, f"engine/{grove}/{agent}"
 
 
 def exclude_state_dir(root: Path) -> None:
@@ -214,43 +232,48 @@ def exclude_state_dir(root: Path) -> None:
 
 
 def prune(root: Path) -> None:
-    """Forget worktrees whose directories are gone (never while adding concurrently)."""
+    """Forget git worktrees whose directories are gone (from earlier engine versions)."""
     git(root, "worktree", "prune", check=False)
 
 
-def work_state(root: Path, workdir: Path, branch: str, base: str) -> WorkState:
+def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, base: str
+               ) -> WorkState:
+    """Uncommitted files and commits not on `base`; the agent's commits are brought over
+    first (so its branch here is current)."""
     if not workdir.is_dir() or not branch:
         return WorkState(0, 0)
-    status = git(workdir, "status", "--porcelain", "--untracked-files=all",
-                 "--ignored=matching", check=False)
-    lines = [ln for ln in status.splitlines() if ln.strip()]
-    ignored = sum(1 for ln in lines if ln.startswith("!!") and ln[3:].rstrip("/") not in
-                  {".engine"})
-    dirty = sum(1 for ln in lines if not ln.startswith("!!"))
-    head = git(workdir, "rev-parse", "-q", "--verify", "HEAD", check=False)
+    if workdir.resolve() == root.resolve():
+        lines = [(ln[:2], ln[3:]) for ln in git(
+            root, "status", "--porcelain", "--untracked-files=all", "--ignored=matching",
+            check=False).splitlines() if ln.strip()]
+        head = git(root, "rev-parse", "-q", "--verify", "HEAD", check=False)
+    else:
+        imp = exchange.sync(root, grove, agent, workdir, branch)
+        head = imp.head or imp.branch
+        lines = exchange.status(root, grove, agent, workdir, head)
+    ignored = sum(1 for code, p in lines if code == "!!" and p.rstrip("/") != ".engine")
+    dirty = sum(1 for code, _ in lines if code != "!!")
     ahead = 0
     if head and base:
-        ahead = int(git(workdir, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
+        ahead = int(git(root, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
     return WorkState(dirty, ahead, ignored)
 
 
 def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Path,
            branch: str, base: str) -> str | None:
-    """Archive, then remove the working copy and the branch. Returns the archive ref."""
+    """Archive, then remove the working copy and the branch. Returns the archive ref.
+    Raises (and removes nothing) when the work cannot be saved."""
     if workspace_mode == "shared":
         return None
-    if workspace_mode == "clone":
-        fetch_back(root, workdir, branch)
-    # raises rather than lose work
     ref = archive_mod.archive(root, grove, agent, workdir, branch, base)
-    if workspace_mode == "clone" and workdir.exists():
-        shutil.rmtree(workdir)
+    if os.path.lexists(workdir):
+        if workdir.is_symlink() or not workdir.is_dir():
+            os.unlink(workdir)
+        else:
+            shutil.rmtree(workdir)  # fd-based: never follows a symlink inside
     with _admin(root):
-        if workdir.exists():
-            git(root, "worktree", "remove", "--force", str(workdir), check=False)
-            if workdir.exists():
-                shutil.rmtree(workdir)
-                git(root, "worktree", "prune", check=False)
+        git(root, "worktree", "prune", check=False)
+    exchange.forget(root, grove, agent)
     if branch and _branch_exists(root, branch):
         git(root, "branch", "-D", branch)
     return ref
@@ -258,8 +281,7 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
 
 @contextlib.contextmanager
 def _admin(root: Path) -> Iterator[None]:
-    """Worktree administration takes turns: git reads every worktree's admin entry while
-    adding or pruning one, and parallel changes can see each other half-written."""
+    """Worktree administration takes turns (pruning worktrees of earlier versions)."""
     with _WT_LOCK, flock(root / ".engine" / "locks" / "worktrees.lock"):
         yield
 
@@ -267,7 +289,7 @@ def _admin(root: Path) -> Iterator[None]:
 def restore(root: Path, grove: str, agent: str, number: int | None = None,
             mode: str = "worktree") -> tuple[str, Path]:
     """Bring an archive back: the branch at the archived commits, the uncommitted changes
-    as uncommitted files in the agent's worktree. Returns (archive ref, worktree)."""
+    as uncommitted files in a new working copy. Returns (archive ref, working copy)."""
     refs = archive_mod.archives(root, grove, agent)
     if not refs:
         raise EngineError(f"agent {grove}/{agent}: no archived work to restore")
@@ -279,24 +301,13 @@ def restore(root: Path, grove: str, agent: str, number: int | None = None,
     tip = git(root, "rev-parse", f"{snapshot}^")
     branch = f"engine/{grove}/{agent}"
     path = path_for(root, grove, agent)
-    if path.exists():
-        state = git(path, "status", "--porcelain", check=False)
-        if state:
-            raise EngineError(f"agent {grove}/{agent}: worktree {path} has uncommitted "
-                              "changes; commit or archive them before restoring")
-        git(path, "merge", "-q", "--ff-only", tip)
-    else:
-        if _branch_exists(root, branch) and not archive_mod.is_ancestor(
-                root, git(root, "rev-parse", branch), tip):
-            raise EngineError(f"agent {grove}/{agent}: branch {branch} has moved on; "
-                              f"restore into it by hand: git checkout {ref} -- .")
-        git(root, "branch", "-f", branch, tip)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "clone":  # the grove's agents work in clones: restore into one
-            _ensure_clone(root, path, branch, tip)
-        else:
-            with _admin(root):
-                git(root, "worktree", "add", "-q", str(path), branch)
-    git(path, "checkout", snapshot, "--", ".")
-    git(path, "reset", "-q")
+    if os.path.lexists(path):
+        raise EngineError(f"agent {grove}/{agent}: its workspace {path} exists; restore "
+                          "makes a new one (destroy the agent or move the directory away)")
+    if _branch_exists(root, branch) and not ok(
+            root, "merge-base", "--is-ancestor", git(root, "rev-parse", branch), tip):
+        raise EngineError(f"agent {grove}/{agent}: branch {branch} has moved on; "
+                          f"restore into it by hand: git checkout {ref} -- .")
+    git(root, "branch", "-f", branch, tip)
+    make(root, path, branch, tip, agent, grove, overlay=snapshot)
     return ref, path

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine import desired, harnesses, instructions, manifest
+from engine import desired, harnesses, instructions, manifest, workspace
 from engine.errors import InvalidManifests
 from tests.conftest import ROOT, git, write_grove
 
@@ -387,9 +387,12 @@ def commit_all(repo: Path) -> None:
     git(repo, "commit", "-qm", "groves")
 
 
-def worktree(repo: Path, name: str = "a") -> Path:
+def worktree(repo: Path, name: str = "a", hide: str = "CLAUDE.md") -> Path:
+    """The agent's own repository, made the way the executor makes it."""
     wt = repo / ".engine" / "worktrees" / "demo" / name
-    git(repo, "worktree", "add", "-q", "-b", f"engine/demo/{name}", str(wt))
+    git(repo, "branch", f"engine/demo/{name}")
+    workspace.make(repo, wt, f"engine/demo/{name}", git(repo, "rev-parse", "HEAD"), name,
+                   "demo", hide=hide)
     return wt
 
 
@@ -404,8 +407,7 @@ def test_instructions_created_and_hidden_from_git(repo: Path,
     assert TASK in text and "You review code." in text
     assert git(wt, "status", "--porcelain") == ""
     assert git(repo, "status", "--porcelain") == ""
-    exclude = Path(git(repo, "rev-parse", "--git-path", "info/exclude"))
-    exclude = exclude if exclude.is_absolute() else repo / exclude
+    exclude = wt / ".git" / "info" / "exclude"  # the agent's own repository's
     before = exclude.read_text()
     assert before.count("/CLAUDE.md\n") == 1
     mtime = path.stat().st_mtime_ns

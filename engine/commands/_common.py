@@ -122,15 +122,15 @@ def locate(r: Repo, args: argparse.Namespace) -> Located:
 
 
 def review_target(r: Repo, args: argparse.Namespace) -> tuple[Located, str, str]:
-    """For diff and merge: where the agent is, its branch (fetched back first in clone
-    mode) and the grove's base ref ("" = the current branch, also when the manifests are
+    """For diff and merge: where the agent is, its branch (the agent's commits brought
+    over first) and the grove's base ref ("" = the current branch, also when the manifests are
     broken, so work can still be reviewed)."""
     from engine import workspace
 
     loc = locate(r, args)
     branch = loc.record.branch if loc.record else f"engine/{loc.grove}/{loc.agent}"
-    if loc.record is not None and loc.record.workspace == "clone":
-        workspace.fetch_back(r.root, workspace.path_for(r.root, loc.grove, loc.agent), branch)
+    if loc.record is None or loc.record.workspace != "shared":
+        workspace.sync(r.root, loc.grove, loc.agent)  # the agent's commits, brought over
     try:
         base = load(r, argparse.Namespace(groves=[loc.grove], set=[]),
                     resolve_secrets=False)[0].base_ref

@@ -7,6 +7,7 @@ from typing import Any
 
 from engine import review, ui
 from engine.commands import _common
+from engine.trust.reader import for_terminal
 from engine.workspace import path_for
 
 
@@ -21,5 +22,6 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     loc, branch, base = _common.review_target(r, args)
     workdir = path_for(r.root, loc.grove, loc.agent)
-    ui.out(review.diff(r.root, branch, base, workdir, args.stat))
+    # the diff is the agent's text: no escape sequence of it reaches the terminal
+    ui.out(for_terminal(review.diff(r.root, branch, base, workdir, args.stat)))
     return 0

@@ -8,10 +8,15 @@ read its log (`read_log`).
 Ownership: the agent runs as a fixed uid (1000 by default) that is usually not the uid of
 the engine. What the engine made for this one agent's container (its scratch dirs, its secret
 files) is given to that uid: chown when the engine is root, nothing when the uids already
-match, else a POSIX ACL. Git state (the worktree, its entry in the common git dir, the git
-objects, the grove's branch refs) keeps its owner and gains an ACL entry for the agent uid
-only, so the repository's owner keeps every right it had, and the host's git, which refuses a
-repository owned by another user, keeps working in the worktree.
+match, else a POSIX ACL. The agent's workspace (its own repository) keeps its owner and
+gains an ACL entry for the agent uid. Nothing of the trusted repository is granted: its
+object store is mounted read-only and readable as it is.
+
+Grants are never computed from agent data: every walk opens each entry relative to its
+already open parent without following symlinks and changes the open file (`fchown`,
+`fsetxattr`), so an agent that swaps a directory for a symlink mid-walk cannot steer a
+grant outside its own tree. The workspace is granted once per uid (a marker in the
+engine's state), not on every restart.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from engine.errors import EngineError
 from engine.fsutil import atomic_write
 from engine.runtimes import Launch
 from engine.runtimes.docker_spec import HostDirs, client_shim, uid_gid
+from engine.trust import reader, tree
 
 _ACCESS, _DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
 _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -78,35 +84,40 @@ def _write_secrets(directory: Path, values: dict[str, str]) -> None:
 
 
 def _grant_workspace(launch: Launch, uid: int) -> None:
-    """Make the workdir and the git state its commits touch writable by the agent uid.
-    ACLs, not chown: the host's git refuses repositories owned by another user."""
+    """Make the agent's workspace writable by its uid, once (its own files are its own
+    after that). A shared workspace is the user's checkout: nothing is granted there
+    beyond what its owner set."""
+    if launch.workdir.resolve() == launch.repo_root.resolve():
+        return
+    a = launch.agent
+    marker = launch.repo_root / ".engine" / "exchange" / a.grove / a.name / f"granted-{uid}"
+    if marker.is_file():
+        return
     share(launch.workdir, uid, files=True)
-    dotgit = launch.workdir / ".git"
-    if dotgit.is_file():  # a worktree: its private git dir lives in the common dir
-        text = dotgit.read_text().strip()
-        if text.startswith("gitdir:"):
-            share(Path(text.removeprefix("gitdir:").strip()), uid, files=True)
-    branch_dir = Path(launch.agent.branch).parent
-    for path, read_only in launch.git_paths:
-        if read_only:
-            continue
-        share(path / "objects", uid, files=False)
-        share(path / "refs" / "heads" / branch_dir, uid, files=False)
-        share(path / "logs" / "refs" / "heads" / branch_dir, uid, files=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
 def read_log(path: Path, follow: bool, running: Callable[[], bool]) -> Iterator[str]:
     """Lines of the agent's log file; with `follow`, until `running()` turns false and the
-    file is drained."""
-    with open(path, "rb") as f:
+    file is drained. The file is agent-written: it is opened through the trust reader (a
+    symlink at `path` is not followed, anything but a regular file is refused, the open
+    never blocks), and a line longer than 64 KiB comes in pieces. The lines are not yet
+    safe for a terminal: the caller passes them through `reader.for_terminal`."""
+    cap = 64 * 1024
+    with os.fdopen(reader.open_regular(path.parent, path.name), "rb") as f:
         buf = b""
         while True:
             chunk = f.read(65536)
             if chunk:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
+                *lines, buf = (buf + chunk).split(b"\n")
                 for line in lines:
-                    yield line.rstrip(b"\r").decode(errors="replace")
+                    line = line.rstrip(b"\r")
+                    for at in range(0, max(len(line), 1), cap):
+                        yield line[at:at + cap].decode(errors="replace")
+                while len(buf) > cap:
+                    yield buf[:cap].decode(errors="replace")
+                    buf = buf[cap:]
                 continue
             if not follow:
                 break
@@ -120,28 +131,27 @@ def read_log(path: Path, follow: bool, running: Callable[[], bool]) -> Iterator[
 
 # -- ownership ------------------------------------------------------------------------------
 
-def _walk(path: Path) -> Iterator[tuple[Path, bool]]:
-    """`path` and everything under it, as (path, is_dir); symlinks are never followed."""
+def _each(path: Path, visit: Callable[[int, bool], None]) -> None:
+    """`visit(fd, is_dir)` for `path` and, for a directory, everything beneath it; no
+    symlink is followed, at the top or below."""
     try:
         st = path.lstat()
     except FileNotFoundError:
         return
-    yield path, stat.S_ISDIR(st.st_mode)
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            p = Path(root, d)
-            yield p, not p.is_symlink()
-        for f in files:
-            yield Path(root, f), False
+    if stat.S_ISDIR(st.st_mode):
+        tree.walk_fds(path, visit, tree.Budget(1 << 62))
+    elif stat.S_ISREG(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            visit(fd, False)
+        finally:
+            os.close(fd)
 
 
 def give(path: Path, uid: int, gid: int) -> None:
     """Hand `path` (recursively) to the agent uid."""
     if os.geteuid() == 0:
-        for p, _ in _walk(path):
-            os.lchown(p, uid, gid)
+        _each(path, lambda fd, _: os.fchown(fd, uid, gid))
     elif os.geteuid() != uid:
         share(path, uid, files=True)
 
@@ -149,20 +159,22 @@ def give(path: Path, uid: int, gid: int) -> None:
 def share(path: Path, uid: int, files: bool) -> None:
     """Add rwx (dirs, inherited by what is created in them) and rw (files, with `files`)
     for the agent uid to `path` and everything under it, keeping owners and modes."""
-    for p, is_dir in _walk(path):
-        if p.is_symlink() or (not is_dir and not files):
-            continue
-        st = p.lstat()
+    def visit(fd: int, is_dir: bool) -> None:
+        if not is_dir and not files:
+            return
+        st = os.fstat(fd)
         if st.st_uid == uid:
-            continue
-        _add_acl(p, _ACCESS, st.st_mode, uid, 7 if is_dir else 6)
+            return
+        _add_acl(fd, path, _ACCESS, st.st_mode, uid, 7 if is_dir else 6)
         if is_dir:
-            _add_acl(p, _DEFAULT, st.st_mode, uid, 7)
+            _add_acl(fd, path, _DEFAULT, st.st_mode, uid, 7)
+
+    _each(path, visit)
 
 
-def _add_acl(path: Path, attr: str, mode: int, uid: int, perm: int) -> None:
+def _add_acl(fd: int, path: Path, attr: str, mode: int, uid: int, perm: int) -> None:
     try:
-        raw = os.getxattr(path, attr, follow_symlinks=False)
+        raw = os.getxattr(fd, attr)
         entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
     except OSError as e:
         if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
@@ -181,7 +193,7 @@ def _add_acl(path: Path, attr: str, mode: int, uid: int, perm: int) -> None:
     entries.sort(key=lambda e: (e[0], e[2]))
     data = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
     try:
-        os.setxattr(path, attr, data, follow_symlinks=False)
+        os.setxattr(fd, attr, data)
     except OSError as e:
         raise EngineError(f"{path}: cannot give uid {uid} access ({e.strerror}); run the "
                           f"engine as uid {uid} or as root, or set the profile's user: to "

@@ -31,6 +31,7 @@ from engine.runtimes import (
     Launch,
     Observed,
 )
+from engine.trust import reader
 
 # Where things live inside every agent container.
 WORKSPACE = "/workspace"
@@ -134,6 +135,11 @@ def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
     ro = a.access == "read-only"
     out = [_mount(launch.workdir, WORKSPACE, ro)]
     out += [_mount(p, str(p), ro or p_ro) for p, p_ro in launch.git_paths]
+    dotgit = launch.repo_root / ".git"
+    if launch.workdir.resolve() == launch.repo_root.resolve() and dotgit.exists():
+        # shared workspace: the user's checkout, whose git metadata (config, hooks, refs,
+        # objects) host git trusts; the agent reads it and never writes it
+        out.append(_mount(dotgit, f"{WORKSPACE}/.git", True))
     out += [_mount(dirs.secrets, SECRETS, True), _mount(dirs.ctl, CTL, False),
             _mount(dirs.log, LOG, False), _mount(dirs.inbox, INBOX, False),
             _mount(dirs.client, CLIENT, True), _mount(dirs.client_bin, CLIENT_BIN, True),
@@ -215,13 +221,17 @@ def ctl_dir(entry: Mapping[str, Any]) -> Path | None:
 
 
 def read_reason(ctl: Path | None) -> str:
-    """The reason the entrypoint recorded (out of memory, maxDuration), if readable here."""
+    """The reason the entrypoint recorded (out of memory, maxDuration), if readable here.
+    `ctl/reason` is agent-writable: it is read through the trust reader (a symlink, FIFO
+    or directory there is refused, never followed) and comes back as one safe line."""
     if ctl is None:
         return ""
     try:
-        return (ctl / "reason").read_text(errors="replace").strip().splitlines()[0][:200]
-    except (OSError, IndexError):
+        return reader.one_line(reader.read_text(ctl, "reason", 4096))
+    except reader.NotFound:
         return ""
+    except reader.Untrusted:
+        return "unreadable reason (ctl/reason is not a small regular text file)"
 
 
 def observed(entry: Mapping[str, Any], host: str) -> Observed:

@@ -8,36 +8,38 @@ Returns nothing; raises EngineError (or TemporaryError on a timeout) naming the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 from engine.errors import EngineError, TemporaryError
 from engine.runtimes import Launch
+from engine.trust import git
 
 
 def push_branch(launch: Launch, remote: str) -> None:
     """Make the agent's branch reachable by the cluster: push it to the grove's remote.
-    A rejected push is fine when the remote already has the branch (the agent's own
-    earlier pushes may be ahead of the local branch)."""
+    Pushed from the trusted repository (the agent's own commits are brought over first),
+    never from a repository an agent can write. A rejected push is fine when the remote
+    already has the branch (the agent's own earlier pushes may be ahead of the local
+    branch)."""
     agent = launch.agent
-    src = launch.workdir if launch.workdir.is_dir() else launch.repo_root
-    ref = "HEAD" if src == launch.workdir else f"refs/heads/{agent.branch}"
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    root = launch.repo_root
+    if launch.workdir.is_dir() and launch.workdir.resolve() != root.resolve():
+        from engine.trust import exchange
+
+        exchange.sync(root, agent.grove, agent.name, launch.workdir, agent.branch)
+    ref = f"refs/heads/{agent.branch}"
+    if not git.ok(root, "rev-parse", "-q", "--verify", ref):
+        ref = "HEAD"
     try:
-        if subprocess.run(["git", "-C", str(launch.repo_root), "rev-parse", "-q", "--verify",
-                           ref], capture_output=True, env=env).returncode:
-            ref = "HEAD"
-        push = subprocess.run(["git", "-C", str(src), "push", "-q", remote,
-                               f"{ref}:refs/heads/{agent.branch}"],
-                              capture_output=True, text=True, env=env, timeout=120)
+        push = git.call(root, "push", "-q", remote, f"{ref}:refs/heads/{agent.branch}",
+                        remote=True)
         if push.returncode == 0:
             return
-        there = subprocess.run(["git", "-C", str(src), "ls-remote", "--exit-code", remote,
-                                f"refs/heads/{agent.branch}"],
-                               capture_output=True, env=env, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise TemporaryError(f"agent {agent.grove}/{agent.name}: git push to {remote} timed "
-                             "out", delay=10.0) from None
+        there = git.call(root, "ls-remote", "--exit-code", remote,
+                         f"refs/heads/{agent.branch}", timeout=60, remote=True)
+    except EngineError as e:
+        if "timed out" in e.summary:
+            raise TemporaryError(f"agent {agent.grove}/{agent.name}: git push to {remote} "
+                                 "timed out", delay=10.0) from None
+        raise
     if there.returncode != 0:
         lines = [x for x in push.stderr.splitlines() if x.strip()]
         raise EngineError(f"agent {agent.grove}/{agent.name}: cannot push {agent.branch} to "

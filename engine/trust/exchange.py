@@ -1,0 +1,350 @@
+"""Trust boundary, agent work: each agent's own repository, and how its work reaches the
+trusted one without the host ever running git inside it.
+
+Called by `workspace` (make, observe, archive and remove an agent's working copy) and so
+by the executor, observe and the review commands. Returns commits, counts and trees of the
+trusted repository; raises EngineError when work cannot be brought over.
+
+The design (docs/security.md has the threat model):
+- an agent works in `.engine/worktrees/<grove>/<agent>/`, a repository of its own whose
+  `.git` it fully controls; its object store borrows the trusted repository's objects
+  through `objects/info/alternates`, and the container mounts those read-only. Nothing
+  host git reads as configuration or as a pointer is ever writable by the agent;
+- the host never runs git with the agent's `.git` as the repository. It reads the agent's
+  refs as data (regular files, no symlinks, hex object names only), copies the agent's
+  new objects to a private staging repository (`tree.copy_*`, no symlink followed) and
+  fetches from there with fsck on; the agent's files are read through a host-owned
+  shadow repository (`GIT_DIR` the engine's, `GIT_WORK_TREE` the agent's directory),
+  so no agent configuration, hook, attribute driver or fsmonitor can run;
+- imported tips stay reachable under `refs/engine/work/<grove>/<agent>/<commit>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.trust import git, reader, tree
+from engine.trust.reader import Untrusted
+
+WORK_PREFIX = "refs/engine/work"
+SHA = re.compile(r"[0-9a-f]{40}")
+_REF = re.compile(r"refs/(?:heads/(?!.*(?:\.\.|//|/\.|\.lock(?:/|$)|@\{))"
+                  r"[A-Za-z0-9._+-][A-Za-z0-9._+/-]{0,200}|stash)")
+MAX_REFS = 1000
+REF_FILE_BYTES = 4096
+PACKED_REFS_BYTES = 8 << 20
+COPY_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class AgentRefs:
+    """An agent repository's refs as read from its files: what HEAD names and each
+    branch (and the stash) -> commit. `problems` says what could not be read."""
+
+    head: str = ""
+    refs: dict[str, str] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+
+    def tips(self) -> list[str]:
+        return sorted({self.head, *self.refs.values()} - {""})
+
+
+def read_refs(workdir: Path) -> AgentRefs:
+    """The agent's refs, from `<workdir>/.git` read as untrusted data."""
+    problems: list[str] = []
+    refs: dict[str, str] = {}
+    try:
+        packed = reader.read_text(workdir, ".git/packed-refs", PACKED_REFS_BYTES)
+    except Untrusted as e:
+        packed = ""
+        if "not found" not in e.summary:
+            problems.append(e.summary)
+    for line in packed.splitlines():
+        sha, _, name = line.partition(" ")
+        if SHA.fullmatch(sha) and _REF.fullmatch(name):
+            refs[name] = sha
+    _loose(workdir, ("refs", "heads"), refs, problems)
+    _loose_one(workdir, "refs/stash", refs, problems)
+    head = ""
+    try:
+        text = reader.read_text(workdir, ".git/HEAD", REF_FILE_BYTES).strip()
+    except Untrusted as e:
+        problems.append(e.summary)
+        text = ""
+    if SHA.fullmatch(text):
+        head = text
+    elif text.startswith("ref: "):
+        head = refs.get(text[5:].strip(), "")
+    if not head and text:
+        problems.append(f"{workdir}/.git/HEAD: names no commit")
+    return AgentRefs(head, refs, tuple(problems))
+
+
+def _loose_one(workdir: Path, name: str, refs: dict[str, str], problems: list[str]
+               ) -> None:
+    try:
+        sha = reader.read_text(workdir, f".git/{name}", REF_FILE_BYTES).strip()
+    except Untrusted as e:
+        if "not found" not in e.summary:
+            problems.append(e.summary)
+        return
+    if SHA.fullmatch(sha) and _REF.fullmatch(name):
+        refs[name] = sha
+
+
+def _loose(workdir: Path, parts: tuple[str, ...], refs: dict[str, str],
+           problems: list[str]) -> None:
+    """Loose refs under .git/<parts>, no symlink followed, at most MAX_REFS."""
+    stack = [parts]
+    while stack:
+        cur = stack.pop()
+        rel = "/".join(cur)
+        for name in reader.regular_files(workdir / ".git", rel):
+            if len(refs) >= MAX_REFS:
+                problems.append(f"{workdir}/.git: more than {MAX_REFS} refs")
+                return
+            _loose_one(workdir, f"{rel}/{name}", refs, problems)
+        try:
+            with tree.opendir(workdir / ".git", cur):
+                pass
+        except (OSError, Untrusted):
+            continue
+        stack.extend((*cur, d) for d in reader.subdirs(workdir / ".git" / rel))
+
+
+# -- bringing commits over ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Imported:
+    """The agent's tips as commits of the trusted repository."""
+
+    head: str  # "" when HEAD could not be resolved or brought over
+    branch: str  # the agent branch's tip, "" when none
+    tips: tuple[str, ...]  # every tip brought over (HEAD, branches, stash)
+    problems: tuple[str, ...]
+
+
+def work_ref_prefix(grove: str, agent: str) -> str:
+    return f"{WORK_PREFIX}/{grove}/{agent}/"
+
+
+def sync(root: Path, grove: str, agent: str, workdir: Path, branch: str) -> Imported:
+    """Bring the agent's commits into the trusted repository; its branch there is moved
+    forward when the agent's branch is ahead of it (never moved back or sideways)."""
+    refs = read_refs(workdir)
+    problems = list(refs.problems)
+    prefix = work_ref_prefix(grove, agent)
+    have = set(git.run(root, "for-each-ref", "--format=%(objectname)", prefix).split())
+    wanted = refs.tips()
+    missing = [t for t in wanted if t not in have and not _is_commit(root, t)]
+    if missing:
+        try:
+            _fetch(root, workdir, missing, prefix)
+        except (EngineError, OSError) as e:
+            problems.append(f"agent {grove}/{agent}: its commits cannot be brought over "
+                            f"({getattr(e, 'summary', None) or e})")
+    present = [t for t in wanted if t in have or _is_commit(root, t)]
+    _set_work_refs(root, prefix, have, present)
+    tip = refs.refs.get(f"refs/heads/{branch}", "")
+    tip = tip if tip in present else ""
+    if tip:
+        _advance(root, branch, tip)
+    head = refs.head if refs.head in present else ""
+    return Imported(head, tip, tuple(present), tuple(problems))
+
+
+def _is_commit(root: Path, sha: str) -> bool:
+    return git.run(root, "cat-file", "-t", sha, check=False) == "commit"
+
+
+def _set_work_refs(root: Path, prefix: str, have: set[str], present: list[str]) -> None:
+    lines = [f"delete {prefix}{s}\n" for s in sorted(have - set(present))]
+    lines += [f"update {prefix}{s} {s}\n" for s in present if s not in have]
+    if lines:
+        git.run(root, "update-ref", "--stdin", input="".join(lines))
+
+
+def _advance(root: Path, branch: str, tip: str) -> None:
+    ref = f"refs/heads/{branch}"
+    cur = git.run(root, "rev-parse", "-q", "--verify", ref, check=False)
+    if cur == tip:
+        return
+    if not cur:
+        git.run(root, "update-ref", ref, tip, "")
+    elif git.ok(root, "merge-base", "--is-ancestor", cur, tip):
+        git.run(root, "update-ref", ref, tip, cur)
+
+
+def _fetch(root: Path, workdir: Path, shas: list[str], prefix: str) -> None:
+    """Copy the agent's objects to a private staging repository, then fetch `shas`
+    from it with fsck on: git validates every object before the trusted repository
+    holds it."""
+    staging = Path(tempfile.mkdtemp(prefix="import-", dir=_tmp(root)))
+    try:
+        git.run(root, "init", "-q", "--bare", "--template=", str(staging))
+        main_objects = objects_dir(root)
+        (staging / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (staging / "objects" / "info" / "alternates").write_text(f"{main_objects}\n")
+        _copy_objects(workdir, staging / "objects", main_objects)
+        for sha in shas:
+            p = staging / "refs" / "incoming" / sha
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(sha + "\n")
+        git.run(root, "fetch", "-q", "--no-tags", "--no-write-fetch-head", "--no-auto-gc",
+                str(staging), *(f"+refs/incoming/{s}:{prefix}{s}" for s in shas),
+                timeout=600)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_LOOSE_DIR = re.compile(r"[0-9a-f]{2}")
+_LOOSE = re.compile(r"[0-9a-f]{38}")
+_PACK = re.compile(r"pack-[0-9a-f]{40}\.(?:pack|idx)")
+
+
+def _copy_objects(workdir: Path, dest: Path, main_objects: Path) -> None:
+    budget = tree.Budget(COPY_BYTES)
+    src = workdir / ".git" / "objects"
+    for sub in reader.subdirs(src):
+        if _LOOSE_DIR.fullmatch(sub):
+            names = [n for n in reader.regular_files(src, sub) if _LOOSE.fullmatch(n)
+                     and not (main_objects / sub / n).exists()]
+        elif sub == "pack":
+            names = [n for n in reader.regular_files(src, sub) if _PACK.fullmatch(n)]
+        else:
+            continue
+        if not names:
+            continue
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+        with tree.opendir(src, (sub,)) as d:
+            for n in names:
+                tree.copy_file(d, n, dest / sub / n, budget, f"{src}/{sub}/{n}")
+
+
+def _tmp(root: Path) -> Path:
+    d = root / ".engine" / "exchange" / "tmp"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def objects_dir(root: Path) -> Path:
+    common = git.run(root, "rev-parse", "--path-format=absolute", "--git-common-dir")
+    return Path(common) / "objects"
+
+
+def forget(root: Path, grove: str, agent: str) -> None:
+    """Drop the agent's imported-tip refs and its shadow (after its work is archived)."""
+    prefix = work_ref_prefix(grove, agent)
+    refs = git.run(root, "for-each-ref", "--format=%(refname)", prefix).split()
+    if refs:
+        git.run(root, "update-ref", "--stdin", input="".join(f"delete {r}\n" for r in refs))
+    shutil.rmtree(shadow_dir(root, grove, agent), ignore_errors=True)
+
+
+# -- the agent's files, read through a shadow repository ------------------------------------
+
+def shadow_dir(root: Path, grove: str, agent: str) -> Path:
+    return root / ".engine" / "exchange" / grove / agent
+
+
+def hide(root: Path, grove: str, agent: str, rel: str) -> None:
+    """Keep `rel` (the engine's instructions file) out of the host's view of the agent's
+    changes, as the agent's own repository does (workspace.make)."""
+    s = shadow_dir(root, grove, agent)
+    s.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = s / "hidden"
+    if not f.is_file() or f.read_text() != rel + "\n":
+        f.write_text(rel + "\n")
+        (s / "index-head").unlink(missing_ok=True)
+
+
+def _shadow(root: Path, grove: str, agent: str, workdir: Path, head: str) -> dict[str, str]:
+    """The environment that makes git read `workdir` as the work tree of the engine's own
+    shadow repository, whose index holds `head` (or nothing)."""
+    s = shadow_dir(root, grove, agent)
+    gitdir = s / "git"
+    if not (gitdir / "HEAD").is_file():
+        s.mkdir(parents=True, exist_ok=True, mode=0o700)
+        git.run(root, "init", "-q", "--bare", "--template=", str(gitdir))
+        (gitdir / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (gitdir / "objects" / "info" / "alternates").write_text(f"{objects_dir(root)}\n")
+    hidden = (s / "hidden").read_text().split("\n") if (s / "hidden").is_file() else []
+    hidden = [h for h in hidden if h]
+    (gitdir / "info").mkdir(exist_ok=True)
+    want = "".join(f"/{x}\n" for x in hidden)
+    exclude = gitdir / "info" / "exclude"
+    if not exclude.is_file() or exclude.read_text() != want:
+        exclude.write_text(want)
+    env = {"GIT_DIR": str(gitdir), "GIT_WORK_TREE": str(workdir),
+           "GIT_INDEX_FILE": str(s / "index"), "GIT_LITERAL_PATHSPECS": "1",
+           "GIT_OPTIONAL_LOCKS": "0"}
+    marker = s / "index-head"
+    if not marker.is_file() or marker.read_text() != head:
+        (gitdir / "HEAD").write_text((head or "ref: refs/heads/none") + "\n")
+        if head:
+            git.run(root, "read-tree", head, env=env)
+        else:
+            git.run(root, "read-tree", "--empty", env=env)
+        for h in hidden:  # tracked: the agent's section is a local change, not work
+            git.run(root, "update-index", "--skip-worktree", "--", h, env=env, check=False)
+        marker.write_text(head)
+    return env
+
+
+def status(root: Path, grove: str, agent: str, workdir: Path, head: str
+           ) -> list[tuple[str, str]]:
+    """(XY code, path) of every change in the agent's files against `head`, ignored paths
+    as "!!" (git status --porcelain, read through the shadow)."""
+    env = _shadow(root, grove, agent, workdir, head)
+    raw = git.raw_env(root, env, "status", "--porcelain", "-z", "--untracked-files=all",
+                      "--ignored=matching", "--no-renames")
+    out = []
+    for entry in raw.split(b"\0"):
+        if len(entry) > 3:
+            out.append((entry[:2].decode(), os.fsdecode(entry[3:])))
+    return out
+
+
+def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str) -> str:
+    """A tree of the agent's files as they are: `head`'s tree with every changed path
+    replaced by a copy taken without following symlinks; with no `head`, every file.
+    Raises EngineError when the files cannot be read."""
+    tmp = Path(tempfile.mkdtemp(prefix="snapshot-", dir=_tmp(root)))
+    index = tmp / "index"
+    files = tmp / "files"
+    files.mkdir()
+    try:
+        # the shadow's configuration (empty: no filter or attribute driver can run), the
+        # trusted repository's object store (the tree must be there for the archive)
+        _shadow(root, grove, agent, workdir, head)
+        env = {"GIT_DIR": str(shadow_dir(root, grove, agent) / "git"),
+               "GIT_OBJECT_DIRECTORY": str(objects_dir(root)), "GIT_WORK_TREE": str(files),
+               "GIT_INDEX_FILE": str(index), "GIT_LITERAL_PATHSPECS": "1"}
+        budget = tree.Budget(COPY_BYTES)
+        if head:
+            changed = [p for code, p in status(root, grove, agent, workdir, head)
+                       if code != "!!"]
+            tree.copy_paths(workdir, changed, files, budget)
+            git.run(root, "read-tree", head, env=env)
+            if changed:
+                git.run(root, "add", "-A", "-f", "--pathspec-from-file=-",
+                        "--pathspec-file-nul", env=env, input="\0".join(changed))
+        else:
+            with tree.opendir(workdir) as d:
+                for name in sorted(os.listdir(d)):
+                    if name != ".git":
+                        tree.copy_paths(workdir, [name], files, budget)
+            git.run(root, "read-tree", "--empty", env=env)
+            git.run(root, "add", "-A", "-f", env=env)
+        return git.run(root, "write-tree", env=env)
+    except (OSError, Untrusted) as e:
+        raise EngineError(f"agent {grove}/{agent}: cannot save its files "
+                          f"({getattr(e, 'summary', None) or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,184 @@
+"""Trust boundary, directory trees: walk and copy what an agent wrote without following it.
+
+Called by `exchange` (copy an agent's objects and changed files somewhere the agent cannot
+reach before git reads them) and by the Docker runtime (grant the agent uid access to the
+workspace the engine made for it). Every step opens the next component relative to an
+already open directory with `O_NOFOLLOW`, so swapping a directory for a symlink while the
+walk runs cannot lead it outside the tree; only regular files, directories and symlinks
+(copied as links, never followed) are handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from engine.trust.reader import Untrusted
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+MAX_ENTRIES = 500_000
+
+
+class Budget:
+    """What a copy may still take: bytes and entries. Exceeding either is Untrusted."""
+
+    def __init__(self, max_bytes: int, max_entries: int = MAX_ENTRIES) -> None:
+        self.bytes = max_bytes
+        self.entries = max_entries
+
+    def take(self, n_bytes: int, where: str) -> None:
+        self.bytes -= n_bytes
+        self.entries -= 1
+        if self.bytes < 0:
+            raise Untrusted(f"{where}: the work is larger than the copy limit")
+        if self.entries < 0:
+            raise Untrusted(f"{where}: the work has more than {MAX_ENTRIES} entries")
+
+
+@contextlib.contextmanager
+def opendir(base: Path, parts: tuple[str, ...] = ()) -> Iterator[int]:
+    """An fd of base/parts..., no symlink followed beneath `base`."""
+    fd = os.open(base, _DIR)
+    try:
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part:
+                raise Untrusted(f"{base}: refused path component {part!r}")
+            nxt = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def copy_file(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) -> bool:
+    """Copy the regular file or symlink `name` (in dir_fd) to `dest`. False when it is
+    something else (a FIFO, a device, a socket, a directory) or is gone."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dir_fd)
+        budget.take(len(target), where)
+        os.symlink(target, dest)
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    fd = os.open(name, _FILE, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        budget.take(st.st_size, where)
+        _copy_fd(fd, dest, st.st_size, budget, where, st.st_mode & 0o111)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _copy_fd(fd: int, dest: Path, size: int, budget: Budget, where: str, xbits: int
+             ) -> None:
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                  0o755 if xbits else 0o644)
+    try:
+        left = size
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            left -= len(chunk)
+            if left < 0:  # grew while read: count the growth against the budget
+                budget.take(-left, where)
+                left = 0
+            os.write(out, chunk)
+    finally:
+        os.close(out)
+
+
+def copy_paths(src: Path, rels: list[str], dest: Path, budget: Budget) -> list[str]:
+    """Copy each relative path (a file, a symlink or a whole directory) from `src` to the
+    same place under `dest`. Returns the paths that were there and copied."""
+    copied = []
+    for rel in rels:
+        parts = tuple(p for p in rel.split("/") if p)
+        if not parts or ".git" in parts:
+            continue
+        try:
+            with opendir(src, parts[:-1]) as d:
+                (dest.joinpath(*parts[:-1])).mkdir(parents=True, exist_ok=True)
+                if _copy_entry(d, parts[-1], dest.joinpath(*parts), budget, rel):
+                    copied.append(rel)
+        except FileNotFoundError:
+            continue  # deleted: git records it as deleted
+        except OSError as e:
+            if e.errno in (20, 40):  # ENOTDIR, ELOOP: a symlink on the way is not the path
+                continue
+            raise
+    return copied
+
+
+def _copy_entry(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) -> bool:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        copy_dir(dir_fd, name, dest, budget, where)
+        return True
+    return copy_file(dir_fd, name, dest, budget, where)
+
+
+def copy_dir(parent_fd: int, name: str, dest: Path, budget: Budget, where: str,
+             skip: Callable[[str], bool] = lambda n: n == ".git") -> None:
+    """Copy the directory `name` (in parent_fd) to `dest`, recursively; entries for which
+    `skip(name)` is true (nested `.git` directories by default) are left out."""
+    fd = os.open(name, _DIR, dir_fd=parent_fd)
+    try:
+        dest.mkdir(exist_ok=True)
+        budget.take(0, where)
+        with os.scandir(fd) as it:
+            entries = sorted(e.name for e in it)
+        for entry in entries:
+            if skip(entry):
+                continue
+            _copy_entry(fd, entry, dest / entry, budget, f"{where}/{entry}")
+    finally:
+        os.close(fd)
+
+
+def walk_fds(base: Path, visit: Callable[[int, bool], None], budget: Budget) -> None:
+    """Call `visit(fd, is_dir)` on `base` and every directory and regular file beneath it,
+    each opened without following a symlink (symlinks and special files are skipped)."""
+    with opendir(base) as fd:
+        _walk(fd, visit, budget, str(base))
+
+
+def _walk(fd: int, visit: Callable[[int, bool], None], budget: Budget, where: str) -> None:
+    visit(fd, True)
+    with os.scandir(fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False),
+                    e.is_file(follow_symlinks=False)) for e in it]
+    for name, is_dir, is_file in entries:
+        budget.take(0, where)
+        try:
+            if is_dir:
+                sub = os.open(name, _DIR, dir_fd=fd)
+                try:
+                    _walk(sub, visit, budget, f"{where}/{name}")
+                finally:
+                    os.close(sub)
+            elif is_file:
+                f = os.open(name, _FILE, dir_fd=fd)
+                try:
+                    if stat.S_ISREG(os.fstat(f).st_mode):
+                        visit(f, False)
+                finally:
+                    os.close(f)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            if e.errno == 40:  # ELOOP: it became a symlink; never followed
+                continue
+            raise
