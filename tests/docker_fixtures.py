@@ -9,6 +9,7 @@ git. Without an engine the tests FAIL: they must run in CI.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from engine import desired, images, manifest
+from engine import desired, images, manifest, workspace
 from engine.cli import main as engine_main
 from engine.errors import EngineError
 from engine.fsutil import flock
@@ -71,17 +72,12 @@ class Agents:
 
     def launch(self, agent: desired.DesiredAgent, secrets: dict[str, str] | None = None,
                mode: str = "worktree") -> Launch:
-        """The Launch the executor would make: a worktree on the agent's branch (or a
-        `git clone --shared` in clone mode) and its scratch paths under .engine/."""
-        wt = self.repo / ".engine" / "worktrees" / agent.grove / agent.name
-        if mode == "clone":
-            git(self.repo, "branch", agent.branch, "main")
-            git(self.repo, "clone", "-q", "--shared", str(self.repo), str(wt))
-            git(wt, "checkout", "-q", "-B", agent.branch, f"origin/{agent.branch}")
-            git_paths = ((self.repo / ".git" / "objects", True),)
-        else:
-            git(self.repo, "worktree", "add", "-q", "-b", agent.branch, str(wt), "main")
-            git_paths = ((self.repo / ".git", False),)
+        """The Launch the executor would make: the agent's own repository on its branch
+        (`workspace.ensure`, the same for worktree and clone mode) and its scratch paths
+        under .engine/."""
+        agent = dataclasses.replace(agent, workspace=mode)
+        ws = workspace.ensure(self.repo, agent, "main")
+        wt, git_paths = ws.workdir, ws.git_paths
         inbox = self.repo / ".engine" / "inbox" / agent.grove / agent.name
         inbox.mkdir(parents=True, exist_ok=True)
         env = {"ENGINE_GROVE": agent.grove, "ENGINE_AGENT": agent.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import workspace
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
 from engine.runtimes import docker_fs as fs
@@ -116,7 +117,8 @@ def test_sandbox_isolation_secrets_and_commit(agents: Agents, repo: Path,
     assert probe["inbox"] == "/run/engine/inbox"
     assert probe["other"] == "0"
     assert probe["worktree-b"] == "1"
-    # the commit made inside the container is on the agent's branch, seen from the host
+    # the commit made inside the container reaches the agent's branch through the exchange
+    workspace.sync(repo, "g", "a")
     assert git(repo, "log", "-1", "--format=%s", "engine/g/a") == "a: probe"
     assert git(repo, "show", "engine/g/a:probe.txt").startswith("uid=1000")
     assert git(repo, "fsck", "--no-progress") == ""
@@ -357,7 +359,9 @@ def test_hardening_is_in_the_spec_and_secrets_are_not(agents: Agents, repo: Path
     assert kw["tmpfs"]["/home/agent"].endswith("uid=1000,gid=1000,mode=0700")
     targets = {m["Target"]: m for m in kw["mounts"]}
     assert targets["/workspace"]["Source"] == str(launch.workdir)
-    assert targets[str(repo / ".git")]["ReadOnly"] is False
+    # of the trusted repository only the object store is mounted, and read-only
+    assert targets[str(repo / ".git" / "objects")]["ReadOnly"] is True
+    assert not any(m["Source"] == str(repo / ".git") for m in kw["mounts"])
     assert targets["/run/secrets"]["ReadOnly"] is True
     assert not any("docker.sock" in m["Source"] for m in kw["mounts"])
     assert os.path.basename(kw["name"]).startswith("engine-g-p-")
