@@ -85,15 +85,15 @@ def _write_secrets(directory: Path, values: dict[str, str]) -> None:
 
 def _grant_workspace(launch: Launch, uid: int) -> None:
     """Make the agent's workspace writable by its uid, once (its own files are its own
-    after that). A shared workspace is the user's checkout: nothing is granted there
-    beyond what its owner set."""
-    if launch.workdir.resolve() == launch.repo_root.resolve():
-        return
+    after that). A shared workspace is the user's checkout: its files, never its `.git`
+    or the engine's `.engine`."""
     a = launch.agent
     marker = launch.repo_root / ".engine" / "exchange" / a.grove / a.name / f"granted-{uid}"
     if marker.is_file():
         return
-    share(launch.workdir, uid, files=True)
+    shared = launch.workdir.resolve() == launch.repo_root.resolve()
+    share(launch.workdir, uid, files=True,
+          skip_top=frozenset({".git", ".engine"}) if shared else frozenset())
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
@@ -131,7 +131,8 @@ def read_log(path: Path, follow: bool, running: Callable[[], bool]) -> Iterator[
 
 # -- ownership ------------------------------------------------------------------------------
 
-def _each(path: Path, visit: Callable[[int, bool], None]) -> None:
+def _each(path: Path, visit: Callable[[int, bool], None],
+          skip_top: frozenset[str] = frozenset()) -> None:
     """`visit(fd, is_dir)` for `path` and, for a directory, everything beneath it; no
     symlink is followed, at the top or below."""
     try:
@@ -139,7 +140,7 @@ def _each(path: Path, visit: Callable[[int, bool], None]) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        tree.walk_fds(path, visit, tree.Budget(1 << 62))
+        tree.walk_fds(path, visit, tree.Budget(1 << 62), skip_top)
     elif stat.S_ISREG(st.st_mode):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
@@ -156,7 +157,8 @@ def give(path: Path, uid: int, gid: int) -> None:
         share(path, uid, files=True)
 
 
-def share(path: Path, uid: int, files: bool) -> None:
+def share(path: Path, uid: int, files: bool, skip_top: frozenset[str] = frozenset()
+          ) -> None:
     """Add rwx (dirs, inherited by what is created in them) and rw (files, with `files`)
     for the agent uid to `path` and everything under it, keeping owners and modes."""
     def visit(fd: int, is_dir: bool) -> None:
@@ -169,7 +171,7 @@ def share(path: Path, uid: int, files: bool) -> None:
         if is_dir:
             _add_acl(fd, path, _DEFAULT, st.st_mode, uid, 7)
 
-    _each(path, visit)
+    _each(path, visit, skip_top)
 
 
 def _add_acl(fd: int, path: Path, attr: str, mode: int, uid: int, perm: int) -> None:

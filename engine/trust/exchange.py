@@ -104,18 +104,13 @@ def _loose(workdir: Path, parts: tuple[str, ...], refs: dict[str, str],
     stack = [parts]
     while stack:
         cur = stack.pop()
-        rel = "/".join(cur)
-        for name in reader.regular_files(workdir / ".git", rel):
+        dirs, files = tree.listdir(workdir, (".git", *cur))
+        for name in files:
             if len(refs) >= MAX_REFS:
                 problems.append(f"{workdir}/.git: more than {MAX_REFS} refs")
                 return
-            _loose_one(workdir, f"{rel}/{name}", refs, problems)
-        try:
-            with tree.opendir(workdir / ".git", cur):
-                pass
-        except (OSError, Untrusted):
-            continue
-        stack.extend((*cur, d) for d in reader.subdirs(workdir / ".git" / rel))
+            _loose_one(workdir, "/".join((*cur, name)), refs, problems)
+        stack.extend((*cur, d) for d in dirs)
 
 
 # -- bringing commits over ------------------------------------------------------------------
@@ -209,22 +204,25 @@ _PACK = re.compile(r"pack-[0-9a-f]{40}\.(?:pack|idx)")
 
 
 def _copy_objects(workdir: Path, dest: Path, main_objects: Path) -> None:
+    """The agent's own objects (loose ones the trusted store lacks, and packs), copied
+    without following a symlink anywhere from the workspace down."""
     budget = tree.Budget(COPY_BYTES)
-    src = workdir / ".git" / "objects"
-    for sub in reader.subdirs(src):
+    where = (".git", "objects")
+    for sub in tree.listdir(workdir, where)[0]:
+        files = tree.listdir(workdir, (*where, sub))[1]
         if _LOOSE_DIR.fullmatch(sub):
-            names = [n for n in reader.regular_files(src, sub) if _LOOSE.fullmatch(n)
+            names = [n for n in files if _LOOSE.fullmatch(n)
                      and not (main_objects / sub / n).exists()]
         elif sub == "pack":
-            names = [n for n in reader.regular_files(src, sub) if _PACK.fullmatch(n)]
+            names = [n for n in files if _PACK.fullmatch(n)]
         else:
             continue
         if not names:
             continue
         (dest / sub).mkdir(parents=True, exist_ok=True)
-        with tree.opendir(src, (sub,)) as d:
+        with tree.opendir(workdir, (*where, sub)) as d:
             for n in names:
-                tree.copy_file(d, n, dest / sub / n, budget, f"{src}/{sub}/{n}")
+                tree.copy_file(d, n, dest / sub / n, budget, f"{workdir}/.git/objects/{sub}")
 
 
 def _tmp(root: Path) -> Path:
@@ -328,13 +326,15 @@ def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str) -> st
                "GIT_INDEX_FILE": str(index), "GIT_LITERAL_PATHSPECS": "1"}
         budget = tree.Budget(COPY_BYTES)
         if head:
-            changed = [p for code, p in status(root, grove, agent, workdir, head)
-                       if code != "!!"]
-            tree.copy_paths(workdir, changed, files, budget)
+            lines = [(c, p) for c, p in status(root, grove, agent, workdir, head)
+                     if c != "!!"]
+            copied = tree.copy_paths(workdir, [p for _, p in lines], files, budget)
+            # what was copied, and what is gone; a FIFO or a device has no content to keep
+            paths = copied + [p for c, p in lines if "D" in c and p not in copied]
             git.run(root, "read-tree", head, env=env)
-            if changed:
+            if paths:
                 git.run(root, "add", "-A", "-f", "--pathspec-from-file=-",
-                        "--pathspec-file-nul", env=env, input="\0".join(changed))
+                        "--pathspec-file-nul", env=env, input="\0".join(paths))
         else:
             with tree.opendir(workdir) as d:
                 for name in sorted(os.listdir(d)):

@@ -85,10 +85,9 @@ class Result:
         return self.err.decode(errors="replace")
 
 
-@functools.cache
 def _scrub() -> None:
-    """Drop the engine process's own GIT_* variables once: GitPython starts every call
-    from os.environ, and a GIT_DIR or GIT_INDEX_FILE there would redirect it."""
+    """Drop the engine process's own GIT_* variables: GitPython starts every call from
+    os.environ, and a GIT_DIR or GIT_INDEX_FILE there would redirect it."""
     for key in [k for k in os.environ if k.startswith("GIT_") and k not in _INHERIT]:
         del os.environ[key]
 

@@ -55,6 +55,22 @@ def opendir(base: Path, parts: tuple[str, ...] = ()) -> Iterator[int]:
         os.close(fd)
 
 
+def listdir(base: Path, parts: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(directories, regular files) directly in base/parts..., sorted, reached without
+    following a symlink; ([], []) when it is not there or not a real directory."""
+    try:
+        with opendir(base, parts) as fd, os.scandir(fd) as it:
+            dirs, files = [], []
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(e.name)
+                elif e.is_file(follow_symlinks=False):
+                    files.append(e.name)
+            return sorted(dirs), sorted(files)
+    except (OSError, Untrusted):
+        return [], []
+
+
 def copy_file(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) -> bool:
     """Copy the regular file or symlink `name` (in dir_fd) to `dest`. False when it is
     something else (a FIFO, a device, a socket, a directory) or is gone."""
@@ -148,18 +164,21 @@ def copy_dir(parent_fd: int, name: str, dest: Path, budget: Budget, where: str,
         os.close(fd)
 
 
-def walk_fds(base: Path, visit: Callable[[int, bool], None], budget: Budget) -> None:
+def walk_fds(base: Path, visit: Callable[[int, bool], None], budget: Budget,
+             skip_top: frozenset[str] = frozenset()) -> None:
     """Call `visit(fd, is_dir)` on `base` and every directory and regular file beneath it,
-    each opened without following a symlink (symlinks and special files are skipped)."""
+    each opened without following a symlink (symlinks and special files are skipped);
+    entries of `base` named in `skip_top` are left out."""
     with opendir(base) as fd:
-        _walk(fd, visit, budget, str(base))
+        _walk(fd, visit, budget, str(base), skip_top)
 
 
-def _walk(fd: int, visit: Callable[[int, bool], None], budget: Budget, where: str) -> None:
+def _walk(fd: int, visit: Callable[[int, bool], None], budget: Budget, where: str,
+          skip: frozenset[str] = frozenset()) -> None:
     visit(fd, True)
     with os.scandir(fd) as it:
         entries = [(e.name, e.is_dir(follow_symlinks=False),
-                    e.is_file(follow_symlinks=False)) for e in it]
+                    e.is_file(follow_symlinks=False)) for e in it if e.name not in skip]
     for name, is_dir, is_file in entries:
         budget.take(0, where)
         try:
