@@ -174,15 +174,17 @@ def make(root: Path, path: Path, branch: str, tip: str, name: str, grove: str,
     tmp = path.parent / f".{path.name}.new-{secrets.token_hex(4)}"
     try:
         git(root, "init", "-q", "--template=", str(tmp))
-        (tmp / ".git" / "objects" / "info").mkdir(parents=True, exist_ok=True)
-        (tmp / ".git" / "objects" / "info" / "alternates").write_text(
+        dotgit = tmp / ".git"  # fresh and private: written directly, no git call needed
+        (dotgit / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (dotgit / "objects" / "info" / "alternates").write_text(
             f"{exchange.objects_dir(root)}\n")
-        for key, value in (("user.name", f"{name} ({grove})"),
-                           ("user.email", f"{name}@{grove}.agents.invalid"),
-                           ("gc.auto", "0")):
-            git(tmp, "config", key, value)
-        git(tmp, "update-ref", f"refs/heads/{branch}", tip)
-        git(tmp, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+        with (dotgit / "config").open("a") as f:
+            f.write(f"[user]\n\tname = {name} ({grove})\n\temail = "
+                    f"{name}@{grove}.agents.invalid\n[gc]\n\tauto = 0\n")
+        ref = dotgit / "refs" / "heads" / branch
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(tip + "\n")
+        (dotgit / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
         failpoint("workspace-half-made")
         git(tmp, "reset", "-q", "--hard")
         if hide:  # the engine's instructions file never reaches the agent's commits

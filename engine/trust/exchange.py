@@ -21,6 +21,7 @@ The design (docs/security.md has the threat model):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -231,7 +232,9 @@ def _tmp(root: Path) -> Path:
     return d
 
 
+@functools.cache
 def objects_dir(root: Path) -> Path:
+    """The trusted repository's object store (what agent repositories borrow)."""
     common = git.run(root, "rev-parse", "--path-format=absolute", "--git-common-dir")
     return Path(common) / "objects"
 
