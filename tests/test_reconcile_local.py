@@ -418,3 +418,26 @@ def test_plan_names_ignored_files_the_archive_does_not_keep(repo: Path, engine) 
     grove(repo, "    - name: b\n      task: 'true'\n")
     res = engine("plan")
     assert "not kept: 1 ignored path (.gitignore)" in res.out
+
+
+def test_half_made_workspace_is_rebuilt_not_reused(repo: Path) -> None:
+    """SIGKILL while a workspace is being made (its branch and refs written, its files not
+    yet checked out): the next apply never hands the half-made copy to the agent, which
+    would then see every file deleted and could commit that."""
+    import os
+    import sys
+    grove(repo, "    - name: a\n      task: git status --porcelain > STATUS && "
+                "test -f README.md && echo seen > SEEN\n")
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve"], cwd=repo,
+                       env={**os.environ, "ENGINE_FAILPOINT": "workspace-half-made"},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9, p.stderr
+    left = sorted(x.name for x in (repo / ".engine/worktrees/demo").iterdir())
+    assert left and all(n.startswith(".a.new-") for n in left)  # nothing at the real path
+    p = subprocess.run([sys.executable, "-m", "engine", "apply", "--auto-approve", "--wait"],
+                       cwd=repo, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    wt = repo / ".engine/worktrees/demo/a"
+    assert sorted(x.name for x in wt.parent.iterdir()) == ["a"]  # the leftover is gone
+    assert (wt / "SEEN").read_text() == "seen\n"
+    assert (wt / "STATUS").read_text() == "?? STATUS\n"  # nothing looked deleted
