@@ -10,24 +10,27 @@ event log `.engine/events.jsonl`.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
-import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import desired, events, inventory, manifest, writeback
-from engine.desired import DesiredGrove
-from engine.errors import EngineError, InvalidManifests
-from engine.fsutil import atomic_write
+from engine import events
+from engine.policy import NAME as NAME  # NAME and Gate moved to engine.policy; re-exported
+from engine.policy import Gate as Gate  # for callers not moved yet (commands/spawn)
+from engine.trust import reader
 
 MAX_REQUEST_BYTES = 64 * 1024
-NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
-TEMPLATE = re.compile(r"\{\{|\{%|\{#")
-ACCESS_RANK = {"read-only": 0, "read-write": 1}
 KINDS = {"SpawnRequest", "MessageRequest", "StatusRequest", "DoneReport"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,80}")
+MAX_REQUESTS = 256  # read per agent and pass; the rest wait for the next pass
+MAX_REASON = 300  # characters of an answer's reason
+# the spec fields that must be strings (or absent) for each kind
+STRING_FIELDS = {"SpawnRequest": ("name", "task", "profile", "harness"),
+                 "MessageRequest": ("to", "text"), "DoneReport": ("result",)}
 
 
 @dataclass(frozen=True)
@@ -49,159 +52,98 @@ class Answer:
 
 
 def inbox_dir(root: Path, grove: str, agent: str) -> Path:
+    """The host directory of `agent`'s inbox (mounted into its sandbox: agent-writable)."""
     return root / ".engine" / "inbox" / grove / agent
 
 
 def scan(root: Path, grove: str) -> tuple[list[Request], list[Answer]]:
-    """Pending requests, oldest first; unreadable ones come back as rejections."""
+    """Pending requests, oldest first; ones that cannot be read come back as rejections.
+
+    Only real (not symlinked) directories named like agents are looked in, and every
+    entry named `req-*.json` is read through the trust reader: a symlink, FIFO, device,
+    directory, oversized or undecodable one is refused without being followed or blocked
+    on, and comes back as a rejection (its answer names why)."""
     base = root / ".engine" / "inbox" / grove
     reqs: list[Request] = []
     bad: list[Answer] = []
-    if not base.is_dir():
-        return reqs, bad
-    for d in sorted(p for p in base.iterdir() if p.is_dir()):
-        for f in sorted(d.glob("req-*.json")):
-            rid = f.name[4:-5]
+    for agent in reader.subdirs(base):
+        if not NAME.fullmatch(agent):
+            continue
+        names = [n for n in reader.entries(base, agent)
+                 if n.startswith("req-") and n.endswith(".json")]
+        for name in names[:MAX_REQUESTS]:
             try:
-                reqs.append(_parse(d.name, f, rid))
-            except ValueError as e:
-                bad.append(Answer(Request(d.name, f, rid, "Invalid", {}), "rejected", str(e)))
+                reqs.append(_parse(base, agent, name))
+            except reader.Untrusted as e:
+                req = Request(agent, base / agent / name, _safe_id(name), "Invalid", {})
+                bad.append(Answer(req, "rejected", e.summary))
     return reqs, bad
 
 
-def _parse(agent: str, f: Path, rid: str) -> Request:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", rid):
-        raise ValueError("bad request id")
-    if f.stat().st_size > MAX_REQUEST_BYTES:
-        raise ValueError(f"request is larger than {MAX_REQUEST_BYTES} bytes")
+def _safe_id(name: str) -> str:
+    """The request id in `req-<id>.json`, or a stand-in derived from a name whose id is
+    not valid (so nothing an agent chose reaches a path or a terminal unchecked)."""
+    rid = name[4:-5]
+    if REQUEST_ID.fullmatch(rid):
+        return rid
+    raw = name.encode("utf-8", errors="surrogateescape")
+    return "invalid-" + hashlib.sha256(raw).hexdigest()[:12]
+
+
+def _parse(base: Path, agent: str, name: str) -> Request:
+    """The request in `base/agent/name`; Untrusted with a one-line reason naming it."""
+    rid = name[4:-5]
+    if not REQUEST_ID.fullmatch(rid):
+        raise reader.Untrusted(f"{name[:100]!r}: bad request id (letters, digits, '.', "
+                               "'_' and '-', at most 80)")
     try:
-        doc = json.loads(f.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"request is not valid JSON: {e}") from None
+        doc = reader.read_json(base, f"{agent}/{name}", MAX_REQUEST_BYTES)
+    except reader.Untrusted as e:  # name the file, not the host directory it is in
+        raise reader.Untrusted(e.summary.replace(f"{base / agent}/", "", 1)) from None
     if not isinstance(doc, dict) or doc.get("kind") not in KINDS or \
             not isinstance(doc.get("spec"), dict):
-        raise ValueError("request must be a JSON object with kind "
-                         f"({', '.join(sorted(KINDS))}) and spec")
-    return Request(agent, f, rid, str(doc["kind"]), doc["spec"])
+        raise reader.Untrusted(f"{name}: a request must be a JSON object with kind "
+                               f"({', '.join(sorted(KINDS))}) and spec (an object)")
+    kind, spec = str(doc["kind"]), doc["spec"]
+    for key in STRING_FIELDS.get(kind, ()):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise reader.Untrusted(f"{name}: spec.{key} must be a string")
+    deps = spec.get("dependsOn")
+    if deps is not None and (not isinstance(deps, list) or
+                             not all(isinstance(d, str) for d in deps)):
+        raise reader.Untrusted(f"{name}: spec.dependsOn must be a list of agent names")
+    return Request(agent, base / agent / name, rid, kind, spec)
 
 
 def answer(root: Path, grove: str, ans: Answer) -> None:
-    """Write the answer next to the request, then mark the request done (in that order)."""
+    """Write the answer next to the request, then move the request aside (`done-<id>.json`,
+    or `bad-<id>.json` for one that could not be read), in that order. Neither step follows
+    a symlink, and neither failing stops the pass: a request is never read twice."""
     req = ans.request
-    doc = {"id": req.id, "status": ans.status, "reason": ans.reason, "child": ans.child,
+    base = root / ".engine" / "inbox" / grove
+    reason = reader.one_line(ans.reason, MAX_REASON)
+    doc = {"id": req.id, "status": ans.status, "reason": reason, "child": ans.child,
            "data": ans.data}
-    atomic_write(req.path.with_name(f"res-{req.id}.json"), json.dumps(doc).encode())
-    with contextlib.suppress(FileNotFoundError):
-        os.replace(req.path, req.path.with_name(f"done-{req.id}.json"))
+    try:
+        reader.replace_file(base, f"{req.agent}/res-{req.id}.json", json.dumps(doc).encode())
+    except (OSError, reader.Untrusted) as e:
+        reason = reader.one_line(f"{reason} (the answer could not be written: "
+                                 f"{getattr(e, 'strerror', None) or e})", MAX_REASON)
+    _move_aside(base, req)
     events.record(root, {"grove": grove, "event": f"{req.kind}", "id": req.id,
-                         "from": req.agent, "status": ans.status, "reason": ans.reason,
+                         "from": req.agent, "status": ans.status, "reason": reason,
                          "child": ans.child})
 
 
-# -- the spawn policy gate --------------------------------------------------------------
-
-class Gate:
-    """Checks spawn requests against the grove's policy, counting earlier accepted ones."""
-
-    def __init__(self, root: Path, grove: DesiredGrove, opts: desired.Options) -> None:
-        self.root = root
-        self.grove = grove
-        self.opts = opts
-        self.accepted: list[writeback.Spawn] = []
-        self._src: manifest.GroveSource | None = None
-
-    def check(self, req: Request) -> writeback.Spawn:
-        g, spec = self.grove, req.spec
-        parent = g.by_name.get(req.agent)
-        if parent is None:
-            raise EngineError(f"{req.agent} is not an agent of grove {g.name}")
-        unknown = set(spec) - {"name", "task", "profile", "harness", "dependsOn"}
-        if unknown:
-            raise EngineError(f"unknown field {sorted(unknown)[0]!r} in spawn request")
-        name, task = spec.get("name"), spec.get("task")
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise EngineError(f"child name {name!r} is not valid (lower-case letters, digits "
-                              "and '-', at most 40 characters)")
-        if not isinstance(task, str) or not task.strip():
-            raise EngineError("the task must be a non-empty string")
-        deps = spec.get("dependsOn") or []
-        values = [name, task, str(spec.get("profile", "")), str(spec.get("harness", "")),
-                  *map(str, deps)]
-        if any(TEMPLATE.search(v) for v in values):
-            raise EngineError("template syntax ({{ }}, {% %}) is not allowed in spawn requests")
-        taken = set(g.by_name) | {s.name for s in self.accepted}
-        if name in taken:
-            raise EngineError(f"an agent named {name} already exists in grove {g.name}")
-        pol = g.policy
-        if len(taken) + 1 > pol.max_agents:
-            raise EngineError(f"grove {g.name} is at policy.maxAgents {pol.max_agents}")
-        if parent.depth + 1 > pol.max_depth:
-            raise EngineError(f"spawn depth {parent.depth + 1} would exceed policy.maxDepth "
-                              f"{pol.max_depth}")
-        kids = sum(1 for a in g.agents if a.spawned_by == parent.name) + sum(
-            1 for s in self.accepted if s.parent == parent.name)
-        if kids + 1 > pol.max_children:
-            raise EngineError(f"{parent.name} already has {kids} children "
-                              f"(policy.maxChildren {pol.max_children})")
-        profile = str(spec.get("profile") or parent.profile)
-        if profile not in parent.allow_profiles:
-            allowed = ", ".join(parent.allow_profiles) or "none"
-            raise EngineError(f"profile {profile} is not allowed for children of "
-                              f"{parent.name} (spawn.allowProfiles: {allowed})")
-        harness = str(spec.get("harness") or parent.harness)
-        if parent.allow_harnesses is not None and harness not in parent.allow_harnesses:
-            raise EngineError(f"harness {harness} is not allowed for children of "
-                              f"{parent.name}")
-        for d in deps:
-            if d not in taken:
-                raise EngineError(f"dependsOn names unknown agent {d!r}")
-        # the profile checked here is the one written: a child never falls back to a
-        # grove default its parent may not hand out
-        spawn = writeback.Spawn(name, task, parent.name, req.id, inventory.now(), profile,
-                                str(spec.get("harness", "")), tuple(deps))
+def _move_aside(base: Path, req: Request) -> None:
+    """Rename the request entry itself (file, directory, FIFO or symlink) out of `req-*`;
+    under a fresh name when the usual one is taken (e.g. by a directory)."""
+    prefix = "bad" if req.kind == "Invalid" else "done"
+    for new in (f"{prefix}-{req.id}.json", f"{prefix}-{req.id}-{uuid.uuid4().hex[:8]}.json"):
         try:
-            self._no_escalation(parent, spawn)
-        except EngineError:
-            self.forget(spawn.name)
-            raise
-        self.accepted.append(spawn)
-        return spawn
-
-    def _no_escalation(self, parent: desired.DesiredAgent, spawn: writeback.Spawn) -> None:
-        """Resolve the child as it would run and compare it with its parent."""
-        if self._src is None:
-            self._src = manifest.load_grove(self.grove.directory, self.root)
-        src = self._src
-        doc = spawn.document()
-        src.agents[spawn.name] = manifest.Entry(spawn.name, doc["spec"], src.grove.doc,
-                                                ("spec",))
-        try:
-            child = desired.build(src, self.opts).by_name[spawn.name]
-        except InvalidManifests as e:
-            del src.agents[spawn.name]
-            raise EngineError(e.diagnostics[0].message) from None
-        if ACCESS_RANK.get(child.access, 1) > ACCESS_RANK.get(parent.access, 1):
-            raise EngineError(f"child would get {child.access} access; parent has "
-                              f"{parent.access}")
-        if _net_rank(child.network) > _net_rank(parent.network) or (
-                _net_rank(child.network) == 1 and child.network != parent.network):
-            raise EngineError(f"child would get network {child.network}; parent has "
-                              f"{parent.network}")
-        extra = {c.name for c in child.credentials} - {c.name for c in parent.credentials}
-        if extra:
-            raise EngineError(f"child would get credentials its parent does not have: "
-                              f"{', '.join(sorted(extra))}")
-        if child.privileged and not parent.privileged:
-            raise EngineError("child would be privileged; parent is not")
-        if child.runtime == "local" and parent.runtime != "local":
-            raise EngineError(f"child would run unsandboxed (runtime local); parent runs on "
-                              f"{parent.runtime}")
-
-    def forget(self, name: str) -> None:
-        """Drop a child that failed the escalation check from the cached sources."""
-        if self._src is not None:
-            self._src.agents.pop(name, None)
-
-
-def _net_rank(network: str) -> int:
-    return 0 if network == "none" else 2 if network == "host" else 1
+            reader.rename(base, req.agent, req.path.name, new)
+            return
+        except FileNotFoundError:
+            return  # gone already (the agent removed it)
+        except (OSError, reader.Untrusted):
+            continue

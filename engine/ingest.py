@@ -2,23 +2,31 @@
 notifications to parents whose children have ended.
 
 Called by `watch` on each event and by `apply` before it plans, with the grove's lock
-held. Spawns are gated (`inbox.Gate`), written back in one durable batch, then answered.
+held. Spawns are gated (`policy.Gate`), written back in one durable batch, then answered.
+Every file an agent could have written (its earlier answers, results) is read through
+`engine.trust.reader`, and one bad request never stops the pass: whatever goes wrong with
+it becomes its rejection, and the other requests are still answered.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import desired, events, inbox, inventory, writeback
+from engine import desired, events, inbox, inventory, policy, writeback
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint
 from engine.inbox import Answer, Request
 from engine.observe import Actual, Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
+from engine.trust import reader
+
+RESULT_BYTES = 64 * 1024  # an agent's result text (DoneReport), as written and as read
+REPLAY_STATUSES = ("rejected", "delivered", "ok")
 
 
 @dataclass
@@ -40,25 +48,14 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     report = Report()
     for ans in bad:
         inbox.answer(root, grove.name, ans)
-        report.rejected.append((ans.request.id, ans.reason))
+        report.rejected.append((ans.request.id, reader.one_line(ans.reason, inbox.MAX_REASON)))
     if not reqs:
         return report
     recorded = writeback.recorded_requests(root, grove.name)
-    gate = inbox.Gate(root, grove, opts)
+    gate = policy.Gate(root, grove, opts)
     answers: list[Answer] = []
     for req in reqs:
-        if req.path.with_name(f"res-{req.id}.json").exists():
-            answers.append(_replay(req))  # answered before a crash; finish marking it
-            continue
-        if req.kind == "SpawnRequest":
-            answers.append(_spawn(gate, req, recorded))
-        elif req.kind == "MessageRequest":
-            answers.append(_message(root, grove, rts, req))
-        elif req.kind == "StatusRequest":
-            rows = status_rows(grove) if callable(status_rows) else []
-            answers.append(Answer(req, "ok", data={"grove": grove.name, "agents": rows}))
-        else:
-            answers.append(_done(root, grove, req))
+        answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
     fresh = [s for s in gate.accepted if s.request not in recorded]
     writeback.append(root, grove.name, fresh, grove.commit_spawns)
     failpoint("ingest-written")
@@ -69,22 +66,62 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
             if ans.status == "accepted":
                 report.accepted.append(ans.child)
             else:
-                report.rejected.append((ans.request.id, ans.reason))
+                report.rejected.append((ans.request.id,
+                                        reader.one_line(ans.reason, inbox.MAX_REASON)))
         else:
             report.other += 1
     return report
 
 
-def _replay(req: Request) -> Answer:
+def _guarded(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,
+             status_rows: object, gate: policy.Gate, recorded: set[str]) -> Answer:
+    """The answer to one request; an error while handling it is its rejection."""
     try:
-        old = json.loads(req.path.with_name(f"res-{req.id}.json").read_text())
-    except (OSError, ValueError):
-        old = {}
-    return Answer(req, str(old.get("status", "rejected")), str(old.get("reason", "")),
-                  str(old.get("child", "")))
+        old = _replay(root, grove.name, req, recorded)
+        if old is not None:  # answered before a crash; finish marking it
+            return old
+        return _handle(root, grove, rts, req, status_rows, gate, recorded)
+    except EngineError as e:
+        return Answer(req, "rejected", e.summary)
+    except Exception as e:  # a bug must not let one agent's request stop everyone's
+        return Answer(req, "rejected", f"request {req.id}: internal error "
+                                       f"({type(e).__name__})")
 
 
-def _spawn(gate: inbox.Gate, req: Request, recorded: set[str]) -> Answer:
+def _handle(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,
+            status_rows: object, gate: policy.Gate, recorded: set[str]) -> Answer:
+    if req.kind == "SpawnRequest":
+        return _spawn(gate, req, recorded)
+    if req.kind == "MessageRequest":
+        return _message(root, grove, rts, req)
+    if req.kind == "StatusRequest":
+        rows = status_rows(grove) if callable(status_rows) else []
+        return Answer(req, "ok", data={"grove": grove.name, "agents": rows})
+    return _done(root, grove, req)
+
+
+def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer | None:
+    """The answer already written for `req` (the engine stopped before moving the request
+    aside), or None. The file is in the agent's inbox, so only its reason is taken from it:
+    a spawn was accepted exactly when spawned.yaml records it."""
+    try:
+        old = reader.read_json(root / ".engine" / "inbox" / grove,
+                               f"{req.agent}/res-{req.id}.json", inbox.MAX_REQUEST_BYTES)
+    except reader.Untrusted:  # none (or not a file the engine wrote): answer afresh
+        return None
+    if not isinstance(old, dict):
+        return None
+    status = str(old.get("status", ""))
+    if req.kind == "SpawnRequest":
+        status = "accepted" if req.id in recorded else "rejected"
+    elif status not in REPLAY_STATUSES:
+        status = "rejected"
+    child = str(req.spec.get("name", "")) if status == "accepted" else ""
+    return Answer(req, status, reader.one_line(str(old.get("reason", "")),
+                                               inbox.MAX_REASON), child)
+
+
+def _spawn(gate: policy.Gate, req: Request, recorded: set[str]) -> Answer:
     if req.id in recorded:  # written back before a crash: accepted exactly once
         return Answer(req, "accepted", child=str(req.spec.get("name", "")))
     try:
@@ -101,6 +138,7 @@ def _message(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request) -> An
     if not isinstance(text, str) or not text.strip():
         return Answer(req, "rejected", "empty message")
     a = grove.by_name[to]
+    text = reader.for_terminal(text)  # typed into a terminal: no escape sequences
     try:
         rts.get(a.runtime, a.host).send(grove.name, to, f"[message from {req.agent}] {text}")
     except EngineError as e:
@@ -109,13 +147,25 @@ def _message(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request) -> An
 
 
 def _done(root: Path, grove: DesiredGrove, req: Request) -> Answer:
-    result = str(req.spec.get("result", ""))[:65536]
-    atomic_write(result_path(root, grove.name, req.agent), result.encode())
+    result = str(req.spec.get("result") or "").encode()[:RESULT_BYTES]
+    result = result.decode(errors="ignore").encode()  # no character cut in half
+    atomic_write(result_path(root, grove.name, req.agent), result)
     return Answer(req, "ok")
 
 
 def result_path(root: Path, grove: str, agent: str) -> Path:
     return root / ".engine" / "results" / grove / f"{agent}.txt"
+
+
+def read_result(root: Path, grove: str, agent: str) -> str:
+    """The result `agent` reported, read as untrusted text ("" when there is none)."""
+    try:
+        return reader.read_text(root / ".engine" / "results" / grove, f"{agent}.txt",
+                                RESULT_BYTES)
+    except reader.NotFound:
+        return ""
+    except reader.Untrusted:
+        return "(the result file could not be read)"
 
 
 def notify_parents(root: Path, grove: DesiredGrove, actual: Actual) -> int:
@@ -127,16 +177,13 @@ def notify_parents(root: Path, grove: DesiredGrove, actual: Actual) -> int:
         if not rec.parent or obs is None or obs.phase not in (SUCCEEDED, FAILED):
             continue
         mark = f"{obs.phase}:{rec.restarts}"
-        if rec.notified == mark:
-            continue
-        box = inbox.inbox_dir(root, grove.name, rec.parent)
-        box.mkdir(parents=True, exist_ok=True)
-        res = result_path(root, grove.name, name)
+        if rec.notified == mark or _pending(root, grove.name, name):
+            continue  # told already, or its last requests (a DoneReport) come first
         note = {"kind": "ChildEnded", "child": name, "phase": obs.phase,
-                "exitCode": obs.exit_code, "reason": obs.reason,
-                "result": res.read_text() if res.exists() else ""}
-        nid = f"{inventory.now().replace(':', '')}-{uuid.uuid4().hex[:6]}"
-        atomic_write(box / f"notify-{nid}-{name}.json", json.dumps(note).encode())
+                "exitCode": obs.exit_code, "reason": reader.one_line(obs.reason),
+                "result": read_result(root, grove.name, name)}
+        if not _deliver(root, grove.name, rec.parent, note):
+            continue  # the parent's inbox cannot take it now: tried again next pass
         events.record(root, {"grove": grove.name, "event": "ChildEnded", "from": name,
                              "to": rec.parent, "status": obs.phase})
         rec.notified = mark
@@ -144,3 +191,23 @@ def notify_parents(root: Path, grove: DesiredGrove, actual: Actual) -> int:
     if sent:
         inventory.save(root / ".engine", inv)
     return sent
+
+
+def _pending(root: Path, grove: str, agent: str) -> bool:
+    """Whether `agent` left requests not ingested yet (the next pass takes them)."""
+    return any(n.startswith("req-") and n.endswith(".json")
+               for n in reader.entries(root / ".engine" / "inbox" / grove, agent))
+
+
+def _deliver(root: Path, grove: str, parent: str, note: Mapping[str, object]) -> bool:
+    """Write `note` into `parent`'s inbox, never through a symlink an agent left there."""
+    box = inbox.inbox_dir(root, grove, parent)
+    nid = f"{inventory.now().replace(':', '')}-{uuid.uuid4().hex[:6]}"
+    try:
+        if not box.is_symlink():
+            box.mkdir(parents=True, exist_ok=True)
+        reader.replace_file(box.parent, f"{parent}/notify-{nid}-{note['child']}.json",
+                            json.dumps(note).encode())
+    except (OSError, reader.Untrusted):
+        return False
+    return True

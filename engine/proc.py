@@ -1,6 +1,8 @@
-"""The one subprocess helper: run a command, capture output, turn failure into EngineError.
+"""The one subprocess helper for programs other than git: run a command, capture output,
+turn failure into EngineError.
 
-Called by `workspace` (git), the local runtime (tmux) and image building.
+Called by the local runtime (tmux). Git never runs through here: every git call goes
+through the hardened runner `engine.trust.git`.
 """
 
 from __future__ import annotations
@@ -33,8 +35,3 @@ def run(cmd: Sequence[str], cwd: Path | None = None, check: bool = True,
     if check and proc.returncode != 0:
         raise CommandFailed(cmd, proc.returncode, proc.stderr)
     return proc
-
-
-def git(root: Path, *args: str, check: bool = True, input: str | None = None,
-        env: Mapping[str, str] | None = None) -> str:
-    return run(["git", *args], cwd=root, check=check, input=input, env=env).stdout.strip()

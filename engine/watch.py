@@ -6,14 +6,24 @@ per grove). watchdog reports changes under `groves/<grove>/` (manifests), `.engi
 periodic resync with jitter catches everything else (containers dying, clock-driven
 restarts). Each pass: ingest requests, load manifests (a bad edit is logged and the last
 good desired state kept), plan, execute, notify parents. A failing pass is logged and the
-loop goes on. SIGINT/SIGTERM stop it after the current pass.
+loop goes on (one agent's bad request is only that request's rejection).
+
+SIGINT/SIGTERM stop it at once: between passes the loop just ends; during a pass the
+handler raises `Stopped` in the main thread, which unwinds the pass (every step is safe to
+cut short, as a crash is) and releases the locks. Whatever is still running GRACE seconds
+after the signal (a blocked call, worker threads) does not hold the process: a reaper
+thread, started before the first lock is taken and woken only by the handler, removes this
+controller's lock files and ends it. So `engine watch` always ends within a second of the
+signal and never leaves a grove locked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +41,12 @@ from engine.errors import EngineError, InvalidManifests
 from engine.observe import Runtimes, observe, status_rows
 
 Log = Callable[[str], None]
+GRACE = 0.5  # seconds from SIGINT/SIGTERM to the forced exit, if the unwinding is not done
+
+
+class Stopped(BaseException):
+    """SIGINT/SIGTERM during a pass: unwinds it (a BaseException, so no `except Exception`
+    on the way swallows it)."""
 
 
 @dataclass
@@ -50,7 +66,8 @@ class _Wake(FileSystemEventHandler):
         # a finished request arrives as a rename of its temporary file: look at the target
         path = str(getattr(event, "dest_path", "") or event.src_path)
         if "/.req-" in path or path.endswith(".tmp") or "/res-" in path \
-                or "/done-" in path or "/notify-" in path or event.event_type in (
+                or "/done-" in path or "/bad-" in path or "/notify-" in path \
+                or event.event_type in (
                     "opened", "closed_no_write"):
             return  # our own writes and half-written requests: nothing to do yet
         self.flag.set()
@@ -67,28 +84,64 @@ class Controller:
     stop: threading.Event = field(default_factory=threading.Event)
     last_good: dict[str, DesiredGrove] = field(default_factory=dict)
     passes: int = 0
+    locks: list[tuple[str, str]] = field(default_factory=list)  # (grove, lock id) held
+    in_pass: bool = False
+    signalled: threading.Event = field(default_factory=threading.Event)  # the reaper's
 
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
+            # the handler first: a signal while the locks are taken still ends us cleanly
+            stack.enter_context(_signals(self._on_signal, self._reap, self.signalled))
             for g in self.groves:
-                stack.enter_context(inventory.locked(self.root / ".engine", g, "watch"))
+                info = stack.enter_context(inventory.locked(self.root / ".engine", g,
+                                                            "watch"))
+                self.locks.append((g, info.id))
             stack.enter_context(self._observer())
-            stack.enter_context(_signals(self.stop, self.wake))
-            rts = Runtimes(self.root)
             self.log(f"watching {', '.join(self.groves)} (resync every "
                      f"{self.wopts.interval:g}s)")
-            while not self.stop.is_set():
-                self.wake.clear()
+            with contextlib.suppress(Stopped):
+                self._loop(Runtimes(self.root))
+        self.log("stopped")
+
+    def _loop(self, rts: Runtimes) -> None:
+        while not self.stop.is_set():
+            self.wake.clear()
+            self.in_pass = True
+            try:
                 for g in self.groves:
                     self.pass_once(g, rts)
-                self.passes += 1
-                if self.wopts.once or (self.wopts.max_passes and
-                                       self.passes >= self.wopts.max_passes):
-                    break
-                jitter = self.wopts.interval * random.uniform(0.8, 1.2)
-                if self.wake.wait(jitter):
-                    time.sleep(self.wopts.debounce)
-        self.log("stopped")
+            finally:
+                self.in_pass = False
+            self.passes += 1
+            if self.wopts.once or (self.wopts.max_passes and
+                                   self.passes >= self.wopts.max_passes):
+                break
+            jitter = self.wopts.interval * random.uniform(0.8, 1.2)
+            if self.wake.wait(jitter):
+                time.sleep(self.wopts.debounce)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = not self.stop.is_set()
+        self.stop.set()
+        self.signalled.set()  # the reaper first: nothing below can keep us past GRACE
+        self.wake.set()
+        if first and self.in_pass:
+            raise Stopped(f"signal {signum}")
+
+    def _reap(self) -> None:
+        """GRACE seconds after a signal, end the process if the unwinding has not: drop
+        our locks first. Returns at once when run() ends without a signal."""
+        self.signalled.wait()
+        if not self.stop.is_set():
+            return
+        time.sleep(GRACE)
+        for g, lock_id in self.locks:
+            with contextlib.suppress(EngineError, OSError):
+                inventory.force_unlock(self.root / ".engine", g, lock_id)
+        with contextlib.suppress(Exception):
+            self.log("stopped (forced)")
+            sys.stderr.flush()
+        os._exit(0)
 
     @contextlib.contextmanager
     def _observer(self) -> Iterator[None]:
@@ -189,17 +242,18 @@ class _LogHooks:
 
 
 @contextlib.contextmanager
-def _signals(stop: threading.Event, wake: threading.Event) -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-        wake.set()
-
+def _signals(handler: Callable[[int, FrameType | None], None], reaper: Callable[[], None],
+             release: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM go to `handler` (main thread only), with `reaper` running in a
+    daemon thread until `release` is set (by the handler, or here at the end)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    threading.Thread(target=reaper, name="watch-reaper", daemon=True).start()
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        release.set()

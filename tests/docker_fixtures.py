@@ -24,7 +24,7 @@ from engine.errors import EngineError
 from engine.fsutil import flock
 from engine.runtimes import Launch, Observed
 from engine.runtimes import docker as docker_rt
-from tests.conftest import git, write_grove
+from tests.conftest import write_grove
 
 IMAGE = images.tag(images.BASE)
 CLIENT = Path(desired.__file__).resolve().parent / "client.py"  # the real agent client

@@ -3,7 +3,9 @@ changed commit by commit, read from git (agents added, removed or changed, who s
 whom, and the Spawned-By / Spawn-Request trailers), newest commit first.
 
 Reads manifests at every commit that touched `groves/` without checking anything out;
-commits whose manifests do not parse are reported as such and skipped over.
+commits whose manifests do not parse are reported as such and skipped over. With the
+default `--rev HEAD`, spawns written to a working copy of spawned.yaml but not committed
+are listed last, marked uncommitted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     found = scan.scan(r.root, args.rev, args.groves)
+    if args.rev == "HEAD":
+        scan.add_uncommitted(r.root, found, args.groves)
     events = found.events
     seen = {e.grove for e in events} | set(found.final)
     for g in args.groves or []:
@@ -71,6 +75,7 @@ class Story:
     events: list[scan.Event]
     current: scan.AgentRec | None
     lineage: list[tuple[str, scan.Event | None]] = field(default_factory=list)
+    uncommitted: scan.AgentRec | None = None  # written to spawned.yaml, not committed
 
     def origin(self) -> scan.Event | None:
         adds = [e for e in self.events if self.name in e.added_names()]
@@ -78,9 +83,11 @@ class Story:
 
     def to_json(self, reverse: bool) -> dict[str, Any]:
         origin = self.origin()
+        rec = self.current or self.uncommitted
         return {
-            "grove": self.grove, "agent": self.name, "exists": self.current is not None,
-            "spawnedBy": self.current.parent if self.current else None,
+            "grove": self.grove, "agent": self.name, "exists": rec is not None,
+            "committed": self.current is not None,
+            "spawnedBy": rec.parent if rec else None,
             "addedIn": origin.commit.to_json() if origin else None,
             "lineage": [{"agent": n, "addedIn": e.commit.to_json() if e else None}
                         for n, e in self.lineage],
@@ -89,11 +96,17 @@ class Story:
                                               else reversed(self.events))],
         }
 
+    def _now(self) -> str:
+        rec = self.current or self.uncommitted
+        if rec is None:
+            return "not in the manifests at HEAD"
+        where = "exists at HEAD" if self.current else \
+            "written to spawned.yaml but not committed"
+        return f"{where}, spawned by {rec.parent}" if rec.parent else \
+            f"{where}, a seed agent (no parent)"
+
     def text(self, reverse: bool) -> str:
-        now = (f"exists at HEAD, spawned by {self.current.parent}" if self.current and
-               self.current.parent else "exists at HEAD, a seed agent (no parent)"
-               if self.current else "not in the manifests at HEAD")
-        lines = [f"agent {self.grove}/{self.name}: {now}"]
+        lines = [f"agent {self.grove}/{self.name}: {self._now()}"]
         origin = self.origin()
         if origin:
             lines.append(f"  added in {origin.commit.line()}")
@@ -123,8 +136,10 @@ def explain(found: scan.History, agent: str, groves: list[str] | None) -> Story:
                           f"GROVE/{name}")
     grove = seen[0]
     mine = [e for e in events if e.grove == grove]
-    final = found.final.get(grove, {})
-    story = Story(grove, name, [e for e in mine if name in e.names()], final.get(name))
+    final = {**found.uncommitted.get(grove, {}), **found.final.get(grove, {})}
+    story = Story(grove, name, [e for e in mine if name in e.names()],
+                  found.final.get(grove, {}).get(name),
+                  uncommitted=found.uncommitted.get(grove, {}).get(name))
     chain: list[str] = []
     cur: str | None = name
     hops = 0

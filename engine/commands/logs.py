@@ -1,4 +1,5 @@
-"""`engine logs AGENT [-f]`: the agent's output."""
+"""`engine logs AGENT [-f]`: the agent's output, with escape sequences and control
+characters removed (`reader.for_terminal`): an agent's output never drives the terminal."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from engine import runtimes
 from engine.commands import _common
+from engine.trust import reader
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     loc = _common.locate(r, args)
     rt = runtimes.get(loc.runtime, r.root, loc.host or None)
     for line in rt.logs(loc.grove, loc.agent, follow=args.follow):
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(reader.for_terminal(line) + "\n")
         if args.follow:
             sys.stdout.flush()
     return 0

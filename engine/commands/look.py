@@ -1,4 +1,5 @@
-"""`engine look AGENT`: the agent's current screen."""
+"""`engine look AGENT`: the agent's current screen, as text safe for a terminal
+(`reader.for_terminal`: no escape sequences or control characters)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from engine import runtimes
 from engine.commands import _common
+from engine.trust import reader
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -19,6 +21,6 @@ def register(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     loc = _common.locate(r, args)
-    sys.stdout.write(runtimes.get(loc.runtime, r.root, loc.host or None)
-                     .look(loc.grove, loc.agent))
+    screen = runtimes.get(loc.runtime, r.root, loc.host or None).look(loc.grove, loc.agent)
+    sys.stdout.write(reader.for_terminal(screen))
     return 0

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine import desired, inbox, inventory, manifest, ui, writeback
+from engine import desired, inbox, inventory, manifest, policy, ui, writeback
 from engine.commands import _common
 from engine.errors import EngineError, InvalidManifests
 from engine.inbox import NAME
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         req = inbox.Request(args.parent, Path(), rid, "SpawnRequest",
                             {k: v for k, v in spec.items() if v})
         try:
-            spawn = inbox.Gate(r.root, grove, opts).check(req)
+            spawn = policy.Gate(r.root, grove, opts).check(req)
         except EngineError as e:
             raise EngineError(f"agent {grove.name}/{args.name}: refused: {e.summary}") from None
     else:
@@ -63,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     except InvalidManifests as e:
         raise EngineError(f"agent {grove.name}/{args.name}: "
                           f"{e.diagnostics[0].message}") from None
-    writeback.append(r.root, grove.name, [spawn], args.commit or grove.commit_spawns)
+    commit = args.commit or grove.commit_spawns
+    note = writeback.append(r.root, grove.name, [spawn], commit)
     ui.out(f"added {grove.name}/{args.name} to {writeback.spawned_path(r.root, grove.name)}"
-           f"{' (committed)' if args.commit or grove.commit_spawns else ''}; "
+           f"{' (committed)' if commit and not note else ''}; "
            "run engine apply (or engine watch) to start it")
     return 0

@@ -1,13 +1,22 @@
-"""`engine status`: each agent's phase, runtime, branch, parent, workspace and work."""
+"""`engine status`: each agent's phase, runtime, branch, parent, workspace and work.
+
+A reason can come from a file the agent wrote (e.g. the Docker runtime's `ctl/reason`): in
+both outputs it is one line of at most REASON_CHARS characters without control
+characters, and everything printed as text goes through `reader.for_terminal`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from engine import ui
 from engine.commands import _common
+from engine.desired import DesiredGrove
 from engine.observe import Runtimes, observe, status_rows
+from engine.trust import reader
+
+REASON_CHARS = 200
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -17,16 +26,24 @@ def register(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
+    """One grove's entry of the status document, reasons and errors bounded."""
+    actual = observe(root, g.name, g, rts, with_work=True, tolerate=True)
+    rows = status_rows(g, actual)
+    for row in rows:
+        row["reason"] = reader.one_line(str(row["reason"] or ""), REASON_CHARS)
+    errors = [reader.one_line(f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}", 500)
+              for k, v in sorted(actual.errors.items())]
+    return {"grove": g.name, "agents": rows, "errors": errors}
+
+
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     groves = _common.load(r, args, resolve_secrets=False)
     rts = Runtimes(r.root)
     doc: list[dict[str, Any]] = []
     for g in groves:
-        actual = observe(r.root, g.name, g, rts, with_work=True, tolerate=True)
-        doc.append({"grove": g.name, "agents": status_rows(g, actual),
-                    "errors": [f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}"
-                               for k, v in sorted(actual.errors.items())]})
+        doc.append(_grove(r.root, g, rts))
     if args.json:
         ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "Status", "formatVersion": 1,
                        "groves": doc})
@@ -34,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode"]
     for entry in doc:
         ui.out(f"grove {entry['grove']}")
-        table = [[str(x[c] if x[c] is not None else "-") or "-" for c in cols]
-                 for x in entry["agents"]]
+        table = [[reader.one_line(str(x[c] if x[c] is not None else "-")) or "-"
+                  for c in cols] for x in entry["agents"]]
         widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
         ui.out("  " + "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
         for row, x in zip(table, entry["agents"], strict=True):

@@ -1,8 +1,12 @@
-"""`engine watch`: the controller loop (re-converge on manifest, inbox and runtime changes)."""
+"""`engine watch`: the controller loop (re-converge on manifest, inbox and runtime changes).
+
+Log lines can carry agent-provided text (reasons): they go through `reader.for_terminal`.
+SIGINT/SIGTERM end it within a second (see engine.watch), with exit status 0."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -10,6 +14,7 @@ from typing import Any
 from engine import manifest, watch
 from engine.commands import _common
 from engine.errors import UsageError
+from engine.trust import reader
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -17,7 +22,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "watch", help="keep the grove converged (spawns, dependents, restarts, drift)",
         description="Run the controller: ingest agents' requests, converge on every "
         "manifest change, start dependents as dependencies succeed, restart per policy. "
-        "SIGINT or SIGTERM stops it after the current pass, with exit status 0.")
+        "SIGINT or SIGTERM stops it within a second, cutting a running pass short (the "
+        "next one resumes it), with exit status 0.")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)
     p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
@@ -28,7 +34,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 
 def _log(text: str) -> None:
-    sys.stderr.write(time.strftime("%H:%M:%S ") + text + "\n")
+    line = " ".join(reader.for_terminal(text).splitlines())  # one log line per entry
+    sys.stderr.write(time.strftime("%H:%M:%S ") + line + "\n")
     sys.stderr.flush()
 
 
@@ -41,4 +48,10 @@ def run(args: argparse.Namespace) -> int:
     ctl = watch.Controller(r.root, names, opts, watch.Options(
         interval=args.interval, parallelism=args.parallelism, once=args.once), _log)
     ctl.run()
+    if ctl.stop.is_set():
+        # stopped by a signal, locks released: worker threads of a pass cut short must not
+        # keep the process (interpreter exit would join them)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -66,14 +66,20 @@ class HostDirs:
     entrypoint: Path
 
 
-def repo_tag(repo_root: Path) -> str:
-    """A short, stable digest of the repository path: keeps two repositories' groves of the
-    same name apart on one Docker engine."""
-    return hashlib.sha256(str(repo_root).encode()).hexdigest()[:8]
+def repo_tag(repo_root: Path, grove: str, agent: str) -> str:
+    """A short, stable digest of (repository path, grove, agent), NUL-separated (no name
+    or path holds a NUL): keeps two repositories' groves of the same name apart on one
+    Docker engine, and two (grove, agent) pairs that read alike (`a` + `b-c` and `a-b` +
+    `c`) apart in one repository."""
+    return hashlib.sha256(f"{repo_root}\0{grove}\0{agent}".encode()).hexdigest()[:12]
 
 
 def container_name(repo_root: Path, grove: str, agent: str) -> str:
-    return f"engine-{grove}-{agent}-{repo_tag(repo_root)}"
+    """`engine-<grove>-<agent>-<digest>`, unique per (repository, grove, agent): the
+    readable part alone is ambiguous, the digest of all three is not. Containers made
+    under the earlier naming (`engine-<grove>-<agent>-<digest of the repository>`) are
+    still found through their owner labels (DockerRuntime._name)."""
+    return f"engine-{grove}-{agent}-{repo_tag(repo_root, grove, agent)}"
 
 
 def owner_filters(repo_root: Path, grove: str) -> dict[str, list[str]]:

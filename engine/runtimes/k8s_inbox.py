@@ -3,13 +3,18 @@
 Called by `engine.runtimes.kubernetes` for look, send, attach and the agent-side inbox.
 The inbox travels as a base64 tar archive on exec's stdout (pull) or in an argument
 (push), so only sh, tar, base64 and tmux are needed in the image; `extract` unpacks an
-archive on the host, accepting regular files only, inside the destination.
+archive on the host. The archive is agent-made: it is size-capped, and only regular files
+with plain flat names are taken, each cut at MAX_FILE + 1 bytes (so the host's reader
+refuses an oversized request and answers it); host inbox files go back to the Pod through
+`engine.trust.reader`.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -18,9 +23,14 @@ from pathlib import Path, PurePosixPath
 from engine import fsutil
 from engine.errors import EngineError
 from engine.runtimes.k8s_objects import INBOX, SESSION, TMUX_SOCKET
+from engine.trust import reader
 
 Run = Callable[[list[str]], str]  # runs argv in the agent's container, returns stdout
 MAX_PUSH = 96 * 1024  # one exec argument stays well under the kernel's 128 KiB limit
+MAX_ARCHIVE = 16 * 1024 * 1024  # base64 text of one pulled inbox
+MAX_MEMBERS = 2048  # files taken from one pulled inbox
+MAX_FILE = 64 * 1024  # one inbox file (a request is at most this, see engine.inbox)
+PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # an inbox file name
 
 
 def tmux(*args: str, socket: str = TMUX_SOCKET) -> list[str]:
@@ -63,29 +73,43 @@ def _safe_name(name: str) -> PurePosixPath:
 
 
 def extract(b64: str, dest: Path) -> list[Path]:
-    """Unpack a `tar | base64` archive of an inbox into `dest`: regular files only, no
-    dot-files (half-written), nothing outside `dest`. Returns the files written."""
+    """Unpack a `tar | base64` archive of an inbox into `dest`: regular files with plain
+    flat names only, no dot-files (half-written), each at most MAX_FILE + 1 bytes, nothing
+    outside `dest`. Returns the files written."""
     out = []
+    tar, members = _open_archive(b64)
+    with tar:
+        for member in members[:MAX_MEMBERS]:
+            name = _member_name(member)
+            f = tar.extractfile(member) if name else None
+            if name is None or f is None:
+                continue
+            fsutil.atomic_write(dest / name, f.read(MAX_FILE + 1), 0o600)
+            out.append(dest / name)
+    return sorted(out)
+
+
+def _open_archive(b64: str) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
+    if len(b64) > MAX_ARCHIVE:
+        raise EngineError(f"inbox: the pod sent an archive larger than {MAX_ARCHIVE} bytes")
     try:
         raw = base64.b64decode("".join(b64.split()), validate=True)
         tar = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115
-        members = tar.getmembers()
+        return tar, tar.getmembers()
     except (ValueError, tarfile.TarError) as e:
-        raise EngineError(f"inbox: the pod sent an unreadable archive ({e})") from None
-    with tar:
-        for member in members:
-            if not member.isfile():
-                continue
-            rel = _safe_name(member.name)
-            if rel.name.startswith("."):  # a file the agent is still writing
-                continue
-            f = tar.extractfile(member)
-            if f is None:
-                continue
-            target = dest / rel
-            fsutil.atomic_write(target, f.read(), 0o600)
-            out.append(target)
-    return sorted(out)
+        raise EngineError(f"inbox: the pod sent an unreadable archive "
+                          f"({reader.one_line(str(e), 100)})") from None
+
+
+def _member_name(member: tarfile.TarInfo) -> str | None:
+    """The flat file name to extract `member` as, or None to skip it (not a regular file,
+    in a subdirectory, a dot-file or an odd name); EngineError for an unsafe name."""
+    if not member.isfile():
+        return None
+    rel = _safe_name(member.name)
+    if len(rel.parts) != 1 or not PLAIN.fullmatch(rel.name):
+        return None
+    return rel.name
 
 
 def kubectl_flags(kubeconfig: str, context: str) -> list[str]:
@@ -102,19 +126,50 @@ def push(run: Run, files: dict[str, bytes]) -> None:
 
 
 def sync(run: Run, host_inbox: Path) -> list[Path]:
-    """One controller step for a Pod's inbox: copy the files the host lacks into
-    `host_inbox` (where ingest reads them), then send the host's answers (`res-*.json`)
-    the Pod lacks. Returns the files copied. Two exec calls at most."""
+    """One controller step for a Pod's inbox: copy the requests the host has neither got
+    nor answered into `host_inbox` (where ingest reads them), then send the host's answers
+    (`res-*.json`) the Pod lacks. Returns the files copied. Few exec calls (one pull, one
+    push per MAX_PUSH of answers)."""
     with tempfile.TemporaryDirectory() as tmp:
         pulled = pull(run, Path(tmp))
         in_pod = {p.name for p in pulled}
         got = []
         for p in pulled:
-            if not (host_inbox / p.name).exists():
+            if not _known(host_inbox, p.name):
                 fsutil.atomic_write(host_inbox / p.name, p.read_bytes(), 0o600)
                 got.append(host_inbox / p.name)
-    answers = {p.name: p.read_bytes() for p in sorted(host_inbox.glob("res-*.json"))
-               if p.name not in in_pod} if host_inbox.is_dir() else {}
-    if answers:
-        push(run, answers)
+    answers = _answers(host_inbox, in_pod)
+    for batch in _batches(answers):
+        push(run, batch)
     return got
+
+
+def _known(host_inbox: Path, name: str) -> bool:
+    """Whether the host has the file `name`, or (for a request) has answered it already."""
+    names = [name] + ([f"res-{name[4:]}"] if name.startswith("req-") else [])
+    return any(os.path.lexists(host_inbox / n) for n in names)
+
+
+def _answers(host_inbox: Path, in_pod: set[str]) -> dict[str, bytes]:
+    """The host's answers the Pod lacks, read as any file in an agent's inbox is."""
+    out = {}
+    for name in reader.regular_files(host_inbox):
+        if name.startswith("res-") and name.endswith(".json") and name not in in_pod:
+            try:
+                out[name] = reader.read_bytes(host_inbox, name, MAX_FILE)
+            except reader.Untrusted:
+                continue
+    return out
+
+
+def _batches(files: dict[str, bytes]) -> list[dict[str, bytes]]:
+    """`files` in groups small enough for one exec argument each (see unpack_argv)."""
+    out: list[dict[str, bytes]] = []
+    size = MAX_PUSH
+    for name, data in sorted(files.items()):
+        if size + len(data) + 1024 > MAX_PUSH * 3 // 4:  # base64 grows data by 4/3
+            out.append({})
+            size = 0
+        out[-1][name] = data
+        size += len(data) + 1024
+    return out

@@ -162,8 +162,8 @@ def _is_commit(root: Path, sha: str) -> bool:
 def _set_work_refs(root: Path, prefix: str, have: set[str], present: list[str]) -> None:
     lines = [f"delete {prefix}{s}\n" for s in sorted(have - set(present))]
     lines += [f"update {prefix}{s} {s}\n" for s in present if s not in have]
-    if lines:
-        git.run(root, "update-ref", "--stdin", input="".join(lines))
+    if lines:  # a concurrent sync may have done the same: its result is as good
+        git.call(root, "update-ref", "--stdin", input="".join(lines))
 
 
 def _advance(root: Path, branch: str, tip: str) -> None:
@@ -171,10 +171,12 @@ def _advance(root: Path, branch: str, tip: str) -> None:
     cur = git.run(root, "rev-parse", "-q", "--verify", ref, check=False)
     if cur == tip:
         return
+    # compare-and-swap; losing a race to another sync of the same agent is fine (it moved
+    # the branch to the same place, or the next sync will)
     if not cur:
-        git.run(root, "update-ref", ref, tip, "")
+        git.call(root, "update-ref", ref, tip, "")
     elif git.ok(root, "merge-base", "--is-ancestor", cur, tip):
-        git.run(root, "update-ref", ref, tip, cur)
+        git.call(root, "update-ref", ref, tip, cur)
 
 
 def _fetch(root: Path, workdir: Path, shas: list[str], prefix: str) -> None:
