@@ -8,6 +8,11 @@ under `timeout` when maxDuration is set, and records the exit code atomically. O
 piped to `.engine/logs/<grove>/<agent>.log`. Observation is one `list-sessions` call plus
 the exit files of finished agents. Agents here share the user's home, so a harness's login
 files (`credential_files`) are where the program already looks; they are not copied.
+
+Not a sandbox: agents run as the engine's user and see what it sees. What ends with an
+agent is `local_contain`'s job (a cgroup, a PID namespace or a marker sweep). Everything
+under `.engine/run` and `.engine/logs` is agent-writable, so it is read through
+`engine.trust.reader`: no symlink followed, no FIFO waited on, sizes capped.
 """
 
 from __future__ import annotations
@@ -15,20 +20,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
-from engine import __version__
+from engine import __version__, events
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
 from engine.proc import CommandFailed, run
 from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
+from engine.runtimes import local_contain as contain
+from engine.trust.reader import Untrusted, one_line, read_json, read_text, subdirs
 
 SEP = "__"  # grove and agent names cannot contain "_", so session names are unambiguous
+KILLED = "session ended without an exit code (killed)"
+BAD_EXIT = "invalid exit code file"  # not a regular file holding a small integer
+_EXIT = re.compile(r"-?[0-9]{1,3}")
+# files of one run that a new run must not inherit
+_STALE = ("exit", "reason", "started", "reaped")
 
 
 # What an agent inherits from the user who runs the engine; everything else (API keys in the
@@ -79,42 +94,63 @@ class LocalRuntime:
         p = self.tmux("list-sessions", "-F", "#{session_name}", check=False)
         return set(p.stdout.split()) if p.returncode == 0 else set()
 
+    def _gone(self, sess: str) -> bool:
+        """Whether tmux says for certain that `sess` is not running (a failed listing is
+        not taken as an answer)."""
+        if not self.socket.exists():
+            return True
+        p = self.tmux("has-session", "-t", f"={sess}", check=False)
+        return p.returncode != 0 and any(m in p.stderr for m in (
+            "can't find session", "no server running", "error connecting"))
+
+    def _pane_pids(self, sess: str) -> list[int]:
+        if not self.socket.exists():
+            return []
+        p = self.tmux("list-panes", "-s", "-t", f"={sess}", "-F", "#{pane_pid}", check=False)
+        return [int(x) for x in p.stdout.split() if x.isdigit()] if p.returncode == 0 else []
+
     # -- Runtime protocol ------------------------------------------------------------------
 
     def observe(self, grove: str) -> dict[str, Observed]:
         live = self._sessions()
         out: dict[str, Observed] = {}
         base = self.state / "run" / grove
-        if not base.is_dir():
-            return out
-        for d in sorted(base.iterdir()):
-            meta = _read_json(d / "meta.json")
-            if meta is None:
+        for name in subdirs(base):
+            try:
+                meta = read_json(base, f"{name}/meta.json", 65536)
+            except Untrusted:
                 continue
-            name = d.name
+            if not isinstance(meta, dict):
+                continue
             spec_hash = str(meta.get("specHash", ""))
             if self.session(grove, name) in live:
                 out[name] = Observed(grove, name, self.name, spec_hash, RUNNING)
                 continue
-            code_text = _read(d / "exit")
-            if code_text is None or not code_text.strip().lstrip("-").isdigit():
-                out[name] = Observed(grove, name, self.name, spec_hash, FAILED, None,
-                                     "session ended without an exit code (killed)")
-                continue
-            code = int(code_text)
-            reason = (_read(d / "reason") or "").strip() or f"exited {code}"
-            out[name] = Observed(grove, name, self.name, spec_hash,
-                                 SUCCEEDED if code == 0 else FAILED, code,
-                                 "" if code == 0 else reason)
+            self._reap_abandoned(grove, name)
+            code, reason = _ended(base, name)
+            phase = SUCCEEDED if code == 0 else FAILED
+            out[name] = Observed(grove, name, self.name, spec_hash, phase, code, reason)
         return out
+
+    def _reap_abandoned(self, grove: str, agent: str) -> None:
+        """A run whose wrapper started but did not clean up (its session was killed from
+        outside): end what it left running, once."""
+        rd = self.run_dir(grove, agent)
+        if not os.path.lexists(rd / "started") or os.path.lexists(rd / "reaped"):
+            return
+        if not self._gone(self.session(grove, agent)):
+            return
+        contain.kill(contain.load(rd.parent, grove, agent))
+        with contextlib.suppress(OSError):
+            os.close(os.open(rd / "reaped", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
 
     def create(self, launch: Launch) -> None:
         a = launch.agent
         sess = self.session(a.grove, a.name)
-        self.tmux("kill-session", "-t", f"={sess}", check=False)
+        self._stop(a.grove, a.name)
         rd = launch.run_dir
         rd.mkdir(parents=True, exist_ok=True)
-        for stale in ("exit", "reason"):
+        for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
                 (rd / stale).unlink()
         self._write_secrets(rd / "secrets", launch.secrets)
@@ -123,22 +159,50 @@ class LocalRuntime:
         atomic_write(bindir / "engine", f"#!/bin/sh\nexec python3 -S "
                      f"{shlex.quote(str(launch.client))} \"$@\"\n".encode(), 0o755)
         launch.log_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(rd / "run.sh", self._script(launch).encode(), 0o755)
+        c = self._contain(launch)
+        atomic_write(rd / "run.sh", self._script(launch, c).encode(), 0o755)
         atomic_write(rd / "meta.json", json.dumps(
             {"specHash": a.spec_hash, "grove": a.grove, "agent": a.name,
              "engineVersion": __version__}).encode())
+        self._start(sess, launch)
+        events.record(self.root, {"grove": a.grove, "agent": a.name, "runtime": self.name,
+                                  "event": "AgentContained", "containment": c.mechanism})
+
+    def _contain(self, launch: Launch) -> contain.Containment:
+        """This run's containment, chosen for this machine and recorded in its run dir."""
+        c = contain.choose(launch.agent.grove, launch.agent.name, self._server_pid())
+        atomic_write(launch.run_dir / contain.RECORD, c.record().encode())
+        if c.mechanism == "pidns":
+            atomic_write(launch.run_dir / contain.INIT_FILE, contain.INIT.encode())
+        return c
+
+    def _start(self, sess: str, launch: Launch) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         try:
             self.tmux("new-session", "-d", "-s", sess, "-x", "200", "-y", "50",
                       "-c", str(launch.workdir),
-                      f"exec bash {shlex.quote(str(rd / 'run.sh'))}")
+                      f"exec bash {shlex.quote(str(launch.run_dir / 'run.sh'))}")
         except CommandFailed as e:
             if "server exited" in e.stderr or "lost server" in e.stderr:
                 # the server was quitting as its last session ended: a new one is started
                 # by the retry
-                raise TemporaryError(f"agent {a.grove}/{a.name}: tmux server restarting",
-                                     0.1) from None
+                raise TemporaryError(f"agent {launch.agent.grove}/{launch.agent.name}: "
+                                     "tmux server restarting", 0.1) from None
             raise
+
+    def _server_pid(self) -> int | None:
+        """The running tmux server's pid (it forks every wrapper), or None."""
+        if not self.socket.exists():
+            return None
+        p = self.tmux("display-message", "-p", "#{pid}", check=False)
+        return int(p.stdout) if p.returncode == 0 and p.stdout.strip().isdigit() else None
+
+    def _stop(self, grove: str, agent: str) -> None:
+        """End the agent's session and every process it started."""
+        sess = self.session(grove, agent)
+        panes = self._pane_pids(sess)
+        self.tmux("kill-session", "-t", f"={sess}", check=False)
+        contain.kill(contain.load(self.state / "run" / grove, grove, agent), panes)
 
     def _write_secrets(self, d: Path, values: dict[str, str]) -> None:
         if d.exists():
@@ -151,7 +215,28 @@ class LocalRuntime:
             with os.fdopen(fd, "w") as f:
                 f.write(value)
 
-    def _script(self, launch: Launch) -> str:
+    def _script(self, launch: Launch, c: contain.Containment) -> str:
+        a = launch.agent
+        q = shlex.quote
+        # a restart resumes the harness's previous session when it knows how
+        command = a.resume_command if launch.resume and a.resume_command else a.command
+        argv = " ".join(q(x) for x in command)
+        if a.max_duration:
+            argv = f"timeout --foreground -k 10 {a.max_duration} {argv}"
+        lines = self._prologue(launch, c)
+        lines += contain.run_lines(c, argv)
+        lines += contain.end_lines(c)
+        if a.max_duration:
+            lines += [f'[ "$code" = 124 ] && echo "maxDuration {a.max_duration}s exceeded" '
+                      '> "$rd/reason"']
+        lines += ['[ "$code" = 127 ] && echo "exited 127: command not found" > "$rd/reason"',
+                  'echo "$code" > "$rd/exit.tmp" && mv -f "$rd/exit.tmp" "$rd/exit"']
+        lines += contain.last_lines(c)
+        lines += ['exit "$code"', ""]
+        return "\n".join(lines)
+
+    def _prologue(self, launch: Launch, c: contain.Containment) -> list[str]:
+        """The wrapper up to the harness: log, directory, environment, secrets."""
         a = launch.agent
         rd = launch.run_dir
         q = shlex.quote
@@ -159,6 +244,8 @@ class LocalRuntime:
             "#!/usr/bin/env bash",
             f"# grove-engine wrapper for agent {a.grove}/{a.name}; secrets are read from",
             "# files and deleted, never written here.",
+            f"rd={q(str(rd))}",
+            ': > "$rd/started"',
             # the wrapper pipes its own pane to the log before the harness prints anything
             f"tmux pipe-pane -o -t \"$TMUX_PANE\" {q('cat >> ' + q(str(launch.log_file)))}",
             f"cd {q(str(launch.workdir))} || exit 127",
@@ -166,58 +253,43 @@ class LocalRuntime:
         ]
         lines += [f"export {k}={q(v)}" for k, v in sorted(launch.env.items())]
         lines += [
+            f"export {contain.TOKEN_VAR}={c.token}",
             f"secrets={q(str(rd / 'secrets'))}",
             'if [ -d "$secrets" ]; then',
             '  for f in "$secrets"/*; do [ -f "$f" ] && export "${f##*/}=$(cat "$f")"; done',
             '  rm -rf "$secrets"',
             "fi",
         ]
-        # a restart resumes the harness's previous session when it knows how
-        command = a.resume_command if launch.resume and a.resume_command else a.command
-        argv = " ".join(q(x) for x in command)
-        if a.max_duration:
-            argv = f"timeout --foreground -k 10 {a.max_duration} {argv}"
-        lines += [
-            argv,
-            "code=$?",
-            f"rd={q(str(rd))}",
-        ]
-        if a.max_duration:
-            lines += [f'[ "$code" = 124 ] && echo "maxDuration {a.max_duration}s exceeded" '
-                      '> "$rd/reason"']
-        lines += ['[ "$code" = 127 ] && echo "exited 127: command not found" > "$rd/reason"',
-                  'echo "$code" > "$rd/exit.tmp" && mv -f "$rd/exit.tmp" "$rd/exit"',
-                  'exit "$code"', ""]
-        return "\n".join(lines)
+        return lines
 
     def delete(self, grove: str, agent: str) -> None:
-        self.tmux("kill-session", "-t", f"={self.session(grove, agent)}", check=False)
+        self._stop(grove, agent)
         rd = self.run_dir(grove, agent)
-        if rd.exists():
+        if rd.is_symlink():
+            rd.unlink()
+        elif rd.exists():
             shutil.rmtree(rd)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
-        path = self.log_file(grove, agent)
-        if not path.exists() and not follow:
-            return
         sess = self.session(grove, agent)
-        deadline_idle = 0.0
-        with contextlib.ExitStack() as stack:
-            while not path.exists():
-                if sess not in self._sessions():
-                    return
-                time.sleep(0.1)
-            f = stack.enter_context(path.open("r", errors="replace"))
+        f = _open_log(self.state / "logs", grove, agent)
+        while f is None:
+            if not follow or sess not in self._sessions():
+                return
+            time.sleep(0.1)
+            f = _open_log(self.state / "logs", grove, agent)
+        with f:
+            idle = 0
             while True:
-                line = f.readline()
+                line = f.readline(1 << 20)
                 if line:
                     yield line.rstrip("\n")
                     continue
                 if not follow:
                     return
                 if sess not in self._sessions():
-                    deadline_idle += 1
-                    if deadline_idle > 3:  # a few reads after the end to drain the pipe
+                    idle += 1
+                    if idle > 3:  # a few reads after the end to drain the pipe
                         return
                 time.sleep(0.1)
 
@@ -247,22 +319,48 @@ class LocalRuntime:
         self.tmux("send-keys", "-t", f"={sess}:", "Enter")
 
 
-def _read(p: Path) -> str | None:
+def _ended(base: Path, name: str) -> tuple[int | None, str]:
+    """Exit code and reason of a run that is no longer running, from its agent-writable
+    `exit` and `reason` files; a refused or non-integer exit file is a failure."""
     try:
-        return p.read_text()
+        text = read_text(base, f"{name}/exit", 64).strip()
+    except Untrusted:
+        return None, (KILLED if not os.path.lexists(base / name / "exit") else BAD_EXIT)
+    if not _EXIT.fullmatch(text):
+        return None, BAD_EXIT
+    code = int(text)
+    if code == 0:
+        return 0, ""
+    try:
+        reason = one_line(read_text(base, f"{name}/reason", 4096))
+    except Untrusted:
+        reason = ""
+    return code, reason or f"exited {code}"
+
+
+_LOG_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOG_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def _open_log(base: Path, grove: str, agent: str) -> TextIO | None:
+    """`base/<grove>/<agent>.log` opened for streaming under the reader's rules (no symlink
+    followed beneath `base`, only a regular file, never blocking); None otherwise."""
+    try:
+        top = os.open(base, _LOG_DIR)
+        try:
+            sub = os.open(grove, _LOG_DIR, dir_fd=top)
+        finally:
+            os.close(top)
+        try:
+            fd = os.open(f"{agent}.log", _LOG_FILE, dir_fd=sub)
+        finally:
+            os.close(sub)
     except OSError:
         return None
-
-
-def _read_json(p: Path) -> dict[str, object] | None:
-    text = _read(p)
-    if text is None:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return os.fdopen(fd, "r", encoding="utf-8", errors="replace")  # universal newlines
 
 
 def make(repo_root: Path, host: str | None = None) -> LocalRuntime:
