@@ -1,19 +1,22 @@
 """Stage 2, grove-wide checks: what no single agent's settings can tell.
 
 Called by `desired` while it builds a grove. Profiles against the security switches of the
-user config (privileged containers, host mounts) and the fields their runtime understands;
-the spawn graph for cycles (printed as the cycle) and the policy bounds. Returns
-diagnostics; raises nothing.
+user config (privileged containers, host mounts, root agents) and the fields their runtime
+understands; mounts that would reach the repository's `.git` or `.engine` (never allowed);
+`allowEnv` naming a credential (never allowed: templates must not see a secret); the spawn
+graph for cycles (printed as the cycle) and the policy bounds. Returns diagnostics; raises
+nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from engine import graph, layers
+from engine import graph, harnesses, layers
 from engine.errors import Diagnostic
-from engine.manifest import GroveSource
+from engine.manifest import Entry, GroveSource
 
 _PLURAL = {"profile": "profiles", "harness": "harnesses"}
 # Profile fields that only one runtime reads; elsewhere they are a mistake, not a no-op.
@@ -43,14 +46,119 @@ def profiles(src: GroveSource, user: layers.UserConfig, repo_root: Path | None
                 f"profile {name}: privileged containers are refused (set "
                 f"security.allowPrivileged: true in {layers.user_config_path()} to allow)",
                 "privileged"))
-        for i, m in enumerate(entry.data.get("mounts") or []):
-            source = m["source"]
-            path = (root / Path(source).expanduser()).resolve()
-            if not path.is_relative_to(root) and not user.allow_host_mounts:
-                out.append(entry.diag(
-                    f"profile {name}: mount source {source} is outside the repository (set "
-                    f"security.allowHostMounts: true in {layers.user_config_path()} to allow)",
-                    "mounts", i, "source"))
+        out += _mounts(name, entry, user, root)
+    return out
+
+
+def _mounts(name: str, entry: Entry, user: layers.UserConfig, root: Path
+            ) -> list[Diagnostic]:
+    """A mount may never be, be inside or contain the repository's `.git` or `.engine`
+    (git's internals, every agent's worktree and secrets); one outside the repository
+    needs security.allowHostMounts."""
+    out = []
+    guarded = _guarded_dirs(root)
+    for i, m in enumerate(entry.data.get("mounts") or []):
+        source = m["source"]
+        path = (root / Path(source).expanduser()).resolve()
+        hit = next((label for label, g in guarded if path == g or path.is_relative_to(g)
+                    or g.is_relative_to(path)), None)
+        if hit:
+            out.append(entry.diag(f"profile {name}: mount source {source} would expose the "
+                                  f"repository's {hit} (a mount may not be, be inside or "
+                                  "contain .git or .engine)", "mounts", i, "source"))
+        elif not path.is_relative_to(root) and not user.allow_host_mounts:
+            out.append(entry.diag(
+                f"profile {name}: mount source {source} is outside the repository (set "
+                f"security.allowHostMounts: true in {layers.user_config_path()} to allow)",
+                "mounts", i, "source"))
+    return out
+
+
+def _guarded_dirs(root: Path) -> list[tuple[str, Path]]:
+    """The repository's `.engine` and git directories: `.git`, and when `.git` is a file
+    (a worktree), the directory it names and that one's common directory."""
+    dot_git = root / ".git"
+    out = [(".git", dot_git.resolve()), (".engine", (root / ".engine").resolve())]
+    try:
+        first = dot_git.read_text(errors="replace").splitlines()[0] if dot_git.is_file() \
+            else ""
+    except (OSError, IndexError):
+        return out
+    if first.startswith("gitdir:"):
+        gitdir = (root / first.removeprefix("gitdir:").strip()).resolve()
+        out.append((".git", gitdir))
+        try:
+            common = (gitdir / "commondir").read_text().strip()
+            out.append((".git", (gitdir / common).resolve()))
+        except OSError:
+            pass
+    return out
+
+
+def is_root(user: Any) -> bool:
+    """Whether a `user` setting runs the agent as uid 0 (`0`, `"0:0"`, `"00:5"`, `root`)."""
+    if user is None or isinstance(user, bool):
+        return False
+    uid = str(user).partition(":")[0].strip()
+    return uid == "root" or (uid.isdigit() and int(uid) == 0)
+
+
+def root_users(src: GroveSource, user: layers.UserConfig, sets: Mapping[str, Any]
+               ) -> list[Diagnostic]:
+    """Agents running as root need security.allowRootAgents: true in the user config
+    (only there: a manifest can never allow itself root)."""
+    if user.allow_root_agents:
+        return []
+    how = f"(set security.allowRootAgents: true in {layers.user_config_path()} to allow)"
+    out = [e.diag(f"profile {n}: user {e.data['user']} runs agents as root, refused {how}",
+                  "user") for n, e in sorted(src.profiles.items()) if is_root(e.data.get("user"))]
+    if is_root(user.defaults.data.get("user")):
+        out.append(user.defaults.diag(("user",), f"user config: defaults.user "
+                                                 f"{user.defaults.data['user']} runs agents as "
+                                                 f"root, refused {how}"))
+    if is_root(sets.get("user")):
+        out.append(Diagnostic("--set", 0, 0, f"user={sets['user']} runs agents as root, "
+                                             f"refused {how}"))
+    return out
+
+
+def allow_env(src: GroveSource, user: layers.UserConfig, sets: Mapping[str, Any]
+              ) -> list[Diagnostic]:
+    """`allowEnv` lets templates read the engine's environment (and so put it into the
+    agent's command, env and the state file): it may never name a credential's source
+    variable, a credential's name or a variable a harness authenticates with."""
+    secret = _secret_names(src, user, sets)
+    out = []
+    for name, entry in sorted(src.profiles.items()):
+        for i, var in enumerate(entry.data.get("allowEnv") or []):
+            if var in secret:
+                out.append(entry.diag(f"profile {name}: allowEnv names {var}, {secret[var]} "
+                                      "(templates may never read a secret)", "allowEnv", i))
+    for i, var in enumerate(user.defaults.data.get("allowEnv") or []):
+        if var in secret:
+            out.append(user.defaults.diag(("allowEnv", i), f"user config: defaults.allowEnv "
+                                                           f"names {var}, {secret[var]}"))
+    out += [Diagnostic("--set", 0, 0, f"allowEnv names {var}, {secret[var]}")
+            for var in sets.get("allowEnv") or [] if var in secret]
+    return out
+
+
+def _secret_names(src: GroveSource, user: layers.UserConfig, sets: Mapping[str, Any]
+                  ) -> dict[str, str]:
+    """Environment variable name -> what makes it secret."""
+    out: dict[str, str] = {}
+    layers_ = [(f"profile {n}", e.data) for n, e in sorted(src.profiles.items())]
+    for owner, data in [*layers_, ("the user config", user.defaults.data), ("--set", sets)]:
+        for cname, ref in sorted((data.get("credentials") or {}).items()):
+            if isinstance(ref, dict) and isinstance(ref.get("fromEnv"), str):
+                out.setdefault(ref["fromEnv"], f"the source of credential {cname} of {owner}")
+            out.setdefault(cname, f"credential {cname} of {owner}")
+    auth = [(n, e.data.get("auth")) for n, e in sorted(src.harnesses.items())]
+    auth += [(n, (harnesses.spec(n) or {}).get("auth")) for n in harnesses.names()]
+    for hname, methods in auth:
+        for m in methods or []:
+            for var in [*m.get("env", []), *(f["credential"] for f in m.get("files", []))]:
+                out.setdefault(var, f"a credential harness {hname} authenticates with")
     return out
 
 

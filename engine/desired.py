@@ -26,7 +26,7 @@ from engine.resolve import Options as Options
 from engine.resolve import harness_layers
 from engine.resolve import resolve as resolve
 from engine.secrets import CredentialRef
-from engine.yamlio import bulk
+from engine.yamlio import MAX_FILE_BYTES, NotReadable, bulk, read_regular
 
 # Settings that change how the engine treats an agent but not the agent's process: a change
 # updates the inventory in place instead of replacing the agent.
@@ -187,9 +187,16 @@ def task_args(merged: dict[str, Any], task: str) -> list[str]:
 
 
 def manifest_digest(directory: Path) -> str:
+    """A digest of the grove's files, read as the loader reads them: regular files only,
+    never blocking on a FIFO or reading a device (what cannot be read is hashed as the
+    reason, so the digest still changes and loading reports it)."""
     h = hashlib.sha256()
     for p in sorted(directory.glob("*.yaml")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+        try:
+            data = read_regular(p, MAX_FILE_BYTES, follow_symlinks=False)
+        except (NotReadable, OSError) as e:
+            data = f"\0unreadable: {e}".encode()
+        h.update(p.name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -210,7 +217,10 @@ class _Builder:
 
     def build(self) -> DesiredGrove:
         src = self.src
-        self.diags += checks.profiles(src, self.opts.user, self.opts.repo_root)
+        opts = self.opts
+        self.diags += checks.profiles(src, opts.user, opts.repo_root)
+        self.diags += checks.root_users(src, opts.user, opts.sets)
+        self.diags += checks.allow_env(src, opts.user, opts.sets)
         self.diags += checks.references(src, harnesses.names())
         agents = []
         for name in sorted(src.agents):
@@ -245,7 +255,7 @@ class _Builder:
                       "harness": merged["harness"], "parent": parent or "",
                       "grove": src.name},
             "grove": {"name": src.name},
-            "env": {k: os.environ[k] for k in merged.get("allowEnv") or [] if k in os.environ},
+            "env": self._template_env(),
         }
         task = self._render(entry, merged.get("task", ""), ctx, "task")
         ctx["task"] = task
@@ -311,6 +321,14 @@ class _Builder:
             field_name = ".".join(where)
             self.problem(entry, f"{field_name}: {self._env_problem(text, ctx) or e}", *where)
             return text
+
+    def _template_env(self) -> dict[str, str]:
+        """`env` as templates see it: the allowed variables' values, or with `host_env`
+        off (checking a pull request) a `${NAME}` placeholder for each, so no value of the
+        engine's environment can reach a rendered field or an error message."""
+        if not self.opts.host_env:
+            return {k: f"${{{k}}}" for k in self.allow_env}
+        return {k: os.environ[k] for k in self.allow_env if k in os.environ}
 
     def _env_problem(self, text: str, ctx: dict[str, Any]) -> str:
         """A clearer reason when a template reads an `env` name it may not (or that is
@@ -390,11 +408,13 @@ class _Builder:
         return f"credential {name}: {cred.describe()} {what}"
 
     def _present(self, cred: CredentialRef) -> bool:
+        """Whether the source is there (a file that is there but is no regular file, say a
+        FIFO, is refused when its value is read, naming where it was declared)."""
         if not self.opts.resolve_secrets:
             return True
         if cred.source == "env":
             return cred.ref in os.environ
-        return Path(cred.ref).expanduser().is_file()
+        return os.path.lexists(Path(cred.ref).expanduser())
 
     def _digest(self, entry: Entry, creds: tuple[CredentialRef, ...]) -> str:
         if not self.opts.resolve_secrets:

@@ -7,6 +7,8 @@ Called by `desired`. Layers, lowest first: built-in defaults < user config < gro
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +22,6 @@ from engine.errors import Diagnostic, InvalidManifests, UsageError
 from engine.yamlio import Document, YamlError, load_file
 
 Key = tuple[str, ...]
-SECURITY_KEYS = ("allowPrivileged", "allowHostMounts")
 
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "runtime": "local",
@@ -46,7 +47,7 @@ class Layer:
     doc: Document | None = None
     base: tuple[str | int, ...] = ()
 
-    def diag(self, key: Key, message: str) -> Diagnostic:
+    def diag(self, key: tuple[str | int, ...], message: str) -> Diagnostic:
         """A diagnostic at `key` of this layer (file:line:col when it is a manifest)."""
         if self.doc is None:
             return Diagnostic(message=f"{message} (set by {self.name})")
@@ -177,6 +178,15 @@ def user_config_path() -> Path:
     return Path(base) / "engine" / "config.yaml"
 
 
+@functools.cache
+def user_config_keys() -> dict[str, tuple[str, ...]]:
+    """The keys the user config may have and the security switches it may set, as
+    schemas/v1alpha1/common.json#/$defs/userConfig declares them."""
+    data = json.loads((schema.schema_dir() / "common.json").read_text())
+    props = data["$defs"]["userConfig"]["properties"]
+    return {"top": tuple(props), "security": tuple(props["security"]["properties"])}
+
+
 @dataclass(frozen=True)
 class UserConfig:
     """The user's own settings: agent defaults and what the security gate may allow."""
@@ -184,6 +194,7 @@ class UserConfig:
     defaults: Layer
     allow_privileged: bool = False
     allow_host_mounts: bool = False
+    allow_root_agents: bool = False
 
 
 def load_user_config(path: Path | None = None) -> UserConfig:
@@ -191,7 +202,7 @@ def load_user_config(path: Path | None = None) -> UserConfig:
     problem is reported as file:line:col, like a manifest's."""
     path = path or user_config_path()
     empty = UserConfig(fixed("user config", {}))
-    if not path.is_file():
+    if not path.exists():
         return empty
     try:
         docs = load_file(path)
@@ -203,8 +214,20 @@ def load_user_config(path: Path | None = None) -> UserConfig:
     if not isinstance(data, dict):
         raise InvalidManifests([doc.diag((), "user config: expected a map with 'defaults' "
                                              "and 'security'")])
-    diags = [doc.diag((k,), f"user config: unknown key {k!r} (keys: defaults, security)")
-             for k in data if k not in ("defaults", "security")]
+    diags = _user_config_problems(doc, data)
+    if diags:
+        raise InvalidManifests(diags)
+    defaults, security = data.get("defaults") or {}, data.get("security") or {}
+    return UserConfig(from_document("user config", doc, ("defaults",), defaults),
+                      security.get("allowPrivileged") is True,
+                      security.get("allowHostMounts") is True,
+                      security.get("allowRootAgents") is True)
+
+
+def _user_config_problems(doc: Document, data: dict[str, Any]) -> list[Diagnostic]:
+    keys = user_config_keys()
+    diags = [doc.diag((k,), f"user config: unknown key {k!r} (keys: {', '.join(keys['top'])})")
+             for k in data if k not in keys["top"]]
     defaults, security = data.get("defaults") or {}, data.get("security") or {}
     for key, value in (("defaults", defaults), ("security", security)):
         if not isinstance(value, dict):
@@ -214,14 +237,11 @@ def load_user_config(path: Path | None = None) -> UserConfig:
                   for p, m in schema.setting_errors(defaults)]
     if isinstance(security, dict):
         for k, v in security.items():
-            if k not in SECURITY_KEYS:
+            if k not in keys["security"]:
                 diags.append(doc.diag(("security", k), f"user config: unknown security key "
-                                                       f"{k!r} (keys: {', '.join(SECURITY_KEYS)})"))
+                                                       f"{k!r} (keys: "
+                                                       f"{', '.join(keys['security'])})"))
             elif not isinstance(v, bool):
                 diags.append(doc.diag(("security", k), f"user config: security.{k}: expected "
                                                        "true or false"))
-    if diags:
-        raise InvalidManifests(diags)
-    return UserConfig(from_document("user config", doc, ("defaults",), defaults),
-                      security.get("allowPrivileged") is True,
-                      security.get("allowHostMounts") is True)
+    return diags

@@ -1,13 +1,16 @@
 """Stage 1, loading: a grove directory -> `GroveSource` (checked documents, still raw data).
 
 Called by `desired` (and through it by every command that reads manifests). Reads every
-`*.yaml` file of `groves/<grove>/`, checks each document against the JSON Schemas, and
-indexes profiles, harnesses and agents by name with the file:line each came from. All
-problems are collected and raised together as `InvalidManifests`.
+`*.yaml` file of `groves/<grove>/` (regular files only: a symlink, FIFO, device or
+directory named `*.yaml`, or a grove directory that is a symlink, is an error), checks each
+document against the JSON Schemas, and indexes profiles, harnesses and agents by name with
+the file:line each came from. All problems are collected and raised together as
+`InvalidManifests`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +84,20 @@ def load_grove(directory: Path, display_root: Path | None = None,
 def _load(directory: Path, rel: str, texts: dict[str, str] | None) -> GroveSource:
     docs: list[Document] = []
     diags: list[Diagnostic] = []
+    if texts is None and directory.is_symlink():
+        raise InvalidManifests([Diagnostic(rel, 0, 0, f"grove {directory.name}: {rel} is a "
+                                                      "symbolic link, not a directory")])
+    # every *.yaml entry, whatever it is: a FIFO, device, directory or symlink named like a
+    # manifest is reported (by load_file, without blocking), never silently skipped
     files = sorted(texts) if texts is not None else sorted(
-        p.name for p in directory.glob("*.yaml") if p.is_file())
+        p.name for p in directory.glob("*.yaml"))
     for name in files:
         try:
             if texts is not None:
                 docs.extend(load_text(texts[name], f"{rel}/{name}"))
             else:
-                docs.extend(load_file(directory / name, f"{rel}/{name}"))
+                docs.extend(load_file(directory / name, f"{rel}/{name}",
+                                      follow_symlinks=False))
         except YamlError as e:
             diags.append(e.diagnostic)
     for doc in docs:
@@ -119,10 +128,16 @@ def _name_problems(directory: Path, rel: str, docs: list[Document], files: list[
 
 
 def _display(directory: Path, root: Path | None) -> str:
-    try:
-        return str(directory.resolve().relative_to((root or Path.cwd()).resolve()))
-    except ValueError:
-        return str(directory)
+    """`directory` relative to the repository root: as written (a symlinked grove
+    directory is named where it is, not where it points), else resolved."""
+    base = root or Path.cwd()
+    for d, r in ((Path(os.path.abspath(directory)), Path(os.path.abspath(base))),
+                 (directory.resolve(), base.resolve())):
+        try:
+            return str(d.relative_to(r))
+        except ValueError:
+            continue
+    return str(directory)
 
 
 def _index(directory: Path, rel: str, docs: list[Document], files: list[str]

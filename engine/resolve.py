@@ -21,7 +21,10 @@ from engine.manifest import Entry, GroveSource
 
 @dataclass(frozen=True)
 class Options:
-    """How to build desired state: user config, --set overrides, secret handling."""
+    """How to build desired state: user config, --set overrides, secret handling.
+    `host_env` False: templates see no value of the engine's environment (each name the
+    profile allows reads as the placeholder `${NAME}`), for commands that check
+    manifests a pull request may have written (`validate --no-secrets`, `plan --base`)."""
 
     user: layers.UserConfig = field(default_factory=lambda: layers.UserConfig(
         layers.fixed("user config", {})))
@@ -29,7 +32,7 @@ class Options:
     resolve_secrets: bool = True
     secret_key: bytes = b""
     repo_root: Path | None = None
-
+    host_env: bool = True
 
 
 class _Choice(NamedTuple):

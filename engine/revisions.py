@@ -162,7 +162,10 @@ def digest(texts: dict[str, str]) -> str:
 
 
 def default_options(root: Path) -> desired.Options:
-    return desired.Options(resolve_secrets=False, repo_root=root)
+    """Comparing revisions (graph --base, history, pull-request checks) reads manifests a
+    pull request may have written: no secret is read and no environment value reaches a
+    template."""
+    return desired.Options(resolve_secrets=False, repo_root=root, host_env=False)
 
 
 Known = dict[str, desired.DesiredGrove]

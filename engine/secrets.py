@@ -2,7 +2,9 @@
 
 Called by `desired` (digest for the spec hash, so rotating a secret replaces the agent) and
 by the runtimes (values, at start time only). A value is never returned in an error, a
-repr, a plan or a state file: only its name and where it was looked for.
+repr, a plan or a state file: only its name and where it was looked for. A `fromFile`
+source must be a regular file of at most MAX_SECRET_BYTES (symlinks to one are followed):
+FIFOs, devices and directories are refused without blocking or reading them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import EngineError
+from engine.yamlio import NotReadable, read_regular
 
 MAX_SECRET_BYTES = 1024 * 1024
 
@@ -44,10 +47,10 @@ def read(cred: CredentialRef) -> str:
                                 "is not set")
         return value
     path = Path(cred.ref).expanduser()
-    try:
-        if path.stat().st_size > MAX_SECRET_BYTES:
-            raise MissingSecret(f"credential {cred.name}: file {cred.ref} is too large")
-        return path.read_text().rstrip("\n")
+    try:  # a symlink to a regular file is fine (~/.config/...); a FIFO or device is not
+        return read_regular(path, MAX_SECRET_BYTES).decode("utf-8").rstrip("\n")
+    except NotReadable as e:
+        raise MissingSecret(f"credential {cred.name}: file {cred.ref} {e}") from None
     except OSError as e:
         raise MissingSecret(f"credential {cred.name}: cannot read file {cred.ref}: "
                             f"{e.strerror}") from None

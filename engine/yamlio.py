@@ -2,13 +2,18 @@
 
 Called by `manifest` (grove files) and `inbox` (spawn requests). Only YAML's core types
 are built (no Python tags), anchors/aliases are expanded under a node budget so an alias
-bomb fails fast, and files over a size limit are refused before parsing.
+bomb fails fast, and files over a size limit are refused before parsing. `read_regular`
+(also used for credential files and the manifest digest) reads only regular files, without
+ever blocking on a FIFO or reading a device, and never more than its limit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +76,55 @@ class YamlError(Exception):
     def __init__(self, diagnostic: Diagnostic) -> None:
         super().__init__(str(diagnostic))
         self.diagnostic = diagnostic
+
+
+class NotReadable(Exception):
+    """A file refused by `read_regular`; the message says why (`is a FIFO, not a regular
+    file`), to follow the file's name."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular(path: Path, limit: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them. Opens without
+    blocking (a FIFO never stalls), checks the type on the open descriptor before reading,
+    and reads at most limit + 1 bytes (a file that lies about its size, or grows, is cut
+    off). Raises NotReadable for anything else, OSError when it cannot be opened."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (0 if follow_symlinks else os.O_NOFOLLOW))
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise NotReadable("is a symbolic link, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((what for test, what in _KINDS if test(st.st_mode)), "special")
+            raise NotReadable(f"is {kind}, not a regular file")
+        if st.st_size > limit:
+            raise NotReadable(f"is {st.st_size} bytes, over the {limit}-byte limit")
+        data = _read_at_most(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise NotReadable(f"is over the {limit}-byte limit")
+    return data
+
+
+def _read_at_most(fd: int, n: int) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk = os.read(fd, min(1 << 20, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 class _Builder:
@@ -186,15 +240,16 @@ def _compose_all(text: str) -> Iterator[yaml.Node | None]:
         loader.dispose()
 
 
-def load_file(path: Path, display: str | None = None) -> list[Document]:
-    """Read and parse a YAML file, refusing oversized or non-UTF-8 files."""
+def load_file(path: Path, display: str | None = None, follow_symlinks: bool = True
+              ) -> list[Document]:
+    """Read and parse a YAML file, refusing what is not a regular file (without blocking
+    on it), oversized files and non-UTF-8 text. Manifests are read with
+    `follow_symlinks=False`: a symlink in a grove directory is refused, not followed."""
     name = display or str(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise YamlError(Diagnostic(name, 1, 1, f"file is {size} bytes, over the "
-                                                   f"{MAX_FILE_BYTES}-byte limit"))
-        text = path.read_bytes().decode("utf-8")
+        text = read_regular(path, MAX_FILE_BYTES, follow_symlinks).decode("utf-8")
+    except NotReadable as e:
+        raise YamlError(Diagnostic(name, 1, 1, f"file {e}")) from None
     except UnicodeDecodeError as e:
         raise YamlError(Diagnostic(name, 1, 1, f"not UTF-8 text: {e.reason}")) from None
     except OSError as e:

@@ -4,6 +4,7 @@ traceback, nothing changed."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tests.conftest import write_grove
@@ -59,3 +60,15 @@ def test_plan_base_usage_errors(repo: Path, engine, tmp_path: Path) -> None:
     write_grove(repo, "g", GROVE)
     assert engine("plan", "--head", "HEAD").code == 2
     assert engine("plan", "--base", "HEAD", "--out", str(tmp_path / "x")).code == 2
+
+
+def test_user_config_that_is_a_fifo(repo: Path, engine) -> None:
+    """The user config is read like a manifest: a FIFO there is refused, never waited on."""
+    write_grove(repo, "g", GROVE)
+    cfg = Path(os.environ["XDG_CONFIG_HOME"]) / "engine" / "config.yaml"
+    cfg.parent.mkdir(parents=True)
+    os.mkfifo(cfg)
+    res = engine("validate")
+    assert res.code == 1
+    assert res.err.splitlines() == [f"error: {cfg}:1:1: file is a FIFO, not a regular file",
+                                    "1 problem found"]

@@ -136,7 +136,7 @@ def test_user_config_problems_are_located(engine: Any, repo: Path, tmp_path: Pat
         f"error: {cfg}:3:3: user config: defaults.gpus: unknown setting",
         f"error: {cfg}:5:3: user config: security.allowPrivileged: expected true or false",
         f"error: {cfg}:6:3: user config: unknown security key 'allowAll' (keys: "
-        "allowPrivileged, allowHostMounts)",
+        "allowPrivileged, allowHostMounts, allowRootAgents)",
         "4 problems found"]
     j = engine("validate", "--json")
     assert j.code == 1

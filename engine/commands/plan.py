@@ -4,6 +4,7 @@ the manifests between two git revisions does to the topology (no live state need
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,13 @@ def _topology(root: Path, args: argparse.Namespace) -> int:
     if args.json:
         args.format = args.format or "json"
     try:
-        from engine import topology
+        from engine import revisions, topology
     except ImportError:
         raise EngineError("comparing revisions is not available in this build") from None
+    # the manifests compared may come from a pull request: their templates see no
+    # environment value (and no secret is resolved)
+    opts = dataclasses.replace(revisions.default_options(root), host_env=False)
     text, changed = topology.plan_between(root, args.groves, args.base, args.head,
-                                          args.format or "text")
+                                          args.format or "text", opts)
     ui.out(text.rstrip("\n"))
     return 2 if args.detailed_exitcode and changed else 0

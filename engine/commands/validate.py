@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     summary: list[dict[str, Any]] = []
     try:
         opts = _common.options(r, args, resolve_secrets=not args.no_secrets)
+        # --no-secrets checks what a pull request wrote: no environment value reaches its
+        # templates (nor, through a template error, the output)
+        opts = dataclasses.replace(opts, host_env=not args.no_secrets)
     except InvalidManifests as e:  # the user config: reported like any manifest problem
         diags, targets = list(e.diagnostics), []
     else:

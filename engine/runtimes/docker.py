@@ -27,7 +27,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from engine import images
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import Launch, Observed
+from engine.runtimes import LABEL_AGENT, Launch, Observed
 from engine.runtimes import docker_fs as fs
 from engine.runtimes import docker_spec as spec
 
@@ -124,7 +124,21 @@ class DockerRuntime:
             raise PermanentError(f"{what}: {e.explanation or e}") from None
 
     def _name(self, grove: str, agent: str) -> str:
-        return spec.container_name(self.repo_root, grove, agent)
+        """The agent's container: the one named `spec.container_name`, else the one its
+        owner labels find (made by an engine before that naming: an upgrade must not
+        orphan a running agent, nor let a new create leave the old one running)."""
+        name = spec.container_name(self.repo_root, grove, agent)
+        owned = self._owned(grove, agent)
+        return name if name in owned or not owned else owned[0]
+
+    def _owned(self, grove: str, agent: str) -> list[str]:
+        """Names of this repository's containers of one agent, found by owner labels
+        (never by name, which an older engine spelled ambiguously)."""
+        labels = spec.owner_filters(self.repo_root, grove)["label"]
+        filters = {"label": [*labels, f"{LABEL_AGENT}={agent}"]}
+        entries = self._call(f"agent {grove}/{agent}: listing its containers",
+                             lambda: self.api.containers(all=True, filters=filters))
+        return sorted(str(n).lstrip("/") for e in entries for n in (e.get("Names") or [])[:1])
 
     # -- the Runtime protocol ---------------------------------------------------------------
 
@@ -174,14 +188,14 @@ class DockerRuntime:
             raise _permanent(who, e) from None
 
     def delete(self, grove: str, agent: str) -> None:
-        name = self._name(grove, agent)
-        info = self._inspect(name)
-        if info is None:
-            return
-        self._remove(name)
-        ctl = spec.ctl_dir({"Mounts": info.get("Mounts") or []})
-        if ctl is not None:
-            fs.forget(ctl.parent)
+        for name in self._owned(grove, agent):  # by labels: old names and new alike
+            info = self._inspect(name)
+            if info is None:
+                continue
+            self._remove(name)
+            ctl = spec.ctl_dir({"Mounts": info.get("Mounts") or []})
+            if ctl is not None:
+                fs.forget(ctl.parent)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         path = self._log_path(grove, agent)

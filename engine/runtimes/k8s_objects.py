@@ -54,7 +54,25 @@ class PodLaunch:
 
 
 def object_name(grove: str, agent: str) -> str:
-    """The name every object of one agent shares: short enough for a Job's Pod hostname."""
+    """The name every object of one agent shares: unique per (grove, agent) and short
+    enough for a Job's Pod hostname (52 characters). A `-` inside either name is doubled,
+    so the one single `-` separates them (`a` + `b-c` is `a-b--c`, `a-b` + `c` is
+    `a--b-c`; names without `-` read as before: `demo-coder`). A longer name is a prefix,
+    then `---` (a run of dashes the short form never has: its runs are even, or the one
+    separator) and a digest of both names. The repository is the remote (two clones of
+    it manage the same agents); two remotes whose groves and agents are named alike in
+    one namespace meet at one name, and `k8s_api.outdated` refuses to take over the
+    other's object."""
+    base = f"{grove.replace('-', '--')}-{agent.replace('-', '--')}"
+    if len(base) <= 52:
+        return base
+    digest = hashlib.sha256(f"{grove}\0{agent}".encode()).hexdigest()[:16]
+    return base[:33].rstrip("-") + "---" + digest
+
+
+def legacy_object_name(grove: str, agent: str) -> str:
+    """The name engines before `object_name`'s escaping gave an agent's objects (ambiguous:
+    `a` + `b-c` and `a-b` + `c` shared it); only to find and remove what they made."""
     base = f"{grove}-{agent}"
     if len(base) <= 52:
         return base

@@ -30,7 +30,7 @@ import yaml
 from engine import __version__, fsutil, manifest
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import Launch, Observed, k8s_git
+from engine.runtimes import LABEL_AGENT, LABEL_GROVE, LABEL_REPO, Launch, Observed, k8s_git
 from engine.runtimes import k8s_api as api
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
@@ -147,6 +147,7 @@ class KubernetesRuntime:
         self._record(agent.grove, t, repo)
         self._where[(agent.grove, agent.name)] = t
         workload = built[-1]
+        self._delete_legacy(cl, t.namespace, agent.grove, agent.name)
         self._clear_leftover(cl, workload, repo)
         for kind in sorted(_OPTIONAL - {o["kind"] for o in built}):  # e.g. network: none
             with contextlib.suppress(NotFound):                     # was dropped
@@ -169,7 +170,24 @@ class KubernetesRuntime:
             for kind in _DELETE_ORDER:
                 with contextlib.suppress(NotFound):
                     self._delete(cl, kind, t.namespace, name)
+            self._delete_legacy(cl, t.namespace, grove, agent)
         self._where.pop((grove, agent), None)
+
+    def _delete_legacy(self, cl: Cluster, ns: str, grove: str, agent: str) -> None:
+        """Remove what an engine before `objs.object_name`'s escaping made for this agent
+        under the old, ambiguous name: only objects whose owner labels say this
+        repository's grove and agent (another grove may own that name)."""
+        old = objs.legacy_object_name(grove, agent)
+        if old == objs.object_name(grove, agent):
+            return
+        repo = self._grove(grove)[1]
+        for kind in _DELETE_ORDER:
+            labels = ((self._get(cl, kind, ns, old) or {}).get("metadata") or {}).get(
+                "labels") or {}
+            if (labels.get(LABEL_GROVE), labels.get(LABEL_AGENT)) == (grove, agent) \
+                    and (not repo or labels.get(LABEL_REPO) == repo):
+                with contextlib.suppress(NotFound):
+                    self._delete(cl, kind, ns, old)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         cl, ns, pod = self._pod(grove, agent)
