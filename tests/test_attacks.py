@@ -348,3 +348,80 @@ def test_shared_workspace_cannot_touch_git_metadata(repo: Path, tmp_path: Path,
     assert engine("status").code == 0
     assert markers(tmp_path) == []
     assert engine("destroy", "--auto-approve").code == 0
+
+
+INBOX_ATTACK = r"""
+set -u
+cd "$ENGINE_INBOX"
+mkfifo req-fifo.json
+ln -s {canary} req-link.json
+ln -s /dev/zero req-zero.json
+mkdir req-dir.json
+S='{{"kind":"SpawnRequest","spec":{{"name":'
+printf '%s' "$S"'"x1","task":"t","dependsOn":5}}}}' > req-deps.json
+printf '%s' "$S"'"x2","task":"\udc80"}}}}' > req-surrogate.json
+head -c 200000 /dev/zero | tr '\0' 'a' > req-big.json
+printf '\377\376' > req-utf.json
+cd /workspace
+engine spawn good --task 'true'
+engine spawn wide --task 'true' --profile wide
+true
+"""
+
+
+def test_inbox_attacks_never_stop_apply_and_escalation_is_refused(repo: Path,
+                                                                  tmp_path: Path,
+                                                                  engine) -> None:
+    """A real agent fills its inbox with FIFOs, symlinks (to a host secret, /dev/zero), a
+    directory, bad types, a lone surrogate, an oversized and a non-UTF-8 request, next to
+    one good spawn and one that asks for more memory than it has: apply answers every
+    request, accepts the good one, refuses the escalation, and never hangs or prints the
+    secret."""
+    c = canary(tmp_path)
+    write_grove(repo, "g", "\n".join([
+        "apiVersion: engine/v1alpha1", "kind: Grove", "metadata: {name: g}", "spec:",
+        "  defaults: {profile: box, harness: shell}",
+        "  profiles:",
+        f"    box: {{runtime: docker, image: {IMAGE}, resources: {{memory: 256Mi}}, "
+        "spawn: {allowProfiles: [box, wide]}}",
+        f"    wide: {{runtime: docker, image: {IMAGE}, resources: {{memory: 1Gi}}}}",
+        "  agents:", "    - name: a",
+        f"      task: {json.dumps(INBOX_ATTACK.format(canary=c))}", ""]))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "grove")
+    first = engine("apply", "--auto-approve", "--wait")
+    assert first.code == 0, first
+    second = engine("apply", "--auto-approve", "--wait")
+    assert second.code == 0, second
+    box = repo / ".engine/inbox/g/a"
+    answers = {p.name: json.loads(p.read_text()) for p in box.glob("res-*.json")}
+    by_status = sorted((a["status"], a.get("child", "")) for a in answers.values())
+    assert ("accepted", "good") in by_status
+    assert sum(1 for s, _ in by_status if s == "rejected") >= 9
+    wide = [a for a in answers.values() if a.get("reason", "").find("memory") >= 0]
+    assert wide and wide[0]["status"] == "rejected"
+    assert not list(box.glob("req-*"))  # every request ended: answered, moved aside
+    spawned = (repo / "groves/g/spawned.yaml").read_text()
+    assert "name: good" in spawned and "wide" not in spawned
+    assert CANARY not in everything_printed(first, second) + json.dumps(answers)
+    assert engine("destroy", "--auto-approve").code == 0
+
+
+ESCAPES = r"""
+printf 'plain\033]0;pwned-title\007 \033[2J\033[31mred\033[0m \233c done\n'
+printf '\033]52;c;cHduZWQ=\007clipboard\n'
+"""
+
+
+def test_agent_output_reaches_the_terminal_without_escape_sequences(repo: Path,
+                                                                    engine) -> None:
+    """Title, clear-screen, colour, C1 CSI and clipboard (OSC 52) sequences a real agent
+    prints: `engine logs`, `look` and `status` pass none of them through."""
+    grove(repo, {"a": ESCAPES + "echo 'x\033[31m' > X; git add X; "
+                 "git commit -qm $'c\\033]0;t\\007'; exit 4"})
+    engine("apply", "--auto-approve", "--wait")
+    outs = [engine("logs", "a"), engine("look", "a"), engine("status"), engine("diff", "a")]
+    text = everything_printed(*outs)
+    assert "plain" in text and "clipboard" in text
+    assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
+    assert engine("destroy", "--auto-approve").code == 0
