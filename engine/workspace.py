@@ -12,7 +12,6 @@ is removed before its uncommitted changes and unmerged commits are saved under
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import secrets
 import shutil
@@ -116,9 +115,9 @@ def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str
     return start
 
 
-@functools.cache
 def common_dir(root: Path) -> Path:
-    return Path(git(root, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+    """The trusted repository's git directory (shared by its worktrees)."""
+    return exchange.objects_dir(root).parent
 
 
 def ensure(root: Path, agent: DesiredAgent, base_ref: str,

@@ -236,9 +236,13 @@ def _tmp(root: Path) -> Path:
 
 @functools.cache
 def objects_dir(root: Path) -> Path:
-    """The trusted repository's object store (what agent repositories borrow)."""
-    common = git.run(root, "rev-parse", "--path-format=absolute", "--git-common-dir")
-    return Path(common) / "objects"
+    """The trusted repository's object store (what agent repositories borrow), as
+    GitPython's `Repo` of the trusted repository finds it."""
+    repo = git.repository(root)
+    try:
+        return Path(repo.common_dir).resolve() / "objects"
+    finally:
+        repo.close()
 
 
 def forget(root: Path, grove: str, agent: str) -> None:

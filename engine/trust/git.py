@@ -175,7 +175,8 @@ def popen(cwd: Path, *args: str) -> subprocess.Popen[bytes]:
 
 
 def repository(root: Path) -> gitpython.Repo:
-    """GitPython's Repo of the trusted repository (never of an agent's)."""
+    """GitPython's Repo of the trusted repository (never of an agent's). Reading it runs
+    nothing: GitPython parses the configuration and the `.git` pointer itself."""
     _scrub()
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     import git as gitpython_mod
