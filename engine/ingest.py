@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine import desired, events, inbox, inventory, policy, writeback
+from engine import desired, events, inbox, inventory, writeback
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint
@@ -24,6 +25,9 @@ from engine.inbox import Answer, Request
 from engine.observe import Actual, Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
 from engine.trust import reader
+
+if TYPE_CHECKING:
+    from engine import policy
 
 RESULT_BYTES = 64 * 1024  # an agent's result text (DoneReport), as written and as read
 REPLAY_STATUSES = ("rejected", "delivered", "ok")
@@ -52,6 +56,8 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     if not reqs:
         return report
     recorded = writeback.recorded_requests(root, grove.name)
+    from engine import policy  # only a pass with requests needs the gate
+
     gate = policy.Gate(root, grove, opts)
     answers: list[Answer] = []
     for req in reqs:

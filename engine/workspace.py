@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import archive as archive_mod
+from engine import instructions
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
 from engine.fsutil import failpoint, flock
-from engine.instructions import exclude, relative
 from engine.trust import exchange
 from engine.trust.git import GitFailed, call, ok
 from engine.trust.git import run as git
@@ -139,12 +139,14 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
                               "engine's); move it away")
         _hide(root, agent)
         return Workspace(path, branch, sha, mounts)
-    if not _branch_exists(root, branch):
-        git(root, "branch", "--no-track", branch, start_point(root, sha, inputs, who))
-    tip = git(root, "rev-parse", f"refs/heads/{branch}")
+    ref = f"refs/heads/{branch}"
+    tip = git(root, "rev-parse", "-q", "--verify", ref, check=False)
+    if not tip:  # created only if still absent (a concurrent maker wins, not both)
+        tip = start_point(root, sha, inputs, who)
+        git(root, "update-ref", ref, tip, "")
     try:
         make(root, path, branch, tip, agent.name, agent.grove,
-             hide=relative(agent) if agent.instructions_file else "")
+             hide=instructions.relative(agent) if agent.instructions_file else "")
     except GitFailed as e:
         raise EngineError(f"{who}: cannot create its workspace: {e.summary}") from None
     _hide(root, agent)
@@ -153,7 +155,7 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
 
 def _hide(root: Path, agent: DesiredAgent) -> None:
     if agent.instructions_file:
-        exchange.hide(root, agent.grove, agent.name, relative(agent))
+        exchange.hide(root, agent.grove, agent.name, instructions.relative(agent))
 
 
 def _is_agent_repo(path: Path) -> bool:
@@ -172,14 +174,8 @@ def make(root: Path, path: Path, branch: str, tip: str, name: str, grove: str,
         shutil.rmtree(old, ignore_errors=True)  # an earlier attempt that died: never used
     tmp = path.parent / f".{path.name}.new-{secrets.token_hex(4)}"
     try:
-        git(root, "init", "-q", "--template=", str(tmp))
-        dotgit = tmp / ".git"  # fresh and private: written directly, no git call needed
-        (dotgit / "objects" / "info").mkdir(parents=True, exist_ok=True)
-        (dotgit / "objects" / "info" / "alternates").write_text(
-            f"{exchange.objects_dir(root)}\n")
-        with (dotgit / "config").open("a") as f:
-            f.write(f"[user]\n\tname = {name} ({grove})\n\temail = "
-                    f"{name}@{grove}.agents.invalid\n[gc]\n\tauto = 0\n")
+        _init(tmp / ".git", exchange.objects_dir(root), name, grove)
+        dotgit = tmp / ".git"
         ref = dotgit / "refs" / "heads" / branch
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(tip + "\n")
@@ -190,7 +186,7 @@ def make(root: Path, path: Path, branch: str, tip: str, name: str, grove: str,
             if git(tmp, "ls-files", "--", hide):
                 git(tmp, "update-index", "--skip-worktree", "--", hide)
             else:
-                exclude(tmp / ".git" / "info" / "exclude", hide)
+                instructions.exclude(tmp / ".git" / "info" / "exclude", hide)
         if overlay:
             git(tmp, "checkout", overlay, "--", ".")
             git(tmp, "reset", "-q")
@@ -198,6 +194,18 @@ def make(root: Path, path: Path, branch: str, tip: str, name: str, grove: str,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _init(dotgit: Path, objects: Path, name: str, grove: str) -> None:
+    """What `git init` makes, written directly (the directory is fresh and private): the
+    object store borrowing the repository's objects, and the agent's identity."""
+    for d in ("objects/info", "objects/pack", "refs/heads", "refs/tags"):
+        (dotgit / d).mkdir(parents=True)
+    (dotgit / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+    (dotgit / "config").write_text(
+        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+        f"\tlogallrefupdates = true\n[user]\n\tname = {name} ({grove})\n"
+        f"\temail = {name}@{grove}.agents.invalid\n[gc]\n\tauto = 0\n")
 
 
 def sync(root: Path, grove: str, agent: str) -> None:
