@@ -22,6 +22,8 @@ The design (docs/security.md has the threat model):
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import EngineError
+from engine.fsutil import atomic_write
 from engine.trust import git, reader, tree
 from engine.trust.reader import Untrusted
 
@@ -134,9 +137,52 @@ def sync(root: Path, grove: str, agent: str, workdir: Path, branch: str) -> Impo
     """Bring the agent's commits into the trusted repository; its branch there is moved
     forward when the agent's branch is ahead of it (never moved back or sideways)."""
     refs = read_refs(workdir)
+    prefix = work_ref_prefix(grove, agent)
+    listing = _listing(root, branch, prefix)
+    cache = shadow_dir(root, grove, agent) / "synced.json"
+    done = _cached(cache, _key(refs, listing))
+    if done is not None:  # nothing moved on either side since the last sync
+        return done
+    out = _sync(root, grove, agent, workdir, branch, refs, listing)
+    if out.problems == refs.problems:  # a failed transfer is tried again next time
+        _remember(cache, _key(refs, _listing(root, branch, prefix)), out)
+    return out
+
+
+def _listing(root: Path, branch: str, prefix: str) -> str:
+    """The trusted side of a sync in one call: the agent branch and its imported tips."""
+    return git.run(root, "for-each-ref", "--format=%(refname) %(objectname)",
+                   f"refs/heads/{branch}", prefix)
+
+
+def _key(refs: AgentRefs, listing: str) -> str:
+    raw = json.dumps([refs.head, sorted(refs.refs.items()), list(refs.problems), listing])
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _cached(path: Path, key: str) -> Imported | None:
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("key") != key:
+            return None
+        return Imported(str(doc["head"]), str(doc["branch"]), tuple(doc["tips"]),
+                        tuple(doc["problems"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember(path: Path, key: str, out: Imported) -> None:
+    doc = {"key": key, "head": out.head, "branch": out.branch, "tips": list(out.tips),
+           "problems": list(out.problems)}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(path, json.dumps(doc).encode(), 0o600)
+
+
+def _sync(root: Path, grove: str, agent: str, workdir: Path, branch: str, refs: AgentRefs,
+          listing: str) -> Imported:
     problems = list(refs.problems)
     prefix = work_ref_prefix(grove, agent)
-    have = set(git.run(root, "for-each-ref", "--format=%(objectname)", prefix).split())
+    have = {line.split()[1] for line in listing.splitlines() if line.startswith(prefix)}
     wanted = refs.tips()
     missing = [t for t in wanted if t not in have and not _is_commit(root, t)]
     if missing:
