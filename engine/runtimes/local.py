@@ -68,6 +68,7 @@ class LocalRuntime:
         self.root = repo_root
         self.state = repo_root / ".engine"
         self.socket = self.state / "tmux.sock"
+        self._server: int | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -191,17 +192,25 @@ class LocalRuntime:
             raise
 
     def _server_pid(self) -> int | None:
-        """The running tmux server's pid (it forks every wrapper), or None."""
+        """The running tmux server's pid (it forks every wrapper), or None; asked once per
+        runtime while that server lives."""
+        if self._server is not None and Path(f"/proc/{self._server}").is_dir():
+            return self._server
         if not self.socket.exists():
             return None
         p = self.tmux("display-message", "-p", "#{pid}", check=False)
-        return int(p.stdout) if p.returncode == 0 and p.stdout.strip().isdigit() else None
+        self._server = int(p.stdout) if p.returncode == 0 and p.stdout.strip().isdigit() \
+            else None
+        return self._server
 
     def _stop(self, grove: str, agent: str) -> None:
         """End the agent's session and every process it started."""
         sess = self.session(grove, agent)
-        panes = self._pane_pids(sess)
-        self.tmux("kill-session", "-t", f"={sess}", check=False)
+        p = self.tmux("list-panes", "-s", "-t", f"={sess}", "-F", "#{pane_pid}", check=False)
+        panes = [int(x) for x in p.stdout.split() if x.isdigit()] if p.returncode == 0 else []
+        if p.returncode == 0 or not any(m in p.stderr for m in (
+                "can't find session", "no server running", "error connecting")):
+            self.tmux("kill-session", "-t", f"={sess}", check=False)
         contain.kill(contain.load(self.state / "run" / grove, grove, agent), panes)
 
     def _write_secrets(self, d: Path, values: dict[str, str]) -> None:
