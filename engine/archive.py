@@ -39,7 +39,7 @@ def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base
         return None
     imp = exchange.sync(root, grove, agent, workdir, branch)
     head = imp.head
-    tree = exchange.snapshot(root, grove, agent, workdir, head)
+    tree, lost = exchange.snapshot(root, grove, agent, workdir, head)
     first = head or base
     first_tree = git(root, "rev-parse", f"{first}^{{tree}}")
     ahead = int(git(root, "rev-list", "--count", f"{base}..{head}", check=False) or 0) \
@@ -57,7 +57,7 @@ def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base
            f"Dirty: {'yes' if tree != first_tree else 'no'}\n")
     if not head:
         msg += "Head: unresolvable; the files are kept as they were, on top of the base\n"
-    for p in imp.problems:
+    for p in (*imp.problems, *lost):
         msg += f"Problem: {p}\n"
     parents = [a for t in [first, *tips] for a in ("-p", t)]
     commit = git(root, "commit-tree", tree, *parents, "-m", msg)

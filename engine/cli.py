@@ -92,9 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
         return 1
     except EngineError as e:
-        print(f"error: {e.summary}", file=sys.stderr)
+        # an error can quote what an agent wrote: never an escape sequence to the terminal
+        from engine.trust.reader import for_terminal
+
+        print(f"error: {for_terminal(e.summary)}", file=sys.stderr)
         if e.detail:
-            print(e.detail, file=sys.stderr)
+            print(for_terminal(e.detail), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

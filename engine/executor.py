@@ -248,6 +248,9 @@ def _one(run: Run, change: Change) -> Outcome:
         out = Outcome(change.agent, change.action, status, change.reason, archive)
     except EngineError as e:
         out = Outcome(change.agent, change.action, "failed", e.summary)
+    except Exception as e:  # a bug in one agent's step is that agent's failure, not the run's
+        out = Outcome(change.agent, change.action, "failed",
+                      f"internal error: {e.__class__.__name__}: {str(e)[:200]}")
     out = Outcome(out.agent, out.action, out.status, out.message, out.archive,
                   round(time.monotonic() - t0, 3))
     run.outcomes[change.agent] = out

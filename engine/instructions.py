@@ -54,7 +54,12 @@ def write_instructions(agent: DesiredAgent, workdir: Path, policy: Policy) -> Pa
         old, existed = "", False  # missing, or not a regular file: replaced whole
     new = merge(old, section)
     if new != old or not existed:
-        _replace(workdir, rel, new.encode("utf-8"))
+        try:
+            _replace(workdir, rel, new.encode("utf-8"))
+        except (OSError, reader.Untrusted) as e:  # the agent put a directory there...
+            raise EngineError(f"agent {agent.grove}/{agent.name}: cannot write its "
+                              f"instructions file {rel} ({getattr(e, 'strerror', None) or e})"
+                              ) from None
     if agent.workspace == "shared" and (not existed or old.strip() == _own(old)) and \
             not git(workdir, "ls-files", "--", rel, check=False):
         exclude(Path(git(workdir, "rev-parse", "--path-format=absolute", "--git-common-dir"))

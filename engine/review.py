@@ -41,7 +41,8 @@ def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
         raise EngineError(f"branch {branch} does not exist")
     current = git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False)
     if current == ref:
-        if git(root, "status", "--porcelain", "--untracked-files=no"):
+        if git(root, "status", "--porcelain", "--untracked-files=no",
+               "--ignore-submodules=all"):
             raise EngineError(f"{root}: uncommitted changes on {ref}; commit or stash them "
                               "before merging")
         p = call(root, "merge", "--no-ff", "--no-edit", "-m", message, branch)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, b
     if workdir.resolve() == root.resolve():
         lines = [(ln[:2], ln[3:]) for ln in git(
             root, "status", "--porcelain", "--untracked-files=all", "--ignored=matching",
-            check=False).splitlines() if ln.strip()]
+            "--ignore-submodules=all", check=False).splitlines() if ln.strip()]
         head = git(root, "rev-parse", "-q", "--verify", "HEAD", check=False)
     else:
         imp = exchange.sync(root, grove, agent, workdir, branch)
@@ -279,13 +280,26 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
         if workdir.is_symlink() or not workdir.is_dir():
             os.unlink(workdir)
         else:
-            shutil.rmtree(workdir)  # fd-based: never follows a symlink inside
+            _rmtree(workdir)
     with _admin(root):
         git(root, "worktree", "prune", check=False)
     exchange.forget(root, grove, agent)
     if branch and _branch_exists(root, branch):
         git(root, "branch", "-D", branch)
     return ref
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a workspace the agent shaped: fd-based, never following a symlink inside;
+    a tree deeper than Python's recursion goes to `rm -rf`, which walks it iteratively
+    and does not follow symlinks either."""
+    try:
+        shutil.rmtree(path)
+    except RecursionError:
+        r = subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or os.path.lexists(path):
+            raise EngineError(f"{path}: cannot remove ({r.stderr.strip()[:200]})") from None
 
 
 @contextlib.contextmanager

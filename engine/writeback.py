@@ -23,6 +23,7 @@ the next write-back with commit on commits them.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from engine import events
+from engine import events, yamlio
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint, flock
 from engine.manifest import GROVES_DIR, SPAWNED_FILE
@@ -82,11 +83,11 @@ def spawned_path(root: Path, grove: str) -> Path:
 def recorded_requests(root: Path, grove: str) -> set[str]:
     """Request ids already written back (for exactly-once ingestion after a crash)."""
     path = spawned_path(root, grove)
-    if not path.exists():
+    if not os.path.lexists(path):
         return set()
     # only the key of a document's spec (indented two spaces, as written here): a task's
     # continuation lines are indented further, so a task cannot claim a request id
-    found = re.findall(r"^  spawnRequest: *(.*?) *$", path.read_text(), re.M)
+    found = re.findall(r"^  spawnRequest: *(.*?) *$", _read(path), re.M)
     return {r.strip("'\"") for r in found}
 
 
@@ -114,8 +115,18 @@ def append(root: Path, grove: str, spawns: list[Spawn], commit: bool) -> str:
     return note
 
 
+def _read(path: Path) -> str:
+    """spawned.yaml as it is: a regular file only, never through a symlink or from a FIFO
+    (in a shared workspace an agent can reach it), within the manifest size limit."""
+    try:
+        return yamlio.read_regular(path, yamlio.MAX_FILE_BYTES, follow_symlinks=False
+                                   ).decode("utf-8")
+    except (OSError, ValueError, yamlio.NotReadable) as e:
+        raise EngineError(f"{path}: {e}; refusing to write back (move it away)") from None
+
+
 def _write(path: Path, grove: str, spawns: list[Spawn]) -> None:
-    old = path.read_text() if path.exists() else HEADER
+    old = _read(path) if os.path.lexists(path) else HEADER
     present = set(re.findall(r"^metadata:\n  name: ['\"]?([a-z0-9-]+)", old, re.M))
     clash = sorted(present & {s.name for s in spawns})
     if clash:  # checked again under the lock: two spawns of one name race otherwise

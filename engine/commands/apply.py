@@ -15,6 +15,7 @@ from engine.errors import EngineError, UsageError
 from engine.executor import Outcome, Settings
 from engine.observe import Runtimes, observe, status_rows
 from engine.plan import Change
+from engine.trust.reader import for_terminal
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -70,7 +71,8 @@ class Progress:
         extra = f" - {o.message}" if o.status in ("failed", "skipped") else ""
         if o.archive:
             extra += f" (work archived at {o.archive})"
-        text = f"{grove}/{o.agent}: {o.status} ({o.seconds:.1f}s){extra}"
+        # a message can carry an agent's text (a file name, a git error about its files)
+        text = for_terminal(f"{grove}/{o.agent}: {o.status} ({o.seconds:.1f}s){extra}")
         if ui.use_color():
             self.console.print(f"[{style}]{text.replace('[', chr(92) + '[')}[/]")
         else:

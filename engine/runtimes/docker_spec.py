@@ -9,6 +9,7 @@ an engine. Returns plain dicts in the shape of `docker.containers.create(**kwarg
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -141,19 +142,38 @@ def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
     ro = a.access == "read-only"
     out = [_mount(launch.workdir, WORKSPACE, ro)]
     out += [_mount(p, str(p), ro or p_ro) for p, p_ro in launch.git_paths]
-    dotgit = launch.repo_root / ".git"
-    if launch.workdir.resolve() == launch.repo_root.resolve() and dotgit.exists():
-        # shared workspace: the user's checkout, whose git metadata (config, hooks, refs,
-        # objects) host git trusts; the agent reads it and never writes it
-        out.append(_mount(dotgit, f"{WORKSPACE}/.git", True))
+    if launch.workdir.resolve() == launch.repo_root.resolve():
+        # shared workspace: the user's checkout. Its git metadata (config, hooks, refs,
+        # objects), which host git trusts, and its grove manifests, which say what runs
+        # where, are read by the agent and never written
+        for guarded in (".git", "groves"):
+            if (launch.repo_root / guarded).exists():
+                out.append(_mount(launch.repo_root / guarded, f"{WORKSPACE}/{guarded}",
+                                  True))
     out += [_mount(dirs.secrets, SECRETS, True), _mount(dirs.ctl, CTL, False),
             _mount(dirs.log, LOG, False), _mount(dirs.inbox, INBOX, False),
             _mount(dirs.client, CLIENT, True), _mount(dirs.client_bin, CLIENT_BIN, True),
             _mount(dirs.entrypoint, ENTRYPOINT, True)]
     for source, target, m_ro in a.mounts:
-        src = (launch.repo_root / Path(source).expanduser()).resolve()
-        out.append(_mount(src, target, m_ro))
+        out.append(_mount(mount_source(launch, source), target, m_ro))
     return out
+
+
+def mount_source(launch: Launch, source: str) -> Path:
+    """A profile mount's host path, checked again now (validation ran earlier, and in a
+    shared workspace an agent can since have replaced a directory with a symlink): a
+    source inside the repository may not pass through a symlink, and nothing may reach the
+    repository's `.git` or `.engine`."""
+    root = launch.repo_root.resolve()
+    lexical = Path(os.path.normpath(root / Path(source).expanduser()))
+    src = lexical.resolve()
+    who = f"agent {launch.agent.grove}/{launch.agent.name}: mount {source}"
+    if lexical.is_relative_to(root) and src != lexical:
+        raise EngineError(f"{who}: a symlink on the way inside the repository; refused")
+    for guarded in (root / ".git", root / ".engine"):
+        if src.is_relative_to(guarded) or guarded.is_relative_to(src):
+            raise EngineError(f"{who}: reaches {guarded.name}; refused")
+    return src
 
 
 def client_shim() -> str:

@@ -40,7 +40,8 @@ WORK_PREFIX = "refs/engine/work"
 SHA = re.compile(r"[0-9a-f]{40}")
 _REF = re.compile(r"refs/(?:heads/(?!.*(?:\.\.|//|/\.|\.lock(?:/|$)|@\{))"
                   r"[A-Za-z0-9._+-][A-Za-z0-9._+/-]{0,200}|stash)")
-MAX_REFS = 1000
+MAX_REFS = 256  # branches, the stash and HEAD of one agent, all told
+MAX_REF_DEPTH = 12  # components of a ref name below refs/heads
 REF_FILE_BYTES = 4096
 PACKED_REFS_BYTES = 8 << 20
 COPY_BYTES = 4 << 30
@@ -72,6 +73,10 @@ def read_refs(workdir: Path) -> AgentRefs:
     for line in packed.splitlines():
         sha, _, name = line.partition(" ")
         if SHA.fullmatch(sha) and _REF.fullmatch(name):
+            if len(refs) >= MAX_REFS:
+                problems.append(f"{workdir}/.git: more than {MAX_REFS} refs; the rest "
+                                "are not brought over")
+                break
             refs[name] = sha
     _loose(workdir, ("refs", "heads"), refs, problems)
     _loose_one(workdir, "refs/stash", refs, problems)
@@ -106,8 +111,14 @@ def _loose(workdir: Path, parts: tuple[str, ...], refs: dict[str, str],
            problems: list[str]) -> None:
     """Loose refs under .git/<parts>, no symlink followed, at most MAX_REFS."""
     stack = [parts]
+    seen = 0
     while stack:
         cur = stack.pop()
+        seen += 1
+        if seen > MAX_REFS or len(cur) > MAX_REF_DEPTH + len(parts):
+            problems.append(f"{workdir}/.git/refs: too many or too deep directories; the "
+                            "rest are not brought over")
+            return
         dirs, files = tree.listdir(workdir, (".git", *cur))
         for name in files:
             if len(refs) >= MAX_REFS:
@@ -184,14 +195,17 @@ def _sync(root: Path, grove: str, agent: str, workdir: Path, branch: str, refs: 
     prefix = work_ref_prefix(grove, agent)
     have = {line.split()[1] for line in listing.splitlines() if line.startswith(prefix)}
     wanted = refs.tips()
-    missing = [t for t in wanted if t not in have and not _is_commit(root, t)]
+    known = _commits(root, [t for t in wanted if t not in have])
+    missing = [t for t in wanted if t not in have and t not in known]
     if missing:
         try:
             _fetch(root, workdir, missing, prefix)
         except (EngineError, OSError) as e:
             problems.append(f"agent {grove}/{agent}: its commits cannot be brought over "
                             f"({getattr(e, 'summary', None) or e})")
-    present = [t for t in wanted if t in have or _is_commit(root, t)]
+    if missing:
+        known |= _commits(root, missing)
+    present = [t for t in wanted if t in have or t in known]
     _set_work_refs(root, prefix, have, present)
     tip = refs.refs.get(f"refs/heads/{branch}", "")
     tip = tip if tip in present else ""
@@ -201,8 +215,12 @@ def _sync(root: Path, grove: str, agent: str, workdir: Path, branch: str, refs: 
     return Imported(head, tip, tuple(present), tuple(problems))
 
 
-def _is_commit(root: Path, sha: str) -> bool:
-    return git.run(root, "cat-file", "-t", sha, check=False) == "commit"
+def _commits(root: Path, shas: list[str]) -> set[str]:
+    """Which of `shas` are commits of the trusted repository (one git call)."""
+    if not shas:
+        return set()
+    out = git.run(root, "cat-file", "--batch-check", input="".join(s + "\n" for s in shas))
+    return {ln.split()[0] for ln in out.splitlines() if ln.split()[1:2] == ["commit"]}
 
 
 def _set_work_refs(root: Path, prefix: str, have: set[str], present: list[str]) -> None:
@@ -356,7 +374,7 @@ def status(root: Path, grove: str, agent: str, workdir: Path, head: str
     as "!!" (git status --porcelain, read through the shadow)."""
     env = _shadow(root, grove, agent, workdir, head)
     raw = git.raw_env(root, env, "status", "--porcelain", "-z", "--untracked-files=all",
-                      "--ignored=matching", "--no-renames")
+                      "--ignored=matching", "--no-renames", "--ignore-submodules=all")
     out = []
     for entry in raw.split(b"\0"):
         if len(entry) > 3:
@@ -364,12 +382,13 @@ def status(root: Path, grove: str, agent: str, workdir: Path, head: str
     return out
 
 
-def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str) -> str:
+def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str
+             ) -> tuple[str, list[str]]:
     """A tree of the agent's files as they are: `head`'s tree with every changed path
     replaced by a copy taken without following symlinks; with no `head`, every file.
-    Raises EngineError when the files cannot be read."""
+    Returns (tree, paths that could not be kept and why). Raises EngineError when the
+    files cannot be read at all."""
     tmp = Path(tempfile.mkdtemp(prefix="snapshot-", dir=_tmp(root)))
-    index = tmp / "index"
     files = tmp / "files"
     files.mkdir()
     try:
@@ -378,28 +397,57 @@ def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str) -> st
         _shadow(root, grove, agent, workdir, head)
         env = {"GIT_DIR": str(shadow_dir(root, grove, agent) / "git"),
                "GIT_OBJECT_DIRECTORY": str(objects_dir(root)), "GIT_WORK_TREE": str(files),
-               "GIT_INDEX_FILE": str(index), "GIT_LITERAL_PATHSPECS": "1"}
+               "GIT_INDEX_FILE": str(tmp / "index")}
         budget = tree.Budget(COPY_BYTES)
         if head:
-            lines = [(c, p) for c, p in status(root, grove, agent, workdir, head)
-                     if c != "!!"]
-            copied = tree.copy_paths(workdir, [p for _, p in lines], files, budget)
-            # what was copied, and what is gone; a FIFO or a device has no content to keep
-            paths = copied + [p for c, p in lines if "D" in c and p not in copied]
-            git.run(root, "read-tree", head, env=env)
-            if paths:
-                git.run(root, "add", "-A", "-f", "--pathspec-from-file=-",
-                        "--pathspec-file-nul", env=env, input="\0".join(paths))
+            changed = [p for c, p in status(root, grove, agent, workdir, head) if c != "!!"]
         else:
             with tree.opendir(workdir) as d:
-                for name in sorted(os.listdir(d)):
-                    if name != ".git":
-                        tree.copy_paths(workdir, [name], files, budget)
-            git.run(root, "read-tree", "--empty", env=env)
-            git.run(root, "add", "-A", "-f", env=env)
-        return git.run(root, "write-tree", env=env)
-    except (OSError, Untrusted) as e:
+                changed = sorted(n for n in os.listdir(d) if n != ".git")
+        kept = [p for p in changed if _keepable(p)]
+        problems = [f"not kept: {p!r} (a name git refuses)" for p in changed
+                    if not _keepable(p)]
+        copied = tree.copy_paths(workdir, kept, files, budget)
+        if not head:
+            copied = tree.files_under(files)
+        git.run(files, "read-tree", head or "--empty", env=env)
+        done = set(copied)
+        problems += _index(files, env, [p for p in kept if p not in done], copied)
+        return git.run(files, "write-tree", env=env), problems
+    except (OSError, Untrusted, RecursionError) as e:
         raise EngineError(f"agent {grove}/{agent}: cannot save its files "
-                          f"({getattr(e, 'summary', None) or e})") from None
+                          f"({reader.one_line(getattr(e, 'summary', None) or str(e))})"
+                          ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _keepable(path: str) -> bool:
+    """Whether git can hold `path` in a tree (its own path rules: no `.git` in any case or
+    disguise, no empty, `.` or `..` component)."""
+    for part in path.split("/"):
+        low = part.lower().rstrip(". ")
+        if part in ("", ".", "..") or low == ".git" or low.startswith("git~"):
+            return False
+    return True
+
+
+def _index(files: Path, env: dict[str, str], gone: list[str], copied: list[str]
+           ) -> list[str]:
+    """Put the copied paths in the index and take the gone ones out (they were deleted,
+    or are FIFOs, devices or beyond a symlink: nothing to keep). One batch each; when a
+    batch is refused, path by path, and what git still refuses is reported."""
+    problems: list[str] = []
+    for args, paths in ((("--force-remove",), gone), (("--add", "--replace"), copied)):
+        if not paths:
+            continue
+        data = b"\0".join(os.fsencode(p) for p in paths) + b"\0"
+        if git.call(files, "update-index", *args, "-z", "--stdin", input=data,
+                    env=env).returncode == 0:
+            continue
+        for p in paths:
+            r = git.call(files, "update-index", *args, "-z", "--stdin",
+                         input=os.fsencode(p) + b"\0", env=env)
+            if r.returncode != 0:
+                problems.append(f"not kept: {p!r} ({reader.one_line(r.stderr)})")
+    return problems

@@ -12,7 +12,9 @@ Hardened, whatever uid the engine runs as:
 - `core.fsmonitor`, hooks, pagers, editors, credential helpers and external diff off;
   filter and diff drivers exist only where the trusted configuration defines them;
 - transports limited to file, https/http, ssh and git (no `ext::`, no `fd::`), objects
-  received are fsck-checked, submodules never recursed into;
+  received are fsck-checked, submodules never recursed into (every `status` also says
+  `--ignore-submodules=all`: a `.gitmodules` cannot turn that back on, and git never runs
+  inside a nested repository whose configuration an agent wrote);
 - git's ownership check (`safe.directory`) is kept as it is;
 - stray `GIT_*` variables of the engine's own environment (GIT_DIR, GIT_INDEX_FILE...)
   never reach a call: each call says exactly which repository, work tree and index it uses.
@@ -44,7 +46,8 @@ HARDENED = (
     ("protocol.https.allow", "always"), ("protocol.http.allow", "always"),
     ("protocol.ssh.allow", "always"), ("protocol.git.allow", "always"),
     ("transfer.fsckObjects", "true"), ("fetch.recurseSubmodules", "false"),
-    ("submodule.recurse", "false"), ("gc.auto", "0"), ("maintenance.auto", "false"),
+    ("submodule.recurse", "false"), ("diff.ignoreSubmodules", "all"),
+    ("status.submoduleSummary", "false"), ("gc.auto", "0"), ("maintenance.auto", "false"),
     ("safe.bareRepository", "explicit"), ("advice.detachedHead", "false"),
     ("init.defaultBranch", "main"), ("commit.gpgSign", "false"), ("tag.gpgSign", "false"),
 )
@@ -108,7 +111,7 @@ def environment(remote: bool = False, extra: Mapping[str, str] | None = None
     return env
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _command(cwd: str) -> Any:
     _scrub()
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -21,6 +21,7 @@ from engine.trust.reader import Untrusted
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 MAX_ENTRIES = 500_000
+MAX_DEPTH = 256  # deeper trees are refused, never a recursion error
 
 
 class Budget:
@@ -124,6 +125,8 @@ def copy_paths(src: Path, rels: list[str], dest: Path, budget: Budget) -> list[s
         parts = tuple(p for p in rel.split("/") if p)
         if not parts or ".git" in parts:
             continue
+        if len(parts) > MAX_DEPTH:
+            raise Untrusted(f"deeper than {MAX_DEPTH} directories: {rel[:100]}")
         try:
             with opendir(src, parts[:-1]) as d:
                 (dest.joinpath(*parts[:-1])).mkdir(parents=True, exist_ok=True)
@@ -150,6 +153,8 @@ def copy_dir(parent_fd: int, name: str, dest: Path, budget: Budget, where: str,
              skip: Callable[[str], bool] = lambda n: n == ".git") -> None:
     """Copy the directory `name` (in parent_fd) to `dest`, recursively; entries for which
     `skip(name)` is true (nested `.git` directories by default) are left out."""
+    if where.count("/") > MAX_DEPTH:
+        raise Untrusted(f"deeper than {MAX_DEPTH} directories: {where[:100]}")
     fd = os.open(name, _DIR, dir_fd=parent_fd)
     try:
         dest.mkdir(exist_ok=True)
@@ -164,6 +169,17 @@ def copy_dir(parent_fd: int, name: str, dest: Path, budget: Budget, where: str,
         os.close(fd)
 
 
+def files_under(base: Path) -> list[str]:
+    """Relative paths of the regular files and symlinks under `base` (a private copy the
+    engine made, so plain os.walk is safe), sorted."""
+    out = []
+    for top, dirs, names in os.walk(base):
+        rel = os.path.relpath(top, base)
+        for n in names + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            out.append(n if rel == "." else f"{rel}/{n}")
+    return sorted(out)
+
+
 def walk_fds(base: Path, visit: Callable[[int, bool], None], budget: Budget,
              skip_top: frozenset[str] = frozenset()) -> None:
     """Call `visit(fd, is_dir)` on `base` and every directory and regular file beneath it,
@@ -175,6 +191,8 @@ def walk_fds(base: Path, visit: Callable[[int, bool], None], budget: Budget,
 
 def _walk(fd: int, visit: Callable[[int, bool], None], budget: Budget, where: str,
           skip: frozenset[str] = frozenset()) -> None:
+    if where.count("/") > MAX_DEPTH + 64:
+        raise Untrusted(f"deeper than {MAX_DEPTH} directories: {where[:100]}")
     visit(fd, True)
     with os.scandir(fd) as it:
         entries = [(e.name, e.is_dir(follow_symlinks=False),
