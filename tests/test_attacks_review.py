@@ -462,3 +462,34 @@ def test_spawned_yaml_fifo_does_not_hang_watch(repo: Path, base_image: str) -> N
     subprocess.run([*cli, "destroy", "--auto-approve"], cwd=repo, env=env,
                    capture_output=True, timeout=120)
     assert answered, "engine watch hangs on the agent's FIFO: " + log.read_text()[-500:]
+
+
+def test_file_replaced_by_a_directory_is_archived(repo: Path) -> None:
+    """A tracked file `a` becomes a directory holding `a/b`: status lists both ` D a` and
+    `?? a/b`; the archive copies the directory once and keeps `a/b`."""
+    wt = agent_repo(repo)
+    (wt / "a").write_text("file\n")
+    subprocess.run(["git", "add", "a"], cwd=wt, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a"],
+                   cwd=wt, check=True)
+    (wt / "a").unlink()
+    (wt / "a").mkdir()
+    (wt / "a" / "b").write_text("inside\n")
+    ref = archive.archive(repo, "g", "a", wt, BRANCH, git(repo, "rev-parse", "main"))
+    assert ref and git(repo, "show", f"{ref}:a/b") == "inside"
+
+
+def test_copy_never_writes_through_a_symlink_in_its_own_copy(tmp_path: Path) -> None:
+    """Two overlapping paths, the first a symlink when copied and the second beneath the
+    same name: the copy never creates a file through the symlink it made."""
+    from engine.trust import tree
+    src, dest, outside = tmp_path / "src", tmp_path / "dest", tmp_path / "outside"
+    for d in (src, dest, outside):
+        d.mkdir()
+    os.symlink(str(outside), src / "a")
+    tree.copy_paths(src, ["a"], dest, tree.Budget(1 << 20))
+    os.unlink(src / "a")
+    (src / "a").mkdir()
+    (src / "a" / "b").write_text("x")
+    tree.copy_paths(src, ["a/b"], dest, tree.Budget(1 << 20))
+    assert list(outside.iterdir()) == []

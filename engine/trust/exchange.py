@@ -287,9 +287,9 @@ def _copy_objects(workdir: Path, dest: Path, main_objects: Path) -> None:
         if not names:
             continue
         (dest / sub).mkdir(parents=True, exist_ok=True)
-        with tree.opendir(workdir, (*where, sub)) as d:
+        with tree.opendir(workdir, (*where, sub)) as d, tree.opendir(dest, (sub,)) as out:
             for n in names:
-                tree.copy_file(d, n, dest / sub / n, budget, f"{workdir}/.git/objects/{sub}")
+                tree.copy_file(d, n, out, n, budget, f"{workdir}/.git/objects/{sub}")
 
 
 def _tmp(root: Path) -> Path:
@@ -407,12 +407,11 @@ def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str
         kept = [p for p in changed if _keepable(p)]
         problems = [f"not kept: {p!r} (a name git refuses)" for p in changed
                     if not _keepable(p)]
-        copied = tree.copy_paths(workdir, kept, files, budget)
-        if not head:
-            copied = tree.files_under(files)
+        tree.copy_paths(workdir, kept, files, budget)
+        present = tree.files_under(files)  # a copied directory counts by its files
         git.run(files, "read-tree", head or "--empty", env=env)
-        done = set(copied)
-        problems += _index(files, env, [p for p in kept if p not in done], copied)
+        done = set(present)
+        problems += _index(files, env, [p for p in kept if p not in done], present)
         return git.run(files, "write-tree", env=env), problems
     except (OSError, Untrusted, RecursionError) as e:
         raise EngineError(f"agent {grove}/{agent}: cannot save its files "

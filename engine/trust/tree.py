@@ -72,9 +72,11 @@ def listdir(base: Path, parts: tuple[str, ...] = ()) -> tuple[list[str], list[st
         return [], []
 
 
-def copy_file(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) -> bool:
-    """Copy the regular file or symlink `name` (in dir_fd) to `dest`. False when it is
-    something else (a FIFO, a device, a socket, a directory) or is gone."""
+def copy_file(dir_fd: int, name: str, out_fd: int, out_name: str, budget: Budget,
+              where: str) -> bool:
+    """Copy the regular file or symlink `name` (in dir_fd) to `out_name` (in out_fd),
+    never following a symlink on either side. False when it is something else (a FIFO, a
+    device, a socket, a directory) or is gone."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -82,7 +84,7 @@ def copy_file(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) ->
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(name, dir_fd=dir_fd)
         budget.take(len(target), where)
-        os.symlink(target, dest)
+        os.symlink(target, out_name, dir_fd=out_fd)
         return True
     if not stat.S_ISREG(st.st_mode):
         return False
@@ -92,79 +94,116 @@ def copy_file(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) ->
         if not stat.S_ISREG(st.st_mode):
             return False
         budget.take(st.st_size, where)
-        _copy_fd(fd, dest, st.st_size, budget, where, st.st_mode & 0o111)
+        out = os.open(out_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                      os.O_CLOEXEC, 0o755 if st.st_mode & 0o111 else 0o644, dir_fd=out_fd)
+        try:
+            _copy_fd(fd, out, st.st_size, budget, where)
+        finally:
+            os.close(out)
     finally:
         os.close(fd)
     return True
 
 
-def _copy_fd(fd: int, dest: Path, size: int, budget: Budget, where: str, xbits: int
-             ) -> None:
-    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                  0o755 if xbits else 0o644)
-    try:
-        left = size
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            left -= len(chunk)
-            if left < 0:  # grew while read: count the growth against the budget
-                budget.take(-left, where)
-                left = 0
-            os.write(out, chunk)
-    finally:
-        os.close(out)
+def _copy_fd(fd: int, out: int, size: int, budget: Budget, where: str) -> None:
+    left = size
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        left -= len(chunk)
+        if left < 0:  # grew while read: count the growth against the budget
+            budget.take(-left, where)
+            left = 0
+        os.write(out, chunk)
+
+
+def _outdir(out_fd: int, name: str) -> int:
+    """An fd of the directory `name` in out_fd (made when missing); never a symlink."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o755, dir_fd=out_fd)
+    return os.open(name, _DIR, dir_fd=out_fd)
 
 
 def copy_paths(src: Path, rels: list[str], dest: Path, budget: Budget) -> list[str]:
     """Copy each relative path (a file, a symlink or a whole directory) from `src` to the
-    same place under `dest`. Returns the paths that were there and copied."""
+    same place under `dest`, both sides walked by descriptor without following a symlink.
+    A path inside another one in `rels` is copied with it. Returns the paths that were
+    there and copied."""
     copied = []
-    for rel in rels:
-        parts = tuple(p for p in rel.split("/") if p)
-        if not parts or ".git" in parts:
-            continue
-        if len(parts) > MAX_DEPTH:
-            raise Untrusted(f"deeper than {MAX_DEPTH} directories: {rel[:100]}")
-        try:
-            with opendir(src, parts[:-1]) as d:
-                (dest.joinpath(*parts[:-1])).mkdir(parents=True, exist_ok=True)
-                if _copy_entry(d, parts[-1], dest.joinpath(*parts), budget, rel):
-                    copied.append(rel)
-        except FileNotFoundError:
-            continue  # deleted: git records it as deleted
-        except OSError as e:
-            if e.errno in (20, 40):  # ENOTDIR, ELOOP: a symlink on the way is not the path
+    with opendir(dest) as out_root:
+        for rel in _outermost(rels):
+            parts = tuple(p for p in rel.split("/") if p)
+            if not parts or ".git" in parts:
                 continue
-            raise
+            if len(parts) > MAX_DEPTH:
+                raise Untrusted(f"deeper than {MAX_DEPTH} directories: {rel[:100]}")
+            try:
+                if _copy_one(src, parts, out_root, budget, rel):
+                    copied.append(rel)
+            except (FileNotFoundError, FileExistsError):
+                continue  # deleted (git records it as deleted), or copied with a parent
+            except OSError as e:
+                if e.errno in (20, 40):  # ENOTDIR, ELOOP: a symlink on the way
+                    continue
+                raise
     return copied
 
 
-def _copy_entry(dir_fd: int, name: str, dest: Path, budget: Budget, where: str) -> bool:
+def _outermost(rels: list[str]) -> list[str]:
+    """`rels` without the paths that lie inside another of them (copied with it)."""
+    chosen: set[str] = set()
+    out = []
+    for rel in sorted(set(rels), key=lambda r: (r.count("/"), r)):
+        parts = rel.split("/")
+        if any("/".join(parts[:i]) in chosen for i in range(1, len(parts))):
+            continue
+        chosen.add(rel)
+        out.append(rel)
+    return sorted(out)
+
+
+def _copy_one(src: Path, parts: tuple[str, ...], out_root: int, budget: Budget,
+              rel: str) -> bool:
+    with opendir(src, parts[:-1]) as d:
+        fds = [os.dup(out_root)]
+        try:
+            for part in parts[:-1]:
+                fds.append(_outdir(fds[-1], part))
+            return _copy_entry(d, parts[-1], fds[-1], parts[-1], budget, rel)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _copy_entry(dir_fd: int, name: str, out_fd: int, out_name: str, budget: Budget,
+                where: str) -> bool:
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode):
-        copy_dir(dir_fd, name, dest, budget, where)
+        copy_dir(dir_fd, name, out_fd, out_name, budget, where)
         return True
-    return copy_file(dir_fd, name, dest, budget, where)
+    return copy_file(dir_fd, name, out_fd, out_name, budget, where)
 
 
-def copy_dir(parent_fd: int, name: str, dest: Path, budget: Budget, where: str,
-             skip: Callable[[str], bool] = lambda n: n == ".git") -> None:
-    """Copy the directory `name` (in parent_fd) to `dest`, recursively; entries for which
-    `skip(name)` is true (nested `.git` directories by default) are left out."""
+def copy_dir(parent_fd: int, name: str, out_parent: int, out_name: str, budget: Budget,
+             where: str, skip: Callable[[str], bool] = lambda n: n == ".git") -> None:
+    """Copy the directory `name` (in parent_fd) to `out_name` (in out_parent),
+    recursively; entries for which `skip(name)` is true (nested `.git` directories by
+    default) are left out."""
     if where.count("/") > MAX_DEPTH:
         raise Untrusted(f"deeper than {MAX_DEPTH} directories: {where[:100]}")
     fd = os.open(name, _DIR, dir_fd=parent_fd)
     try:
-        dest.mkdir(exist_ok=True)
-        budget.take(0, where)
-        with os.scandir(fd) as it:
-            entries = sorted(e.name for e in it)
-        for entry in entries:
-            if skip(entry):
-                continue
-            _copy_entry(fd, entry, dest / entry, budget, f"{where}/{entry}")
+        out = _outdir(out_parent, out_name)
+        try:
+            budget.take(0, where)
+            with os.scandir(fd) as it:
+                entries = sorted(e.name for e in it)
+            for entry in entries:
+                if not skip(entry):
+                    _copy_entry(fd, entry, out, entry, budget, f"{where}/{entry}")
+        finally:
+            os.close(out)
     finally:
         os.close(fd)
 
