@@ -5,8 +5,8 @@ the same run.
    with the hardened environment) against the same `git rev-parse HEAD` through plain
    `subprocess.run` (target: at most 1.5x).
 2. Reading an inbox request through the safe reader (`reader.read_json`: `O_NOFOLLOW` walk,
-   `fstat`, size cap, strict UTF-8) against `json.loads(open(...).read())` (target: under
-   50 microseconds per file; the ratio is shown, the absolute cost is what matters).
+   `fstat`, size cap, strict UTF-8) against `json.loads(open(...).read())` (target: at
+   most 1.5x).
 3. Observing one agent whose work did not move (`exchange.sync` with its cache, then the
    shadow `git status`) against the two plain git calls the engine made before
    (`git status` and `git rev-parse` in a worktree) (target: at most 1.5x).
@@ -85,8 +85,8 @@ def bench_reader(base: Path, runs: int) -> bool:
     ours = per_call(lambda i: reader.read_json(box, f"req-{i % 200}.json", 65536), 200, runs)
     raw = per_call(lambda i: json.loads((box / f"req-{i % 200}.json").read_text()), 200,
                    runs)
-    return verdict("inbox request through the safe reader", ours, raw, ours < 50e-6,
-                   "< 0.05ms")
+    return verdict("inbox request through the safe reader", ours, raw, ours <= 1.5 * raw,
+                   "<= 1.5x")
 
 
 def bench_observe(repo: Path, runs: int) -> bool:

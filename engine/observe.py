@@ -81,7 +81,7 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
         seen = observed.get(name)
         if rec.workspace != "shared" and rec.workdir and seen and seen.phase != "Running":
             # an ended agent's commits reach its branch here (dependents start from it)
-            workspace.sync(root, grove_name, name)
+            workspace.sync(root, grove_name, name, fresh=False)
     wanted = set(grove.by_name) if grove else set()
     work = {}
     for name, rec in sorted(inv.agents.items()):

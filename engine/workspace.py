@@ -209,11 +209,12 @@ def _init(dotgit: Path, objects: Path, name: str, grove: str) -> None:
         f"\temail = {name}@{grove}.agents.invalid\n[gc]\n\tauto = 0\n")
 
 
-def sync(root: Path, grove: str, agent: str) -> None:
-    """Bring an agent's commits into the repository (its branch moves forward)."""
+def sync(root: Path, grove: str, agent: str, fresh: bool = True) -> None:
+    """Bring an agent's commits into the repository (its branch moves forward); `fresh`
+    off checks only the agent's side for movement (observation)."""
     path = path_for(root, grove, agent)
     if _is_agent_repo(path):
-        exchange.sync(root, grove, agent, path, f"engine/{grove}/{agent}")
+        exchange.sync(root, grove, agent, path, f"engine/{grove}/{agent}", fresh)
 
 
 def orphan(root: Path, grove: str, agent: str) -> tuple[str, Path, str] | None:
@@ -258,7 +259,7 @@ def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, b
             "--ignore-submodules=all", check=False).splitlines() if ln.strip()]
         head = git(root, "rev-parse", "-q", "--verify", "HEAD", check=False)
     else:
-        imp = exchange.sync(root, grove, agent, workdir, branch)
+        imp = exchange.sync(root, grove, agent, workdir, branch, fresh=False)
         head = imp.head or imp.branch
         lines = exchange.status(root, grove, agent, workdir, head)
     ignored = sum(1 for code, p in lines if code == "!!" and p.rstrip("/") != ".engine")

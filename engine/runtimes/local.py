@@ -148,8 +148,9 @@ class LocalRuntime:
     def create(self, launch: Launch) -> None:
         a = launch.agent
         sess = self.session(a.grove, a.name)
-        self._stop(a.grove, a.name)
         rd = launch.run_dir
+        if rd.exists():  # it ran before: end that run (and what it left) first
+            self._stop(a.grove, a.name)
         rd.mkdir(parents=True, exist_ok=True)
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):

@@ -144,19 +144,25 @@ def work_ref_prefix(grove: str, agent: str) -> str:
     return f"{WORK_PREFIX}/{grove}/{agent}/"
 
 
-def sync(root: Path, grove: str, agent: str, workdir: Path, branch: str) -> Imported:
+def sync(root: Path, grove: str, agent: str, workdir: Path, branch: str,
+         fresh: bool = True) -> Imported:
     """Bring the agent's commits into the trusted repository; its branch there is moved
-    forward when the agent's branch is ahead of it (never moved back or sideways)."""
+    forward when the agent's branch is ahead of it (never moved back or sideways).
+    Nothing is done again when neither side moved since the last sync; with `fresh` off
+    (observation for status and plans) only the agent's side is checked, which costs no
+    git call at all."""
     refs = read_refs(workdir)
     prefix = work_ref_prefix(grove, agent)
-    listing = _listing(root, branch, prefix)
     cache = shadow_dir(root, grove, agent) / "synced.json"
-    done = _cached(cache, _key(refs, listing))
-    if done is not None:  # nothing moved on either side since the last sync
+    listing = _listing(root, branch, prefix) if fresh else None
+    done = _cached(cache, _key(refs), listing)
+    if done is not None:
         return done
+    if listing is None:
+        listing = _listing(root, branch, prefix)
     out = _sync(root, grove, agent, workdir, branch, refs, listing)
     if out.problems == refs.problems:  # a failed transfer is tried again next time
-        _remember(cache, _key(refs, _listing(root, branch, prefix)), out)
+        _remember(cache, _key(refs), _listing(root, branch, prefix), out)
     return out
 
 
@@ -166,15 +172,17 @@ def _listing(root: Path, branch: str, prefix: str) -> str:
                    f"refs/heads/{branch}", prefix)
 
 
-def _key(refs: AgentRefs, listing: str) -> str:
-    raw = json.dumps([refs.head, sorted(refs.refs.items()), list(refs.problems), listing])
+def _key(refs: AgentRefs) -> str:
+    raw = json.dumps([refs.head, sorted(refs.refs.items()), list(refs.problems)])
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _cached(path: Path, key: str) -> Imported | None:
+def _cached(path: Path, key: str, listing: str | None) -> Imported | None:
+    """The last sync's result when the agent's refs (and, given, the trusted side's
+    listing) are what they were then."""
     try:
         doc = json.loads(path.read_text())
-        if doc.get("key") != key:
+        if doc.get("key") != key or (listing is not None and doc.get("listing") != listing):
             return None
         return Imported(str(doc["head"]), str(doc["branch"]), tuple(doc["tips"]),
                         tuple(doc["problems"]))
@@ -182,9 +190,9 @@ def _cached(path: Path, key: str) -> Imported | None:
         return None
 
 
-def _remember(path: Path, key: str, out: Imported) -> None:
-    doc = {"key": key, "head": out.head, "branch": out.branch, "tips": list(out.tips),
-           "problems": list(out.problems)}
+def _remember(path: Path, key: str, listing: str, out: Imported) -> None:
+    doc = {"key": key, "listing": listing, "head": out.head, "branch": out.branch,
+           "tips": list(out.tips), "problems": list(out.problems)}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, json.dumps(doc).encode(), 0o600)
 
