@@ -5,7 +5,9 @@ defined: the Kubernetes API server in tests/k8s_apiserver.py (no cluster runs he
 program that records its argv in place of the real `claude` in one end-to-end harness test
 (real agent CLIs need network and keys; their exact command lines are golden-tested); a
 tiny `mmdebstrap` in tests/test_images.py for the import's failure paths (the real
-bootstrap runs in the Docker fixtures).
+bootstrap runs in the Docker fixtures); and a Unix socket that accepts and never answers,
+in tests/test_untrusted_files.py, standing in for a hung tmux server so a `watch` pass can
+be held blocked while the test checks that SIGTERM still ends it within a second.
 Tests never touch the developer's $HOME or real config: HOME and XDG_CONFIG_HOME point
 into a temporary directory for every test.
 """
