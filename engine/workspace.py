@@ -134,10 +134,13 @@ def ensure(root: Path, agent: DesiredAgent, base_ref: str,
     mounts = ((exchange.objects_dir(root), True),)
     who = f"agent {agent.grove}/{agent.name}"
     if os.path.lexists(path):
+        if (path / ".git").is_file() and not (path / ".git").is_symlink():
+            raise EngineError(f"{who}: {path} is a git worktree made by an earlier engine "
+                              "version; `engine destroy` it (its work is archived) and "
+                              "apply again")
         if not _is_agent_repo(path):
             raise EngineError(f"{who}: {path} already exists and is not this agent's "
-                              "workspace (an earlier engine's worktree, or not the "
-                              "engine's); move it away")
+                              "workspace; move it away")
         _hide(root, agent)
         return Workspace(path, branch, sha, mounts)
     ref = f"refs/heads/{branch}"
