@@ -1,7 +1,9 @@
 """Test contract: everything runs for real (git, tmux, Docker, the engine's own CLI).
 
 Fakes exist only at edges this machine cannot run, and each one says so where it is
-defined: the Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here); a
+defined: the Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here), and
+the exec websocket of a pod in tests/test_kubernetes.py (`_EndlessExec`, for the output
+cap); a
 program that records its argv in place of the real `claude` in one end-to-end harness test
 (real agent CLIs need network and keys; their exact command lines are golden-tested); a
 tiny `mmdebstrap` in tests/test_images.py for the import's failure paths (the real

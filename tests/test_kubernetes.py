@@ -766,3 +766,44 @@ def test_kind_workflow_grove_is_valid_and_builds_valid_objects(
     for obj in objs.build(writer, pod_launch(writer, g.remote), {"GIT_TOKEN": "x"}):
         validate(obj)
     assert "engine apply --auto-approve --wait" in steps["Apply and wait"]["run"]
+
+
+class _EndlessExec:
+    """The exec stream of a pod that prints without end (the Kubernetes API server's
+    websocket is an edge this machine cannot run; see conftest)."""
+
+    def __init__(self, chunk: str, forever: bool = True) -> None:
+        self.chunk, self.forever, self.sent = chunk, forever, 0
+
+    def is_open(self) -> bool:
+        return self.forever or self.sent < 3
+
+    def update(self, timeout: float) -> None:
+        self.sent += 1
+
+    def peek_stdout(self) -> bool:
+        return bool(self.chunk)
+
+    def read_stdout(self) -> str:
+        return self.chunk
+
+    def peek_stderr(self) -> bool:
+        return False
+
+    def read_stderr(self) -> str:
+        return ""
+
+
+def test_exec_output_is_capped_while_it_streams() -> None:
+    from engine.runtimes import kubernetes as k8s_rt
+    with pytest.raises(EngineError, match="printed more than"):
+        k8s_rt._drain(_EndlessExec("x" * (1 << 20)), 60, "agent g/a: tar")
+
+
+def test_exec_that_never_ends_times_out() -> None:
+    from engine.errors import TemporaryError
+    from engine.runtimes import kubernetes as k8s_rt
+    with pytest.raises(TemporaryError, match="no answer within"):
+        k8s_rt._drain(_EndlessExec(""), 0.2, "agent g/a: tar")
+    out, _ = k8s_rt._drain(_EndlessExec("ab", forever=False), 5, "agent g/a: tar")
+    assert out.startswith("abab")

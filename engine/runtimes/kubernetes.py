@@ -324,9 +324,11 @@ class KubernetesRuntime:
                 core.connect_get_namespaced_pod_exec, pod, ns, command=argv,
                 container=objs.CONTAINER, stdin=False, stdout=True, stderr=True, tty=False,
                 _preload_content=False)
-            ws.run_forever(timeout=timeout)
-            out, err, code = ws.read_stdout(), ws.read_stderr(), ws.returncode
-            ws.close()
+            try:
+                out, err = _drain(ws, timeout, f"agent {grove}/{agent}: {argv[0]}")
+                code = ws.returncode
+            finally:
+                ws.close()
         except kubernetes.client.exceptions.ApiException as e:
             if e.status == 403:
                 raise EngineError(f"kubernetes: RBAC forbids create on pods/exec in namespace "
@@ -338,6 +340,34 @@ class KubernetesRuntime:
             raise EngineError(f"agent {grove}/{agent}: {argv[0]} in pod {ns}/{pod} exited "
                               f"{code}: {(err or '').strip()[:200]}")
         return str(out or "")
+
+
+MAX_EXEC_OUTPUT = 24 << 20  # what a pod may print to an exec: the inbox archive, base64
+
+
+def _drain(ws: Any, timeout: float, who: str) -> tuple[str, str]:
+    """Read an exec's stdout and stderr as they come, at most MAX_EXEC_OUTPUT: the pod is
+    the agent's, and what it prints is never buffered whole before it is checked."""
+    deadline = time.monotonic() + timeout
+    out: list[str] = []
+    err: list[str] = []
+    size = 0
+    while ws.is_open():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TemporaryError(f"{who}: no answer within {timeout:g}s", delay=5.0)
+        ws.update(timeout=min(left, 1.0))
+        if ws.peek_stdout():
+            chunk = ws.read_stdout()
+            size += len(chunk)
+            out.append(chunk)
+        if ws.peek_stderr():
+            err.append(ws.read_stderr()[:4096])
+        if size > MAX_EXEC_OUTPUT:
+            raise EngineError(f"{who}: printed more than {MAX_EXEC_OUTPUT} bytes; refused")
+    out.append(ws.read_stdout() or "")
+    err.append(ws.read_stderr() or "")
+    return "".join(out), "".join(err)[:4096]
 
 
 def _connect(kubeconfig: str, context: str) -> Cluster:
