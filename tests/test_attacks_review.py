@@ -493,3 +493,22 @@ def test_copy_never_writes_through_a_symlink_in_its_own_copy(tmp_path: Path) -> 
     (src / "a" / "b").write_text("x")
     tree.copy_paths(src, ["a/b"], dest, tree.Budget(1 << 20))
     assert list(outside.iterdir()) == []
+
+
+def test_failed_transfer_is_not_retried_by_every_observation(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD names a commit the agent's store lacks (or a transfer that fails slowly, e.g.
+    a huge sparse pack): observation retries it at most once a minute, an archive (a fresh
+    sync) every time."""
+    from engine.trust import exchange
+    wt = agent_repo(repo)
+    (wt / ".git" / "HEAD").write_text("1234567890123456789012345678901234567890\n")
+    calls: list[int] = []
+    real = exchange._fetch
+    monkeypatch.setattr(exchange, "_fetch", lambda *a: calls.append(1) or real(*a))
+    first = exchange.sync(repo, "g", "a", wt, BRANCH, fresh=False)
+    assert first.problems and not first.head and calls == [1]
+    again = exchange.sync(repo, "g", "a", wt, BRANCH, fresh=False)
+    assert again.problems == first.problems and calls == [1]  # not tried again yet
+    exchange.sync(repo, "g", "a", wt, BRANCH, fresh=True)
+    assert calls == [1, 1]  # an archive always tries

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ MAX_REF_DEPTH = 12  # components of a ref name below refs/heads
 REF_FILE_BYTES = 4096
 PACKED_REFS_BYTES = 8 << 20
 COPY_BYTES = 4 << 30
+RETRY_SECONDS = 60.0  # observation retries a failed transfer at most this often
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,11 @@ def sync(root: Path, grove: str, agent: str, workdir: Path, branch: str,
     if listing is None:
         listing = _listing(root, branch, prefix)
     out = _sync(root, grove, agent, workdir, branch, refs, listing)
-    if out.problems == refs.problems:  # a failed transfer is tried again next time
-        _remember(cache, _key(refs), _listing(root, branch, prefix), out)
+    # a failed transfer is tried again: by the next fresh sync (an archive), and by
+    # observation after a minute (a transfer that fails slowly does not stall every status)
+    failed = out.problems != refs.problems
+    _remember(cache, _key(refs), _listing(root, branch, prefix), out,
+              time.time() + RETRY_SECONDS if failed else None)
     return out
 
 
@@ -179,10 +184,13 @@ def _key(refs: AgentRefs) -> str:
 
 def _cached(path: Path, key: str, listing: str | None) -> Imported | None:
     """The last sync's result when the agent's refs (and, given, the trusted side's
-    listing) are what they were then."""
+    listing) are what they were then; a failed one only for observation, for a while."""
     try:
         doc = json.loads(path.read_text())
         if doc.get("key") != key or (listing is not None and doc.get("listing") != listing):
+            return None
+        retry = doc.get("retry")
+        if retry is not None and (listing is not None or time.time() >= float(retry)):
             return None
         return Imported(str(doc["head"]), str(doc["branch"]), tuple(doc["tips"]),
                         tuple(doc["problems"]))
@@ -190,9 +198,10 @@ def _cached(path: Path, key: str, listing: str | None) -> Imported | None:
         return None
 
 
-def _remember(path: Path, key: str, listing: str, out: Imported) -> None:
+def _remember(path: Path, key: str, listing: str, out: Imported, retry: float | None
+              ) -> None:
     doc = {"key": key, "listing": listing, "head": out.head, "branch": out.branch,
-           "tips": list(out.tips), "problems": list(out.problems)}
+           "tips": list(out.tips), "problems": list(out.problems), "retry": retry}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, json.dumps(doc).encode(), 0o600)
 
