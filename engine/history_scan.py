@@ -180,7 +180,8 @@ def _doc_agents(text: str, display: str) -> dict[str, AgentRec]:
         entries: list[tuple[Any, Any]] = []
         spec: dict[str, Any] = data["spec"] if isinstance(data.get("spec"), dict) else {}
         if data.get("kind") == "Grove":
-            entries = [(a.get("name"), a) for a in spec.get("agents") or []
+            agents = spec.get("agents")
+            entries = [(a.get("name"), a) for a in (agents if isinstance(agents, list) else [])
                        if isinstance(a, dict)]
         elif data.get("kind") == "Agent" and isinstance(data.get("metadata"), dict):
             entries = [(data["metadata"].get("name"), spec)]

@@ -13,6 +13,7 @@ from engine import workspace
 from engine.errors import EngineError
 from engine.trust.git import call
 from engine.trust.git import run as git
+from engine.trust.reader import for_terminal
 from engine.workspace import base_commit
 
 
@@ -32,6 +33,19 @@ def diff(root: Path, branch: str, base_ref: str, workdir: Path | None, stat: boo
     return out
 
 
+def _no_engine_paths(root: Path, ref: str, branch: str) -> None:
+    """Refuse a branch that touches `.engine/` (in any case): git treats that ignored
+    directory as expendable, so a merge would write the agent's files over the engine's
+    state (shadow repositories, other agents' workspaces, the secret key)."""
+    changed = git(root, "diff", "--no-ext-diff", "--no-textconv", "--name-only", "-z",
+                  f"{ref}...{branch}").split("\0")
+    bad = sorted({p for p in changed if p.split("/", 1)[0].casefold() == ".engine"})
+    if bad:
+        raise EngineError(f"branch {branch} writes into .engine/ ({for_terminal(bad[0])}"
+                          f"{' and more' if len(bad) > 1 else ''}), the engine's own state; "
+                          "refusing to merge it")
+
+
 def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
     """Merge `branch` into the base branch; returns the new base commit."""
     ref, _ = base_commit(root, base_ref)
@@ -39,13 +53,15 @@ def merge(root: Path, branch: str, base_ref: str, message: str) -> str:
         raise EngineError(f"base {ref!r} is not a branch; cannot merge into it")
     if not git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}", check=False):
         raise EngineError(f"branch {branch} does not exist")
+    _no_engine_paths(root, ref, branch)
     current = git(root, "symbolic-ref", "--short", "-q", "HEAD", check=False)
     if current == ref:
         if git(root, "status", "--porcelain", "--untracked-files=no",
                "--ignore-submodules=all"):
             raise EngineError(f"{root}: uncommitted changes on {ref}; commit or stash them "
                               "before merging")
-        p = call(root, "merge", "--no-ff", "--no-edit", "-m", message, branch)
+        # no timeout: a merge killed half-way would leave a half-merged checkout
+        p = call(root, "merge", "--no-ff", "--no-edit", "-m", message, branch, timeout=None)
         if p.returncode != 0:
             files = git(root, "diff", "--name-only", "--diff-filter=U", check=False)
             git(root, "merge", "--abort", check=False)

@@ -512,3 +512,34 @@ def test_failed_transfer_is_not_retried_by_every_observation(
     assert again.problems == first.problems and calls == [1]  # not tried again yet
     exchange.sync(repo, "g", "a", wt, BRANCH, fresh=True)
     assert calls == [1, 1]  # an archive always tries
+
+
+def test_merge_refuses_a_branch_that_writes_into_engine_state(repo: Path) -> None:
+    """An agent commits `.engine/exchange/<grove>/<other>/git/config` defining a filter
+    (and an attributes file selecting it): `engine merge` would write them over the
+    engine's own ignored state, and the next status would run the filter on the host.
+    The merge is refused; the shadow's configuration is the engine's whatever is there."""
+    from engine import review
+    from engine.trust import exchange
+    wt = agent_repo(repo)
+    evil = wt / ".engine" / "exchange" / "g" / "b" / "git"
+    evil.mkdir(parents=True)
+    (evil / "config").write_text('[filter "x"]\n\tclean = touch /tmp/pwned-merge\n')
+    as_agent(wt, "add", "-f", ".engine")
+    as_agent(wt, "commit", "-qm", "state")
+    workspace.sync(repo, "g", "a")
+    with pytest.raises(EngineError, match=r"writes into \.engine/"):
+        review.merge(repo, BRANCH, "main", "merge a")
+    assert not (repo / ".engine" / "exchange" / "g" / "b").exists()
+    # defence in depth: a planted shadow config is rewritten before git reads it
+    base = git(repo, "rev-parse", "main")
+    workspace.work_state(repo, "g", "a", wt, BRANCH, base)  # the shadow exists
+    shadow = exchange.shadow_dir(repo, "g", "a") / "git"
+    (shadow / "info").mkdir(exist_ok=True)
+    (shadow / "config").write_text('[filter "x"]\n\tclean = touch /tmp/pwned-shadow\n')
+    (shadow / "info" / "attributes").write_text("* filter=x\n")
+    (wt / "README.md").write_text("changed\n")
+    workspace.work_state(repo, "g", "a", wt, BRANCH, base)
+    assert (shadow / "config").read_text() == exchange.SHADOW_CONFIG
+    assert not (shadow / "info" / "attributes").exists()
+    assert not Path("/tmp/pwned-shadow").exists()

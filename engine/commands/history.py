@@ -18,6 +18,7 @@ from engine import history_scan as scan
 from engine import ui
 from engine.commands import _common
 from engine.errors import EngineError
+from engine.trust.reader import for_terminal
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             ui.print_json(story.to_json(args.reverse))
         else:
-            ui.out(story.text(args.reverse).rstrip("\n"))
+            ui.out(for_terminal(story.text(args.reverse).rstrip("\n")))
         return 0
     ordered = events if args.reverse else list(reversed(events))
     if args.json:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not ordered:
         ui.out("no topology changes in the git history of groves/")
     for e in ordered:
-        ui.out(e.text())
+        ui.out(for_terminal(e.text()))
     return 0
 
 

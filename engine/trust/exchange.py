@@ -361,7 +361,7 @@ def _shadow(root: Path, grove: str, agent: str, workdir: Path, head: str) -> dic
         s.mkdir(parents=True, exist_ok=True, mode=0o700)
         git.run(root, "init", "-q", "--bare", "--template=", str(gitdir))
         (gitdir / "objects" / "info").mkdir(parents=True, exist_ok=True)
-        (gitdir / "objects" / "info" / "alternates").write_text(f"{objects_dir(root)}\n")
+    _own_files(gitdir, objects_dir(root))
     hidden = (s / "hidden").read_text().split("\n") if (s / "hidden").is_file() else []
     hidden = [h for h in hidden if h]
     (gitdir / "info").mkdir(exist_ok=True)
@@ -383,6 +383,25 @@ def _shadow(root: Path, grove: str, agent: str, workdir: Path, head: str) -> dic
             git.run(root, "update-index", "--skip-worktree", "--", h, env=env, check=False)
         marker.write_text(head)
     return env
+
+
+SHADOW_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tbare = true\n"
+
+
+def _own_files(gitdir: Path, objects: Path) -> None:
+    """The shadow's configuration, alternates and attributes are the engine's, whatever
+    has happened under `.engine/` since: rewritten when they differ, and no attributes
+    file at all (drivers and filters exist only where configuration defines them)."""
+    for path, want in ((gitdir / "config", SHADOW_CONFIG),
+                       (gitdir / "objects" / "info" / "alternates", f"{objects}\n")):
+        try:
+            same = not path.is_symlink() and path.read_text() == want
+        except OSError:
+            same = False
+        if not same:
+            path.unlink(missing_ok=True)
+            atomic_write(path, want.encode(), 0o600)
+    (gitdir / "info" / "attributes").unlink(missing_ok=True)
 
 
 def status(root: Path, grove: str, agent: str, workdir: Path, head: str
