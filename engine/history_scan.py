@@ -23,7 +23,7 @@ from typing import IO, Any
 from engine import manifest, revisions
 from engine.topology import changed_fields
 from engine.trust import git as trust_git
-from engine.yamlio import MAX_FILE_BYTES, YamlError, load_text
+from engine.yamlio import MAX_FILE_BYTES, NotReadable, YamlError, load_text, read_regular
 
 TRAILERS = ("Spawned-By", "Spawn-Request")
 _FMT = "%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%(trailers:only,unfold)%x1e"
@@ -333,10 +333,11 @@ def add_uncommitted(root: Path, found: History, groves: list[str] | None = None)
 def _working_copy(path: Path, display: str) -> tuple[str, dict[str, AgentRec]]:
     """("", agents) of a file on disk, or (the problem, {})."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            return f"{display}: larger than {MAX_FILE_BYTES} bytes", {}
-        return "", _agents_of(path.read_text(encoding="utf-8"), display, {})
+        raw = read_regular(path, MAX_FILE_BYTES, follow_symlinks=False)
+        return "", _agents_of(raw.decode("utf-8"), display, {})
     except YamlError as e:
         return str(e.diagnostic), {}
+    except NotReadable as e:
+        return f"{display}: {e}", {}
     except (OSError, UnicodeDecodeError) as e:
         return f"{display}: cannot be read ({e.__class__.__name__})", {}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from engine.desired import DesiredAgent, Policy
 from engine.errors import EngineError
-from engine.trust import reader, tree
+from engine.trust import reader
 from engine.trust.git import run as git
 
 BEGIN = "<!-- engine:begin -->"
@@ -81,10 +81,10 @@ def _replace(workdir: Path, rel: str, data: bytes) -> None:
     without following a symlink; the directory is made when missing."""
     parts = rel.split("/")
     for i in range(1, len(parts)):
-        with tree.opendir(workdir, tuple(parts[:i - 1])) as d, \
+        with reader.opendir(workdir, tuple(parts[:i - 1])) as d, \
                 contextlib.suppress(FileExistsError):
             os.mkdir(parts[i - 1], 0o755, dir_fd=d)
-    with tree.opendir(workdir, tuple(parts[:-1])) as d:
+    with reader.opendir(workdir, tuple(parts[:-1])) as d:
         tmp = f".{parts[-1]}.engine-tmp"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=d)

@@ -160,10 +160,11 @@ def _commit(root: Path, path: Path) -> str:
             return "the repository has no commits yet"
         before = _git(root, "rev-parse", "-q", "--verify", f"{old}:{top}", check=False)
         committed = _git(root, "cat-file", "blob", before) if before else ""
-        pending = _pending(path.read_text(), committed, rel)
+        text = _read(path)  # never through a symlink; the blob is what was read
+        pending = _pending(text, committed, rel)
         if not pending:
             return ""
-        blob = _git(root, "hash-object", "-w", "--", rel)
+        blob = _git(root, "hash-object", "-w", "--stdin", input=text)
         new = _commit_tree(root, old, top, blob, pending)
         try:
             _git(root, "update-ref", "-m", f"commit: {_subject(pending)}", "HEAD", new, old)

@@ -543,3 +543,21 @@ def test_merge_refuses_a_branch_that_writes_into_engine_state(repo: Path) -> Non
     assert (shadow / "config").read_text() == exchange.SHADOW_CONFIG
     assert not (shadow / "info" / "attributes").exists()
     assert not Path("/tmp/pwned-shadow").exists()
+
+
+def test_history_never_reads_spawned_yaml_through_a_symlink(repo: Path, tmp_path: Path,
+                                                            engine) -> None:
+    """spawned.yaml in the checkout replaced by a symlink to a host secret: `engine
+    history` reports the file and never prints the secret."""
+    secret = tmp_path / "host-secret"
+    secret.write_text("canary-7f3a9e-host-secret\n")
+    d = repo / "groves" / "g"
+    d.mkdir(parents=True)
+    (d / "grove.yaml").write_text("apiVersion: engine/v1alpha1\nkind: Grove\n"
+                                  "metadata: {name: g}\nspec: {agents: []}\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "grove")
+    os.symlink(secret, d / "spawned.yaml")
+    out = engine("history")
+    assert "canary-7f3a9e" not in out.out + out.err
+    assert out.code in (0, 1)

@@ -57,8 +57,8 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     atomic_write(shim, client_shim().encode(), 0o755)
     launch.inbox.mkdir(parents=True, exist_ok=True)
     launch.log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(launch.log_file, "ab" if launch.resume else "wb"):
-        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    os.close(os.open(launch.log_file, flags | (0 if launch.resume else os.O_TRUNC), 0o644))
     for p in (ctl, secrets, launch.inbox, launch.log_file):
         give(p, uid, gid)
     if a.access != "read-only":

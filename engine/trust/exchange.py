@@ -304,7 +304,7 @@ def _copy_objects(workdir: Path, dest: Path, main_objects: Path) -> None:
         if not names:
             continue
         (dest / sub).mkdir(parents=True, exist_ok=True)
-        with tree.opendir(workdir, (*where, sub)) as d, tree.opendir(dest, (sub,)) as out:
+        with reader.opendir(workdir, (*where, sub)) as d, reader.opendir(dest, (sub,)) as out:
             for n in names:
                 tree.copy_file(d, n, out, n, budget, f"{workdir}/.git/objects/{sub}")
 
@@ -438,7 +438,7 @@ def snapshot(root: Path, grove: str, agent: str, workdir: Path, head: str
         if head:
             changed = [p for c, p in status(root, grove, agent, workdir, head) if c != "!!"]
         else:
-            with tree.opendir(workdir) as d:
+            with reader.opendir(workdir) as d:
                 changed = sorted(n for n in os.listdir(d) if n != ".git")
         kept = [p for p in changed if _keepable(p)]
         problems = [f"not kept: {p!r} (a name git refuses)" for p in changed

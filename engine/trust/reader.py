@@ -54,7 +54,7 @@ class NotFound(Untrusted):
 
 
 @contextlib.contextmanager
-def _dir_fd(base: Path, parts: tuple[str, ...]) -> Iterator[int]:
+def opendir(base: Path, parts: tuple[str, ...] = ()) -> Iterator[int]:
     """An fd of base/parts..., walked with O_NOFOLLOW at every step beneath `base`."""
     fd = os.open(base, _DIR_FLAGS)
     try:
@@ -82,7 +82,7 @@ def open_regular(base: Path, rel: str | Path) -> int:
     parts = _split(base, rel)
     where = base.joinpath(*parts)
     try:
-        with _dir_fd(base, parts[:-1]) as d:
+        with opendir(base, parts[:-1]) as d:
             fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=d)
     except FileNotFoundError:
         raise NotFound(f"{where}: not found") from None
@@ -168,7 +168,7 @@ def _no_surrogates(doc: Any, where: Path) -> None:
 def _names(base: Path, rel: str | Path, regular_only: bool) -> list[str]:
     parts = () if str(rel) in ("", ".") else _split(base, rel)
     try:
-        with _dir_fd(base, parts) as d, os.scandir(d) as it:
+        with opendir(base, parts) as d, os.scandir(d) as it:
             return sorted(e.name for e in it
                           if not regular_only or e.is_file(follow_symlinks=False))
     except (OSError, Untrusted):
@@ -223,7 +223,7 @@ def rename(base: Path, rel_dir: str | Path, old: str, new: str) -> None:
     for name in (old, new):
         if name in ("", ".", "..") or "/" in name or "\0" in name:
             raise Untrusted(f"{base}: refused name {name!r}")
-    with _dir_fd(base, parts) as d:
+    with opendir(base, parts) as d:
         os.rename(old, new, src_dir_fd=d, dst_dir_fd=d)
 
 
@@ -231,7 +231,7 @@ def replace_file(base: Path, rel: str | Path, data: bytes, mode: int = 0o644) ->
     """Write `data` to `base/rel` atomically (temporary file, fsync, rename over the
     entry): a symlink or file already there is replaced, never written through."""
     parts = _split(base, rel)
-    with _dir_fd(base, parts[:-1]) as d:
+    with opendir(base, parts[:-1]) as d:
         tmp = f".{parts[-1]}.{uuid.uuid4().hex[:12]}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                      os.O_CLOEXEC, mode, dir_fd=d)

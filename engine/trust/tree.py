@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from engine.trust.reader import Untrusted
+from engine.trust.reader import Untrusted, opendir
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -38,22 +38,6 @@ class Budget:
             raise Untrusted(f"{where}: the work is larger than the copy limit")
         if self.entries < 0:
             raise Untrusted(f"{where}: the work has more than {MAX_ENTRIES} entries")
-
-
-@contextlib.contextmanager
-def opendir(base: Path, parts: tuple[str, ...] = ()) -> Iterator[int]:
-    """An fd of base/parts..., no symlink followed beneath `base`."""
-    fd = os.open(base, _DIR)
-    try:
-        for part in parts:
-            if part in ("", ".", "..") or "/" in part:
-                raise Untrusted(f"{base}: refused path component {part!r}")
-            nxt = os.open(part, _DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def listdir(base: Path, parts: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
