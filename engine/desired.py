@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import checks, graph, harnesses, layers, secrets
+from engine import egress as egress_names
 from engine.errors import Diagnostic, EngineError, InvalidManifests
 from engine.manifest import Entry, GroveSource
 from engine.render import TemplateError, render
@@ -88,6 +89,12 @@ class DesiredAgent:
     # credentials the chosen auth method needs as files: (credential name, path relative to
     # the agent's home); the runtime writes the value there (0600), not into the environment
     credential_files: tuple[tuple[str, str], ...] = ()
+    # `network: egress`: the endpoints ("host:port", normalized, sorted) the gateway lets
+    # this agent reach; () for any other network
+    egress: tuple[str, ...] = ()
+    # the installable agent program of the harness: (catalogue name, pinned version), as
+    # `engine harness install NAME@VERSION` puts it in the cache; None: nothing to install
+    program: tuple[str, str] | None = None
 
     @property
     def branch(self) -> str:
@@ -102,6 +109,14 @@ class DesiredAgent:
             if k == key:
                 return json.loads(v)
         return default
+
+
+def _program(merged: dict[str, Any]) -> tuple[str, str] | None:
+    """(catalogue name, version) of the harness's installable program, if it has one."""
+    install = merged.get("install")
+    if not isinstance(install, dict) or not install.get("version"):
+        return None
+    return str(merged.get("builtin") or merged["harness"]), str(install["version"])
 
 
 @dataclass(frozen=True)
@@ -271,6 +286,7 @@ class _Builder:
         merged["command"] = list(command)
         if auth.name:
             merged["auth"] = auth.name
+        egress = self._egress(entry, merged)
         refs = [("dependsOn", d) for d in merged.get("dependsOn") or []]
         refs += [("spawnedBy", parent)] if parent else []
         for key, ref in refs:
@@ -312,7 +328,38 @@ class _Builder:
             workspace=merged.get("workspace", "worktree"),
             depth=graph.depth_of(self.parents, entry.name), source=entry.where(),
             settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra,
-            resume_command=resume, credential_files=auth.files)
+            resume_command=resume, credential_files=auth.files, egress=egress,
+            program=_program(merged))
+
+    def _egress(self, entry: Entry, merged: dict[str, Any]) -> tuple[str, ...]:
+        """The endpoints of a `network: egress` agent: the profile's `egress` list, where
+        the entry `harness` (the default) stands for the harness's declared endpoints."""
+        network = merged.get("network", "none")
+        wanted = merged.get("egress")
+        if network != "egress":
+            if wanted:
+                self.problem(entry, f"egress applies only with network: egress (network is "
+                                    f"{network})", "egress")
+            return ()
+        out: set[str] = set()
+        items: list[tuple[str, str]] = []
+        for i, item in enumerate(["harness"] if wanted is None else wanted):
+            if item == "harness":
+                items += [(f"harness {merged.get('harness')}: endpoints", str(e))
+                          for e in merged.get("endpoints") or []]
+            else:
+                items.append((f"egress[{i}]", str(item)))
+        for where, item in items:
+            try:
+                host, port = egress_names.parse_endpoint(item)
+                out.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            except ValueError as e:
+                self.problem(entry, f"{where}: {e}", "egress")
+        if not out:
+            self.problem(entry, f"network: egress with no endpoint: harness "
+                                f"{merged.get('harness')} declares none, so list them in "
+                                "egress: [host:port, ...]", "network")
+        return tuple(sorted(out))
 
     def _render(self, entry: Entry, text: str, ctx: dict[str, Any], *where: str) -> str:
         try:

@@ -263,6 +263,21 @@ def _ws_of(run: Run, name: str) -> workspace.Workspace | None:
     return workspace.ensure(run.root, a, run.grove.base_ref, base=run.base())
 
 
+def _check_programs(run: Run, plan: GrovePlan) -> None:
+    """Every agent about to start has its harness program where its runtime looks (the
+    install cache, PATH, or an image that carries it); else one error, before anything
+    starts, naming the install command."""
+    for c in plan.changes:
+        if c.action not in (Action.CREATE, Action.REPLACE, Action.RESTART):
+            continue
+        a = run.grove.by_name.get(c.agent)
+        if a is None or a.program is None:
+            continue
+        check = getattr(run.rts.get(a.runtime, a.host), "check_program", None)
+        if check is not None:
+            check(a)
+
+
 def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rts: Runtimes,
             hooks: Hooks | None = None, settings: Settings | None = None) -> list[Outcome]:
     """Carry out `plan`; returns one outcome per agent that had something to do."""
@@ -271,6 +286,7 @@ def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rt
     if any(c.action in (Action.CREATE, Action.REPLACE, Action.RESTART)
            for c in plan.changes):
         run.base()  # no repository, no commit, no base: one error before anything changes
+        _check_programs(run, plan)  # nor a harness program missing
         workspace.exclude_state_dir(root)
         workspace.prune(root)  # once, before worktrees are added concurrently
     deletes = {c.agent: c for c in plan.changes if c.action is Action.DELETE}

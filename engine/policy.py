@@ -168,7 +168,8 @@ def compare(parent: DesiredAgent, child: DesiredAgent) -> list[str]:
       and read-only where the parent's is;
     - resources (cpus, memory, pids) and maxDuration: never above the parent's; unset (or
       0, which means no limit) on the child while the parent has a limit counts as above;
-    - network: none < a named network < host, and a named network only the parent's own;
+    - network: none < egress < a named network < host; a named network only the
+      parent's own; egress endpoints only ones the parent may reach;
     - credentials: each of the child's is one the parent has, with the same source (the
       same name read from another variable or file is refused);
     - access: read-only < read-write; workspace: clone < worktree < shared;
@@ -252,13 +253,19 @@ def _duration(p: DesiredAgent, c: DesiredAgent) -> list[str]:
 
 def _network(p: DesiredAgent, c: DesiredAgent) -> list[str]:
     mine, theirs = _net_rank(c.network), _net_rank(p.network)
-    if mine > theirs or (mine == 1 and c.network != p.network):
+    if mine > theirs or (mine == 2 and c.network != p.network):
         return [f"network: would get {c.network}; the parent has {p.network}"]
+    if mine == 1 and theirs == 1:
+        extra = sorted(set(c.egress) - set(p.egress))
+        if extra:
+            return [f"egress: would reach {', '.join(extra)}, which the parent cannot"]
     return []
 
 
 def _net_rank(network: str) -> int:
-    return 0 if network == "none" else 2 if network == "host" else 1
+    """none < egress (the gateway, a subset of the parent's endpoints) < a named network
+    < host."""
+    return {"none": 0, "egress": 1, "host": 3}.get(network, 2)
 
 
 def _credentials(p: DesiredAgent, c: DesiredAgent) -> list[str]:

@@ -47,6 +47,17 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
     assert not (real_home / ".config" / "engine" / "config.yaml.test-touched").exists()
 
 
+def searchable(path: Path) -> None:
+    """As root, the local runtime runs agents as uid 1000, which must reach the repository:
+    pytest's temporary directories are 0700, so let others search (not list) them."""
+    if os.geteuid() != 0:
+        return
+    for d in [path, *path.parents]:
+        if d == Path("/tmp") or d == Path("/"):
+            break
+        d.chmod(d.stat().st_mode | 0o001)
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
                           text=True).stdout.strip()
@@ -57,6 +68,7 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh git repository (branch main, one commit) as the working directory."""
     r = tmp_path / "repo"
     r.mkdir()
+    searchable(r)
     git(r, "init", "-q", "-b", "main")
     (r / "README.md").write_text("test repo\n")
     (r / ".gitignore").write_text(".engine/\n")

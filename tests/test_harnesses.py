@@ -489,7 +489,10 @@ def test_local_runtime_passes_task_intact_and_only_chosen_secret(
     set_creds(monkeypatch)  # the local runtime inherits the engine's environment: the
     monkeypatch.setenv("SRC_KEY", SECRET)  # credentials come from other variable names
     monkeypatch.setenv("SRC_OTHER", SECRET)
-    out = tmp_path / "seen.json"
+    drop = tmp_path / "out"  # as root, the agent runs as uid 1000: a place it may write
+    drop.mkdir(mode=0o777)
+    drop.chmod(0o777)
+    out = drop / "seen.json"
     dump = ("import hashlib, json, os, sys; k = os.environ.get('ANTHROPIC_API_KEY', ''); "
             "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), "
             "'key': hashlib.sha256(k.encode()).hexdigest(), "

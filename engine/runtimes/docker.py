@@ -11,6 +11,7 @@ inside the container under images/base/entrypoint.sh, bind-mounted from the pack
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -25,7 +26,8 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from engine import images
+from engine import egress, harness_install, images
+from engine.desired import DesiredAgent
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
 from engine.runtimes import LABEL_AGENT, Launch, Observed
 from engine.runtimes import docker_fs as fs
@@ -159,7 +161,7 @@ class DockerRuntime:
             raise EngineError(f"{who}: runtime docker needs an image")
         self._remove(self._name(a.grove, a.name))
         try:
-            dirs = fs.prepare(launch, images.entrypoint())
+            dirs = self._extras(launch, fs.prepare(launch, images.entrypoint()))
         except BaseException:
             fs.forget(launch.run_dir)  # never leave secret files behind a failed create
             raise
@@ -187,7 +189,52 @@ class DockerRuntime:
             fs.forget(launch.run_dir)
             raise _permanent(who, e) from None
 
+    def _local_engine(self) -> bool:
+        """Whether the Docker engine runs on this machine (it can mount the engine's files
+        and reach the gateway's sockets)."""
+        where = self.host or os.environ.get("DOCKER_HOST") or "unix://"
+        return where.startswith("unix://")
+
+    def _program(self, a: DesiredAgent) -> harness_install.Installed | None:
+        if a.program is None or not self._local_engine():
+            return None
+        return harness_install.installed(*a.program)
+
+    def check_program(self, a: DesiredAgent) -> None:
+        """The harness program is in the install cache (mounted read-only) or the image
+        says it carries it (label engine.harness.<name>); else one error naming the
+        install command."""
+        if a.program is None or self._program(a) is not None or not a.image:
+            return
+        info = None
+        with contextlib.suppress(EngineError, NotFound, ImageNotFound):
+            info = self._call(f"image {a.image}", lambda: self.api.inspect_image(a.image))
+        labels = ((info or {}).get("Config") or {}).get("Labels") or {}
+        if f"engine.harness.{a.program[0]}" not in labels:
+            raise EngineError(f"agent {a.grove}/{a.name}: "
+                              f"{harness_install.missing_message(a.program[0])}")
+
+    def _extras(self, launch: Launch, dirs: spec.HostDirs) -> spec.HostDirs:
+        """What the agent mounts besides its own files: its installed harness program,
+        and with `network: egress` its socket to the gateway (started if need be), whose
+        allow list is written first."""
+        a = launch.agent
+        program = self._program(a)
+        if a.network != "egress":
+            return dataclasses.replace(dirs, harness=program.root if program else None)
+        if not self._local_engine():
+            raise EngineError(f"agent {a.grove}/{a.name}: network: egress needs the Docker "
+                              f"engine on this machine (the gateway's socket is mounted); "
+                              f"profile host is {self.host}")
+        egress.write_policy(self.repo_root, a.grove, a.name, list(a.egress))
+        egress.ensure_running(self.repo_root)
+        return dataclasses.replace(
+            dirs, harness=program.root if program else None,
+            egress=egress.socket_dir(self.repo_root, a.grove, a.name),
+            forwarder=Path(egress.__file__).resolve().parent / "forwarder.py")
+
     def delete(self, grove: str, agent: str) -> None:
+        egress.remove_policy(self.repo_root, grove, agent)
         for name in self._owned(grove, agent):  # by labels: old names and new alike
             info = self._inspect(name)
             if info is None:

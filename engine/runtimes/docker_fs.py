@@ -62,7 +62,7 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     for p in (ctl, secrets, launch.inbox, launch.log_file):
         give(p, uid, gid)
     if a.access != "read-only":
-        _grant_workspace(launch, uid)
+        grant_workspace(launch, uid)
     return HostDirs(ctl=ctl, secrets=secrets, log=launch.log_file, inbox=launch.inbox,
                     client=launch.client, client_bin=shim, entrypoint=entrypoint)
 
@@ -83,7 +83,7 @@ def _write_secrets(directory: Path, values: dict[str, str]) -> None:
             f.write(value)
 
 
-def _grant_workspace(launch: Launch, uid: int) -> None:
+def grant_workspace(launch: Launch, uid: int) -> None:
     """Make the agent's workspace writable by its uid, once (its own files are its own
     after that). A shared workspace is the user's checkout: its files, never its `.git`
     or the engine's `.engine`."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__
+from engine import __version__, egress
 from engine.errors import EngineError
 from engine.runtimes import (
     FAILED,
@@ -45,6 +45,11 @@ CLIENT = "/usr/local/lib/engine/client.py"
 CLIENT_BIN = "/usr/local/bin/engine"  # a two-line shim: runs CLIENT with python3
 ENTRYPOINT = "/usr/local/lib/engine/entrypoint.sh"
 SESSION = "agent"  # the tmux session the harness runs in
+EGRESS = "/run/engine/egress"  # the agent's own gateway socket dir (network: egress)
+FORWARDER = "/usr/local/lib/engine/forwarder.py"  # in-container end of the gateway
+HARNESS = "/opt/engine/harness"  # an installed agent program (engine harness install)
+PROXY = "http://127.0.0.1:3128"  # the forwarder's proxy port, as the harness sees it
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 TMPFS_TMP = "rw,nosuid,nodev,size=512m"
 # create_kwargs keys that belong to the HostConfig; the rest are the container's Config
@@ -65,6 +70,9 @@ class HostDirs:
     client: Path
     client_bin: Path
     entrypoint: Path
+    egress: Path | None = None  # the gateway's socket dir for this agent (network: egress)
+    forwarder: Path | None = None  # engine/egress/forwarder.py (network: egress)
+    harness: Path | None = None  # the installed harness program's cache dir
 
 
 def repo_tag(repo_root: Path, grove: str, agent: str) -> str:
@@ -93,9 +101,11 @@ def uid_gid(user: str) -> tuple[int, int]:
     return int(uid), int(gid or uid)
 
 
-def _env(launch: Launch) -> dict[str, str]:
+def _env(launch: Launch, dirs: HostDirs | None = None) -> dict[str, str]:
     """The container's environment: no secret values, host paths rewritten to container
-    paths, git made usable for the agent user."""
+    paths, git made usable for the agent user; with `network: egress` the proxy variables
+    that lead to the in-container forwarder; with an installed harness program its bin
+    directory first on PATH."""
     a = launch.agent
     rewrite = {str(launch.inbox): INBOX, str(launch.workdir): WORKSPACE}
     env = {**dict(a.env), **{k: rewrite.get(v, v) for k, v in launch.env.items()}}
@@ -116,7 +126,23 @@ def _env(launch: Launch) -> dict[str, str]:
     files = credential_files(launch)
     if files:
         env["ENGINE_CREDENTIAL_FILES"] = "\n".join(f"{n}={p}" for n, p in files)
+    if dirs is not None and dirs.harness is not None:
+        env["PATH"] = f"{HARNESS}/bin:{PATH}"
+    if dirs is not None and dirs.egress is not None:
+        env.update(egress_env(a.egress))
     return dict(sorted(env.items()))
+
+
+def egress_env(endpoints: tuple[str, ...]) -> dict[str, str]:
+    """What the entrypoint and the harness need for `network: egress`: the forwarder's
+    socket and loopback ports, and the proxy variables (both spellings: programs read
+    either). Loopback endpoints are reached directly: the forwarder listens on them."""
+    loopback = [e for e in endpoints if egress.is_loopback(egress.parse_endpoint(e)[0])]
+    no_proxy = "localhost,127.0.0.1,::1"
+    return {"ENGINE_EGRESS_SOCKET": f"{EGRESS}/{egress.SOCKET_NAME}",
+            "ENGINE_EGRESS_FORWARD": " ".join(loopback),
+            "HTTPS_PROXY": PROXY, "HTTP_PROXY": PROXY, "https_proxy": PROXY,
+            "http_proxy": PROXY, "NO_PROXY": no_proxy, "no_proxy": no_proxy}
 
 
 def credential_files(launch: Launch) -> list[tuple[str, str]]:
@@ -154,6 +180,10 @@ def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
             _mount(dirs.log, LOG, False), _mount(dirs.inbox, INBOX, False),
             _mount(dirs.client, CLIENT, True), _mount(dirs.client_bin, CLIENT_BIN, True),
             _mount(dirs.entrypoint, ENTRYPOINT, True)]
+    if dirs.egress is not None and dirs.forwarder is not None:
+        out += [_mount(dirs.egress, EGRESS, True), _mount(dirs.forwarder, FORWARDER, True)]
+    if dirs.harness is not None:
+        out.append(_mount(dirs.harness, HARNESS, True))
     for source, target, m_ro in a.mounts:
         out.append(_mount(mount_source(launch, source), target, m_ro))
     return out
@@ -183,7 +213,8 @@ def client_shim() -> str:
 
 
 def network_mode(network: str) -> str:
-    return network or "none"
+    """`egress` has no network of its own: the gateway is reached through a socket."""
+    return "none" if network in ("", "egress") else network
 
 
 def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
@@ -206,7 +237,7 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
         "command": list(a.command),
         "user": f"{uid}:{gid}",
         "working_dir": WORKSPACE,
-        "environment": _env(launch),
+        "environment": _env(launch, dirs),
         "labels": {LABEL_GROVE: a.grove, LABEL_AGENT: a.name, LABEL_HASH: a.spec_hash,
                    LABEL_VERSION: __version__, LABEL_REPO: str(launch.repo_root)},
         "mounts": mounts(launch, dirs),

@@ -24,18 +24,22 @@ import re
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from engine import __version__, events
+from engine import __version__, events, harness_install
+from engine.desired import DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
 from engine.proc import CommandFailed, run
 from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
+from engine.runtimes import docker_fs as fs
 from engine.runtimes import local_contain as contain
+from engine.runtimes.docker_spec import uid_gid
 from engine.trust.reader import Untrusted, one_line, read_json, read_text, subdirs
 
 SEP = "__"  # grove and agent names cannot contain "_", so session names are unambiguous
@@ -158,8 +162,15 @@ class LocalRuntime:
         self._write_secrets(rd / "secrets", launch.secrets)
         bindir = rd / "bin"
         bindir.mkdir(exist_ok=True)
+        client = launch.client
+        drop = agent_ids(a)
+        if drop:
+            # the agent's uid may not reach the engine's install: it gets its own copy
+            client = bindir / "client.py"
+            atomic_write(client, launch.client.read_bytes(), 0o644)
+            self._prepare_user(launch, *drop)
         atomic_write(bindir / "engine", f"#!/bin/sh\nexec python3 -S "
-                     f"{shlex.quote(str(launch.client))} \"$@\"\n".encode(), 0o755)
+                     f"{shlex.quote(str(client))} \"$@\"\n".encode(), 0o755)
         launch.log_file.parent.mkdir(parents=True, exist_ok=True)
         c = self._contain(launch)
         atomic_write(rd / "run.sh", self._script(launch, c).encode(), 0o755)
@@ -170,9 +181,52 @@ class LocalRuntime:
         events.record(self.root, {"grove": a.grove, "agent": a.name, "runtime": self.name,
                                   "event": "AgentContained", "containment": c.mechanism})
 
+    def check_program(self, a: DesiredAgent) -> None:
+        """The harness program is installed in the cache or on PATH; else one error naming
+        the install command."""
+        if a.program is None or harness_install.installed(*a.program) is not None:
+            return
+        if shutil.which(a.command[0], path=clean_env()["PATH"]) is None:
+            raise EngineError(f"agent {a.grove}/{a.name}: "
+                              f"{harness_install.missing_message(a.program[0])}")
+
+    def home(self, grove: str, agent: str) -> Path:
+        """The private home of an agent run under its own uid (the engine is root)."""
+        return self.state / "home" / grove / agent
+
+    def _prepare_user(self, launch: Launch, uid: int, gid: int) -> None:
+        """The engine is root and the agent runs as `uid`: it must reach its workspace
+        (every directory above it searchable), own its home and inbox, and write its
+        workspace (an ACL, as for a container)."""
+        a = launch.agent
+        blocked = unreachable(launch.workdir, uid, gid, stop=self.state)
+        if blocked is not None:
+            raise EngineError(
+                f"agent {a.grove}/{a.name}: uid {uid} (the agent's user; agents never run as "
+                f"root) cannot reach its workspace: {blocked} is not searchable for it. Allow "
+                f"it (chmod o+x {blocked}, or setfacl -m u:{uid}:x {blocked}) or keep the "
+                "repository elsewhere")
+        for d in (self.state, self.state / "worktrees", launch.workdir.parent):
+            if d.is_dir() and d.is_relative_to(self.state):
+                d.chmod(d.stat().st_mode | 0o111)  # search only: nothing listed or read
+        home = self.home(a.grove, a.name)
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o700)
+        fs.give(home, uid, gid)
+        fs.give(launch.inbox, uid, gid)
+        for name, rel in a.credential_files:
+            if name in launch.secrets:
+                target = home / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, launch.secrets[name].encode(), 0o600)
+                fs.give(home, uid, gid)
+        if a.access != "read-only":
+            fs.grant_workspace(launch, uid)
+
     def _contain(self, launch: Launch) -> contain.Containment:
         """This run's containment, chosen for this machine and recorded in its run dir."""
-        c = contain.choose(launch.agent.grove, launch.agent.name, self._server_pid())
+        c = contain.choose(launch.agent.grove, launch.agent.name, self._server_pid(),
+                           agent_ids(launch.agent))
         atomic_write(launch.run_dir / contain.RECORD, c.record().encode())
         if c.mechanism == "pidns":
             atomic_write(launch.run_dir / contain.INIT_FILE, contain.INIT.encode())
@@ -233,6 +287,9 @@ class LocalRuntime:
         argv = " ".join(q(x) for x in command)
         if a.max_duration:
             argv = f"timeout --foreground -k 10 {a.max_duration} {argv}"
+        drop = agent_ids(a)
+        if drop:
+            argv = f"setpriv --reuid={drop[0]} --regid={drop[1]} --clear-groups -- {argv}"
         lines = self._prologue(launch, c)
         lines += contain.run_lines(c, argv)
         lines += contain.end_lines(c)
@@ -261,6 +318,16 @@ class LocalRuntime:
             f"cd {q(str(launch.workdir))} || exit 127",
             f"export PATH={q(str(rd / 'bin'))}:\"$PATH\"",
         ]
+        program = harness_install.installed(*a.program) if a.program else None
+        if program is not None:
+            lines.append(f"export PATH={q(str(program.bin_dir))}:\"$PATH\"")
+        if agent_ids(a):
+            home = self.home(a.grove, a.name)
+            lines += [f"export HOME={q(str(home))} USER=agent LOGNAME=agent",
+                      "unset XDG_CONFIG_HOME XDG_DATA_HOME XDG_CACHE_HOME XDG_RUNTIME_DIR",
+                      # its repository is not its uid's: git must still work in it
+                      "export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory "
+                      "GIT_CONFIG_VALUE_0='*'"]
         lines += [f"export {k}={q(v)}" for k, v in sorted(launch.env.items())]
         lines += [
             f"export {contain.TOKEN_VAR}={c.token}",
@@ -274,6 +341,9 @@ class LocalRuntime:
 
     def delete(self, grove: str, agent: str) -> None:
         self._stop(grove, agent)
+        home = self.home(grove, agent)
+        if home.is_dir() and not home.is_symlink():
+            shutil.rmtree(home)  # fd-based on Linux: a symlink inside is not followed
         rd = self.run_dir(grove, agent)
         if rd.is_symlink():
             rd.unlink()
@@ -327,6 +397,38 @@ class LocalRuntime:
         self.tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", f"={sess}:")
         time.sleep(0.05)  # a separate Enter, after the bracketed paste has landed
         self.tmux("send-keys", "-t", f"={sess}:", "Enter")
+
+
+def agent_ids(a: DesiredAgent) -> tuple[int, int] | None:
+    """(uid, gid) to run the harness as when that is not the engine's own: the engine is
+    root and the agent's user (default 1000) is not. Agent programs refuse to run
+    unattended as root (Claude Code does), and an agent has no business being root."""
+    if os.geteuid() != 0:
+        return None
+    uid, gid = uid_gid(a.user)
+    return None if uid == 0 else (uid, gid)
+
+
+def unreachable(path: Path, uid: int, gid: int, stop: Path) -> Path | None:
+    """The first directory above `path` (outside `stop`, which the engine fixes itself)
+    that `uid` cannot search, judged by mode bits (an ACL can only add to them)."""
+    for d in reversed(path.resolve().parents):
+        if d.is_relative_to(stop.resolve()):
+            break
+        st = d.stat()
+        bits = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bits and not _acl_search(d, uid):
+            return d
+    return None
+
+
+def _acl_search(d: Path, uid: int) -> bool:
+    try:
+        raw = os.getxattr(d, "system.posix_acl_access")
+    except OSError:
+        return False
+    entries = [struct.unpack_from("<HHI", raw, 4 + 8 * i) for i in range((len(raw) - 4) // 8)]
+    return any(tag == 0x02 and who == uid and perm & 1 for tag, perm, who in entries)
 
 
 def _ended(base: Path, name: str) -> tuple[int | None, str]:

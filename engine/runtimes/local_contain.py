@@ -63,9 +63,11 @@ class Containment:
         return json.dumps({**doc, "note": note} if note else doc)
 
 
-def choose(grove: str, agent: str, server_pid: int | None) -> Containment:
+def choose(grove: str, agent: str, server_pid: int | None,
+           delegate: tuple[int, int] | None = None) -> Containment:
     """The strongest containment this machine gives a new run of grove/agent (its cgroup,
-    if any, is created here)."""
+    if any, is created here; with `delegate`, the (uid, gid) the agent runs as, that
+    cgroup is delegated to it, so it may make cgroups of its own inside it)."""
     cap = os.environ.get(CAP_VAR) or MECHANISMS[0]
     if cap not in MECHANISMS:
         raise EngineError(f"{CAP_VAR}={cap!r}: must be one of {', '.join(MECHANISMS)}")
@@ -73,6 +75,8 @@ def choose(grove: str, agent: str, server_pid: int | None) -> Containment:
     token = secrets.token_hex(16)
     if "cgroup" in allowed:
         cg = _make_cgroup(_cgroup_name(grove, agent, token), server_pid)
+        if cg is not None and delegate is not None:
+            _delegate(cg, *delegate)
         if cg is not None:
             return Containment("cgroup", token, cgroup=str(cg))
     if "pidns" in allowed and _unshare_prefix():
@@ -273,6 +277,14 @@ def _make_cgroup(name: str, server_pid: int | None) -> Path | None:
     with contextlib.suppress(OSError):
         cg.rmdir()
     return None
+
+
+def _delegate(cg: Path, uid: int, gid: int) -> None:
+    """cgroup v2 delegation: the directory and the files a delegatee writes are the
+    agent's. cgroup.kill, which ends the run, stays the engine's."""
+    for p in (cg, cg / "cgroup.procs", cg / "cgroup.threads", cg / "cgroup.subtree_control"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(p, uid, gid, follow_symlinks=False)
 
 
 def _cgroup_ok(cg: str, grove: str, agent: str, token: str) -> bool:

@@ -15,6 +15,9 @@
 #   /run/engine/log         the pane's output (tmux pipe-pane), followed by `engine logs`
 #   ENGINE_MAX_DURATION     seconds; past it the harness is stopped and the exit code is 124
 #   ENGINE_CREDENTIAL_FILES lines NAME=PATH: copy /run/secrets/NAME to $HOME/PATH (0600)
+#   ENGINE_EGRESS_SOCKET    network: egress: the gateway's socket; the forwarder
+#                           (/usr/local/lib/engine/forwarder.py) is started first, on the
+#                           proxy port 3128 and on each port of ENGINE_EGRESS_FORWARD
 set -u
 CTL=/run/engine/ctl
 SESSION=agent
@@ -76,6 +79,24 @@ if [ -n "${ENGINE_CREDENTIAL_FILES:-}" ]; then
     mkdir -p "$(dirname "$HOME/$path")"
     (umask 077 && cat "/run/secrets/$name" >"$HOME/$path")
   done <<<"$ENGINE_CREDENTIAL_FILES"
+fi
+
+if [ -n "${ENGINE_EGRESS_SOCKET:-}" ]; then
+  # network: egress. The container has no network of its own; the forwarder listens on
+  # the proxy port (and on each loopback endpoint's port) and carries every connection
+  # over the mounted socket to the engine's gateway, which allows only the agent's list.
+  ready=/tmp/.engine-egress-ready
+  rm -f "$ready"
+  forward=()
+  for ep in ${ENGINE_EGRESS_FORWARD:-}; do forward+=(--forward "$ep"); done
+  python3 -S /usr/local/lib/engine/forwarder.py --socket "$ENGINE_EGRESS_SOCKET" \
+    --proxy-port 3128 "${forward[@]}" --ready "$ready" 2>>/run/engine/log &
+  for _ in $(seq 1 200); do
+    [ -e "$ready" ] && break
+    kill -0 $! 2>/dev/null || break
+    sleep 0.05
+  done
+  [ -e "$ready" ] || finish 1 "egress: the forwarder to the engine's gateway did not start"
 fi
 
 oom_before=$(oom_kills)
