@@ -796,8 +796,13 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
     if h == "gemini":
         d = home / ".gemini"
         d.mkdir(exist_ok=True)
-        (d / "settings.json").write_text(json.dumps(
-            {"security": {"auth": {"selectedType": "gemini-api-key"}}}, indent=2))
+        (d / "settings.json").write_text(json.dumps({
+            # without selectedType, headless gemini exits 41 "Invalid auth method selected"
+            "security": {"auth": {"selectedType": "gemini-api-key"}},
+            # no usage statistics to play.googleapis.com, no update check
+            "privacy": {"usageStatisticsEnabled": False},
+            "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
+        }, indent=2))
         return
     d = home / ".config" / "opencode"
     d.mkdir(parents=True, exist_ok=True)
@@ -807,6 +812,7 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
         "small_model": "scripted/scripted-model",
         "autoupdate": False,
         "share": "disabled",
+        "snapshot": False,
         "provider": {"scripted": {
             "npm": "@ai-sdk/openai-compatible",
             "name": "scripted",

@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for family, address in addresses:
                 try:
-                    listeners.append((listen(family, address, port), target))
+                    listeners.append((listen(family, address, port), f"{target}:{port}"))
                 except OSError as e:
                     if family != socket.AF_INET6:
                         raise

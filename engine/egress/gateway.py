@@ -9,7 +9,9 @@ else is refused with a status and a one-line reason. Only the request-line targe
 ever followed; whatever a client sends after the head goes, verbatim, to that one
 endpoint (so request smuggling cannot reach another). With `--listen HOST:PORT` a TCP
 listener serves remote agents, identified by `Proxy-Authorization: Basic` (agent id
-`<grove>/<agent>` and the policy's token).
+`<grove>/<agent>` and the policy's token, or a token whose SHA-256 is the policy's
+`tokenSha256`). `--policies DIR` also serves the policies `DIR/<grove>.<agent>.json` (a
+mounted ConfigMap in a Kubernetes namespace: see docs/kubernetes.md).
 
 Tunnels run on the event loop with `os.splice` through a kernel pipe per direction (the
 bytes never enter Python), or with recv_into/send where splice is missing. Every
@@ -19,7 +21,7 @@ background thread: `events.record` fsyncs).
 The gateway exits on SIGTERM/SIGINT/`stop` (live tunnels get 2 s), when its state
 directory is removed, or after 60 s without any policy.
 
-    python -m engine.egress.gateway --root ROOT [--listen HOST:PORT]
+    python -m engine.egress.gateway --root ROOT [--listen HOST:PORT] [--policies DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import binascii
 import contextlib
 import errno
 import fcntl
+import hashlib
 import hmac
 import json
 import os
@@ -122,6 +125,7 @@ class Agent:
     allow: frozenset[tuple[str, int]]
     token: str | None = None
     live: set[Conn] = field(default_factory=set)
+    token_sha256: str | None = None  # hex digest of the token (policies in a ConfigMap)
 
 
 @dataclass(eq=False)
@@ -585,6 +589,7 @@ class Gateway:
                     self.agents[key] = new
                 else:
                     old.allow, old.token = new.allow, new.token
+                    old.token_sha256 = new.token_sha256
                     for c in list(old.live):
                         if c.tunnel is not None and c.endpoint not in old.allow:
                             c.tunnel.abort("endpoint removed from the agent's egress list")
@@ -780,8 +785,13 @@ class Gateway:
             raise Refusal(407, "unknown agent") from None
         c.grove, c.agent = grove, name
         agent = self.agents.get((grove, name))
-        expected = (agent.token if agent is not None else None) or ""
-        if not hmac.compare_digest(expected.encode(), token.encode()) or not expected:
+        if agent is not None and agent.token_sha256:
+            given = hashlib.sha256(token.encode()).hexdigest()
+            known = hmac.compare_digest(agent.token_sha256, given)
+        else:
+            expected = (agent.token if agent is not None else None) or ""
+            known = hmac.compare_digest(expected.encode(), token.encode()) and bool(expected)
+        if not known:
             raise Refusal(407, "wrong agent token")
         assert agent is not None
         if len(agent.live) >= self.limits.max_conns:
@@ -935,7 +945,9 @@ class Gateway:
 
 
 def load_policy(path: Path) -> Agent:
-    """An agent's policy file, strictly: names matching its path, valid endpoints."""
+    """An agent's policy file, strictly: names matching its path, valid endpoints. The
+    path is `agents/<grove>/<agent>.json`, or `agents/<dir>/<grove>.<agent>.json` (a key
+    of the ConfigMap `--policies` serves; names never hold a dot)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         data = f.read((1 << 20) + 1)
@@ -947,7 +959,9 @@ def load_policy(path: Path) -> Agent:
         raise ValueError("not JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
-    grove, name = path.parent.name, path.name.removesuffix(".json")
+    grove, dot, name = path.name.removesuffix(".json").partition(".")
+    if not dot:
+        grove, name = path.parent.name, grove
     if doc.get("grove") != grove or doc.get("agent") != name:
         raise ValueError("grove/agent do not match the file's path")
     egress.check_name("grove", grove)
@@ -958,7 +972,14 @@ def load_policy(path: Path) -> Agent:
     token = doc.get("token")
     if token is not None and (not isinstance(token, str) or not token):
         raise ValueError("token must be a non-empty string")
-    return Agent(grove, name, frozenset(egress.parse_endpoint(e) for e in allow), token)
+    digest = doc.get("tokenSha256")
+    if digest is not None and (not isinstance(digest, str)
+                               or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError("tokenSha256 must be 64 lowercase hex digits")
+    if token is not None and digest is not None:
+        raise ValueError("token and tokenSha256 exclude each other")
+    return Agent(grove, name, frozenset(egress.parse_endpoint(e) for e in allow), token,
+                 token_sha256=digest)
 
 
 def _unix_listener(path: Path, mode: int) -> socket.socket:
@@ -1000,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.egress.gateway")
     ap.add_argument("--root", required=True, type=Path)
     ap.add_argument("--listen", help="HOST:PORT for remote agents (Proxy-Authorization)")
+    ap.add_argument("--policies", type=Path, metavar="DIR",
+                    help="also serve the policies DIR/<grove>.<agent>.json (e.g. a mounted "
+                         "ConfigMap); ROOT's state directory is created")
     args = ap.parse_args(argv)
     root = args.root.resolve()
     state = egress.state_dir(root)
@@ -1010,6 +1034,22 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"egress gateway: --listen: {e}", file=sys.stderr)
             return 2
+    if args.policies is not None:
+        # state/agents/configmap -> DIR; in a ConfigMap volume DIR/..data, where the files
+        # are not symlinks (O_NOFOLLOW) and which the kubelet swaps on each update
+        src = args.policies.resolve()
+        if (src / "..data").is_dir():
+            src = src / "..data"
+        link = state / "agents" / "configmap"
+        try:
+            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+            link.parent.mkdir(mode=0o700, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(src, target_is_directory=True)
+        except OSError as e:
+            print(f"egress gateway: --policies: {_describe(e)}", file=sys.stderr)
+            return 1
     if not state.is_dir():
         print(f"egress gateway: no state directory {state}", file=sys.stderr)
         return 1

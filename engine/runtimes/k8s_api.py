@@ -38,6 +38,8 @@ KINDS = {  # kind -> (API path prefix, plural)
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Job": ("/apis/batch/v1", "jobs"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "Service": ("/api/v1", "services"),  # the egress gateway (network: egress)
+    "Deployment": ("/apis/apps/v1", "deployments"),
 }
 APPLY = "application/apply-patch+yaml"
 

@@ -3,9 +3,14 @@
 Called by `engine.runtimes.kubernetes` (create) and by the tests (validation against the
 official Kubernetes schemas). `build` returns plain dicts in apply order: ConfigMap (the
 wrapper and clone scripts, the agent-side client), Secret (only this agent's credentials,
-mounted as files), PersistentVolumeClaim (profile `persistence`), NetworkPolicy
-(`network: none`), then the workload: a Job when `restart: never` (the cluster records
-completion), else a Pod. No I/O and no `kubernetes` package here.
+mounted as files, and with `network: egress` its proxy URL), PersistentVolumeClaim
+(profile `persistence`), NetworkPolicy (`network: none` or `egress`), then the workload:
+a Job when `restart: never` (the cluster records completion), else a Pod.
+
+`network: egress` also needs the namespace's egress gateway (`gateway_*`, shared by every
+egress agent of the namespace): a ConfigMap with the gateway's code, one with the agents'
+policies (each agent's key written by a field manager of its own), a Deployment, a
+Service and the gateway's NetworkPolicy. No I/O and no `kubernetes` package here.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
+from engine import egress
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
 from engine.runtimes import LABEL_AGENT, LABEL_GROVE, LABEL_HASH, LABEL_REPO, LABEL_VERSION
@@ -39,6 +46,57 @@ GIT_TOKEN, GIT_SSH_KEY = "GIT_TOKEN", "GIT_SSH_KEY"
 _TOKEN_HELPER = ('!f() { test "$1" = get || exit 0; echo "username=${GIT_USERNAME:-x-access-'
                  f'token}}"; printf "password=%s\\n" "$(cat {SECRETS_DIR}/{GIT_TOKEN})"; }}; f')
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+
+# -- network: egress: the namespace's gateway (docs/kubernetes.md, "network: egress") --
+# Names the agents' `object_name` never produces (it has one single `-`, or `---`).
+GATEWAY = "engine-egress"  # Deployment and Service
+GATEWAY_CODE = "engine-egress-code"  # ConfigMap: the gateway's Python modules
+GATEWAY_POLICIES = "engine-egress-policies"  # ConfigMap: <grove>.<agent>.json per agent
+GATEWAY_NETPOL = "engine-egress-gateway"  # the gateway Pods' NetworkPolicy
+EGRESS_LABEL = "engine.egress"  # "gateway" on the gateway's objects, "client" on agents
+GATEWAY_PORT = egress.PROXY_PORT
+GATEWAY_UID = 65532
+GATEWAY_ROOT = "/run/engine-egress"  # emptyDir: the gateway's state and log.jsonl
+GATEWAY_CODE_DIR = "/opt/engine-egress"
+GATEWAY_POLICY_DIR = "/etc/engine-egress/policies"
+GATEWAY_LOG = f"{GATEWAY_ROOT}/.engine/egress/{egress.LOG_NAME}"
+# The gateway's modules: standard library only, shipped in GATEWAY_CODE.
+GATEWAY_FILES = ("engine/__init__.py", "engine/errors.py", "engine/fsutil.py",
+                 "engine/inventory.py", "engine/events.py", "engine/egress/__init__.py",
+                 "engine/egress/gateway.py")
+EGRESS_PROXY_KEY = "ENGINE_EGRESS_PROXY"  # the agent's Secret: its proxy URL (and token)
+PROXY_VARS = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+EGRESS_WAIT_SECONDS = 300
+# The egress init container: waits until the gateway knows this agent (the kubelet
+# refreshes the policies ConfigMap in the gateway Pod within a minute or two). A probe
+# `CONNECT engine.invalid:9` answered 403 (not on the list) means: authenticated.
+EGRESS_WAIT = """\
+import base64, os, socket, sys, time
+from urllib.parse import unquote, urlsplit
+url = urlsplit(os.environ["HTTPS_PROXY"])
+cred = f"{unquote(url.username or '')}:{unquote(url.password or '')}"
+probe = ("CONNECT engine.invalid:9 HTTP/1.1\\r\\nHost: engine.invalid:9\\r\\n"
+         "Proxy-Authorization: Basic " + base64.b64encode(cred.encode()).decode()
+         + "\\r\\n\\r\\n").encode()
+deadline = time.monotonic() + float(sys.argv[1] if len(sys.argv) > 1 else 300)
+why = "no answer"
+while True:
+    try:
+        with socket.create_connection((url.hostname, url.port or 3128), timeout=5) as s:
+            s.sendall(probe)
+            status = s.recv(64).split(b" ")[1:2]
+        if status == [b"403"]:
+            print(f"engine: egress gateway {url.hostname} is ready")
+            sys.exit(0)
+        why = "answered " + (status[0].decode(errors="replace") if status else "nothing")
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+    if time.monotonic() > deadline:
+        print(f"engine: egress gateway {url.hostname} not ready for this agent: {why}",
+              file=sys.stderr)
+        sys.exit(1)
+    time.sleep(2)
+"""
 
 
 @dataclass(frozen=True)
@@ -119,6 +177,11 @@ def check(agent: DesiredAgent, remote: str) -> None:
     if run_as(agent)[0] == 0:
         raise EngineError(f"{who}: user 0 is root; the kubernetes runtime runs agents as "
                           "non-root (set user: to a uid other than 0)")
+    loopback = [e for e in agent.egress if egress.is_loopback(egress.parse_endpoint(e)[0])]
+    if agent.network == "egress" and loopback:
+        raise EngineError(f"{who}: egress endpoint {loopback[0]} is a loopback address: on "
+                          "docker it is the engine's host; a Pod has no such host (name a "
+                          "Service or host the gateway can reach)")
 
 
 def run_as(agent: DesiredAgent) -> tuple[int, int]:
@@ -179,12 +242,19 @@ def config_map(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
         data["engine"] = pl.client
     if agent.role:
         data["instructions"] = agent.role
+    if agent.network == "egress":
+        data["egress-wait"] = EGRESS_WAIT
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(agent, pl),
             "data": data}
 
 
-def secret(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str]) -> dict[str, Any]:
-    """The agent's credentials. Holds values: never print or log what this returns."""
+def secret(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str],
+           egress_token: str = "") -> dict[str, Any]:
+    """The agent's credentials, and with `network: egress` its proxy URL (which holds its
+    gateway token). Holds values: never print or log what this returns."""
+    values = dict(values)
+    if agent.network == "egress":
+        values[EGRESS_PROXY_KEY] = proxy_url(agent, pl.namespace, egress_token)
     data = {k: base64.b64encode(v.encode()).decode() for k, v in sorted(values.items())}
     return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(agent, pl),
             "type": "Opaque", "data": data}
@@ -199,26 +269,51 @@ def claim(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any] | None:
                      "resources": {"requests": {"storage": size}}}}
 
 
+def _dns_ports() -> list[dict[str, Any]]:
+    return [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+
+
+def _kube_dns() -> dict[str, Any]:
+    """Egress to the cluster DNS only: kube-dns (CoreDNS keeps that label) in kube-system."""
+    return {"to": [{"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": _dns_ports()}
+
+
+def _remote_rules(remote: str) -> tuple[list[dict[str, Any]], bool]:
+    """The egress rule git needs for the remote (its port; the exact address when the
+    remote names an IP), and whether it needs DNS too."""
+    end = remote_endpoint(remote)
+    if not end:
+        return [], False
+    host, port = end
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port}]}
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return [rule], True
+    rule["to"] = [{"ipBlock": {"cidr": f"{ip}/{ip.max_prefixlen}"}}]
+    return [rule], False
+
+
 def network_policy(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any] | None:
     """`network: none`: no ingress, no egress except what git needs to reach the remote
-    (DNS and the remote's port; the exact address when the remote names an IP)."""
-    if agent.network != "none":
+    (DNS and the remote's port; the exact address when the remote names an IP).
+    `network: egress`: the same for git, else only the gateway's Pods (TCP 3128) and DNS
+    (kube-dns in kube-system only)."""
+    if agent.network not in ("none", "egress"):
         return None
-    egress: list[dict[str, Any]] = []
-    end = remote_endpoint(pl.remote)
-    if end:
-        host, port = end
-        rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port}]}
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-            rule["to"] = [{"ipBlock": {"cidr": f"{ip}/{ip.max_prefixlen}"}}]
-        except ValueError:
-            egress.append({"ports": [{"protocol": "UDP", "port": 53},
-                                     {"protocol": "TCP", "port": 53}]})
-        egress.insert(0, rule)
+    rules, dns = _remote_rules(pl.remote)
+    if agent.network == "egress":
+        rules = [{"to": [{"podSelector": {"matchLabels": {EGRESS_LABEL: "gateway"}}}],
+                  "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]},
+                 _kube_dns(), *rules]
+    elif dns:
+        rules.append({"ports": _dns_ports()})
     spec: dict[str, Any] = {
         "podSelector": {"matchLabels": {LABEL_GROVE: agent.grove, LABEL_AGENT: agent.name}},
-        "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": egress}
+        "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": rules}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(agent, pl), "spec": spec}
 
@@ -275,7 +370,10 @@ def pod_spec(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
     uid, gid = run_as(agent)
     volumes, mounts = _volumes(agent, name)
     ro = {"engine-bin", "secrets"} | ({"workspace"} if agent.access == "read-only" else set())
-    env = [{"name": k, "value": v} for k, v in pl.env]
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in pl.env]
+    if agent.network == "egress":
+        env = [e for e in env if e["name"] not in (*PROXY_VARS, "NO_PROXY", "no_proxy")]
+        env += egress_env(object_name(agent.grove, agent.name), pl.remote)
     common = {"image": agent.image, "env": env, "workingDir": WORKSPACE,
               "securityContext": _container_security(agent), "resources": _resources(agent)}
     if agent.extra("imagePullPolicy"):
@@ -284,6 +382,13 @@ def pod_spec(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
             "volumeMounts": [{"name": v, "mountPath": p, "readOnly": v in ("engine-bin",
                                                                            "secrets")}
                              for v, p in mounts.items()]}
+    inits = [init]
+    if agent.network == "egress":  # after the clone (git goes direct): the gateway knows us
+        inits.append({"name": "egress", **common,
+                      "command": ["python3", "-I", f"{BIN_DIR}/egress-wait",
+                                  str(EGRESS_WAIT_SECONDS)],
+                      "volumeMounts": [{"name": v, "mountPath": p, "readOnly": True}
+                                       for v, p in mounts.items()]})
     main = {"name": CONTAINER, **common, "command": ["/bin/bash", f"{BIN_DIR}/wrapper"],
             "args": list(agent.command),
             "volumeMounts": [{"name": v, "mountPath": p, "readOnly": v in ro}
@@ -296,7 +401,7 @@ def pod_spec(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
         "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid,
                             "fsGroup": gid, "fsGroupChangePolicy": "OnRootMismatch",
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        "initContainers": [init], "containers": [main], "volumes": volumes}
+        "initContainers": inits, "containers": [main], "volumes": volumes}
     if agent.max_duration:
         spec["activeDeadlineSeconds"] = agent.max_duration
     for key in ("runtimeClassName", "serviceAccountName", "nodeSelector", "tolerations"):
@@ -309,6 +414,8 @@ def pod_spec(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
 
 def workload(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
     meta, spec = _meta(agent, pl), pod_spec(agent, pl)
+    if agent.network == "egress":  # the gateway's NetworkPolicy admits these Pods
+        meta["labels"][EGRESS_LABEL] = "client"
     if agent.restart != "never":
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
     template = {"metadata": {"labels": meta["labels"]}, "spec": spec}
@@ -316,11 +423,242 @@ def workload(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
             "spec": {"backoffLimit": 0, "template": template}}
 
 
-def build(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str]) -> list[dict[str, Any]]:
-    """Every object of one agent, in apply order. The Secret holds `values`: never log."""
+def build(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str],
+          egress_token: str = "") -> list[dict[str, Any]]:
+    """Every object of one agent, in apply order (with `network: egress` the gateway's
+    objects come first: `gateway_objects`). The Secret holds `values` and the egress
+    token: never log."""
     check(agent, pl.remote)
+    if agent.network == "egress" and not egress_token:
+        raise ValueError("an agent with network: egress needs its gateway token")
     objs = [config_map(agent, pl)]
-    if agent.credentials:
-        objs.append(secret(agent, pl, values))
+    if agent.credentials or agent.network == "egress":
+        objs.append(secret(agent, pl, values, egress_token))
     objs += [o for o in (claim(agent, pl), network_policy(agent, pl)) if o]
     return [*objs, workload(agent, pl)]
+
+
+# -- network: egress: the agent's side --------------------------------------------------
+
+def proxy_url(agent: DesiredAgent, namespace: str, token: str) -> str:
+    """http://<grove>%2F<agent>:<token>@engine-egress.<ns>.svc:3128: the gateway reads the
+    agent id and token from Proxy-Authorization. Holds the token: the Secret only."""
+    ident = quote(f"{agent.grove}/{agent.name}", safe="")
+    return f"http://{ident}:{quote(token, safe='')}@{GATEWAY}.{namespace}.svc:{GATEWAY_PORT}"
+
+
+def proxy_token(url: str) -> str:
+    """The token in a `proxy_url` ("" if none)."""
+    try:
+        return unquote(urlsplit(url).password or "")
+    except ValueError:
+        return ""
+
+
+def egress_env(secret_name: str, remote: str) -> list[dict[str, Any]]:
+    """The proxy variables (both spellings) from the agent's Secret, and NO_PROXY: the
+    Pod's loopback and the git remote's host, which git reaches directly."""
+    ref = {"secretKeyRef": {"name": secret_name, "key": EGRESS_PROXY_KEY}}
+    direct = ["localhost", "127.0.0.1"]
+    end = remote_endpoint(remote)
+    if end and end[0].strip("[]") not in direct:
+        direct.append(end[0].strip("[]"))
+    no_proxy = ",".join(direct)
+    return [*({"name": n, "valueFrom": ref} for n in PROXY_VARS),
+            {"name": "NO_PROXY", "value": no_proxy}, {"name": "no_proxy", "value": no_proxy}]
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def policy_key(grove: str, agent: str) -> str:
+    """The agent's key in GATEWAY_POLICIES, and its file name in the gateway Pod."""
+    return f"{grove}.{agent}.json"
+
+
+def policy_manager(grove: str, agent: str) -> str:
+    """The field manager that writes (only) this agent's key of GATEWAY_POLICIES, so
+    agents created and deleted at the same time never overwrite each other's keys."""
+    name = f"{FIELD_MANAGER}:{grove}/{agent}"
+    if len(name) <= 128:
+        return name
+    return f"{FIELD_MANAGER}:" + hashlib.sha256(f"{grove}\0{agent}".encode()).hexdigest()
+
+
+def policy(agent: DesiredAgent, token: str) -> str:
+    """The agent's gateway policy: its endpoints and the SHA-256 of its token (never the
+    token: a ConfigMap is not a secret)."""
+    return json.dumps({"grove": agent.grove, "agent": agent.name, "allow": list(agent.egress),
+                       "tokenSha256": token_sha256(token)}, indent=1, sort_keys=True) + "\n"
+
+
+def gateway_labels() -> dict[str, str]:
+    return {EGRESS_LABEL: "gateway"}
+
+
+def _gateway_meta(name: str, namespace: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": gateway_labels()}
+
+
+def gateway_policies(namespace: str, agent: DesiredAgent | None = None, token: str = "",
+                     ) -> dict[str, Any]:
+    """GATEWAY_POLICIES as `policy_manager(agent)` applies it: with only that agent's key,
+    or (agent None) with none, which removes the key that manager wrote."""
+    obj: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": _gateway_meta(GATEWAY_POLICIES, namespace)}
+    if agent is not None:
+        obj["data"] = {policy_key(agent.grove, agent.name): policy(agent, token)}
+    return obj
+
+
+def policy_ports(policies: dict[str, Any] | None) -> list[int]:
+    """The union of the endpoint ports of every policy in GATEWAY_POLICIES as read back."""
+    ports: set[int] = set()
+    for text in ((policies or {}).get("data") or {}).values():
+        try:
+            allow = json.loads(text).get("allow") or []
+            ports |= {egress.parse_endpoint(e)[1] for e in allow}
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return sorted(ports)
+
+
+def gateway_code() -> dict[str, str]:
+    """The gateway's modules: path in the package tree -> text."""
+    out = {}
+    for p in GATEWAY_FILES:
+        node = resources.files("engine")
+        for part in p.split("/")[1:]:
+            node = node.joinpath(part)
+        out[p] = node.read_text()
+    return out
+
+
+def gateway_code_map(namespace: str, code: dict[str, str]) -> dict[str, Any]:
+    """GATEWAY_CODE: one key per module (`engine.egress.gateway.py`); the Deployment's
+    volume puts each back at its path."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _gateway_meta(GATEWAY_CODE, namespace),
+            "data": {p.replace("/", "."): text for p, text in sorted(code.items())}}
+
+
+@dataclass(frozen=True)
+class GatewayImage:
+    """Where the gateway's image comes from: the first egress agent's profile, then the
+    Deployment as it is (another agent's image never rolls the gateway)."""
+
+    image: str
+    pull_policy: str = ""
+    pull_secrets: tuple[str, ...] = ()
+
+    @classmethod
+    def of_agent(cls, agent: DesiredAgent) -> GatewayImage:
+        return cls(agent.image or "", str(agent.extra("imagePullPolicy") or ""),
+                   tuple(agent.extra("imagePullSecrets") or ()))
+
+    @classmethod
+    def of_deployment(cls, obj: dict[str, Any]) -> GatewayImage | None:
+        spec = (((obj.get("spec") or {}).get("template") or {}).get("spec") or {})
+        main = next((c for c in spec.get("containers") or [] if c.get("name") == "gateway"),
+                    None)
+        if not main or not main.get("image"):
+            return None
+        return cls(str(main["image"]), str(main.get("imagePullPolicy") or ""),
+                   tuple(str(s.get("name")) for s in spec.get("imagePullSecrets") or []))
+
+
+def gateway_deployment(namespace: str, image: GatewayImage, code: dict[str, str]
+                       ) -> dict[str, Any]:
+    """One replica running `python3 -m engine.egress.gateway` in TCP mode from the code
+    ConfigMap, hardened like an agent Pod, and a `log` container printing every connection
+    record (log.jsonl) to its own log. A new code digest rolls it."""
+    digest = hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()[:16]
+    security = {"allowPrivilegeEscalation": False, "privileged": False,
+                "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True}
+    pull = {"imagePullPolicy": image.pull_policy} if image.pull_policy else {}
+    gateway = {
+        "name": "gateway", "image": image.image, **pull,
+        "command": ["python3", "-s", "-m", "engine.egress.gateway", "--root", GATEWAY_ROOT,
+                    "--listen", f"0.0.0.0:{GATEWAY_PORT}", "--policies", GATEWAY_POLICY_DIR],
+        "workingDir": GATEWAY_CODE_DIR,
+        "env": [{"name": "PYTHONPATH", "value": GATEWAY_CODE_DIR},
+                {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+                {"name": "ENGINE_EGRESS_IDLE_EXIT", "value": "31536000"}],
+        "ports": [{"name": "proxy", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"cpu": "1", "memory": "512Mi"}},
+        "securityContext": security,
+        "volumeMounts": [{"name": "code", "mountPath": GATEWAY_CODE_DIR, "readOnly": True},
+                         {"name": "policies", "mountPath": GATEWAY_POLICY_DIR,
+                          "readOnly": True},
+                         {"name": "state", "mountPath": GATEWAY_ROOT}]}
+    log = {"name": "log", "image": image.image, **pull,
+           "command": ["tail", "-n", "+1", "-F", GATEWAY_LOG],
+           "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                         "limits": {"cpu": "100m", "memory": "64Mi"}},
+           "securityContext": security,
+           "volumeMounts": [{"name": "state", "mountPath": GATEWAY_ROOT, "readOnly": True}]}
+    items = [{"key": p.replace("/", "."), "path": p} for p in sorted(code)]
+    spec: dict[str, Any] = {
+        "automountServiceAccountToken": False, "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": GATEWAY_UID,
+                            "runAsGroup": GATEWAY_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [gateway, log],
+        "volumes": [{"name": "code", "configMap": {"name": GATEWAY_CODE, "items": items,
+                                                   "defaultMode": 0o444}},
+                    {"name": "policies", "configMap": {"name": GATEWAY_POLICIES,
+                                                       "defaultMode": 0o444}},
+                    {"name": "state", "emptyDir": {"sizeLimit": "1Gi"}}]}
+    if image.pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in image.pull_secrets]
+    template = {"metadata": {"labels": gateway_labels(),
+                             "annotations": {"engine.egress-code": digest}},
+                "spec": spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": _gateway_meta(GATEWAY, namespace),
+            "spec": {"replicas": 1, "selector": {"matchLabels": gateway_labels()},
+                     "template": template}}
+
+
+def gateway_service(namespace: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _gateway_meta(GATEWAY, namespace),
+            "spec": {"type": "ClusterIP", "selector": gateway_labels(),
+                     "ports": [{"name": "proxy", "port": GATEWAY_PORT,
+                                "targetPort": GATEWAY_PORT, "protocol": "TCP"}]}}
+
+
+def gateway_network_policy(namespace: str, ports: list[int]) -> dict[str, Any]:
+    """The gateway Pods: ingress only from egress agents' Pods of this namespace on 3128;
+    egress to DNS and to any address on the endpoints' ports (the gateway itself allows
+    only each agent's hosts)."""
+    out: list[dict[str, Any]] = [_kube_dns()]
+    if ports:
+        out.append({"ports": [{"protocol": "TCP", "port": p} for p in ports]})
+    spec = {"podSelector": {"matchLabels": gateway_labels()},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {EGRESS_LABEL: "client"}}}],
+                         "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}],
+            "egress": out}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _gateway_meta(GATEWAY_NETPOL, namespace), "spec": spec}
+
+
+def gateway_objects(agent: DesiredAgent, pl: PodLaunch, token: str,
+                    image: GatewayImage | None = None, ports: list[int] | None = None
+                    ) -> list[dict[str, Any]]:
+    """The gateway's objects for one egress agent, in apply order: code, policies (this
+    agent's key only), Deployment, Service, NetworkPolicy (`ports`: every agent's; by
+    default this agent's). Holds no token: only its digest."""
+    code = gateway_code()
+    mine = sorted({egress.parse_endpoint(e)[1] for e in agent.egress})
+    return [gateway_code_map(pl.namespace, code),
+            gateway_policies(pl.namespace, agent, token),
+            gateway_deployment(pl.namespace, image or GatewayImage.of_agent(agent), code),
+            gateway_service(pl.namespace),
+            gateway_network_policy(pl.namespace, mine if ports is None else ports)]

@@ -8,15 +8,22 @@ is imported only here, for kubeconfig loading and exec websockets. Objects come 
 force=false, so a re-apply changes nothing and a field another manager owns is reported,
 never taken over. Observation is one label-selector list of Pods and one of Jobs per
 namespace the grove uses.
+
+`network: egress` agents share their namespace's egress gateway (`k8s_objects.gateway_*`):
+creating one applies the gateway's objects and writes its policy key; deleting the last
+one removes them (one lock per runtime serializes this part of create and delete).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +71,7 @@ class KubernetesRuntime:
         self.context = context or ""
         self._clusters: dict[tuple[str, str], Cluster] = {}
         self._where: dict[tuple[str, str], Target] = {}  # (grove, agent) -> target
+        self._egress_lock = threading.Lock()  # the namespace gateways' policy keys
 
     # -- clusters and targets -----------------------------------------------------------
 
@@ -143,15 +151,25 @@ class KubernetesRuntime:
         pl = objs.PodLaunch(t.namespace, remote,
                             objs.pod_env(agent, launch.env, host_paths, remote),
                             __version__, repo, client)
-        built = objs.build(agent, pl, dict(launch.secrets))
+        name = objs.object_name(agent.grove, agent.name)
         self._record(agent.grove, t, repo)
         self._where[(agent.grove, agent.name)] = t
-        workload = built[-1]
         self._delete_legacy(cl, t.namespace, agent.grove, agent.name)
-        self._clear_leftover(cl, workload, repo)
+        kept = self._clear_leftover(cl, objs.workload(agent, pl), repo)
+        token = ""
+        if agent.network == "egress":  # a live Pod keeps its token; a new one gets its own
+            token = (self._egress_token(cl, t.namespace, name) if kept else ""
+                     ) or secrets.token_urlsafe(32)
+        built = objs.build(agent, pl, dict(launch.secrets), token)
+        workload = built[-1]
         for kind in sorted(_OPTIONAL - {o["kind"] for o in built}):  # e.g. network: none
             with contextlib.suppress(NotFound):                     # was dropped
-                self._delete(cl, kind, t.namespace, workload["metadata"]["name"])
+                self._delete(cl, kind, t.namespace, name)
+        with self._egress_lock:
+            if agent.network == "egress":
+                self._gateway_up(cl, agent, pl, token)
+            else:
+                self._gateway_forget(cl, t.namespace, agent.grove, agent.name)
         for obj in built:
             try:
                 self._apply(cl, obj)
@@ -171,6 +189,8 @@ class KubernetesRuntime:
                 with contextlib.suppress(NotFound):
                     self._delete(cl, kind, t.namespace, name)
             self._delete_legacy(cl, t.namespace, grove, agent)
+            with self._egress_lock:
+                self._gateway_forget(cl, t.namespace, grove, agent)
         self._where.pop((grove, agent), None)
 
     def _delete_legacy(self, cl: Cluster, ns: str, grove: str, agent: str) -> None:
@@ -242,14 +262,66 @@ class KubernetesRuntime:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _apply(self, cl: Cluster, obj: dict[str, Any]) -> dict[str, Any]:
+    def _apply(self, cl: Cluster, obj: dict[str, Any], manager: str = objs.FIELD_MANAGER
+               ) -> dict[str, Any]:
         meta, kind = obj["metadata"], obj["kind"]
         result: dict[str, Any] = cl.request(
             "PATCH", api.path(kind, meta["namespace"], meta["name"]),
             Call("patch", api.plural(kind), meta["namespace"], meta["name"]),
-            query={"fieldManager": objs.FIELD_MANAGER, "force": "false"}, body=obj,
+            query={"fieldManager": manager, "force": "false"}, body=obj,
             content_type=api.APPLY)
         return result
+
+    # -- network: egress: the namespace's gateway ---------------------------------------
+
+    def _egress_token(self, cl: Cluster, ns: str, name: str) -> str:
+        """The gateway token in the agent's Secret ("" if none): a live Pod uses it."""
+        data = ((self._get(cl, "Secret", ns, name) or {}).get("data") or {})
+        try:
+            url = base64.b64decode(str(data.get(objs.EGRESS_PROXY_KEY) or "")).decode()
+        except (ValueError, UnicodeDecodeError):
+            return ""
+        return objs.proxy_token(url)
+
+    def _gateway_up(self, cl: Cluster, agent: DesiredAgent, pl: objs.PodLaunch,
+                    token: str) -> None:
+        """Apply the gateway's objects and the agent's policy key (by its own field
+        manager); the gateway's NetworkPolicy opens the ports of every policy. An existing
+        gateway keeps its image (another agent's profile does not roll it)."""
+        ns = pl.namespace
+        image = objs.GatewayImage.of_agent(agent)
+        old = self._get(cl, "Deployment", ns, objs.GATEWAY)
+        if old is not None:
+            labels = old["metadata"].get("labels") or {}
+            if labels.get(objs.EGRESS_LABEL) != "gateway":
+                raise EngineError(f"kubernetes: deployment {ns}/{objs.GATEWAY} exists and is "
+                                  "not the engine's egress gateway (no label "
+                                  f"{objs.EGRESS_LABEL}=gateway); not touching it")
+            image = objs.GatewayImage.of_deployment(old) or image
+        code, policies, deployment, service, _ = objs.gateway_objects(agent, pl, token, image)
+        self._apply(cl, code)
+        current = self._apply(cl, policies, objs.policy_manager(agent.grove, agent.name))
+        for obj in (deployment, service,
+                    objs.gateway_network_policy(ns, objs.policy_ports(current))):
+            self._apply(cl, obj)
+
+    def _gateway_forget(self, cl: Cluster, ns: str, grove: str, agent: str) -> None:
+        """Remove the agent's policy key; then the gateway's objects if no key is left,
+        else narrow its NetworkPolicy to the remaining agents' ports."""
+        current = self._get(cl, "ConfigMap", ns, objs.GATEWAY_POLICIES)
+        if current is None or objs.policy_key(grove, agent) not in (current.get("data")
+                                                                     or {}):
+            return
+        current = self._apply(cl, objs.gateway_policies(ns), objs.policy_manager(grove, agent))
+        if current.get("data"):
+            self._apply(cl, objs.gateway_network_policy(ns, objs.policy_ports(current)))
+            return
+        for kind, name in (("Deployment", objs.GATEWAY), ("Service", objs.GATEWAY),
+                           ("NetworkPolicy", objs.GATEWAY_NETPOL),
+                           ("ConfigMap", objs.GATEWAY_CODE),
+                           ("ConfigMap", objs.GATEWAY_POLICIES)):
+            with contextlib.suppress(NotFound):
+                self._delete(cl, kind, ns, name)
 
     def _list(self, cl: Cluster, kind: str, ns: str, selector: str) -> list[dict[str, Any]]:
         """Every object of `kind` matching `selector`, in pages of LIST_PAGE."""
@@ -278,15 +350,18 @@ class KubernetesRuntime:
             return None
         return obj
 
-    def _clear_leftover(self, cl: Cluster, workload: dict[str, Any], repo: str) -> None:
+    def _clear_leftover(self, cl: Cluster, workload: dict[str, Any], repo: str) -> bool:
         """Remove an earlier workload of this agent unless it is live with the same spec:
-        create() starts the agent, so a finished or outdated one is replaced."""
+        create() starts the agent, so a finished or outdated one is replaced. True when
+        one is kept."""
         meta, kind = workload["metadata"], workload["kind"]
         old = self._get(cl, kind, meta["namespace"], meta["name"])
         if old is None:
-            return
+            return False
         if api.outdated(old, workload, repo):
             self._remove(cl, kind, meta["namespace"], meta["name"])
+            return False
+        return True
 
     def _remove(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90) -> None:
         """Delete and wait until it is gone (a new object takes the same name)."""

@@ -1,0 +1,178 @@
+"""The real agent programs under the engine, end to end.
+
+Each test installs the real CLI from npm with `engine harness install` (into a cache kept
+between runs, /tmp/grove-engine-test-cache), points it at a scripted model server on
+127.0.0.1 (tests/model_server.py: the stand-in for the provider's API, speaking its wire
+format) and applies a grove with `engine watch` running. The scripted model makes the
+agent, through the CLI's own shell tool: read its instructions, write and commit a file,
+`engine spawn` a helper and wait for it to be accepted, try a host it may not reach, and
+report `engine done`. The test checks what the engine made of it: the helper written back
+to spawned.yaml and run, the parent notified, the commit on the agent's branch, and in
+the Docker sandbox (`network: egress`) the gateway's record of the model traffic and of
+the refused connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import egress
+from engine.fsutil import flock
+from tests.conftest import git, write_grove
+from tests.model_server import ModelServer
+from tests.test_spawn import Watch, phases, spawned_docs, until
+
+CACHE = Path(os.environ.get("GROVE_ENGINE_TEST_CACHE", "/tmp/grove-engine-test-cache"))
+KEY_VAR = "SCRIPTED_MODEL_KEY"  # where the profile reads the (dummy) API key from
+
+# per harness: provider wire format, profile env that points the CLI at the server, and
+# a grove-level override of the catalogue entry where the CLI needs one for a custom
+# endpoint (only config the user would write too)
+HARNESS: dict[str, dict[str, Any]] = {
+    "claude": {
+        "provider": "anthropic",
+        "env": lambda url: {"ANTHROPIC_BASE_URL": url},
+        "credential": "ANTHROPIC_API_KEY",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def cli_cache() -> Path:
+    """The harness install cache, with the CLIs these tests run (installed once)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE
+
+
+def install(name: str) -> None:
+    with flock(CACHE / f".test-install-{name}.lock"):
+        p = subprocess.run([sys.executable, "-m", "engine", "harness", "install", name],
+                           env={**os.environ, "GROVE_ENGINE_CACHE": str(CACHE)},
+                           capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.fixture
+def watch(repo: Path) -> Iterator[list[Watch]]:
+    started: list[Watch] = []
+    yield started
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+    subprocess.run([sys.executable, "-m", "engine", "destroy", "--auto-approve"], cwd=repo,
+                   capture_output=True, timeout=300)
+    egress.stop(repo)
+
+
+def grove_text(harness: str, runtime: str, url: str) -> str:
+    h = HARNESS[harness]
+    port = url.rsplit(":", 1)[1]
+    box: dict[str, Any] = {"runtime": runtime, "env": h["env"](url),
+                           "credentials": {h["credential"]: {"fromEnv": KEY_VAR}},
+                           "spawn": {"allowProfiles": ["helper"],
+                                     "allowHarnesses": ["shell"]}}
+    helper: dict[str, Any] = {"runtime": runtime}
+    if runtime == "docker":
+        box |= {"image": "grove-engine/base:latest", "network": "egress",
+                "egress": ["harness", f"127.0.0.1:{port}"]}
+        helper |= {"image": "grove-engine/base:latest"}
+    doc = {"apiVersion": "engine/v1alpha1", "kind": "Grove", "metadata": {"name": "real"},
+           "spec": {"defaults": {"profile": "box", "harness": harness},
+                    "policy": {"maxAgents": 4, "maxDepth": 2, "maxChildren": 2},
+                    "profiles": {"box": box, "helper": helper},
+                    "agents": [{"name": "lead", "task": "Follow the instructions you are "
+                                "given; commit your work."}]}}
+    return json.dumps(doc, indent=2)
+
+
+SPAWN = ("engine spawn helper --profile helper --harness shell --wait --task "
+         "'echo helped > helped.txt && git add helped.txt && git commit -qm helped'")
+FORBIDDEN = ("python3 -c \"import urllib.request as u; u.urlopen('https://example.com/', "
+             "timeout=10)\" 2>&1 | tail -n 1; true")
+
+
+def script(runtime: str, instructions: str) -> list[str]:
+    steps = [f"head -c 400 {instructions}",
+             "echo real > real.txt && git add real.txt && git commit -qm 'real agent'",
+             SPAWN]
+    if runtime == "docker":
+        steps.append(FORBIDDEN)
+    steps.append("engine done --result lead-finished")
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("runtime", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.mark.parametrize("harness", sorted(HARNESS))
+def test_real_agent_works_under_the_engine(harness: str, runtime: str, repo: Path,
+                                           watch: list[Watch], cli_cache: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           request: pytest.FixtureRequest) -> None:
+    if runtime == "docker":
+        request.getfixturevalue("base_image")
+    install(harness)
+    monkeypatch.setenv("GROVE_ENGINE_CACHE", str(cli_cache))
+    monkeypatch.setenv(KEY_VAR, "scripted-model-key")
+    instructions = {"claude": "CLAUDE.md", "gemini": "GEMINI.md"}.get(harness, "AGENTS.md")
+    with ModelServer(HARNESS[harness]["provider"], script(runtime, instructions),
+                     final_text="All done.") as server:
+        write_grove(repo, "real", grove_text(harness, runtime, server.url))
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", "grove")
+        watch.append(Watch(repo))
+        try:
+            until(lambda: phases(repo) == {"lead": "Succeeded", "helper": "Succeeded"},
+                  timeout=150, what="the agent and its helper to succeed")
+        except AssertionError:
+            log = subprocess.run([sys.executable, "-m", "engine", "logs", "lead"], cwd=repo,
+                                 capture_output=True, text=True).stdout
+            raise AssertionError(f"phases {phases(repo)}; commands run "
+                                 f"{server.commands_run()}; log:\n{log[-3000:]}\nwatch:\n"
+                                 f"{watch[0].text()[-2000:]}") from None
+        assert server.finished()
+        assert server.commands_run() == script(runtime, instructions)
+        results = server.tool_results()
+        assert "grove-engine" in results[0]  # it read the instructions the engine wrote
+    # 1. the helper was written back and converged, and it ran
+    docs = {d["name"]: d for d in spawned_docs_of(repo)}
+    assert docs["helper"]["spawnedBy"] == "lead"
+    assert git(repo, "show", "engine/real/helper:helped.txt") == "helped"
+    # 2. the parent was notified
+    inbox = repo / ".engine/inbox/real/lead"
+    until(lambda: any(inbox.glob("notify-*")), 30, "the parent's notification")
+    note = json.loads(next(inbox.glob("notify-*")).read_text())
+    assert note["child"] == "helper" and note["phase"] == "Succeeded"
+    # 3. the commit is on the agent's branch
+    assert git(repo, "show", "engine/real/lead:real.txt") == "real"
+    assert git(repo, "log", "-1", "--format=%s", "engine/real/lead") == "real agent"
+    if runtime != "docker":
+        return
+    # 4. the gateway logged the model traffic; 5. the other host was refused and logged
+    port = server.url.rsplit(":", 1)[1]
+    records = egress.read_log(repo, "real", "lead")
+    model = [r for r in records if r["target"] == f"127.0.0.1:{port}"]
+    assert model and all(r["verdict"] == "allowed" for r in model), records
+    assert sum(r["bytesDown"] for r in model) > 1000
+    refused = [r for r in records if r["target"] == "example.com:443"]
+    assert refused and refused[0]["verdict"] == "refused", records
+    events = [json.loads(ln) for ln in (repo / ".engine/events.jsonl").read_text()
+              .splitlines()]
+    assert any(e.get("event") == "Egress" and e.get("target") == "example.com:443"
+               for e in events)
+
+
+def spawned_docs_of(repo: Path) -> list[dict[str, Any]]:
+    from engine.manifest import load_grove
+
+    src = load_grove(repo / "groves/real", repo)
+    return [{"name": n, **e.data} for n, e in src.agents.items() if "spawnRequest" in e.data]
