@@ -176,3 +176,54 @@ def spawned_docs_of(repo: Path) -> list[dict[str, Any]]:
 
     src = load_grove(repo / "groves/real", repo)
     return [{"name": n, **e.data} for n, e in src.agents.items() if "spawnRequest" in e.data]
+
+
+def readme_grove() -> str:
+    """The grove the README shows, exactly as it is there."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("## A grove", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "network: egress" in block and "harness: claude" in block
+    return block
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_readme_grove_runs_as_written(repo: Path, cli_cache: Path, base_image: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's headline grove, verbatim: real Claude Code in the Docker sandbox with
+    egress to its API only. The one change is where its API is: `--set` points the base
+    URL at the scripted model and adds that endpoint (the real one stays on the list)."""
+    install("claude")
+    monkeypatch.setenv("GROVE_ENGINE_CACHE", str(cli_cache))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "scripted-model-key")
+    write_grove(repo, "demo", readme_grove())
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "the README's grove")
+    step = "f=$ENGINE_AGENT.md; echo $ENGINE_AGENT > $f && git add $f && git commit -qm $f"
+    try:
+        with ModelServer("anthropic", [step], final_text="Done.") as server:
+            port = server.url.rsplit(":", 1)[1]
+            p = subprocess.run(
+                [sys.executable, "-m", "engine", "apply", "-g", "demo", "--auto-approve",
+                 "--wait", "--timeout", "300", "--set", f"env.ANTHROPIC_BASE_URL={server.url}",
+                 "--set", f"egress=[harness, '127.0.0.1:{port}']"],
+                cwd=repo, capture_output=True, text=True, timeout=400)
+            assert p.returncode == 0, p.stdout + p.stderr
+            assert phases(repo) == {"researcher": "Succeeded", "coder": "Succeeded"}
+        # coder started from researcher's work, and both committed on their branches
+        assert git(repo, "show", "engine/demo/coder:researcher.md") == "researcher"
+        assert git(repo, "show", "engine/demo/coder:coder.md") == "coder"
+        records = egress.read_log(repo, "demo")
+        for agent in ("researcher", "coder"):
+            mine = [r for r in records if r["agent"] == agent]
+            assert mine and all(r["target"] == f"127.0.0.1:{port}" for r in mine), records
+            assert all(r["verdict"] == "allowed" for r in mine)
+        policy = json.loads((egress.state_dir(repo) / "agents" / "demo" / "coder.json")
+                            .read_text())
+        assert sorted(policy["allow"]) == sorted(["api.anthropic.com:443",
+                                                  f"127.0.0.1:{port}"])
+    finally:
+        subprocess.run([sys.executable, "-m", "engine", "destroy", "-g", "demo",
+                        "--auto-approve"], cwd=repo, capture_output=True, timeout=300)
+        egress.stop(repo)
