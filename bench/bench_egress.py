@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import egress  # noqa: E402
+from engine import egress
 
 UPSTREAM = r"""
 import socket, sys, threading

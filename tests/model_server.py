@@ -411,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = {k: ("<redacted>" if k in _SECRET_QUERY else v)
                  for k, v in parse_qsl(parts.query, keep_blank_values=True)}
-        headers = {k.lower(): ("<redacted>" if k.lower() in _SECRET_HEADERS else v)
+        headers = {k.lower(): (_redact(v) if k.lower() in _SECRET_HEADERS else v)
                    for k, v in self.headers.items()}
         return Recorded(self.command, parts.path, query, headers, body, target=self.path)
 
@@ -520,6 +520,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(writer(model, call, text, True))
         else:
             self._json(200, json.loads(b"".join(writer(model, call, text, False))))
+
+
+def _redact(value: str) -> str:
+    """A credential header without its secret: the scheme stays ("Bearer <redacted>")."""
+    scheme, sep, _ = value.partition(" ")
+    return f"{scheme} <redacted>" if sep and scheme.lower() in ("bearer", "basic") \
+        else "<redacted>"
 
 
 def _decompress(raw: bytes, enc: str) -> bytes:
@@ -728,6 +735,9 @@ def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
     if b:
         path.insert(0, str(b.parent))
     env = {"HOME": str(home), "PATH": ":".join(path), "LANG": "C.UTF-8", "TERM": "dumb",
+           # scratch files (claude-UID/, bun's .so extracts, gemini error reports) stay
+           # in HOME instead of /tmp; cli_setup creates it
+           "TMPDIR": str(home / ".tmp"),
            "NO_COLOR": "1", "CI": "1",
            "GIT_AUTHOR_NAME": "Agent", "GIT_AUTHOR_EMAIL": "agent@example.invalid",
            "GIT_COMMITTER_NAME": "Agent", "GIT_COMMITTER_EMAIL": "agent@example.invalid"}
@@ -754,7 +764,9 @@ def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
     else:  # opencode
         env.update({
             "OPENCODE_CONFIG": str(home / ".config" / "opencode" / "opencode.json"),
+            "OPENAI_API_KEY": "test",              # read by the config's {env:...}
             "OPENCODE_DISABLE_AUTOUPDATE": "true",
+            "npm_config_offline": "true",          # its embedded npm: no registry fetch
             "OPENCODE_DISABLE_MODELS_FETCH": "true",
             "OPENCODE_DISABLE_DEFAULT_PLUGINS": "true",
             "OPENCODE_DISABLE_LSP_DOWNLOAD": "true",
@@ -772,6 +784,7 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
     prov = _provider(harness)
     h = next(k for k, v in HARNESS_PROVIDER.items() if v == prov)
     home.mkdir(parents=True, exist_ok=True)
+    (home / ".tmp").mkdir(exist_ok=True)
     if h == "claude":
         return  # env only
     if h == "codex":
@@ -816,7 +829,7 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
         "provider": {"scripted": {
             "npm": "@ai-sdk/openai-compatible",
             "name": "scripted",
-            "options": {"baseURL": f"{url}/v1", "apiKey": "test"},
+            "options": {"baseURL": f"{url}/v1", "apiKey": "{env:OPENAI_API_KEY}"},
             "models": {"scripted-model": {"name": "scripted-model"}},
         }},
     }, indent=2))

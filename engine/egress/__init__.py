@@ -91,13 +91,13 @@ def parse_endpoint(text: str) -> tuple[str, int]:
             return str(ipaddress.IPv6Address(inner)), port
         except ValueError:
             raise ValueError(f"invalid endpoint {shown}: bad IPv6 address") from None
+    host = host.lower()  # ASCII only (checked above): no Unicode case folding
     labels = host.split(".")
     if labels[-1].isdigit():  # an IPv4 address, or an attempt at one: dotted quad only
         if not _QUAD.fullmatch(host) or any(int(p) > 255 for p in labels):
             raise ValueError(f"invalid endpoint {shown}: bad IPv4 address "
                              f"(dotted quad expected)")
         return host, port
-    host = host.lower()
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"invalid endpoint {shown}: bad host name")
     return host, port
@@ -179,13 +179,23 @@ def ensure_running(root: Path, timeout: float = 10.0) -> None:
 
 
 def stop(root: Path, timeout: float = 5.0) -> None:
-    """Ask the gateway to exit and wait until its control socket is gone."""
+    """Ask the gateway to exit and wait until it has (its control socket is gone, and the
+    process too if this process started it)."""
     state = state_dir(root)
+    try:
+        pid = int((state / "gateway.pid").read_text())
+    except (OSError, ValueError):
+        pid = 0
     try:
         _request(state, "stop", timeout)
     except OSError:
+        _reap()
         return
     deadline = time.monotonic() + timeout
+    for proc in _children:
+        if proc.pid == pid:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
     while (state / "control.sock").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     _reap()
