@@ -122,8 +122,8 @@ def main() -> int:
         base = Path(tmp)
         for i in range(args.runs):
             for out, fn in ((direct, lambda s: docker_run(program.root, s)),
-                            (cold, lambda s: engine_apply(base / f"c{i}", s, False)),
-                            (warm, lambda s: engine_apply(base / f"w{i}", s, True))):
+                            (cold, lambda s, i=i: engine_apply(base / f"c{i}", s, False)),
+                            (warm, lambda s, i=i: engine_apply(base / f"w{i}", s, True))):
                 with ModelServer("anthropic", [], final_text="Hello.") as server:
                     out.append(fn(server))
     d, c, w = (statistics.median(x) for x in (direct, cold, warm))

@@ -34,8 +34,9 @@ same answer (same tool-call id) and side requests (title generation, topic detec
 checks) get a short text reply without advancing the script.
 
 Every request is recorded (method, path, query, headers with credentials redacted, JSON
-body) in ``server.requests``. ``commands_run()`` and ``tool_results()`` read the history of
-the latest main request: the commands whose results the CLI sent back, and those results.
+body) in ``server.requests``. ``commands_run()`` and ``tool_results()`` read the longest
+history among the main requests: the commands whose results the CLI sent back, and those
+results (as the CLI worded them, e.g. codex adds "Process exited with code 0 ... Output:").
 
 ``cli_bin``, ``cli_env`` and ``cli_setup`` hold what a test needs to run each real CLI
 against the server: where it is installed, its environment, and the config files in its
@@ -109,11 +110,12 @@ class Conversation:
 # --- reading requests --------------------------------------------------------------------
 
 def _command_of(args: Any) -> str:
+    """The command string of a shell call's arguments (a dict or its JSON text)."""
     if isinstance(args, str):
         try:
             args = json.loads(args)
         except ValueError:
-            return args
+            return str(args)
     if not isinstance(args, dict):
         return str(args)
     cmd = args.get("command", args.get("cmd", ""))
@@ -249,7 +251,7 @@ def json_schema_wanted(provider: str, body: Any) -> dict[str, Any] | None:
 
 def schema_instance(schema: dict[str, Any], text: str) -> Any:
     """A small value that satisfies a JSON schema (OpenAPI upper-case types too)."""
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][0]
     if "const" in schema:
         return schema["const"]
@@ -324,8 +326,8 @@ class ModelServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
-                                        name="model-server")
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        daemon=True, name="model-server")
         self._thread.start()
         return self
 
@@ -377,8 +379,9 @@ class ModelServer:
 
     # the script
     def next_step(self, body: Any) -> tuple[str, Any]:
-        """("call", (call_id, tool_name, args)) or ("text", text) for a main request, or
-        ("side", text) for any other; also returns the step index via `_step`."""
+        """What to answer a request body with: ("call", (call_id, tool_name, args)) or
+        ("text", final_text) in the main conversation, ("side", text) otherwise (a JSON
+        instance of the schema when the side request asks for JSON)."""
         conv = parse_conversation(self.provider, body)
         if conv.tool is None:
             schema = json_schema_wanted(self.provider, body)
@@ -752,8 +755,7 @@ def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
     elif h == "codex":
         env.update({
             "CODEX_HOME": str(home / ".codex"),    # config.toml written by cli_setup
-            "OPENAI_API_KEY": "test",              # the stub provider's env_key
-            "CODEX_API_KEY": "test",
+            "CODEX_API_KEY": "test",               # the scripted provider's env_key
         })
     elif h == "gemini":
         env.update({
@@ -803,7 +805,7 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
             '[model_providers.scripted]\n'
             'name = "scripted"\n'
             f'base_url = "{url}/v1"\n'
-            'env_key = "OPENAI_API_KEY"\n'
+            'env_key = "CODEX_API_KEY"\n'  # sent as Authorization: Bearer
             'wire_api = "responses"\n')
         return
     if h == "gemini":
@@ -838,12 +840,13 @@ def cli_setup(harness: str, url: str, home: Path) -> None:
 # --- a loopback proxy that records ----------------------------------------------------------
 
 class LoggingProxy:
-    """An HTTP proxy on 127.0.0.1 that records each request line it gets (absolute-form
-    `GET http://host/...` and `CONNECT host:port`). It forwards only to 127.0.0.1: plain
-    requests for any host, and CONNECTs to any host on port `forward_port`, go to
-    127.0.0.1:`forward_port` (so a base URL with a made-up host works only through the
-    proxy); CONNECTs to 127.0.0.1 are tunnelled; anything else gets 403 and is never
-    contacted."""
+    """An HTTP proxy on 127.0.0.1 that records the first request line of each connection
+    (absolute-form `POST http://host/...` or `CONNECT host:port`) in `seen`.
+
+    It forwards only to 127.0.0.1: plain requests for any host, and CONNECTs to any host
+    on port `forward_port`, go to 127.0.0.1:`forward_port` (so a base URL with a made-up
+    host works only through the proxy); CONNECTs to 127.0.0.1 are tunnelled; anything else
+    gets 403 and is never contacted."""
 
     def __init__(self, forward_port: int | None = None) -> None:
         self.forward_port = forward_port
@@ -884,7 +887,7 @@ class LoggingProxy:
                 data += chunk
             line = data.split(b"\r\n", 1)[0].decode("latin-1")
             self.seen.append(line)
-            method, target = (line.split(" ") + ["", ""])[:2]
+            method, target = [*line.split(" "), "", ""][:2]
             if method == "CONNECT":
                 host, _, port = target.rpartition(":")
                 if host not in ("127.0.0.1", "localhost") and \
@@ -896,15 +899,15 @@ class LoggingProxy:
                 self._pipe(conn, up, b"")
                 return
             parts = urlsplit(target)
-            if not parts.scheme or self.forward_port is None and \
-                    parts.hostname not in ("127.0.0.1", "localhost"):
+            if not parts.scheme or (self.forward_port is None and
+                                    parts.hostname not in ("127.0.0.1", "localhost")):
                 conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
                 return
-            port = self.forward_port or parts.port or 80
+            to_port = self.forward_port or parts.port or 80
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            first, rest = data.split(b"\r\n", 1)
+            rest = data.split(b"\r\n", 1)[1]
             first = f"{method} {path or '/'} {line.rsplit(' ', 1)[-1]}".encode()
-            up = socket.create_connection(("127.0.0.1", port))
+            up = socket.create_connection(("127.0.0.1", to_port))
             self._pipe(conn, up, first + b"\r\n" + rest)
 
     @staticmethod

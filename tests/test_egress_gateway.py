@@ -665,7 +665,10 @@ def test_tcp_listener_identifies_agents_by_token(root: Path, echo: int) -> None:
                             stdout=log, stderr=log, start_new_session=True)
     log.close()
     try:
-        egress.ensure_running(root)  # waits for it and reloads
+        deadline = time.monotonic() + 10
+        while not egress._ping(egress.state_dir(root)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
 
         def tunnel(credentials: str | None) -> bytes:
             auth = "" if credentials is None else (

@@ -17,7 +17,7 @@ from engine.inventory import Inventory, Record
 from engine.observe import Actual
 from engine.plan import Action, plan_grove
 from engine.runtimes import SUCCEEDED, Observed
-from tests.conftest import git
+from tests.conftest import git, searchable
 
 
 @st.composite
@@ -100,6 +100,7 @@ def test_removing_an_agent_deletes_exactly_it(tmp_path: Path, agents: list[dict]
 @given(agents=groves(max_agents=5))
 def test_real_apply_then_plan_is_empty(tmp_path_factory, agents: list[dict]) -> None:  # type: ignore[no-untyped-def]
     repo = tmp_path_factory.mktemp("prop")
+    searchable(repo)
     git(repo, "init", "-q", "-b", "main")
     (repo / ".gitignore").write_text(".engine/\n")
     d = repo / "groves" / "p"

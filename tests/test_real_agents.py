@@ -28,7 +28,7 @@ from engine import egress
 from engine.fsutil import flock
 from tests.conftest import git, write_grove
 from tests.model_server import ModelServer
-from tests.test_spawn import Watch, phases, spawned_docs, until
+from tests.test_spawn import Watch, phases, until
 
 CACHE = Path(os.environ.get("GROVE_ENGINE_TEST_CACHE", "/tmp/grove-engine-test-cache"))
 KEY_VAR = "SCRIPTED_MODEL_KEY"  # where the profile reads the (dummy) API key from

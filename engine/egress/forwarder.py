@@ -33,7 +33,8 @@ import sys
 import time
 from collections.abc import Callable
 
-CHUNK = 256 * 1024
+PIPE_MAX = 1 << 20  # a pipe that fills in one splice grows to this (bulk transfers)
+COPY_BUFFER = 64 * 1024  # where splice is missing
 MAX_LIVE = 512
 HEAD_MAX = 16384
 HANDSHAKE_TIMEOUT = 30.0
@@ -157,15 +158,15 @@ class Pump:
         self.eof = self.done = False
         self.pipe: tuple[int, int] | None = None
         self.buf: memoryview | None = None
+        self.size = COPY_BUFFER
         if hasattr(os, "splice"):
             try:
                 self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(self.pipe[1], fcntl.F_SETPIPE_SZ, CHUNK)
+                self.size = fcntl.fcntl(self.pipe[1], fcntl.F_GETPIPE_SZ)
             except OSError:
-                self.pipe = None
+                self.close()
         if self.pipe is None:
-            self.buf = memoryview(bytearray(CHUNK))
+            self.buf = memoryview(bytearray(COPY_BUFFER))
 
     def close(self) -> None:
         if self.pipe is not None:
@@ -177,14 +178,17 @@ class Pump:
         try:
             if self.pipe is not None:
                 try:
-                    n = os.splice(self.src, self.pipe[1], CHUNK,
+                    n = os.splice(self.src, self.pipe[1], self.size,
                                   flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.ENOSYS):
                         raise
                     self.close()  # this kernel cannot splice these: copy instead
-                    self.buf = memoryview(bytearray(CHUNK))
+                    self.buf = memoryview(bytearray(COPY_BUFFER))
                     return
+                if n == self.size < PIPE_MAX:  # filled at once: a bulk transfer
+                    with contextlib.suppress(OSError):
+                        self.size = fcntl.fcntl(self.pipe[1], fcntl.F_SETPIPE_SZ, PIPE_MAX)
             else:
                 assert self.buf is not None
                 n, self.offset = self.src_sock.recv_into(self.buf), 0

@@ -338,6 +338,8 @@ class Tunnel:
             sock.setblocking(True)
         with contextlib.suppress(OSError):  # a Unix socket's buffer is small: 208 KiB
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        if os.environ.get("XX_RCV"):
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(os.environ["XX_RCV"]))
         self.registry = gw.tunnels
         self.registry.add(self)
         self.timer = self.loop.call_later(self.idle, self._check_idle)
