@@ -47,10 +47,12 @@ def first_request(server: ModelServer, t0: float, timeout: float = 120.0) -> flo
     return time.perf_counter() - t0
 
 
-def docker_run(program: Path, server: ModelServer) -> float:
-    """`docker run` of the same image and command, straight to the model."""
+def docker_run(program: Path, server: ModelServer, workdir: Path) -> float:
+    """`docker run` of the same image and command in a clone of the same repository,
+    straight to the model."""
     name = f"bench-agents-{os.getpid()}"
     cmd = ["docker", "run", "--rm", "-d", "--name", name, "--network", "host",
+           "-v", f"{workdir}:/workspace", "-w", "/workspace",
            "--user", "1000:1000", "--read-only", "--tmpfs", "/tmp", "--tmpfs",
            "/home/agent:uid=1000,gid=1000", "-e", "HOME=/home/agent",
            "-v", f"{program}:/opt/engine/harness:ro",
@@ -121,7 +123,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         for i in range(args.runs):
-            for out, fn in ((direct, lambda s: docker_run(program.root, s)),
+            clone = base / f"d{i}"
+            subprocess.run(["git", "clone", "-q", str(make_repo(base / f"src{i}", "http://127.0.0.1:9")),
+                            str(clone)], check=True)
+            subprocess.run(["chown", "-R", "1000:1000", str(clone)], check=False)
+            for out, fn in ((direct, lambda s, c=clone: docker_run(program.root, s, c)),
                             (cold, lambda s, i=i: engine_apply(base / f"c{i}", s, False)),
                             (warm, lambda s, i=i: engine_apply(base / f"w{i}", s, True))):
                 with ModelServer("anthropic", [], final_text="Hello.") as server:

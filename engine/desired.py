@@ -95,6 +95,9 @@ class DesiredAgent:
     # the installable agent program of the harness: (catalogue name, pinned version), as
     # `engine harness install NAME@VERSION` puts it in the cache; None: nothing to install
     program: tuple[str, str] | None = None
+    # plain configuration files the chosen auth method puts in the agent's home: (path
+    # relative to the home, content); delivered like credential files (HOME_FILE_PREFIX<n>)
+    home_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def branch(self) -> str:
@@ -109,6 +112,9 @@ class DesiredAgent:
             if k == key:
                 return json.loads(v)
         return default
+
+
+HOME_FILE_PREFIX = "ENGINE_HOME_FILE_"  # the name a home file travels under, like a credential
 
 
 def _program(merged: dict[str, Any]) -> tuple[str, str] | None:
@@ -127,6 +133,7 @@ class _Auth:
     name: str | None = None
     files: tuple[tuple[str, str], ...] = ()
     set_env: dict[str, str] = field(default_factory=dict)
+    home_files: tuple[tuple[str, str], ...] = ()  # (path in the home, content)
 
 
 @dataclass(frozen=True)
@@ -328,8 +335,10 @@ class _Builder:
             workspace=merged.get("workspace", "worktree"),
             depth=graph.depth_of(self.parents, entry.name), source=entry.where(),
             settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra,
-            resume_command=resume, credential_files=auth.files, egress=egress,
-            program=_program(merged))
+            resume_command=resume, egress=egress, program=_program(merged),
+            credential_files=auth.files + tuple(
+                (f"{HOME_FILE_PREFIX}{i}", path) for i, (path, _) in enumerate(auth.home_files)),
+            home_files=auth.home_files)
 
     def _egress(self, entry: Entry, merged: dict[str, Any]) -> tuple[str, ...]:
         """The endpoints of a `network: egress` agent: the profile's `egress` list, where
@@ -437,8 +446,10 @@ class _Builder:
             needs = sorted({*m.get("env", []), *(n for n, _ in files)})
             missing = [w for w in (self._missing(merged, n, avail.get(n)) for n in needs) if w]
             if not missing:
+                home = tuple(sorted((str(k), str(v))
+                                    for k, v in (m.get("homeFiles") or {}).items()))
                 return _Auth(tuple(avail[n] for n in needs), str(m["name"]), files,
-                             {k: str(v) for k, v in (m.get("setEnv") or {}).items()})
+                             {k: str(v) for k, v in (m.get("setEnv") or {}).items()}, home)
             unmet.append(f"{m['name']}: {', '.join(missing)}")
         self.problem(entry, f"{harness}: no auth method is satisfied ({'; '.join(unmet)})")
         return _Auth((), wanted)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine import graph, inventory, secrets, workspace
-from engine.desired import DesiredAgent, DesiredGrove
+from engine.desired import HOME_FILE_PREFIX, DesiredAgent, DesiredGrove
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import failpoint
 from engine.inventory import Inventory, Record
@@ -110,6 +110,10 @@ def client_path() -> Path:
 def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
                resume: bool = False) -> Launch:
     values = {c.name: secrets.read(c) for c in agent.credentials}
+    # plain config files for the home travel the way credential files do (not secret, but
+    # the path is the same: a 0600 file in the agent's own home, never its environment)
+    values |= {f"{HOME_FILE_PREFIX}{i}": content
+               for i, (_, content) in enumerate(agent.home_files)}
     inbox = root / ".engine" / "inbox" / agent.grove / agent.name
     inbox.mkdir(parents=True, exist_ok=True)
     # commits made by an agent are attributed to it (the profile's env may override)

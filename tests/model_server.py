@@ -725,9 +725,23 @@ def _node_bin_dir() -> Path | None:
 
 
 def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
-    """The whole environment to run `harness` against the server at `url` with HOME=home:
-    a plain PATH (the CLI's bin dir first), the base URL, a dummy key, and the switches
-    that keep the CLI offline. Call `cli_setup` too for the config files."""
+    """The whole environment to run `harness` (or its provider's name) against the server
+    at `url` with HOME=home: a plain PATH (the CLI's bin dir first, then a newer Node if
+    installed), TMPDIR inside HOME, the base URL, a dummy key, and the switches that keep
+    the CLI from calling anything but the server. Call `cli_setup` too for its files.
+
+    claude    ANTHROPIC_BASE_URL + ANTHROPIC_API_KEY (sent as x-api-key; an
+              ANTHROPIC_AUTH_TOKEN or CLAUDE_CODE_OAUTH_TOKEN goes as a Bearer token);
+              no config file
+    codex     CODEX_HOME (its config.toml names the server) + CODEX_API_KEY; codex 0.169
+              ignores OPENAI_BASE_URL, so there is no env-only route
+    gemini    GOOGLE_GEMINI_BASE_URL + GEMINI_API_KEY (GOOGLE_API_KEY alone is refused)
+              + GEMINI_CLI_TRUST_WORKSPACE; needs ~/.gemini/settings.json
+    opencode  OPENCODE_CONFIG (the file cli_setup writes; OPENCODE_CONFIG_CONTENT with
+              the same JSON works too) + OPENAI_API_KEY for its {env:...}; the XDG dirs;
+              npm_config_offline (else it npm-installs @opencode-ai/plugin from the
+              registry into its config dir on every start)
+    """
     prov = _provider(harness)
     h = next(k for k, v in HARNESS_PROVIDER.items() if v == prov)
     path = ["/usr/local/bin", "/usr/bin", "/bin"]
@@ -741,14 +755,15 @@ def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
            # scratch files (claude-UID/, bun's .so extracts, gemini error reports) stay
            # in HOME instead of /tmp; cli_setup creates it
            "TMPDIR": str(home / ".tmp"),
-           "NO_COLOR": "1", "CI": "1",
+           "NO_COLOR": "1",
            "GIT_AUTHOR_NAME": "Agent", "GIT_AUTHOR_EMAIL": "agent@example.invalid",
            "GIT_COMMITTER_NAME": "Agent", "GIT_COMMITTER_EMAIL": "agent@example.invalid"}
     if h == "claude":
         env.update({
             "ANTHROPIC_BASE_URL": url,             # the SDK appends /v1/messages
             "ANTHROPIC_API_KEY": "test",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",  # no telemetry/updates/etc.
+            # without it claude also calls api.anthropic.com (telemetry, config)
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
             "DISABLE_ERROR_REPORTING": "1",
         })
@@ -782,7 +797,20 @@ def cli_env(harness: str, url: str, home: Path) -> dict[str, str]:
 
 
 def cli_setup(harness: str, url: str, home: Path) -> None:
-    """Write the config files `harness` needs in `home` to talk to the server at `url`."""
+    """Write the files `harness` needs in `home` to talk to the server at `url`:
+
+    claude    nothing (environment only)
+    codex     ~/.codex/config.toml: a `scripted` model provider (base_url URL/v1,
+              wire_api responses, env_key CODEX_API_KEY) and a pinned model: with its
+              default model codex 0.169 sends "code mode" tools (a JavaScript `exec`
+              custom tool) instead of the `exec_command` function; no update check, no
+              plugin sync, no analytics
+    gemini    ~/.gemini/settings.json: security.auth.selectedType gemini-api-key (else
+              exit 41 "Invalid auth method selected"), usage statistics and updates off
+    opencode  ~/.config/opencode/opencode.json: a `scripted` provider through the bundled
+              @ai-sdk/openai-compatible with baseURL URL/v1, used as model and small_model
+    and HOME/.tmp for TMPDIR.
+    """
     prov = _provider(harness)
     h = next(k for k, v in HARNESS_PROVIDER.items() if v == prov)
     home.mkdir(parents=True, exist_ok=True)

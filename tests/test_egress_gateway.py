@@ -51,6 +51,11 @@ class _Threading(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+class _Web(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+
+
 class _HttpHandler(http.server.BaseHTTPRequestHandler):
     seen: list[tuple[str, str, dict[str, str]]]
 
@@ -84,8 +89,7 @@ def web() -> Iterator[tuple[int, list[tuple[str, str, dict[str, str]]]]]:
     """An HTTP server on loopback: (port, the requests it saw)."""
     seen: list[tuple[str, str, dict[str, str]]] = []
     handler = type("H", (_HttpHandler,), {"seen": seen})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
+    srv = _Web(("127.0.0.1", 0), handler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv.server_address[1], seen
@@ -563,6 +567,26 @@ def test_many_concurrent_connections(root: Path, echo: int) -> None:
     assert len(records(root, 250, verdict="allowed")) == 250
 
 
+def test_a_flood_of_silent_connections_is_bounded(root: Path, echo: int) -> None:
+    """800 connections that never send a byte: 256 wait for their head (then 408), the
+    rest are refused at once (503); the gateway and the other agents go on."""
+    start(root, {"a": [], "b": [f"127.0.0.1:{echo}"]})
+    flood = []
+    try:
+        for _ in range(800):
+            flood.append(connect(sock_path(root)))
+        assert egress._ping(egress.state_dir(root))
+        with connect(sock_path(root, "b")) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\nok".encode())
+            s.shutdown(socket.SHUT_WR)
+            assert read_head(s)[1] + read_all(s) == b"ok"
+        codes = [status(read_all(s)) for s in flood]
+    finally:
+        for s in flood:
+            s.close()
+    assert codes.count(408) == 256 and codes.count(503) == 544
+
+
 def test_idle_tunnel_is_closed(root: Path, echo: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENGINE_EGRESS_IDLE_TIMEOUT", "0.5")
     start(root, {"a": [f"127.0.0.1:{echo}"]})
@@ -732,6 +756,19 @@ def test_forwarder_proxy_port_on_the_host(root: Path, web: tuple[int, list[Any]]
         with socket.create_connection(("127.0.0.1", proxy), timeout=10) as s:
             s.sendall(f"GET http://127.0.0.1:{port}/after HTTP/1.1\r\n\r\n".encode())
             assert read_all(s).endswith(b"hello /after")
+        replies: list[bytes] = []
+
+        def one(i: int) -> None:
+            with socket.create_connection(("127.0.0.1", proxy), timeout=10) as s:
+                s.sendall(f"GET http://127.0.0.1:{port}/{i} HTTP/1.1\r\n\r\n".encode())
+                replies.append(read_all(s).rpartition(b"\r\n\r\n")[2])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(replies) == sorted(b"hello /%d" % i for i in range(100))
         assert fw.poll() is None
     finally:
         fw.terminate()

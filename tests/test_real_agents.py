@@ -36,11 +36,54 @@ KEY_VAR = "SCRIPTED_MODEL_KEY"  # where the profile reads the (dummy) API key fr
 # per harness: provider wire format, profile env that points the CLI at the server, and
 # a grove-level override of the catalogue entry where the CLI needs one for a custom
 # endpoint (only config the user would write too)
+def codex_command(url: str) -> list[str]:
+    """codex exec pointed at a custom Responses endpoint with -c overrides (what a user
+    writes in ~/.codex/config.toml), kept offline: no update check, analytics or plugins."""
+    sets = ["model=gpt-5-codex", "model_provider=scripted",
+            'model_providers.scripted.name="scripted"',
+            f'model_providers.scripted.base_url="{url}/v1"',
+            "model_providers.scripted.env_key=CODEX_API_KEY",
+            "model_providers.scripted.wire_api=responses",
+            "check_for_update_on_startup=false", "analytics.enabled=false",
+            "features.plugins=false"]
+    return ["codex", "exec", *(x for kv in sets for x in ("-c", kv)),
+            "--dangerously-bypass-approvals-and-sandbox", "--skip-git-repo-check"]
+
+
+def opencode_config(url: str) -> str:
+    return json.dumps({"model": "scripted/scripted-model", "autoupdate": False,
+                       "share": "disabled",
+                       "provider": {"scripted": {
+                           "npm": "@ai-sdk/openai-compatible", "name": "scripted",
+                           "options": {"baseURL": f"{url}/v1",
+                                       "apiKey": "{env:OPENAI_API_KEY}"},
+                           "models": {"scripted-model": {"name": "scripted-model"}}}}})
+
+
 HARNESS: dict[str, dict[str, Any]] = {
     "claude": {
         "provider": "anthropic",
         "env": lambda url: {"ANTHROPIC_BASE_URL": url},
         "credential": "ANTHROPIC_API_KEY",
+    },
+    "codex": {
+        "provider": "openai-responses",
+        "env": lambda url: {},
+        "credential": "CODEX_API_KEY",
+        "override": lambda url: {"builtin": "codex", "command": codex_command(url)},
+    },
+    "gemini": {
+        "provider": "gemini",
+        "env": lambda url: {"GOOGLE_GEMINI_BASE_URL": url},
+        "credential": "GEMINI_API_KEY",
+    },
+    "opencode": {
+        "provider": "openai-chat",
+        # offline: no model list from models.dev, no plugin install from npm
+        "env": lambda url: {"OPENCODE_CONFIG_CONTENT": opencode_config(url),
+                            "OPENCODE_DISABLE_MODELS_FETCH": "true",
+                            "npm_config_offline": "true"},
+        "credential": "OPENAI_API_KEY",
     },
 }
 
@@ -89,6 +132,8 @@ def grove_text(harness: str, runtime: str, url: str) -> str:
            "spec": {"defaults": {"profile": "box", "harness": harness},
                     "policy": {"maxAgents": 4, "maxDepth": 2, "maxChildren": 2},
                     "profiles": {"box": box, "helper": helper},
+                    **({"harnesses": {harness: h["override"](url)}} if "override" in h
+                       else {}),
                     "agents": [{"name": "lead", "task": "Follow the instructions you are "
                                 "given; commit your work."}]}}
     return json.dumps(doc, indent=2)

@@ -338,13 +338,17 @@ class Tunnel:
             sock.setblocking(True)
         with contextlib.suppress(OSError):  # a Unix socket's buffer is small: 208 KiB
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        if os.environ.get("XX_RCV"):
-            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(os.environ["XX_RCV"]))
         self.registry = gw.tunnels
         self.registry.add(self)
         self.timer = self.loop.call_later(self.idle, self._check_idle)
-        gw.pool.submit(self._pump, client, upstream, 0)
-        gw.pool.submit(self._pump, upstream, client, 1)
+        for started, args in enumerate(((client, upstream, 0), (upstream, client, 1))):
+            try:
+                gw.pool.submit(self._pump, *args)
+            except RuntimeError as e:  # no thread to be had: give the tunnel up
+                self.abort(f"cannot start a thread: {e}")
+                for _ in range(2 - started):
+                    self._done()
+                return
 
     def abort(self, reason: str) -> None:
         with self.lock:
@@ -375,16 +379,20 @@ class Tunnel:
         except Exception as e:  # OSError, or a bug: this tunnel ends, the gateway goes on
             self.abort(_describe(e))
         finally:
-            with self.lock:
-                self.left -= 1
-                last = self.left == 0
-                if last:
-                    self.closed = True
-                    for sock in self.socks:
-                        sock.close()
+            self._done()
+
+    def _done(self) -> None:
+        """A direction has ended; the last one closes the sockets and ends the tunnel."""
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
             if last:
-                with contextlib.suppress(RuntimeError):  # the loop is gone: exiting
-                    self.loop.call_soon_threadsafe(self._end)
+                self.closed = True
+                for sock in self.socks:
+                    sock.close()
+        if last:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: exiting
+                self.loop.call_soon_threadsafe(self._end)
 
     def _end(self) -> None:
         self.timer.cancel()

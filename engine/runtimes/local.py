@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TextIO
 
 from engine import __version__, events, harness_install
-from engine.desired import DesiredAgent
+from engine.desired import HOME_FILE_PREFIX, DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
 from engine.proc import CommandFailed, run
@@ -159,7 +159,8 @@ class LocalRuntime:
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
                 (rd / stale).unlink()
-        self._write_secrets(rd / "secrets", launch.secrets)
+        self._write_secrets(rd / "secrets", {  # home files are files, not variables
+            k: v for k, v in launch.secrets.items() if not k.startswith(HOME_FILE_PREFIX)})
         bindir = rd / "bin"
         bindir.mkdir(exist_ok=True)
         client = launch.client
@@ -212,6 +213,13 @@ class LocalRuntime:
         home = self.home(a.grove, a.name)
         home.mkdir(parents=True, exist_ok=True)
         home.chmod(0o700)
+        # a login shell (codex runs its commands with `bash -lc`) resets PATH from
+        # /etc/profile: the agent's own profile puts its `engine` and program back first
+        program = harness_install.installed(*a.program) if a.program else None
+        path = [str(launch.run_dir / "bin")] + ([str(program.bin_dir)] if program else [])
+        atomic_write(home / ".profile", (
+            "# written by grove-engine for this agent\n"
+            f"export PATH={shlex.quote(':'.join(path))}:\"$PATH\"\n").encode(), 0o644)
         fs.give(home, uid, gid)
         fs.give(launch.inbox, uid, gid)
         for name, rel in a.credential_files:
