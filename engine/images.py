@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Protocol
 
+from engine import harness_install
 from engine.errors import EngineError
 
 PREFIX = "grove-engine"
@@ -71,7 +72,9 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
     t = tag(name)
     parent = _parent(name)
     if parent and not engine.has_image(tag(parent)):
-        build(engine, parent, network)  # e.g. grove-engine/node under a harness image
+        build(engine, parent, network)  # e.g. grove-engine/base under a harness image
+    if name in harness_install.names():
+        return _build_harness(engine, name, t)
     try:
         engine.build_image(images_dir() / name, t, buildargs or {}, network)
     except EngineError as e:
@@ -79,6 +82,21 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
             raise EngineError(f"{e.summary} (no registry reachable? `engine image bootstrap` "
                               "builds the base image offline)", e.detail) from None
         raise
+    return t
+
+
+def _build_harness(engine: ImageEngine, name: str, t: str) -> str:
+    """A harness image, offline: images/<name>/Dockerfile with the program from the
+    install cache copied into the build context (symlinks kept, they are relative)."""
+    program = harness_install.installed(name)
+    if program is None:
+        raise EngineError(f"image {name}: {harness_install.missing_message(name)}; the "
+                          "image is built from the installed program, offline")
+    with tempfile.TemporaryDirectory(prefix="engine-image-") as tmp:
+        ctx = Path(tmp)
+        shutil.copy2(images_dir() / name / "Dockerfile", ctx / "Dockerfile")
+        shutil.copytree(program.root, ctx / "program", symlinks=True)
+        engine.build_image(ctx, t, {"VERSION": program.version}, "none")
     return t
 
 

@@ -315,17 +315,17 @@ def test_override_without_auth_methods_passes_the_profiles_credentials(
     ("claude", "@anthropic-ai/claude-code"), ("gemini", "@google/gemini-cli"),
     ("codex", "@openai/codex"), ("opencode", "opencode-ai")])
 def test_image_dockerfile(name: str, package: str) -> None:
-    """The images cannot be built offline: check what they are made of."""
+    """A harness image is the base plus the installed program, with no registry: no RUN
+    step at all, the program COPYed from the build context, labelled for check_program."""
     text = (ROOT / "images" / name / "Dockerfile").read_text()
     steps = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert steps[0] == "FROM grove-engine/node:latest"
-    assert steps[1] == "USER root" and steps[-1] == "USER 1000:1000"
-    node = (ROOT / "images" / "node" / "Dockerfile").read_text()
-    assert "FROM grove-engine/base:latest" in node and '"node@${NODE_VERSION}"' in node
-    assert f'npm install -g --no-audit --no-fund "{package}@${{VERSION}}"' in text
+    assert steps[0] == "FROM grove-engine/base:latest"
+    assert not any(s.startswith("RUN") for s in steps)
+    assert "COPY program /opt/engine/harness" in steps
+    assert f"LABEL engine.harness.{name}=${{VERSION}}" in steps
     spec = harnesses.spec(name)
     assert spec is not None and spec["image"] == f"grove-engine/{name}:latest"
-    assert f"{spec['command'][0]} --version" in text
+    assert spec["install"]["npm"][0].startswith(package + "@")
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -96,9 +96,8 @@ def test_bootstrap_without_mmdebstrap(tmp_path: Path, monkeypatch: pytest.Monkey
         images.import_rootfs(None)  # type: ignore[arg-type]  # never reaches the engine
 
 
-def test_harness_images_build_on_the_shared_node_image() -> None:
-    """`engine image build claude` builds grove-engine/node first when it is missing."""
-    assert images._parent("node") == "base"
+def test_harness_images_build_on_the_base_image() -> None:
+    """`engine image build claude` builds grove-engine/base first when it is missing."""
     for name in ("claude", "gemini", "codex", "opencode"):
-        assert images._parent(name) == "node"
+        assert images._parent(name) == "base"
     assert images._parent("base") == ""  # FROM a build argument (the offline rootfs)

@@ -272,3 +272,59 @@ def test_readme_grove_runs_as_written(repo: Path, cli_cache: Path, base_image: s
         subprocess.run([sys.executable, "-m", "engine", "destroy", "-g", "demo",
                         "--auto-approve"], cwd=repo, capture_output=True, timeout=300)
         egress.stop(repo)
+
+
+def one_agent_grove(url: str, image: str) -> str:
+    port = url.rsplit(":", 1)[1]
+    return json.dumps({
+        "apiVersion": "engine/v1alpha1", "kind": "Grove", "metadata": {"name": "one"},
+        "spec": {"defaults": {"profile": "box", "harness": "claude"},
+                 "profiles": {"box": {
+                     "runtime": "docker", "image": image, "network": "egress",
+                     "egress": ["harness", f"127.0.0.1:{port}"],
+                     "env": {"ANTHROPIC_BASE_URL": url},
+                     "credentials": {"ANTHROPIC_API_KEY": {"fromEnv": KEY_VAR}}}},
+                 "agents": [{"name": "solo", "task": "Commit a file."}]}})
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(600)
+def test_missing_program_is_one_error_and_a_baked_image_needs_no_cache(
+        repo: Path, cli_cache: Path, base_image: str, tmp_path: Path, engine: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the program in the cache, the base image cannot run claude: apply says so
+    in one line, with the install command, before anything starts. An image built from the
+    cache (`engine image build claude`, offline) carries it and runs with no cache at all."""
+    install("claude")
+    monkeypatch.setenv(KEY_VAR, "scripted-model-key")
+    monkeypatch.setenv("GROVE_ENGINE_CACHE", str(cli_cache))
+    built = engine("image", "build", "claude")
+    assert built.code == 0, built
+    monkeypatch.setenv("GROVE_ENGINE_CACHE", str(tmp_path / "empty-cache"))
+    step = "echo baked > baked.txt && git add baked.txt && git commit -qm baked"
+    try:
+        with ModelServer("anthropic", [step], final_text="Done.") as server:
+            write_grove(repo, "one", one_agent_grove(server.url, "grove-engine/base:latest"))
+            res = engine("apply", "--auto-approve")
+            assert res.code == 1
+            assert res.err.strip().splitlines()[-1].endswith(
+                "harness claude is not installed: run `engine harness install claude` (or "
+                "use an image that has it)"), res.err
+            assert "Traceback" not in res.err
+            assert not containers(repo, "one")  # nothing started
+            write_grove(repo, "one", one_agent_grove(server.url, "grove-engine/claude:latest"))
+            res = engine("apply", "--auto-approve", "--wait", "--timeout", "240")
+            assert res.code == 0, res
+            assert server.finished()
+        assert git(repo, "show", "engine/one/solo:baked.txt") == "baked"
+    finally:
+        engine("destroy", "--auto-approve")
+        egress.stop(repo)
+
+
+def containers(repo: Path, grove: str) -> list[str]:
+    p = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=engine.grove={grove}",
+                        "--filter", f"label=engine.repo={repo.resolve()}"],
+                       capture_output=True, text=True, check=True)
+    return p.stdout.split()
