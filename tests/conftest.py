@@ -1,11 +1,14 @@
 """Test contract: everything runs for real (git, tmux, Docker, the engine's own CLI).
 
 Fakes exist only at edges this machine cannot run, and each one says so where it is
-defined: the Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here), and
+defined: the model providers' APIs, in tests/model_server.py (a scripted model server on
+127.0.0.1 speaking the Anthropic Messages, OpenAI Responses and Chat Completions and Gemini
+wire formats, which the real agent CLIs talk to in tests/test_real_agents.py); the
+Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here), and
 the exec websocket of a pod in tests/test_kubernetes.py (`_EndlessExec`, for the output
 cap); a
-program that records its argv in place of the real `claude` in one end-to-end harness test
-(real agent CLIs need network and keys; their exact command lines are golden-tested); a
+program that records its argv in place of the real `claude` in one harness test (its exact
+command line and secret handling; the real CLIs run in tests/test_real_agents.py); a
 tiny `mmdebstrap` in tests/test_images.py for the import's failure paths (the real
 bootstrap runs in the Docker fixtures); and a Unix socket that accepts and never answers,
 in tests/test_untrusted_files.py, standing in for a hung tmux server so a `watch` pass can
