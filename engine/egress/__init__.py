@@ -161,6 +161,7 @@ def remove_policy(root: Path, grove: str, agent: str) -> None:
 def ensure_running(root: Path, timeout: float = 10.0) -> None:
     """Make the repository's gateway serve every policy written so far: reload it if it
     answers, else start it (detached, one per root: `start.lock`) and then reload."""
+    root = root.resolve()  # the gateway runs elsewhere: it needs the absolute root
     state = _make_state(root)
     with flock(state / "start.lock"):
         if _ping(state):
