@@ -358,13 +358,15 @@ class _Builder:
                           for e in merged.get("endpoints") or []]
             else:
                 items.append((f"egress[{i}]", str(item)))
+        bad = 0
         for where, item in items:
             try:
                 host, port = egress_names.parse_endpoint(item)
                 out.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             except ValueError as e:
+                bad += 1
                 self.problem(entry, f"{where}: {e}", "egress")
-        if not out:
+        if not out and not bad:
             self.problem(entry, f"network: egress with no endpoint: harness "
                                 f"{merged.get('harness')} declares none, so list them in "
                                 "egress: [host:port, ...]", "network")
