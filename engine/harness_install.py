@@ -30,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from typing import Any
 from engine import fsutil, harnesses
 from engine.errors import EngineError
 
-VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+([-.][0-9A-Za-z.]+)?$")
+VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+([-.][0-9A-Za-z.]+)?\Z")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _NPM_TIMEOUT = 900.0  # seconds for one npm install
 _VERSION_TIMEOUT = 60.0  # seconds for `<program> --version`
@@ -135,6 +136,8 @@ def installed(name: str, version: str | None = None) -> Installed | None:
     if not VERSION_RE.match(version):
         return None
     root = cache_root() / name / version
+    if os.geteuid() == 0 and not _root_only(root):
+        return None  # a tree another user could change is never run, mounted or trusted
     try:
         info = json.loads((root / "install.json").read_text())
     except (OSError, ValueError):
@@ -144,6 +147,28 @@ def installed(name: str, version: str | None = None) -> Installed | None:
         return None
     return Installed(name=name, version=version, root=root, bin_dir=root / "bin",
                      program=program)
+
+
+def _root_only(path: Path) -> bool:
+    """Whether `path` and every directory above it are root's and writable by no one else
+    (a world-writable directory counts when it is sticky, like /tmp, and root owns what is
+    below it): as root, nothing from the cache may be run or mounted that another user
+    could have put there."""
+    for d in [path, *path.parents]:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = os.stat(d)
+            except OSError:
+                return False
+        if st.st_uid != 0:
+            return False
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return False
+    return True
 
 
 def versions(name: str) -> list[Installed]:

@@ -168,8 +168,9 @@ def compare(parent: DesiredAgent, child: DesiredAgent) -> list[str]:
       and read-only where the parent's is;
     - resources (cpus, memory, pids) and maxDuration: never above the parent's; unset (or
       0, which means no limit) on the child while the parent has a limit counts as above;
-    - network: none < egress < a named network < host; a named network only the
-      parent's own; egress endpoints only ones the parent may reach;
+    - network: none < egress or a named network < host; a named network only the
+      parent's own; egress only under an egress or host parent, with endpoints the parent
+      may reach;
     - credentials: each of the child's is one the parent has, with the same source (the
       same name read from another variable or file is refused);
     - access: read-only < read-write; workspace: clone < worktree < shared;
@@ -255,6 +256,8 @@ def _network(p: DesiredAgent, c: DesiredAgent) -> list[str]:
     mine, theirs = _net_rank(c.network), _net_rank(p.network)
     if mine > theirs or (mine == 2 and c.network != p.network):
         return [f"network: would get {c.network}; the parent has {p.network}"]
+    if mine == 1 and theirs == 2:  # a named network and egress reach different places
+        return [f"network: would get egress; the parent has network {p.network}"]
     if mine == 1 and theirs == 1:
         extra = sorted(set(c.egress) - set(p.egress))
         if extra:
@@ -263,8 +266,8 @@ def _network(p: DesiredAgent, c: DesiredAgent) -> list[str]:
 
 
 def _net_rank(network: str) -> int:
-    """none < egress (the gateway, a subset of the parent's endpoints) < a named network
-    < host."""
+    """none < egress (the gateway, a subset of the parent's endpoints) and a named network
+    (the parent's own; the two are not comparable) < host."""
     return {"none": 0, "egress": 1, "host": 3}.get(network, 2)
 
 

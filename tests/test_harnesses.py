@@ -200,11 +200,15 @@ def test_auth_method_sets_plain_env_below_the_agents_own(
         "GEMINI_OAUTH_CREDS": {"fromFile": str(oauth)}}}}
     agent = [{"name": "g", "profile": "sandbox", "harness": "gemini", "task": "t"}]
     a = build(repo, grove_yaml(agent, profile)).agent("g")
-    assert a.auth == "login" and dict(a.env) == {"GOOGLE_GENAI_USE_GCA": "true"}
-    assert a.credential_files == (("GEMINI_OAUTH_CREDS", ".gemini/oauth_creds.json"),)
+    trust = {"GEMINI_CLI_TRUST_WORKSPACE": "true"}  # the harness's own env
+    assert a.auth == "login" and dict(a.env) == {"GOOGLE_GENAI_USE_GCA": "true", **trust}
+    # the login file, and the method's settings.json (the auth type), both into the home
+    assert a.credential_files == (("GEMINI_OAUTH_CREDS", ".gemini/oauth_creds.json"),
+                                  ("ENGINE_HOME_FILE_0", ".gemini/settings.json"))
+    assert '"selectedType": "oauth-personal"' in dict(a.home_files)[".gemini/settings.json"]
     agent[0]["env"] = {"GOOGLE_GENAI_USE_GCA": "false"}
     assert dict(build(repo, grove_yaml(agent, profile)).agent("g").env) == {
-        "GOOGLE_GENAI_USE_GCA": "false"}
+        "GOOGLE_GENAI_USE_GCA": "false", **trust}
 
 
 def test_harness_without_auth_methods_passes_every_credential(

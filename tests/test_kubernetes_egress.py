@@ -584,7 +584,11 @@ def test_gateway_from_its_configmaps_admits_the_right_token_only(tmp_path: Path)
     log_file = Path(here(objs.GATEWAY_LOG))
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     verdicts = {(r["agent"], r["status"]) for r in records}
-    assert {("coder", 200), ("coder", 407), ("coder", 403), ("server", 200)} <= verdicts
+    assert {("coder", 200), ("coder", 403), ("server", 200)} <= verdicts
+    # a refused login is never filed under the agent it claimed to be
+    assert ("coder", 407) not in verdicts
+    assert any(r["status"] == 407 and r["agent"] == "" and r.get("claimed") == "net/coder"
+               for r in records)
     assert TOKEN not in log_file.read_text()
     assert "stopped" in (pod / "gateway.err").read_text()
 

@@ -10,15 +10,20 @@ ever followed; whatever a client sends after the head goes, verbatim, to that on
 endpoint (so request smuggling cannot reach another). With `--listen HOST:PORT` a TCP
 listener serves remote agents, identified by `Proxy-Authorization: Basic` (agent id
 `<grove>/<agent>` and the policy's token, or a token whose SHA-256 is the policy's
-`tokenSha256`). `--policies DIR` also serves the policies `DIR/<grove>.<agent>.json` (a
-mounted ConfigMap in a Kubernetes namespace: see docs/kubernetes.md).
+`tokenSha256`); until then a connection is unauthenticated: at most 256 per peer address
+and 1024 in all, the oldest closed first past that, and its records name no agent (a
+claimed id is `claimed`). `--policies DIR` also serves the policies
+`DIR/<grove>.<agent>.json` (a mounted ConfigMap in a Kubernetes namespace: see
+docs/kubernetes.md).
 
 Heads, policy and upstream connects run on the event loop; once a tunnel is open, each
 direction runs on a pooled thread with blocking `os.splice` through a kernel pipe (the
 bytes never enter Python; recv_into/send where splice is missing): measured, this moves
 bulk data at the rate of a direct connection where event-loop splicing did not (see
 bench/bench_egress.py). Every connection ends with one record in `log.jsonl` and one
-`Egress` event (written by a background thread in batches: `events.record` fsyncs).
+`Egress` event (written by a background thread in batches: `events.record` fsyncs);
+refusals past 20/s (burst 50) per agent or unauthenticated peer are only counted, with one
+summary record (`suppressed`: N) per second while that lasts.
 
 The gateway exits on SIGTERM/SIGINT/`stop` (live tunnels get 2 s), when its state
 directory is removed, or after 60 s without any policy.
@@ -87,13 +92,16 @@ class Limits:
     head_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 900.0
-    max_conns: int = 256
-    max_unauthenticated: int = 1024
+    max_conns: int = 256  # per agent, and unauthenticated per TCP peer address
+    max_unauthenticated: int = 1024  # TCP connections not (yet) authenticated, in all
     max_tunnels: int = 1024
     idle_exit: float = 60.0
     check_every: float = 2.0
     drain: float = 2.0
     linger: float = 1.0
+    refusal_rate: float = 20.0  # refused connections recorded per second and agent/peer
+    refusal_burst: int = 50  # (a token bucket); past it one summary record per second
+    summary_every: float = 1.0
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -147,6 +155,14 @@ class Conn:
     down: int = 0
     tunnel: Tunnel | None = None
     endpoint: tuple[str, int] | None = None
+    peer: str = ""  # TCP: the client's address
+    claimed: str = ""  # TCP, refused: the <grove>/<agent> claimed without a valid token
+    evicted: bool = False  # TCP: its unauthenticated slot was given to a newer connection
+    suppressed: int = 0  # a summary of refusals not recorded one by one
+
+    def rate_key(self) -> tuple[str, str, str]:
+        """Whose refusals these are: the agent, or (unauthenticated) the TCP peer."""
+        return (self.grove, self.agent, "") if self.agent else ("", "", self.peer)
 
     def to_json(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -160,7 +176,25 @@ class Conn:
             rec["reason"] = self.reason[:300]
         if self.path:
             rec["path"] = self.path
+        if self.peer:
+            rec["peer"] = self.peer
+        if self.claimed:  # never the agent: the token did not match
+            rec["claimed"] = self.claimed
+        if self.suppressed:
+            rec["suppressed"] = self.suppressed
         return rec
+
+
+@dataclass
+class Bucket:
+    """Refused connections of one agent (or unauthenticated TCP peer) that may still be
+    recorded one by one; those past it are counted and summarized."""
+
+    tokens: float
+    at: float
+    suppressed: int = 0
+    since: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -460,7 +494,10 @@ class Gateway:
         self.tasks: set[asyncio.Task[None]] = set()
         self.control: Listener | None = None
         self.tcp: socket.socket | None = None
-        self.tcp_live = 0
+        self.tcp_live = 0  # unauthenticated TCP connections: sum of len(heads[peer])
+        self.heads: dict[str, dict[Conn, socket.socket]] = {}  # by peer, oldest first
+        self.buckets: dict[tuple[str, str, str], Bucket] = {}
+        self.pruned = 0.0
         self.pipes = Pipes()
         self.tunnels: set[Tunnel] = set()
         self.pool = ThreadPoolExecutor(2 * limits.max_tunnels, "egress-pump")
@@ -517,6 +554,8 @@ class Gateway:
             await asyncio.wait(list(self.tasks), timeout=5)
         if self.tunnels:  # aborted: their threads end at once
             await asyncio.wait([t.ended for t in self.tunnels], timeout=5)
+        for whose in list(self.buckets):
+            self._summarize(whose)
         self.pool.shutdown(wait=False)
         self.events.put(None)
         self.closing.set()
@@ -714,7 +753,6 @@ class Gateway:
         c = Conn()
         agent: Agent | None = None
         upstream: socket.socket | None = None
-        counted_tcp = False
         try:
             try:
                 if key is not None:
@@ -726,16 +764,19 @@ class Gateway:
                         raise Refusal(503, f"more than {self.limits.max_conns} connections")
                     agent.live.add(c)
                 else:
-                    if self.tcp_live >= self.limits.max_unauthenticated:
-                        raise Refusal(503, "too many connections")
-                    self.tcp_live += 1
-                    counted_tcp = True
+                    self._admit(client, c)
                 try:
                     async with asyncio.timeout(self.limits.head_timeout):
                         head, rest = await read_head(self.loop, client, self.limits)
                 except TimeoutError:
                     raise Refusal(408, f"request head not received within "
                                        f"{self.limits.head_timeout:g} s") from None
+                except Refusal:
+                    if not c.evicted:
+                        raise
+                if c.evicted:  # its read side was shut down: whatever it read is moot
+                    raise Refusal(503, f"more unauthenticated connections from {c.peer} "
+                                       f"or in all than allowed: the oldest are closed")
                 req = parse_request(head, self.limits)
                 c.method = req.method
                 c.target = egress.format_endpoint(req.host, req.port)
@@ -744,6 +785,7 @@ class Gateway:
                     c.path = req.path.split("?", 1)[0][:200]
                 if agent is None:
                     agent = self._authenticate(req, c)
+                    self._release(c)  # authenticated: counted as its agent's from now on
                     agent.live.add(c)
                 upstream = await self._open(agent, req, c)
                 c.verdict = "allowed"
@@ -770,9 +812,45 @@ class Gateway:
                         s.close()
             if agent is not None:
                 agent.live.discard(c)
-            if counted_tcp:
-                self.tcp_live -= 1
+            if c.peer:
+                self._release(c)
             self._record(c)
+
+    def _admit(self, client: socket.socket, c: Conn) -> None:
+        """Count a new TCP connection as unauthenticated (until `_authenticate` succeeds).
+        At most `max_conns` per peer address and `max_unauthenticated` in all: past either,
+        the oldest one of that peer (or of the peer that has the most) is closed with a
+        503, so that one client cannot lock the others out by connecting and saying
+        nothing; a real client sends its head at once."""
+        try:
+            c.peer = str(client.getpeername()[0])
+        except (OSError, IndexError):
+            c.peer = "?"
+        mine = self.heads.get(c.peer)
+        if mine is not None and len(mine) >= self.limits.max_conns:
+            self._evict(c.peer)
+        elif self.tcp_live >= self.limits.max_unauthenticated and self.heads:
+            self._evict(max(self.heads, key=lambda peer: len(self.heads[peer])))
+        self.heads.setdefault(c.peer, {})[c] = client
+        self.tcp_live += 1
+
+    def _evict(self, peer: str) -> None:
+        mine = self.heads[peer]
+        oldest = next(iter(mine))
+        sock = mine.pop(oldest)
+        if not mine:
+            del self.heads[peer]
+        self.tcp_live -= 1
+        oldest.evicted = True
+        with contextlib.suppress(OSError):  # its read_head (or _refuse) sees the end
+            sock.shutdown(socket.SHUT_RD)
+
+    def _release(self, c: Conn) -> None:
+        mine = self.heads.get(c.peer)
+        if mine is not None and mine.pop(c, None) is not None:
+            self.tcp_live -= 1
+            if not mine:
+                del self.heads[c.peer]
 
     def _authenticate(self, req: Request, c: Conn) -> Agent:
         """The agent a TCP connection speaks for: Proxy-Authorization: Basic
@@ -794,7 +872,7 @@ class Gateway:
             egress.check_name("agent", name)
         except ValueError:
             raise Refusal(407, "unknown agent") from None
-        c.grove, c.agent = grove, name
+        c.claimed = f"{grove}/{name}"  # not its identity (records) until the token matches
         agent = self.agents.get((grove, name))
         if agent is not None and agent.token_sha256:
             given = hashlib.sha256(token.encode()).hexdigest()
@@ -805,6 +883,7 @@ class Gateway:
         if not known:
             raise Refusal(407, "wrong agent token")
         assert agent is not None
+        c.grove, c.agent, c.claimed = grove, name, ""
         if len(agent.live) >= self.limits.max_conns:
             raise Refusal(503, f"more than {self.limits.max_conns} connections")
         return agent
@@ -904,7 +983,50 @@ class Gateway:
                        0o600)
 
     def _record(self, c: Conn) -> None:
-        rec = {"time": now(), **c.to_json()}
+        """The connection's record; a refused one only while its agent (or TCP peer) is
+        within `refusal_rate`/`refusal_burst`: past that they are counted, and one summary
+        per `summary_every` s says how many (a refusal flood must not fill the logs)."""
+        if c.verdict == "refused" and not self._may_record(c):
+            return
+        self._write({"time": now(), **c.to_json()})
+
+    def _may_record(self, c: Conn) -> bool:
+        t = time.monotonic()
+        key = c.rate_key()
+        rate, burst = self.limits.refusal_rate, self.limits.refusal_burst
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) >= 4096 and t - self.pruned >= 1:
+                self.pruned = t  # forget buckets that are full again
+                self.buckets = {k: v for k, v in self.buckets.items()
+                                if v.timer is not None or v.tokens + (t - v.at) * rate < burst}
+            b = self.buckets[key] = Bucket(float(burst), t)
+        b.tokens, b.at = min(float(burst), b.tokens + (t - b.at) * rate), t
+        if b.tokens >= 1:
+            b.tokens -= 1
+            return True
+        if not b.suppressed:
+            b.since = t
+        b.suppressed += 1
+        if b.timer is None:
+            b.timer = self.loop.call_later(self.limits.summary_every, self._summarize, key)
+        return False
+
+    def _summarize(self, key: tuple[str, str, str]) -> None:
+        b = self.buckets.get(key)
+        if b is None:
+            return
+        if b.timer is not None:
+            b.timer.cancel()
+            b.timer = None
+        if b.suppressed:
+            grove, agent, peer = key
+            s = Conn(started=b.since, grove=grove, agent=agent, peer=peer,
+                     reason=f"{b.suppressed} refusals suppressed", suppressed=b.suppressed)
+            b.suppressed = 0
+            self._write({"time": now(), **s.to_json()})
+
+    def _write(self, rec: dict[str, Any]) -> None:
         line = (json.dumps(rec, sort_keys=True) + "\n").encode()
         try:
             if self.log_size + len(line) > LOG_ROTATE:

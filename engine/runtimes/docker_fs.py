@@ -52,6 +52,10 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     for d in (ctl, secrets):
         shutil.rmtree(d, ignore_errors=True)
     ctl.mkdir(parents=True)
+    if os.geteuid() == 0:
+        # the container reaches these through its mounts, never by path: no uid on the
+        # host (a local agent runs as uid 1000 too) may reach this agent's secret files
+        os.chmod(launch.run_dir, 0o700)
     _write_secrets(secrets, launch.secrets)
     shim = launch.run_dir / "bin" / "engine"
     atomic_write(shim, client_shim().encode(), 0o755)
@@ -149,10 +153,16 @@ def _each(path: Path, visit: Callable[[int, bool], None],
             os.close(fd)
 
 
+def _single(fd: int, is_dir: bool) -> bool:
+    """Whether a grant may touch this entry: a directory, or a file with one link (a hard
+    link an agent made to someone else's file is never handed to it)."""
+    return is_dir or os.fstat(fd).st_nlink == 1
+
+
 def give(path: Path, uid: int, gid: int) -> None:
     """Hand `path` (recursively) to the agent uid."""
     if os.geteuid() == 0:
-        _each(path, lambda fd, _: os.fchown(fd, uid, gid))
+        _each(path, lambda fd, d: os.fchown(fd, uid, gid) if _single(fd, d) else None)
     elif os.geteuid() != uid:
         share(path, uid, files=True)
 
@@ -165,7 +175,7 @@ def share(path: Path, uid: int, files: bool, skip_top: frozenset[str] = frozense
         if not is_dir and not files:
             return
         st = os.fstat(fd)
-        if st.st_uid == uid:
+        if st.st_uid == uid or not _single(fd, is_dir):
             return
         _add_acl(fd, path, _ACCESS, st.st_mode, uid, 7 if is_dir else 6)
         if is_dir:

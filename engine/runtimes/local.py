@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import stat
@@ -211,23 +212,21 @@ class LocalRuntime:
             if d.is_dir() and d.is_relative_to(self.state):
                 d.chmod(d.stat().st_mode | 0o111)  # search only: nothing listed or read
         home = self.home(a.grove, a.name)
-        home.mkdir(parents=True, exist_ok=True)
-        home.chmod(0o700)
+        home.parent.mkdir(parents=True, exist_ok=True)  # root's: the home cannot be swapped
+        with contextlib.suppress(FileExistsError):
+            home.mkdir(mode=0o700)
+        os.chown(home, uid, gid, follow_symlinks=False)
         # a login shell (codex runs its commands with `bash -lc`) resets PATH from
-        # /etc/profile: the agent's own profile puts its `engine` and program back first
-        program = harness_install.installed(*a.program) if a.program else None
-        path = [str(launch.run_dir / "bin")] + ([str(program.bin_dir)] if program else [])
-        atomic_write(home / ".profile", (
+        # /etc/profile: the agent's own profile puts its `engine` and program back first.
+        # The home is the agent's: everything is written beneath it by descriptor, never
+        # through a link it planted (a previous run of it may have)
+        write_beneath(home, ".profile", (
             "# written by grove-engine for this agent\n"
-            f"export PATH={shlex.quote(':'.join(path))}:\"$PATH\"\n").encode(), 0o644)
-        fs.give(home, uid, gid)
-        fs.give(launch.inbox, uid, gid)
+            f"export PATH={shlex.quote(agent_path(launch))}:\"$PATH\"\n").encode(), uid, gid)
         for name, rel in a.credential_files:
             if name in launch.secrets:
-                target = home / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, launch.secrets[name].encode(), 0o600)
-                fs.give(home, uid, gid)
+                write_beneath(home, rel, launch.secrets[name].encode(), uid, gid)
+        fs.give(launch.inbox, uid, gid)
         if a.access != "read-only":
             fs.grant_workspace(launch, uid)
 
@@ -292,14 +291,17 @@ class LocalRuntime:
         q = shlex.quote
         # a restart resumes the harness's previous session when it knows how
         command = a.resume_command if launch.resume and a.resume_command else a.command
-        argv = " ".join(q(x) for x in command)
-        if a.max_duration:
-            argv = f"timeout --foreground -k 10 {a.max_duration} {argv}"
+        # the agent's own PATH (its `engine`, its program) reaches only the agent: the
+        # wrapper, which runs as the engine's user, resolves its tools from a clean PATH
+        argv = f"env PATH={q(agent_path(launch))}:\"$PATH\" " + " ".join(q(x) for x in command)
         drop = agent_ids(a)
         if drop:
             argv = f"setpriv --reuid={drop[0]} --regid={drop[1]} --clear-groups -- {argv}"
+        # maxDuration is enforced from outside the agent's containment, where it cannot
+        # reach (a delegated cgroup could otherwise freeze the timer)
+        outer = f"timeout --foreground -k 10 {a.max_duration}" if a.max_duration else ""
         lines = self._prologue(launch, c)
-        lines += contain.run_lines(c, argv)
+        lines += contain.run_lines(c, argv, outer)
         lines += contain.end_lines(c)
         if a.max_duration:
             lines += [f'[ "$code" = 124 ] && echo "maxDuration {a.max_duration}s exceeded" '
@@ -324,11 +326,7 @@ class LocalRuntime:
             # the wrapper pipes its own pane to the log before the harness prints anything
             f"tmux pipe-pane -o -t \"$TMUX_PANE\" {q('cat >> ' + q(str(launch.log_file)))}",
             f"cd {q(str(launch.workdir))} || exit 127",
-            f"export PATH={q(str(rd / 'bin'))}:\"$PATH\"",
         ]
-        program = harness_install.installed(*a.program) if a.program else None
-        if program is not None:
-            lines.append(f"export PATH={q(str(program.bin_dir))}:\"$PATH\"")
         if agent_ids(a):
             home = self.home(a.grove, a.name)
             lines += [f"export HOME={q(str(home))} USER=agent LOGNAME=agent",
@@ -405,6 +403,50 @@ class LocalRuntime:
         self.tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", f"={sess}:")
         time.sleep(0.05)  # a separate Enter, after the bracketed paste has landed
         self.tmux("send-keys", "-t", f"={sess}:", "Enter")
+
+
+def agent_path(launch: Launch) -> str:
+    """What goes first on the agent's PATH: its `engine` client, then its program."""
+    a = launch.agent
+    program = harness_install.installed(*a.program) if a.program else None
+    return ":".join([str(launch.run_dir / "bin")] + ([str(program.bin_dir)] if program else []))
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def write_beneath(top: Path, rel: str, data: bytes, uid: int, gid: int) -> None:
+    """`top/rel` (0600, owned by uid:gid) written through descriptors: no symlink below
+    `top` is followed, made directories are the agent's, and the file is replaced whole."""
+    *dirs, name = rel.split("/")
+    if not name or any(p in ("", ".", "..") for p in (*dirs, name)):
+        raise EngineError(f"{rel!r}: not a plain path inside the home")
+    fd = os.open(top, _DIR)
+    try:
+        for d in dirs:
+            try:
+                os.mkdir(d, 0o700, dir_fd=fd)
+                os.chown(d, uid, gid, dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            try:
+                nxt = os.open(d, _DIR, dir_fd=fd)
+            except OSError:
+                raise EngineError(f"{top}/{rel}: {d} is not a directory of the agent's "
+                                  "(a link or a file); refused") from None
+            os.close(fd)
+            fd = nxt
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        w = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600, dir_fd=fd)
+        try:
+            os.fchown(w, uid, gid)
+            os.write(w, data)
+        finally:
+            os.close(w)
+        os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def agent_ids(a: DesiredAgent) -> tuple[int, int] | None:

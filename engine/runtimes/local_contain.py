@@ -177,24 +177,28 @@ _REAP_MARKED = r"""reap_marked() {  # best effort: stop, then kill, what carries
 } 2>/dev/null"""
 
 
-def run_lines(c: Containment, argv: str) -> list[str]:
+def run_lines(c: Containment, argv: str, outer: str = "") -> list[str]:
     """Wrapper lines that run `argv` (a shell command line) contained and leave its exit
-    status in $code; $rd is the run dir."""
+    status in $code; $rd is the run dir. `outer` (e.g. `timeout ...`) wraps it from
+    outside the containment: the agent cannot reach it there."""
     q = shlex.quote
+    pre = f"{outer} " if outer else ""
     if c.mechanism == "pidns":
-        pre = " ".join(q(x) for x in c.unshare)
-        return [f'{pre} -- {q(sys.executable)} -I -S "$rd/{INIT_FILE}" {argv}', "code=$?"]
+        ns = " ".join(q(x) for x in c.unshare)
+        return [f'{pre}{ns} -- {q(sys.executable)} -I -S "$rd/{INIT_FILE}" {argv}',
+                "code=$?"]
     if c.mechanism == "marker":
-        return [argv, "code=$?"]
+        return [f"{pre}{argv}", "code=$?"]
     fallback = Containment("marker", c.token).record("could not enter cgroup " + c.cgroup)
+    enter = "bash -c 'echo $$ > \"$0\" && exec \"$@\"' \"$cg/cgroup.procs\""
     return [
         f"cg={q(c.cgroup)}",
         'if ( echo "$BASHPID" > "$cg/cgroup.procs" ) 2>/dev/null; then',
-        f'  ( echo "$BASHPID" > "$cg/cgroup.procs" && exec {argv} )',
+        f"  {pre}{enter} {argv}",
         "else",
         '  echo "engine: cannot enter cgroup $cg; containment falls back to marker" >&2',
         f'  echo {q(fallback)} > "$rd/{RECORD}"; rmdir "$cg"; cg=""',
-        f"  {argv}",
+        f"  {pre}{argv}",
         "fi",
         "code=$?",
     ]

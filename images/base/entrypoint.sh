@@ -88,7 +88,8 @@ if [ -n "${ENGINE_EGRESS_SOCKET:-}" ]; then
   ready=/tmp/.engine-egress-ready
   rm -f "$ready"
   forward=()
-  for ep in ${ENGINE_EGRESS_FORWARD:-}; do forward+=(--forward "$ep"); done
+  read -ra eps <<<"${ENGINE_EGRESS_FORWARD:-}"  # no globbing: [::1]:8080 stays as it is
+  for ep in "${eps[@]}"; do forward+=(--forward "$ep"); done
   python3 -S /usr/local/lib/engine/forwarder.py --socket "$ENGINE_EGRESS_SOCKET" \
     --proxy-port 3128 "${forward[@]}" --ready "$ready" 2>>/run/engine/log &
   for _ in $(seq 1 200); do
