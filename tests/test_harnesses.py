@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -503,7 +504,9 @@ def test_local_runtime_passes_task_intact_and_only_chosen_secret(
             "'other': 'OTHER_TOKEN' in os.environ}, open(" + repr(str(out)) + ", 'w'))")
     profile = {"local": {"runtime": "local", "credentials": {
         "ANTHROPIC_API_KEY": {"fromEnv": "SRC_KEY"}, "OTHER_TOKEN": {"fromEnv": "SRC_OTHER"}}}}
-    defs = {"claude": {"builtin": "claude", "command": [sys.executable, "-c", dump]}}
+    # a python the agent's uid can run (the engine's may live under a 0700 /root)
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+    defs = {"claude": {"builtin": "claude", "command": [python, "-c", dump]}}
     write_grove(repo, "demo", grove_yaml(
         [{"name": "a", "profile": "local", "harness": "claude", "task": TASK}], profile, defs))
     res = engine("apply", "--auto-approve", "--wait", "--timeout", "30")

@@ -183,9 +183,9 @@ def run_lines(c: Containment, argv: str, outer: str = "") -> list[str]:
     outside the containment: the agent cannot reach it there."""
     q = shlex.quote
     pre = f"{outer} " if outer else ""
-    if c.mechanism == "pidns":
+    if c.mechanism == "pidns":  # the timer inside: root's there, no cgroup is delegated
         ns = " ".join(q(x) for x in c.unshare)
-        return [f'{pre}{ns} -- {q(sys.executable)} -I -S "$rd/{INIT_FILE}" {argv}',
+        return [f'{ns} -- {q(sys.executable)} -I -S "$rd/{INIT_FILE}" {pre}{argv}',
                 "code=$?"]
     if c.mechanism == "marker":
         return [f"{pre}{argv}", "code=$?"]
