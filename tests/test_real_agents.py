@@ -7,9 +7,10 @@ format) and applies a grove with `engine watch` running. The scripted model make
 agent, through the CLI's own shell tool: read its instructions, write and commit a file,
 `engine spawn` a helper and wait for it to be accepted, try a host it may not reach, and
 report `engine done`. The test checks what the engine made of it: the helper written back
-to spawned.yaml and run, the parent notified, the commit on the agent's branch, and in
-the Docker sandbox (`network: egress`) the gateway's record of the model traffic and of
-the refused connection.
+to spawned.yaml and run, the parent notified, the commit on the agent's branch, and with
+`network: egress` (the Docker sandbox; the local runtime too when the engine is root,
+in a network namespace of the agent's own) the gateway's record of the model traffic and
+of the refused connection.
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ def grove_text(harness: str, runtime: str, url: str) -> str:
                            "spawn": {"allowProfiles": ["helper"],
                                      "allowHarnesses": ["shell"]}}
     helper: dict[str, Any] = {"runtime": runtime}
+    if sandboxed(runtime):
+        box |= {"network": "egress", "egress": ["harness", f"127.0.0.1:{port}"]}
     if runtime == "docker":
-        box |= {"image": "grove-engine/base:latest", "network": "egress",
-                "egress": ["harness", f"127.0.0.1:{port}"]}
+        box |= {"image": "grove-engine/base:latest"}
         helper |= {"image": "grove-engine/base:latest"}
     doc = {"apiVersion": "engine/v1alpha1", "kind": "Grove", "metadata": {"name": "real"},
            "spec": {"defaults": {"profile": "box", "harness": harness},
@@ -145,11 +147,17 @@ FORBIDDEN = ("python3 -c \"import urllib.request as u; u.urlopen('https://exampl
              "timeout=10)\" 2>&1 | tail -n 1; true")
 
 
+def sandboxed(runtime: str) -> bool:
+    """Whether the agent runs with `network: egress`: always in Docker; on the local
+    runtime when the engine is root (a network namespace of its own)."""
+    return runtime == "docker" or os.geteuid() == 0
+
+
 def script(runtime: str, instructions: str) -> list[str]:
     steps = [f"head -c 400 {instructions}",
              "echo real > real.txt && git add real.txt && git commit -qm 'real agent'",
              SPAWN]
-    if runtime == "docker":
+    if sandboxed(runtime):
         steps.append(FORBIDDEN)
     steps.append("engine done --result lead-finished")
     return steps
@@ -200,7 +208,7 @@ def test_real_agent_works_under_the_engine(harness: str, runtime: str, repo: Pat
     # 3. the commit is on the agent's branch
     assert git(repo, "show", "engine/real/lead:real.txt") == "real"
     assert git(repo, "log", "-1", "--format=%s", "engine/real/lead") == "real agent"
-    if runtime != "docker":
+    if not sandboxed(runtime):
         return
     # 4. the gateway logged the model traffic; 5. the other host was refused and logged
     port = server.url.rsplit(":", 1)[1]

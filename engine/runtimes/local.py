@@ -27,12 +27,13 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from engine import __version__, events, harness_install
+from engine import __version__, egress, events, harness_install
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
@@ -40,7 +41,7 @@ from engine.proc import CommandFailed, run
 from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
 from engine.runtimes import docker_fs as fs
 from engine.runtimes import local_contain as contain
-from engine.runtimes.docker_spec import uid_gid
+from engine.runtimes.docker_spec import egress_env, uid_gid
 from engine.trust.reader import Untrusted, one_line, read_json, read_text, subdirs
 
 SEP = "__"  # grove and agent names cannot contain "_", so session names are unambiguous
@@ -174,6 +175,8 @@ class LocalRuntime:
         atomic_write(bindir / "engine", f"#!/bin/sh\nexec python3 -S "
                      f"{shlex.quote(str(client))} \"$@\"\n".encode(), 0o755)
         launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if a.network == "egress":
+            self._egress(a)
         c = self._contain(launch)
         atomic_write(rd / "run.sh", self._script(launch, c).encode(), 0o755)
         atomic_write(rd / "meta.json", json.dumps(
@@ -191,6 +194,38 @@ class LocalRuntime:
         if shutil.which(a.command[0], path=clean_env()["PATH"]) is None:
             raise EngineError(f"agent {a.grove}/{a.name}: "
                               f"{harness_install.missing_message(a.program[0])}")
+
+    def _egress(self, a: DesiredAgent) -> None:
+        """`network: egress` here: the agent gets a network namespace of its own (only a
+        loopback interface), with the forwarder to the gateway inside. Making one needs
+        root; anything less would be the host's whole network, so it is refused."""
+        who = f"agent {a.grove}/{a.name}"
+        if os.geteuid() != 0 or shutil.which("unshare", path=clean_env()["PATH"]) is None:
+            raise EngineError(f"{who}: network: egress on the local runtime needs the engine "
+                              "to run as root (the agent gets a network namespace of its "
+                              "own, with util-linux unshare); use runtime: docker")
+        egress.write_policy(self.root, a.grove, a.name, list(a.egress))
+        egress.ensure_running(self.root)
+
+    def _netns(self, launch: Launch) -> str:
+        """The prefix that runs the agent in a new network namespace whose only way out is
+        the forwarder to its gateway socket (started first, as root, inside it)."""
+        a = launch.agent
+        q = shlex.quote
+        sock = egress.socket_dir(self.root, a.grove, a.name)
+        ready = launch.run_dir / "egress-ready"
+        forwarder = Path(egress.__file__).resolve().parent / "forwarder.py"
+        loop = [e for e in a.egress if egress.is_loopback(egress.parse_endpoint(e)[0])]
+        fwd = " ".join(f"--forward {q(e)}" for e in loop)
+        # the socket by a relative name, from its own directory: a deep repository path
+        # would not fit a socket address
+        inner = (f"rm -f {q(str(ready))}; (cd {q(str(sock))} && exec {q(sys.executable)} -S "
+                 f"{q(str(forwarder))} --lo-up --socket {egress.SOCKET_NAME} --proxy-port "
+                 f"{egress.PROXY_PORT} {fwd} --ready {q(str(ready))}) & "
+                 f"for i in $(seq 200); do [ -e {q(str(ready))} ] && exec \"$@\"; "
+                 "sleep 0.05; done; echo 'egress: the forwarder to the gateway did not "
+                 "start' >&2; exit 1")
+        return f"unshare --net -- bash -c {q(inner)} _ "
 
     def home(self, grove: str, agent: str) -> Path:
         """The private home of an agent run under its own uid (the engine is root)."""
@@ -293,10 +328,17 @@ class LocalRuntime:
         command = a.resume_command if launch.resume and a.resume_command else a.command
         # the agent's own PATH (its `engine`, its program) reaches only the agent: the
         # wrapper, which runs as the engine's user, resolves its tools from a clean PATH
-        argv = f"env PATH={q(agent_path(launch))}:\"$PATH\" " + " ".join(q(x) for x in command)
+        proxy = ""
+        if a.network == "egress":
+            proxy = " ".join(f"{k}={q(v)}" for k, v in egress_env(a.egress).items()
+                             if not k.startswith("ENGINE_")) + " "
+        argv = (f"env PATH={q(agent_path(launch))}:\"$PATH\" {proxy}"
+                + " ".join(q(x) for x in command))
         drop = agent_ids(a)
         if drop:
             argv = f"setpriv --reuid={drop[0]} --regid={drop[1]} --clear-groups -- {argv}"
+        if a.network == "egress":
+            argv = self._netns(launch) + argv
         # maxDuration is enforced from outside the agent's containment, where it cannot
         # reach (a delegated cgroup could otherwise freeze the timer)
         outer = f"timeout --foreground -k 10 {a.max_duration}" if a.max_duration else ""
@@ -347,6 +389,7 @@ class LocalRuntime:
 
     def delete(self, grove: str, agent: str) -> None:
         self._stop(grove, agent)
+        egress.remove_policy(self.root, grove, agent)
         home = self.home(grove, agent)
         if home.is_dir() and not home.is_symlink():
             shutil.rmtree(home)  # fd-based on Linux: a symlink inside is not followed
