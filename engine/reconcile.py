@@ -78,9 +78,10 @@ def execute(root: Path, grove: DesiredGrove, rts: Runtimes, the_plan: plan.Grove
 
 
 def wait_terminal(root: Path, grove: DesiredGrove, rts: Runtimes, timeout: float,
-                  poll: float = 0.25) -> dict[str, str]:
+                  failed: set[str] | None = None, poll: float = 0.25) -> dict[str, str]:
     """Block until every agent of the grove has Succeeded or Failed (or is blocked behind a
-    failed dependency), or `timeout` passes. Returns the last phase of each agent."""
+    failed dependency), or `timeout` passes. Returns the last phase of each agent. Agents
+    in `failed` (their start failed in this run) count as Failed while nothing is seen."""
     import time
 
     from engine.runtimes import FAILED, SUCCEEDED
@@ -89,7 +90,8 @@ def wait_terminal(root: Path, grove: DesiredGrove, rts: Runtimes, timeout: float
     while True:
         actual = observe.observe(root, grove.name, grove, rts)
         phases = {a.name: actual.observed[a.name].phase if a.name in actual.observed
-                  else "Pending" for a in grove.agents}
+                  else FAILED if a.name in (failed or ()) else "Pending"
+                  for a in grove.agents}
         blocked: set[str] = set()
         changed = True
         while changed:  # behind a failed dependency, however many levels up

@@ -117,8 +117,10 @@ def run(args: argparse.Namespace) -> int:
             results.append(reconcile.execute(r.root, g, rts, the_plan, progress, settings))
     phases: dict[str, dict[str, str]] = {}
     if args.wait:
-        for g in groves:
-            phases[g.name] = reconcile.wait_terminal(r.root, g, rts, args.timeout)
+        for g, res in zip(groves, results, strict=False):
+            # an agent whose start failed in this run never appears: it is done waiting
+            failed = {o.agent for o in res.outcomes if o.status in ("failed", "skipped")}
+            phases[g.name] = reconcile.wait_terminal(r.root, g, rts, args.timeout, failed)
     return _report(results, phases, args)
 
 

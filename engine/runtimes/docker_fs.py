@@ -184,6 +184,15 @@ def share(path: Path, uid: int, files: bool, skip_top: frozenset[str] = frozense
     _each(path, visit, skip_top)
 
 
+def grant_search(path: Path, uid: int) -> None:
+    """Let `uid` search (not list, not read) the directory `path`: an ACL entry --x."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _add_acl(fd, path, _ACCESS, os.fstat(fd).st_mode, uid, 1)
+    finally:
+        os.close(fd)
+
+
 def _add_acl(fd: int, path: Path, attr: str, mode: int, uid: int, perm: int) -> None:
     try:
         raw = os.getxattr(fd, attr)

@@ -236,13 +236,26 @@ class LocalRuntime:
         (every directory above it searchable), own its home and inbox, and write its
         workspace (an ACL, as for a container)."""
         a = launch.agent
+        # every directory above the repository must be searchable by the agent's uid (a
+        # 0700 /root or mktemp directory is not): it gets search, not listing, by an ACL
         blocked = unreachable(launch.workdir, uid, gid, stop=self.state)
-        if blocked is not None:
-            raise EngineError(
-                f"agent {a.grove}/{a.name}: uid {uid} (the agent's user; agents never run as "
-                f"root) cannot reach its workspace: {blocked} is not searchable for it. Allow "
-                f"it (chmod o+x {blocked}, or setfacl -m u:{uid}:x {blocked}) or keep the "
-                "repository elsewhere")
+        while blocked is not None:
+            try:
+                fs.grant_search(blocked, uid)
+            except (OSError, EngineError):
+                blocked_now: Path | None = blocked
+            else:
+                events.record(self.root, {"grove": a.grove, "agent": a.name,
+                                          "event": "SearchGranted", "path": str(blocked),
+                                          "uid": uid})
+                blocked_now = unreachable(launch.workdir, uid, gid, stop=self.state)
+            if blocked_now == blocked:
+                raise EngineError(
+                    f"agent {a.grove}/{a.name}: uid {uid} (the agent's user; agents never "
+                    f"run as root) cannot reach its workspace: {blocked} is not searchable "
+                    f"for it and no ACL can be added. Allow it (chmod o+x {blocked}) or keep "
+                    "the repository elsewhere")
+            blocked = blocked_now
         for d in (self.state, self.state / "worktrees", launch.workdir.parent):
             if d.is_dir() and d.is_relative_to(self.state):
                 d.chmod(d.stat().st_mode | 0o111)  # search only: nothing listed or read
