@@ -312,6 +312,8 @@ class _Builder:
                                                "resources")]) from None
         digest = self._digest(entry, creds)
         hashed = {k: v for k, v in merged.items() if k not in IN_PLACE}
+        if auth.home_files:  # what lands in the home is part of what the agent runs with
+            hashed["homeFiles"] = dict(auth.home_files)
         spec_hash = hashlib.sha256(canonical([hashed, digest]).encode()).hexdigest()[:16]
         spawn = merged.get("spawn") or {}
         extra = tuple(sorted((k, canonical(merged[k])) for k in checks.RUNTIME_ONLY

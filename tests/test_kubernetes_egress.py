@@ -591,6 +591,8 @@ def test_gateway_from_its_configmaps_admits_the_right_token_only(tmp_path: Path)
                for r in records)
     assert TOKEN not in log_file.read_text()
     assert "stopped" in (pod / "gateway.err").read_text()
+    # in a cluster the rotating log.jsonl is the record: no events.jsonl grows in the pod
+    assert not (where[objs.GATEWAY_ROOT] / ".engine" / "events.jsonl").exists()
 
 
 def test_gateway_reads_a_configmap_key_and_checks_the_digest_strictly(tmp_path: Path) -> None:

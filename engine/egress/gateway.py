@@ -510,6 +510,9 @@ class Gateway:
         self.log_fd = self._open_log()
         self.log_size = os.fstat(self.log_fd).st_size
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue(EVENT_QUEUE)
+        # ENGINE_EGRESS_EVENTS=0 (in a cluster): log.jsonl, which rotates, is the record;
+        # the repository's events.jsonl does not exist there and would only grow
+        self.record_events = os.environ.get("ENGINE_EGRESS_EVENTS", "1") != "0"
         self.events_dropped = 0
         self.closing = threading.Event()  # set when stopping: no more pauses
         self.writer = threading.Thread(target=self._event_writer, name="egress-events",
@@ -1038,6 +1041,8 @@ class Gateway:
             self.log_size += len(line)
         except OSError as e:
             self.say(f"cannot write the connection log: {_describe(e)}")
+        if not self.record_events:
+            return
         try:
             self.events.put_nowait(rec)
         except queue.Full:

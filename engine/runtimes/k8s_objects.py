@@ -585,7 +585,8 @@ def gateway_deployment(namespace: str, image: GatewayImage, code: dict[str, str]
         "workingDir": GATEWAY_CODE_DIR,
         "env": [{"name": "PYTHONPATH", "value": GATEWAY_CODE_DIR},
                 {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-                {"name": "ENGINE_EGRESS_IDLE_EXIT", "value": "31536000"}],
+                {"name": "ENGINE_EGRESS_IDLE_EXIT", "value": "31536000"},
+                {"name": "ENGINE_EGRESS_EVENTS", "value": "0"}],  # log.jsonl rotates
         "ports": [{"name": "proxy", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
