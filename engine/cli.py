@@ -22,7 +22,7 @@ from engine.errors import EngineError, InvalidManifests, UsageError
 COMMANDS = [
     "init", "validate", "plan", "apply", "status", "graph", "destroy", "watch", "spawn",
     "logs", "look", "attach", "message", "diff", "merge", "restore", "explain",
-    "force_unlock", "image", "history", "harness",
+    "force_unlock", "image", "history", "harness", "egress",
 ]
 
 

@@ -23,6 +23,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,6 +49,18 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
     yield home
     real_home = Path(os.path.expanduser("~root"))
     assert not (real_home / ".config" / "engine" / "config.yaml.test-touched").exists()
+
+
+@pytest.fixture
+def watch(repo: Path) -> Iterator[list[Any]]:
+    """Controllers (`engine watch` processes: anything with a `proc`) a test starts; those
+    still running at the end are killed."""
+    started: list[Any] = []
+    yield started
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
 
 
 def searchable(path: Path) -> None:

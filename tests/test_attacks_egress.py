@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 
 from engine import egress
 from tests.conftest import git, write_grove
+from tests.test_egress_gateway import start_tcp_gateway
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tmux") is None,
                              reason="the engine must be root (agents then run as uid 1000)")
@@ -84,6 +83,25 @@ def test_credential_file_is_not_written_through_an_agent_symlink(
     assert not (victim / "cred.json").exists(), "root wrote into a directory the agent chose"
 
 
+@AS_ROOT
+def test_a_home_file_turned_into_a_directory_or_fifo_fails_the_restart_cleanly(
+        repo: Path, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent leaves a directory where its `.profile` goes and a FIFO where its
+    credential file goes: the restart fails that agent with one line, without blocking on
+    the FIFO or following anything; the engine itself does not crash."""
+    monkeypatch.setenv("ATK_CFG_TOKEN", "agent-credential")
+    _local_grove(repo, "[ -d ~/.profile ] && exit 0; rm -f ~/.profile ~/.cfg/cred.json; "
+                       "mkdir ~/.profile; mkfifo ~/.cfg/cred.json; exit 1")
+    assert engine("apply", "--auto-approve").code == 0
+    assert _wait_done(engine)["phase"] == "Failed"
+    started = time.monotonic()
+    res = engine("apply", "--auto-approve")
+    assert time.monotonic() - started < 30
+    assert res.code == 1 and "Traceback" not in res.out + res.err
+    assert "cannot be written" in res.out + res.err and "refused" in res.out + res.err
+    engine("destroy", "--auto-approve")
+
+
 # --- 2. the delegated cgroup lets the agent freeze the root `timeout` above it ------------
 
 
@@ -120,18 +138,7 @@ def tcp_gateway(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignor
     root = tmp_path / "repo"
     root.mkdir()
     egress.write_policy(root, "g", "victim", ["127.0.0.1:9"], token="victim-token")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (egress.state_dir(root) / "gateway.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.egress.gateway", "--root",
-                             str(root), "--listen", f"127.0.0.1:{port}"],
-                            stdout=log, stderr=log, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 10
-    while not egress._ping(egress.state_dir(root)):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    proc, port = start_tcp_gateway(root)
     yield root, port
     proc.terminate()
     proc.wait(10)

@@ -677,9 +677,9 @@ def test_a_gateway_that_cannot_start_is_one_line(tmp_path: Path) -> None:
 # --- remote agents: TCP and Proxy-Authorization -------------------------------------------
 
 
-def test_tcp_listener_identifies_agents_by_token(root: Path, echo: int) -> None:
-    egress.write_policy(root, "g", "a", [f"127.0.0.1:{echo}"], token="s3cret-token")
-    egress.write_policy(root, "g", "n", [f"127.0.0.1:{echo}"])  # no token: never by TCP
+def start_tcp_gateway(root: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A gateway for `root` with a TCP listener on a free loopback port, as in a cluster,
+    once it answers: (process, port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -688,11 +688,18 @@ def test_tcp_listener_identifies_agents_by_token(root: Path, echo: int) -> None:
                              str(root), "--listen", f"127.0.0.1:{port}"],
                             stdout=log, stderr=log, start_new_session=True)
     log.close()
+    deadline = time.monotonic() + 10
+    while not egress._ping(egress.state_dir(root)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc, port
+
+
+def test_tcp_listener_identifies_agents_by_token(root: Path, echo: int) -> None:
+    egress.write_policy(root, "g", "a", [f"127.0.0.1:{echo}"], token="s3cret-token")
+    egress.write_policy(root, "g", "n", [f"127.0.0.1:{echo}"])  # no token: never by TCP
+    proc, port = start_tcp_gateway(root)
     try:
-        deadline = time.monotonic() + 10
-        while not egress._ping(egress.state_dir(root)):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
 
         def tunnel(credentials: str | None) -> bytes:
             auth = "" if credentials is None else (

@@ -116,3 +116,60 @@ def test_docker_arguments_for_egress(repo: Path, tmp_path: Path) -> None:
     assert "127.0.0.1" in env["NO_PROXY"]
     assert env["PATH"].startswith(f"{spec.HARNESS}/bin:")
     assert "s3cret-value" not in json.dumps(kw)
+
+
+def test_engine_egress_prints_what_the_gateway_recorded(repo: Path, engine: Any) -> None:
+    """`engine egress`: a real gateway, one allowed tunnel to a loopback server and two
+    refusals (one with terminal escapes in what the agent sent), as a table, filtered,
+    tailed and as JSON; nothing the agent sent reaches the terminal raw."""
+    import socket
+    import threading
+
+    from engine import egress
+    from tests.test_egress_gateway import connect
+
+    write_grove(repo, "g", grove({"network": "egress", "egress": ["127.0.0.1:9"]}))
+    upstream = socket.create_server(("127.0.0.1", 0))
+    port = upstream.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = upstream.accept()
+        with conn:
+            conn.sendall(b"hello from upstream")
+
+    threading.Thread(target=serve, daemon=True).start()
+    egress.write_policy(repo, "g", "a", [f"127.0.0.1:{port}"])
+    egress.ensure_running(repo)
+    try:
+        sock = egress.socket_dir(repo, "g", "a") / egress.SOCKET_NAME
+        for target in (f"127.0.0.1:{port}", "example.com:443", "\x1b[31mevil\x07:443"):
+            with connect(sock) as s:
+                s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.settimeout(10)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+                    if target.startswith("127.") and b"hello" in data:
+                        break
+        deadline = __import__("time").monotonic() + 10
+        while len(egress.read_log(repo, "g", "a")) < 3:
+            assert __import__("time").monotonic() < deadline, egress.read_log(repo)
+            __import__("time").sleep(0.1)
+        res = engine("egress", "a")
+        assert res.code == 0, res
+        lines = res.out.splitlines()
+        assert lines[0].split() == ["TIME", "AGENT", "METHOD", "TARGET", "UP", "DOWN",
+                                    "DURATION", "VERDICT"]
+        assert any(f"127.0.0.1:{port}" in ln and "allowed" in ln and "19 B" in ln
+                   for ln in lines), res.out
+        assert any("example.com:443" in ln and "refused" in ln for ln in lines), res.out
+        assert "\x1b" not in res.out and "\x07" not in res.out
+        refused = engine("egress", "a", "--refused").out
+        assert "allowed" not in refused and "example.com:443" in refused
+        assert len(engine("egress", "--tail", "1").out.splitlines()) == 2
+        doc = json.loads(engine("egress", "--json").out)
+        assert doc["kind"] == "EgressLog" and len(doc["records"]) == 3
+        assert engine("egress", "nosuch").code == 1
+    finally:
+        egress.stop(repo)
+        upstream.close()

@@ -105,13 +105,12 @@ def install(name: str) -> None:
 
 
 @pytest.fixture
-def watch(repo: Path) -> Iterator[list[Watch]]:
-    started: list[Watch] = []
-    yield started
-    for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
+def cleanup(repo: Path, watch: list[Watch]) -> Iterator[None]:
+    """After the controller (conftest's `watch` fixture) is gone: destroy, and stop the
+    repository's gateway."""
+    yield
+    for w in watch:
+        w.stop()
     subprocess.run([sys.executable, "-m", "engine", "destroy", "--auto-approve"], cwd=repo,
                    capture_output=True, timeout=300)
     egress.stop(repo)
@@ -168,7 +167,8 @@ def script(runtime: str, instructions: str) -> list[str]:
 @pytest.mark.parametrize("runtime", ["local", pytest.param("docker", marks=pytest.mark.docker)])
 @pytest.mark.parametrize("harness", sorted(HARNESS))
 def test_real_agent_works_under_the_engine(harness: str, runtime: str, repo: Path,
-                                           watch: list[Watch], cli_cache: Path,
+                                           watch: list[Watch], cleanup: None,
+                                           cli_cache: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            request: pytest.FixtureRequest) -> None:
     if runtime == "docker":

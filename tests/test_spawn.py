@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,16 +56,6 @@ class Watch:
 
     def text(self) -> str:
         return self.log.read_text()
-
-
-@pytest.fixture
-def watch(repo: Path) -> Iterator[list[Watch]]:
-    started: list[Watch] = []
-    yield started
-    for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
 
 
 def engine_json(repo: Path, *args: str) -> dict:

@@ -23,7 +23,6 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -409,21 +408,11 @@ class Watch:
         return took
 
 
-@pytest.fixture
-def watches(repo: Path) -> Iterator[list[Watch]]:
-    started: list[Watch] = []
-    yield started
-    for w in started:
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-
-
 def test_watch_answers_bad_requests_keeps_going_and_stops_within_a_second(
-        repo: Path, watches: list[Watch], secret: Path) -> None:
+        repo: Path, watch: list[Watch], secret: Path) -> None:
     grove(repo, "    - name: seed\n      task: sleep 60\n")
     w = Watch(repo)
-    watches.append(w)
+    watch.append(w)
     box = repo / ".engine/inbox/tree/seed"
     until(lambda: "seed: created" in w.log.read_text() or box.is_dir(), what="seed")
     expected = _plant_bad_requests(box, secret)
@@ -443,7 +432,7 @@ def test_watch_answers_bad_requests_keeps_going_and_stops_within_a_second(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_watch_ends_within_a_second_while_a_pass_is_blocked(repo: Path, sig: int,
-                                                            watches: list[Watch]) -> None:
+                                                            watch: list[Watch]) -> None:
     grove(repo, "    - name: seed\n      task: sleep 60\n")
     # the stand-in: a tmux server that accepts and never answers, as a hung one does;
     # the pass blocks in `tmux list-sessions` until the signal
@@ -461,7 +450,7 @@ def test_watch_ends_within_a_second_while_a_pass_is_blocked(repo: Path, sig: int
             accepted.set()
     threading.Thread(target=serve, daemon=True).start()
     w = Watch(repo)
-    watches.append(w)
+    watch.append(w)
     assert accepted.wait(60), w.log.read_text()
     time.sleep(0.2)  # well inside the blocked call
     assert (repo / ".engine/state/tree.lock").exists()

@@ -474,6 +474,13 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def write_beneath(top: Path, rel: str, data: bytes, uid: int, gid: int) -> None:
     """`top/rel` (0600, owned by uid:gid) written through descriptors: no symlink below
     `top` is followed, made directories are the agent's, and the file is replaced whole."""
+    try:
+        _write_beneath(top, rel, data, uid, gid)
+    except OSError as e:  # e.g. the agent left a directory where the file goes
+        raise EngineError(f"{top}/{rel}: cannot be written ({e.strerror}); refused") from None
+
+
+def _write_beneath(top: Path, rel: str, data: bytes, uid: int, gid: int) -> None:
     *dirs, name = rel.split("/")
     if not name or any(p in ("", ".", "..") for p in (*dirs, name)):
         raise EngineError(f"{rel!r}: not a plain path inside the home")
