@@ -117,15 +117,24 @@ def sock_path(root: Path, agent: str = "a", grove: str = "g") -> Path:
 
 
 def connect(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    try:
-        with egress.short_path(path) as addr:
-            s.connect(addr)
-    except BaseException:
-        s.close()
-        raise
-    return s
+    """A connection to a gateway socket. A full listen backlog (EAGAIN on a Unix socket
+    with a timeout) is waited out for up to 10 s, as a blocking client would."""
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            with egress.short_path(path) as addr:
+                s.connect(addr)
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+        except BaseException:
+            s.close()
+            raise
 
 
 def read_all(s: socket.socket) -> bytes:
