@@ -2,7 +2,10 @@
 `refs/engine/archive/<grove>/<agent>/<n>` before its working copy goes.
 
 Called by `workspace` (remove, restore) and so by the executor on every delete, replace of
-a working copy and destroy. The archive is a commit whose tree is the working copy as git
+a working copy and destroy; by `engine prune --finished`; and by `engine archive list`
+and `engine archive prune` (`listing`, `measure`, `expired`, `delete`), which read every
+archive with one `git for-each-ref` and count with one call per kind of count, never one
+per archive. The archive is a commit whose tree is the working copy as git
 would commit it (ignored paths are not kept) and whose parents are every tip of the
 agent's work (HEAD, its branches and stash, the repository's copy of its branch), so
 nothing reachable before is unreachable after. It fails closed: when the agent's HEAD
@@ -13,10 +16,13 @@ removes nothing.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.trust import exchange
-from engine.trust.git import call
+from engine.trust.git import call, raw
 from engine.trust.git import run as git
 
 ARCHIVE_PREFIX = "refs/engine/archive"
@@ -74,3 +80,143 @@ def archives(root: Path, grove: str, agent: str) -> list[str]:
 
 def is_ancestor(root: Path, a: str, b: str) -> bool:
     return call(root, "merge-base", "--is-ancestor", a, b).returncode == 0
+
+
+# -- listing and expiry ------------------------------------------------------------------
+
+_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
+
+
+@dataclass(frozen=True)
+class Archived:
+    """One archive, as `engine archive list` shows it."""
+
+    ref: str
+    grove: str
+    agent: str
+    number: int
+    commit: str
+    date: int  # when it was made (the archive commit's committer date, Unix seconds)
+    base: str  # the commit the agent started from (its `Base:` line; "" when unreadable)
+    dirty: bool  # it holds uncommitted files
+    commits: int = -1  # commits in it not on the grove's base branch now (-1: not counted)
+    files: int = -1  # files it changes against `base`, uncommitted ones included
+
+
+def listing(root: Path, grove: str | None = None, agent: str | None = None
+            ) -> list[Archived]:
+    """Every archive (of `grove`, of `agent` in it), by grove, agent and number: one
+    `git for-each-ref`. Refs that are not `<grove>/<agent>/<n>` commits are left out."""
+    prefix = ARCHIVE_PREFIX + "/"
+    if grove:
+        prefix += f"{grove}/" + (f"{agent}/" if agent else "")
+    fmt = "%(refname)%00%(objectname)%00%(objecttype)%00%(committerdate:unix)%00" \
+          "%(contents:body)%00"
+    out = raw(root, "for-each-ref", f"--format={fmt}", prefix).decode(errors="replace")
+    found = []
+    for record in out.split("\0\n"):
+        fields = record.split("\0")
+        if len(fields) < 5 or fields[2] != "commit":
+            continue
+        ref, commit, _, date, body = fields[:5]
+        parts = ref[len(ARCHIVE_PREFIX) + 1:].split("/")
+        if len(parts) != 3 or not parts[2].isdigit() or (agent and parts[1] != agent):
+            continue
+        meta = dict(ln.split(": ", 1) for ln in body.splitlines() if ": " in ln)
+        base = meta.get("Base", "").strip()
+        found.append(Archived(ref, parts[0], parts[1], int(parts[2]), commit,
+                              int(date) if date.isdigit() else 0,
+                              base if _SHA.fullmatch(base) else "",
+                              meta.get("Dirty", "").strip() == "yes"))
+    return sorted(found, key=lambda a: (a.grove, a.agent, a.number))
+
+
+def measure(root: Path, archived: list[Archived], base_tips: Mapping[str, str]
+            ) -> list[Archived]:
+    """`archived` with `commits` (not on `base_tips[grove]`, the grove's base branch now;
+    the archive commit itself is not counted) and `files` (changed against the agent's
+    start) filled in: one `git rev-list` per distinct base tip, one `git diff-tree`."""
+    commits = _count_commits(root, archived, base_tips)
+    files = _count_files(root, archived)
+    return [replace(a, commits=commits.get(a.ref, -1), files=files.get(a.commit, -1))
+            for a in archived]
+
+
+def _count_commits(root: Path, archived: list[Archived], base_tips: Mapping[str, str]
+                   ) -> dict[str, int]:
+    by_tip: dict[str, list[Archived]] = {}
+    for a in archived:
+        by_tip.setdefault(base_tips.get(a.grove, ""), []).append(a)
+    counts: dict[str, int] = {}
+    for tip, group in sorted(by_tip.items()):
+        # the base branch unknown (its grove is gone): not on the commits they started from
+        nots = [tip] if tip else sorted({a.base for a in group if a.base})
+        if not nots:
+            continue
+        # the part of the history not on the base: each line is a commit and its parents
+        stdin = "".join(f"{a.commit}\n" for a in group) + "".join(f"^{n}\n" for n in nots)
+        text = raw(root, "rev-list", "--parents", "--stdin", input=stdin.encode()).decode()
+        parents = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines() if ln.strip()}
+        for a in group:
+            counts[a.ref] = _reachable(a.commit, parents) - 1
+    return counts
+
+
+def _reachable(start: str, parents: Mapping[str, list[str]]) -> int:
+    seen, todo = {start}, [start]
+    while todo:
+        for p in parents.get(todo.pop(), ()):
+            if p in parents and p not in seen:
+                seen.add(p)
+                todo.append(p)
+    return len(seen)
+
+
+def _count_files(root: Path, archived: list[Archived]) -> dict[str, int]:
+    pairs = {a.commit: a.base for a in archived if a.base}
+    if not pairs:
+        return {}
+    known = raw(root, "cat-file", "--batch-check=%(objectname) %(objecttype)",
+                input="".join(f"{b}\n" for b in sorted(set(pairs.values()))).encode())
+    commits = {ln.split()[0] for ln in known.decode().splitlines() if ln.endswith(" commit")}
+    pairs = {c: b for c, b in pairs.items() if b in commits}
+    # each differing pair prints its first id, then the paths; an equal pair prints nothing
+    out = raw(root, "diff-tree", "--stdin", "-r", "--name-only", "-z",
+              input="".join(f"{c} {b}\n" for c, b in sorted(pairs.items())).encode())
+    counts = dict.fromkeys(pairs, 0)
+    current = ""
+    for token in out.decode(errors="replace").split("\0"):
+        if token in pairs:
+            current = token
+        elif token and current:
+            counts[current] += 1
+    return counts
+
+
+def expired(archived: Iterable[Archived], now: float, older_than: float,
+            has_workspace: Callable[[str, str], bool]) -> tuple[list[Archived], list[Archived]]:
+    """(to delete, kept): archives made more than `older_than` seconds before `now`,
+    except the newest of an agent without a working copy (`has_workspace(grove, agent)`
+    false): that one is the last copy of its work `engine restore` can bring back, and
+    is kept whatever its age."""
+    archived = list(archived)
+    newest: dict[tuple[str, str], int] = {}
+    for a in archived:
+        key = (a.grove, a.agent)
+        newest[key] = max(newest.get(key, 0), a.number)
+    drop: list[Archived] = []
+    keep: list[Archived] = []
+    for a in archived:
+        if now - a.date <= older_than:
+            continue
+        last = a.number == newest[(a.grove, a.agent)]
+        (keep if last and not has_workspace(a.grove, a.agent) else drop).append(a)
+    return drop, keep
+
+
+def delete(root: Path, archived: Iterable[Archived]) -> None:
+    """Delete the archive refs, all or none (one `git update-ref --stdin` transaction);
+    a ref that moved since it was listed fails the whole deletion."""
+    lines = "".join(f"delete {a.ref} {a.commit}\n" for a in archived)
+    if lines:
+        git(root, "update-ref", "--stdin", input=lines)

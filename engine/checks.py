@@ -10,6 +10,7 @@ nothing.
 
 from __future__ import annotations
 
+import graphlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,16 @@ def graph_problems(src: GroveSource, parents: Mapping[str, str | None], max_agen
     out = []
     waits = {n: [*(e.data.get("dependsOn") or []), *([p] if (p := parents[n]) else [])]
              for n, e in src.agents.items()}
-    cycle = graph.wait_cycle(waits)
+    ts: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
+    for n in sorted(waits):  # sorted in, so the same grove always reports the same cycle
+        ts.add(n, *sorted({w for w in waits[n] if w in waits}))
+    cycle: list[str] = []
+    try:
+        ts.prepare()
+    except graphlib.CycleError as e:  # args[1]: [x, ..., x], each waited for by the next
+        ring = e.args[1][-2::-1]  # so that each waits for the next, as the message says
+        i = ring.index(min(ring))
+        cycle = [*ring[i:], *ring[:i], ring[i]]
     if cycle:
         first = src.agents[cycle[0]]
         key = "dependsOn" if cycle[1] in (first.data.get("dependsOn") or []) else "spawnedBy"

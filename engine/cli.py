@@ -21,7 +21,8 @@ from engine.errors import EngineError, InvalidManifests, UsageError
 # One module per subcommand under engine.commands; each has `register(sub)` and `run(args)`.
 COMMANDS = [
     "init", "validate", "plan", "apply", "status", "graph", "destroy", "watch", "spawn",
-    "logs", "look", "attach", "message", "diff", "merge", "restore", "explain",
+    "logs", "look", "attach", "message", "diff", "merge", "restore", "archive", "prune",
+    "explain", "restart", "stop", "start", "resume",
     "force_unlock", "image", "history", "harness", "egress",
 ]
 

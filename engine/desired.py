@@ -86,6 +86,10 @@ class DesiredAgent:
     runtime_extra: tuple[tuple[str, str], ...] = ()  # runtime-specific settings, JSON values
     # argv for a restart that resumes the harness's previous session; () = cannot resume
     resume_command: tuple[str, ...] = ()
+    # `engine resume --task`: resume_command without the task, and how a task follows it
+    # (taskArg, taskFlag), so another text can take the task's place (`argv`)
+    resume_prefix: tuple[str, ...] = ()
+    task_form: tuple[str, str] = ("position", "")
     # credentials the chosen auth method needs as files: (credential name, path relative to
     # the agent's home); the runtime writes the value there (0600), not into the environment
     credential_files: tuple[tuple[str, str], ...] = ()
@@ -102,6 +106,17 @@ class DesiredAgent:
     @property
     def branch(self) -> str:
         return f"engine/{self.grove}/{self.name}"
+
+    def argv(self, resume: bool = False, task: str | None = None) -> tuple[str, ...]:
+        """What a runtime runs: the command; on a restart the resume argv when the harness
+        has one, with `task` (`engine resume --task`) as the next message in place of the
+        agent's own task."""
+        if not resume or not self.resume_command:
+            return self.command
+        if task is None:
+            return self.resume_command
+        mode, flag = self.task_form
+        return self.resume_prefix + tuple(task_args({"taskArg": mode, "taskFlag": flag}, task))
 
     def settings_map(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.settings)
@@ -158,6 +173,8 @@ class DesiredGrove:
     manifest_digest: str
     by_name: dict[str, DesiredAgent] = field(compare=False, hash=False, repr=False,
                                              default_factory=dict)
+    sync_prune: bool = False  # spec.sync.prune: the controller deletes agents that left
+    self_heal: bool = True  # spec.sync.selfHeal: the controller repairs drift
 
     def __post_init__(self) -> None:
         self.by_name.update({a.name: a for a in self.agents})
@@ -264,7 +281,9 @@ class _Builder:
             remote=spec.get("remote", ""), agents=tuple(agents),
             profiles=tuple(sorted(set(src.profiles) | {"local"})),
             harnesses=tuple(sorted(set(src.harnesses) | set(harnesses.names()))),
-            manifest_digest=manifest_digest(src.directory) if src.directory.is_dir() else "")
+            manifest_digest=manifest_digest(src.directory) if src.directory.is_dir() else "",
+            sync_prune=bool((spec.get("sync") or {}).get("prune", False)),
+            self_heal=bool((spec.get("sync") or {}).get("selfHeal", True)))
 
     def _agent(self, entry: Entry) -> DesiredAgent:
         src, opts = self.src, self.opts
@@ -286,6 +305,7 @@ class _Builder:
         env = tuple(sorted((k, self._render(entry, str(v), ctx, "env", k))
                            for k, v in (merged.get("env") or {}).items()))
         command, resume = self._command(entry, merged, ctx)
+        prefix = resume[:len(resume) - len(task_args(merged, task))] if resume else ()
         auth = self._credentials(entry, merged)
         creds = auth.creds
         env = tuple(sorted({**auth.set_env, **dict(env)}.items()))
@@ -337,7 +357,9 @@ class _Builder:
             workspace=merged.get("workspace", "worktree"),
             depth=graph.depth_of(self.parents, entry.name), source=entry.where(),
             settings=canonical(merged), spec_hash=spec_hash, runtime_extra=extra,
-            resume_command=resume, egress=egress, program=_program(merged),
+            resume_command=resume, resume_prefix=prefix,
+            task_form=(str(merged.get("taskArg", "position")), str(merged.get("taskFlag") or "")),
+            egress=egress, program=_program(merged),
             credential_files=auth.files + tuple(
                 (f"{HOME_FILE_PREFIX}{i}", path) for i, (path, _) in enumerate(auth.home_files)),
             home_files=auth.home_files)

@@ -1,10 +1,15 @@
-"""Stage 5, execution: a `GrovePlan` -> runtime calls, in spawn-graph order.
+"""Stage 7 of the converge spine, execution: a `GrovePlan` -> runtime calls, in
+spawn-graph order.
 
-Called by `apply`, `destroy` and `watch`. Deletes run first, children before parents;
-then creates, replaces and restarts walk the graph's topological generations with bounded
-parallelism. A failed agent skips its descendants ("skipped because X failed") and the
-rest go on. The inventory is saved after every agent, so an interrupted apply resumes.
-Progress flows out through `Hooks`; this module never prints.
+Called by `converge.run` only. Deletes run first, children before parents; then each
+create, replace and restart starts as soon as the agents it comes after in the spawn graph
+(its parent, its dependencies) are done in this run, with bounded parallelism: there is no
+waiting for a whole generation. A dependent whose dependencies have not Succeeded yet is
+recorded pending and started by a later pass. Whatever goes wrong with one agent, an
+`EngineError` or a bug, is that agent's outcome ("failed"; its descendants "skipped"), is
+kept in its record for `status`, and the rest go on. The inventory is saved after every
+agent, so an interrupted run resumes. Progress flows out through `Hooks`; this module
+never prints.
 """
 
 from __future__ import annotations
@@ -12,10 +17,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine import graph, inventory, secrets, workspace
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent, DesiredGrove
@@ -24,7 +29,10 @@ from engine.fsutil import failpoint
 from engine.inventory import Inventory, Record
 from engine.observe import Runtimes
 from engine.plan import Action, Change, GrovePlan
-from engine.runtimes import FAILED, SUCCEEDED, Launch
+from engine.runtimes import Launch
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 RETRIES = 3
 PAST = {Action.CREATE: "created", Action.REPLACE: "replaced", Action.RESTART: "restarted",
@@ -64,9 +72,9 @@ class NoHooks:
 @dataclass
 class Settings:
     parallelism: int = 8
-    wait: bool = False  # wait for dependencies to succeed within this run
-    timeout: float = 3600.0
-    poll: float = 0.2
+    cancelled: threading.Event | None = None  # set: start nothing new (Ctrl-C)
+    # `engine resume --task`: per agent restarted, the next message in place of its task
+    tasks: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,7 +116,7 @@ def client_path() -> Path:
 
 
 def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
-               resume: bool = False) -> Launch:
+               resume: bool = False, task: str | None = None) -> Launch:
     values = {c.name: secrets.read(c) for c in agent.credentials}
     # plain config files for the home travel the way credential files do (not secret, but
     # the path is the same: a 0600 file in the agent's own home, never its environment)
@@ -128,7 +136,7 @@ def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
     return Launch(agent=agent, repo_root=root, workdir=ws.workdir, git_paths=ws.git_paths,
                   run_dir=root / ".engine" / "run" / agent.grove / agent.name, inbox=inbox,
                   log_file=root / ".engine" / "logs" / agent.grove / f"{agent.name}.log",
-                  client=client_path(), env=env, secrets=values, resume=resume)
+                  client=client_path(), env=env, secrets=values, resume=resume, task=task)
 
 
 def _retrying(fn: Callable[[], None]) -> None:
@@ -145,17 +153,21 @@ def _retrying(fn: Callable[[], None]) -> None:
 def _start(run: Run, change: Change, resume: bool) -> str:
     a = run.grove.by_name[change.agent]
     if change.action is Action.CREATE and change.waits_for:
-        if not run.settings.wait:
-            _save_record(run, a, None, pending=True)
-            return "pending"
-        _wait_for(run, change.waits_for)
+        _save_record(run, a, None, pending=True)
+        return "pending"
+    _check_program(run, a)
     inputs = tuple(run.grove.by_name[d].branch for d in a.depends_on if d in run.grove.by_name)
     ws = workspace.ensure(run.root, a, run.grove.base_ref, inputs, run.base())
     failpoint("worktree")
-    _write_instructions(run, a, ws)
-    launch = launch_for(run.root, a, ws, resume)
-    rt = run.rts.get(a.runtime, a.host)
-    _retrying(lambda: rt.create(launch))
+    try:
+        _write_instructions(run, a, ws)
+        launch = launch_for(run.root, a, ws, resume,
+                            run.settings.tasks.get(a.name) if resume else None)
+        rt = run.rts.get(a.runtime, a.host)
+        _retrying(lambda: rt.create(launch))
+    except BaseException as e:  # the workspace stays owned (and archived on delete)
+        _save_record(run, a, ws, error=_why(e))
+        raise
     failpoint("runtime")
     _save_record(run, a, ws)
     failpoint("record")
@@ -171,8 +183,14 @@ def _write_instructions(run: Run, a: DesiredAgent, ws: workspace.Workspace) -> N
     instructions.write_instructions(a, ws.workdir, run.grove.policy)
 
 
+def _why(e: BaseException) -> str:
+    if isinstance(e, EngineError):
+        return e.summary
+    return f"internal error: {e.__class__.__name__}: {str(e)[:200]}"
+
+
 def _save_record(run: Run, a: DesiredAgent, ws: workspace.Workspace | None,
-                 pending: bool = False) -> None:
+                 pending: bool = False, error: str = "") -> None:
     old = run.inv.agents.get(a.name)
     rel = ""
     if ws is not None and ws.workdir != run.root:
@@ -182,26 +200,8 @@ def _save_record(run: Run, a: DesiredAgent, ws: workspace.Workspace | None,
                  workspace=a.workspace, base_commit=ws.base_commit if ws else "",
                  created_at=old.created_at if old and old.created_at else inventory.now(),
                  restarts=old.restarts if old else 0, pending=pending,
-                 parent=a.spawned_by or "", notified="")
+                 parent=a.spawned_by or "", notified="", error=error)
     run.record(a.name, rec)
-
-
-def _wait_for(run: Run, deps: tuple[str, ...]) -> None:
-    deadline = time.monotonic() + run.settings.timeout
-    while True:
-        phases = {}
-        for d in deps:
-            a = run.grove.by_name[d]
-            obs = run.rts.get(a.runtime, a.host).observe(run.grove.name).get(d)
-            phases[d] = obs.phase if obs else "missing"
-        failed = [d for d, p in phases.items() if p == FAILED]
-        if failed:
-            raise EngineError(f"dependency {failed[0]} {phases[failed[0]].lower()}")
-        if all(p == SUCCEEDED for p in phases.values()):
-            return
-        if time.monotonic() > deadline:
-            raise EngineError(f"timed out waiting for {', '.join(deps)}")
-        time.sleep(run.settings.poll)
 
 
 def _delete(run: Run, change: Change) -> tuple[str, str]:
@@ -211,8 +211,13 @@ def _delete(run: Run, change: Change) -> tuple[str, str]:
     _retrying(lambda: rt.delete(run.grove.name, change.agent))
     ref = ""
     if rec is not None and rec.workdir:
+        try:
+            tip = run.base()[1]  # work merged into the base since is not archived again
+        except EngineError:
+            tip = ""
         ref = workspace.remove(run.root, run.grove.name, change.agent, rec.workspace,
-                               run.root / rec.workdir, rec.branch, rec.base_commit) or ""
+                               run.root / rec.workdir, rec.branch, rec.base_commit,
+                               tip) or ""
     elif rec is None:  # created, then the engine died before recording it: still ours
         found = workspace.orphan(run.root, run.grove.name, change.agent)
         if found is not None:
@@ -235,8 +240,9 @@ def _one(run: Run, change: Change) -> Outcome:
             rec = run.inv.agents.get(change.agent)
             if rec and (rec.runtime, rec.host) != (a.runtime, a.host or ""):
                 run.rts.get(rec.runtime, rec.host or None).delete(run.grove.name, a.name)
-            else:
-                run.rts.get(a.runtime, a.host).delete(run.grove.name, a.name)
+            else:  # the same runtime: the agent's home stays for the new object
+                rt = run.rts.get(a.runtime, a.host)
+                getattr(rt, "stop", rt.delete)(run.grove.name, a.name)
             status = _start(run, change, resume=False)
         elif change.action in (Action.CREATE, Action.RESTART):
             status = _start(run, change, resume=change.action is Action.RESTART)
@@ -250,11 +256,8 @@ def _one(run: Run, change: Change) -> Outcome:
         else:
             status = PAST[change.action]
         out = Outcome(change.agent, change.action, status, change.reason, archive)
-    except EngineError as e:
-        out = Outcome(change.agent, change.action, "failed", e.summary)
-    except Exception as e:  # a bug in one agent's step is that agent's failure, not the run's
-        out = Outcome(change.agent, change.action, "failed",
-                      f"internal error: {e.__class__.__name__}: {str(e)[:200]}")
+    except Exception as e:  # whatever happens to one agent is its outcome
+        out = Outcome(change.agent, change.action, "failed", _why(e))
     out = Outcome(out.agent, out.action, out.status, out.message, out.archive,
                   round(time.monotonic() - t0, 3))
     run.outcomes[change.agent] = out
@@ -267,58 +270,78 @@ def _ws_of(run: Run, name: str) -> workspace.Workspace | None:
     return workspace.ensure(run.root, a, run.grove.base_ref, base=run.base())
 
 
-def _check_programs(run: Run, plan: GrovePlan) -> None:
-    """Every agent about to start has its harness program where its runtime looks (the
-    install cache, PATH, or an image that carries it); else one error, before anything
-    starts, naming the install command."""
-    for c in plan.changes:
-        if c.action not in (Action.CREATE, Action.REPLACE, Action.RESTART):
-            continue
-        a = run.grove.by_name.get(c.agent)
-        if a is None or a.program is None:
-            continue
-        check = getattr(run.rts.get(a.runtime, a.host), "check_program", None)
-        if check is not None:
-            check(a)
+def _check_program(run: Run, a: DesiredAgent) -> None:
+    """The agent's harness program is where its runtime looks (the install cache, PATH,
+    or an image that carries it); else its one-line error naming the install command.
+    (`converge.preflight` runs the same check at plan time for the whole plan.)"""
+    if a.program is None:
+        return
+    check = getattr(run.rts.get(a.runtime, a.host), "check_program", None)
+    if check is not None:
+        check(a)
 
 
 def execute(root: Path, grove: DesiredGrove, plan: GrovePlan, inv: Inventory, rts: Runtimes,
             hooks: Hooks | None = None, settings: Settings | None = None) -> list[Outcome]:
     """Carry out `plan`; returns one outcome per agent that had something to do."""
     run = Run(root, grove, inv, rts, hooks or NoHooks(), settings or Settings())
-    changes = {c.agent: c for c in plan.changes}
-    if any(c.action in (Action.CREATE, Action.REPLACE, Action.RESTART)
-           for c in plan.changes):
-        run.base()  # no repository, no commit, no base: one error before anything changes
-        _check_programs(run, plan)  # nor a harness program missing
+    starting = any(c.action in (Action.CREATE, Action.REPLACE, Action.RESTART)
+                   for c in plan.changes)
+    if starting:
         workspace.exclude_state_dir(root)
-        workspace.prune(root)  # once, before worktrees are added concurrently
+        workspace.prune(root)  # once, before workspaces are added concurrently
     deletes = {c.agent: c for c in plan.changes if c.action is Action.DELETE}
-    if deletes:  # children before parents, each generation in parallel
+    if deletes:  # children before parents
         parents = {n: (inv.agents[n].parent if n in inv.agents else None) for n in deletes}
-        old = graph.build(deletes, parents, {})
-        with ThreadPoolExecutor(max_workers=max(1, run.settings.parallelism)) as pool:
-            for gen in reversed(graph.generations(old)):
-                list(pool.map(lambda n: _one(run, deletes[n]), gen))
-    g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
-                    {a.name: a.depends_on for a in grove.agents})
-    skipped: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, run.settings.parallelism)) as pool:
-        for gen in graph.generations(g):
-            todo = []
-            for name in gen:
-                ch = changes.get(name)
-                if ch is None or not (ch.action.is_change or ch.adopt):
-                    continue
-                if name in skipped:
-                    out = Outcome(name, ch.action, "skipped", f"skipped because "
-                                  f"{skipped[name]} failed")
-                    run.outcomes[name] = out
-                    run.hooks.finished(grove.name, out)
-                    continue
-                todo.append(ch)
-            for out in pool.map(lambda c: _one(run, c), todo):
-                if out.status == "failed":
-                    for d in graph.descendants(g, out.agent):
-                        skipped.setdefault(d, out.agent)
+        _schedule(run, graph.build(deletes, parents, {}).reverse(copy=True), deletes)
+    todo = {c.agent: c for c in plan.changes
+            if c.action is not Action.DELETE and c.agent in grove.by_name
+            and (c.action.is_change or c.adopt)}
+    if todo:
+        g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
+                        {a.name: a.depends_on for a in grove.agents})
+        _schedule(run, g, todo)
     return [run.outcomes[n] for n in sorted(run.outcomes)]
+
+
+def _schedule(run: Run, g: nx.DiGraph, todo: dict[str, Change]) -> None:
+    """Run each change in `todo` as soon as everything before it in `g` is done; a node
+    without a change is done at once. A failure skips the changes after it."""
+    import networkx as nx
+
+    waiting = {n: set(g.predecessors(n)) for n in g}
+    running: dict[Future[Outcome], str] = {}
+    cancelled = run.settings.cancelled
+
+    def finish(n: str) -> None:
+        for m in g.successors(n):
+            if m in waiting:
+                waiting[m].discard(n)
+
+    with ThreadPoolExecutor(max_workers=max(1, run.settings.parallelism)) as pool:
+        while waiting or running:
+            ready = sorted(n for n, before in waiting.items() if not before)
+            for n in ready:
+                del waiting[n]
+                if n not in todo:
+                    finish(n)
+                elif cancelled is None or not cancelled.is_set():
+                    running[pool.submit(_one, run, todo[n])] = n
+                # cancelled: nothing new starts, and nothing after it either
+            if any(not before for before in waiting.values()):
+                continue  # nodes without a change opened the way for more
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                n = running.pop(fut)
+                if fut.result().status != "failed":
+                    finish(n)
+                    continue
+                for d in sorted(nx.descendants(g, n)):
+                    waiting.pop(d, None)
+                    if d in todo and d not in run.outcomes:
+                        skip = Outcome(d, todo[d].action, "skipped",
+                                       f"skipped because {n} failed")
+                        run.outcomes[d] = skip
+                        run.hooks.finished(run.grove.name, skip)

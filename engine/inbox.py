@@ -5,14 +5,18 @@ lock held. An agent's identity is its inbox directory, never what the request cl
 request ends exactly once, accepted or rejected: a spawn's id is written into spawned.yaml
 before its answer (`res-<id>.json`) is written and the request is marked done, so a crash
 at any point is resumed without a duplicate or a lost request. Every outcome goes to the
-event log `.engine/events.jsonl`.
+event log `.engine/events.jsonl`. Answered requests expire: `clean` removes an answer and
+the request moved aside once they are old (the controller each pass, `engine prune`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,3 +151,108 @@ def _move_aside(base: Path, req: Request) -> None:
             return  # gone already (the agent removed it)
         except (OSError, reader.Untrusted):
             continue
+
+
+# -- expiry of what was answered --------------------------------------------------------
+# An answered request leaves two entries behind: the answer (`res-<id>.json`, which a
+# waiting `engine spawn --wait` reads) and the request moved aside (`done-<id>.json`,
+# `bad-<id>.json`, or either with a `-<hex>` suffix). Pending requests (`req-*`), the
+# client's half-written ones (`.req-*.tmp`) and notes to the agent (`notify-*`) are not
+# answered requests and are never touched here.
+
+ANSWERED = re.compile(r"(?:res|done|bad)-[A-Za-z0-9_.-]{1,100}\.json")
+ANSWER_TTL = 86400.0  # seconds an answer stays for a client still waiting on it
+
+
+def clean(root: Path, grove: str, agent: str | None, older_than: float = ANSWER_TTL) -> int:
+    """Remove the answered-request entries (ANSWERED) of `agent`'s inbox (every agent's
+    when None) that were last changed more than `older_than` seconds ago; returns how
+    many went.
+
+    Every inbox is agent-writable, so: each inbox is opened beneath the grove's inbox
+    directory with O_NOFOLLOW (an inbox that is a symlink is skipped); entries are looked
+    at with lstat through that directory's fd and removed as entries (`unlinkat`), so a
+    symlink is removed itself and its target is never touched; a directory an agent left
+    under such a name is removed through descriptors opened with O_NOFOLLOW and
+    O_NONBLOCK at every level (`_remove_tree`), so nothing it links to is followed and
+    no FIFO is waited on. The age is the entry's change time (ctime), which an agent cannot
+    set back, or its mtime if later. Anything that cannot be removed is left for the next
+    time."""
+    base = root / ".engine" / "inbox" / grove
+    names = [agent] if agent is not None else reader.subdirs(base)
+    cutoff = time.time() - older_than
+    removed = 0
+    for name in names:
+        if not NAME.fullmatch(name):
+            continue
+        try:
+            with reader.opendir(base, (name,)) as d:
+                removed += _clean_dir(d, cutoff)
+        except (OSError, reader.Untrusted):
+            continue  # no inbox, or not a real directory: nothing of the engine's to clean
+    return removed
+
+
+def clean_answered(root: Path, grove: str, older_than: float = ANSWER_TTL) -> int:
+    """`clean` for every agent of `grove` (the controller calls it once per pass)."""
+    return clean(root, grove, None, older_than)
+
+
+def _clean_dir(d: int, cutoff: float) -> int:
+    with os.scandir(d) as it:
+        names = sorted(e.name for e in it if ANSWERED.fullmatch(e.name))
+    removed = 0
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=d, follow_symlinks=False)
+            if max(st.st_ctime, st.st_mtime) > cutoff:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree(d, name, MAX_TREE_DEPTH)
+            else:
+                os.unlink(name, dir_fd=d)
+        except OSError:
+            continue  # changed under us, or too deep: left as it is for the next time
+        removed += 1
+    return removed
+
+
+MAX_TREE_DEPTH = 16  # levels of a directory an agent left under an answered name
+
+
+def _remove_tree(parent: int, name: str, depth: int) -> None:
+    """Remove the directory `name` in the directory fd `parent`, and what is in it. Each
+    level is opened with O_NOFOLLOW | O_DIRECTORY | O_NONBLOCK, so an entry swapped for
+    a symlink or a FIFO meanwhile stops the removal (OSError) instead of being followed
+    or blocking; other entries are unlinked as entries."""
+    if depth <= 0:
+        raise OSError(f"{name}: deeper than {MAX_TREE_DEPTH} levels")
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                 os.O_CLOEXEC, dir_fd=parent)
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for entry, is_dir in entries:
+            if is_dir:
+                _remove_tree(fd, entry, depth - 1)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
+
+
+def remove_if_empty(root: Path, grove: str, agent: str) -> bool:
+    """Remove `agent`'s inbox directory when nothing is left in it (a pruned agent's; a
+    new run makes it again). Never follows a symlink; True when it went."""
+    if not NAME.fullmatch(agent):
+        return False
+    try:
+        with reader.opendir(root / ".engine" / "inbox", (grove,)) as d:
+            st = os.stat(agent, dir_fd=d, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            os.rmdir(agent, dir_fd=d)  # fails unless empty
+    except (OSError, reader.Untrusted):
+        return False
+    return True

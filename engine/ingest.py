@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import desired, events, inbox, inventory, writeback
+from engine.actual import Actual
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint
 from engine.inbox import Answer, Request
-from engine.observe import Actual, Runtimes
+from engine.observe import Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
 from engine.trust import reader
 
@@ -44,11 +45,51 @@ class Report:
         return bool(self.accepted)
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A pending spawn request the gate accepts: what the plan shows before it is taken in."""
+
+    request: str
+    spawn: writeback.Spawn
+
+
+def judge(root: Path, grove: DesiredGrove, opts: desired.Options) -> list[Judged]:
+    """The spawns that pending requests would add, judged by the gate as `process` would,
+    with nothing written or answered (`plan` shows them; a cancelled apply leaves them)."""
+    reqs, _ = inbox.scan(root, grove.name)
+    spawns = [r for r in reqs if r.kind == "SpawnRequest"]
+    if not spawns:
+        return []
+    recorded = writeback.recorded_requests(root, grove.name)
+    from engine import policy
+
+    gate = policy.Gate(root, grove, opts)
+    out = []
+    for req in spawns:
+        if req.id in recorded:
+            continue
+        try:
+            out.append(Judged(req.id, gate.check(req)))
+        except EngineError:
+            continue  # rejected when taken in, with its reason
+        except Exception:  # one agent's request never stops the plan
+            continue
+    return out
+
+
 def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtimes,
-            status_rows: object = None) -> Report:
+            status_rows: object = None, only: set[str] | None = None,
+            commit: bool | None = None) -> Report:
     """Answer every pending request of `grove`. `status_rows(grove) -> list[dict]`
-    answers StatusRequests (the caller has the observation at hand)."""
+    answers StatusRequests (the caller has the observation at hand). `only`: the spawn
+    requests to take in (those a confirmed plan showed); other spawn requests that the gate
+    would accept stay pending for the next plan. `commit`: commit the write-back (default:
+    the grove's `writeBack.commit`)."""
     reqs, bad = inbox.scan(root, grove.name)
+    if only is not None:
+        recorded_ids = writeback.recorded_requests(root, grove.name)
+        reqs = [r for r in reqs if r.kind != "SpawnRequest" or r.id in only
+                or r.id in recorded_ids or not _acceptable(root, grove, opts, r)]
     report = Report()
     for ans in bad:
         inbox.answer(root, grove.name, ans)
@@ -63,7 +104,8 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     for req in reqs:
         answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
     fresh = [s for s in gate.accepted if s.request not in recorded]
-    writeback.append(root, grove.name, fresh, grove.commit_spawns)
+    writeback.append(root, grove.name, fresh,
+                     grove.commit_spawns if commit is None else commit)
     failpoint("ingest-written")
     for ans in answers:
         inbox.answer(root, grove.name, ans)
@@ -77,6 +119,18 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
         else:
             report.other += 1
     return report
+
+
+def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request) -> bool:
+    """Whether the gate would accept `req` now (a request a plan did not show yet: it
+    waits for the next plan, unless it is refused anyway, which is answered now)."""
+    from engine import policy
+
+    try:
+        policy.Gate(root, grove, opts).check(req)
+    except Exception:  # refused: answer it now
+        return False
+    return True
 
 
 def _guarded(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,

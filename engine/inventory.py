@@ -4,8 +4,9 @@ Called by `observe` (read), `executor` (save after every agent) and the commands
 mutate (lock). `.engine/state/<grove>.json` holds a lineage (fixed at creation), a serial
 (bumped on every save) and one record per agent the engine owns, so only owned things are
 ever pruned. Saves are atomic (temp file, fsync, rename). The lock is a file created
-exclusively, holding who took it for what; a lock whose holder process is gone on this
-host is taken over, anything else needs `engine force-unlock ID`.
+exclusively, holding who took it for what and the holder's pid and start time; a lock
+whose holder process is gone on this host (or whose pid now names a later process) is
+taken over, one held on another host needs `engine force-unlock ID`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime as dt
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,9 @@ class Record:
     pending: bool = False  # waiting on dependsOn; nothing runs yet
     parent: str = ""
     notified: str = ""  # last phase reported to the parent's inbox
+    stopped: bool = False  # `engine stop`: stays stopped (no restart) until `engine start`
+    error: str = ""  # why the last create/start failed ("" when it did not)
+    pruned_at: str = ""  # `engine prune --finished`: the ended agent's workspace is gone
 
 
 @dataclass
@@ -56,10 +61,11 @@ class Inventory:
     lineage: str = ""  # set on the first save; "" means no state yet
     serial: int = 0
     agents: dict[str, Record] = field(default_factory=dict)
+    revision: str = ""  # commit the grove was last converged from ("" = working tree)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "grove": self.grove, "lineage": self.lineage,
-                "serial": self.serial,
+                "serial": self.serial, "revision": self.revision,
                 "agents": {n: asdict(r) for n, r in sorted(self.agents.items())}}
 
 
@@ -85,7 +91,8 @@ def load(state_dir: Path, grove: str) -> Inventory:
             if not isinstance(r, dict) or "spec_hash" not in r:
                 raise ValueError(f"agent {n!r} has no spec_hash")
             agents[str(n)] = Record(**{k: v for k, v in r.items() if k in known})
-        return Inventory(grove, str(raw["lineage"]), int(raw["serial"]), agents)
+        return Inventory(grove, str(raw["lineage"]), int(raw["serial"]), agents,
+                         str(raw.get("revision") or ""))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise EngineError(f"grove {grove}: state file {p} is damaged ({e}); move it away to "
                           "start over (the engine then adopts what still runs)") from None
@@ -100,6 +107,9 @@ def save(state_dir: Path, inv: Inventory) -> None:
 
 # -- lock -------------------------------------------------------------------------------
 
+POLL = 0.05  # seconds between looks at a held lock, when waiting for it
+
+
 @dataclass(frozen=True)
 class LockInfo:
     id: str
@@ -108,6 +118,7 @@ class LockInfo:
     pid: int
     host: str
     created: str
+    started: str = ""  # the holder's start time (/proc/<pid>/stat field 22); "" unknown
 
     def describe(self) -> str:
         return (f"{self.operation} by {self.who} (pid {self.pid} on {self.host}) since "
@@ -119,49 +130,85 @@ def _lock_path(state_dir: Path, grove: str) -> Path:
 
 
 def read_lock(state_dir: Path, grove: str) -> LockInfo | None:
+    """The current lock, or None when there is none (or it is unreadable: taken over)."""
     try:
-        return LockInfo(**json.loads(_lock_path(state_dir, grove).read_text()))
-    except (OSError, ValueError, TypeError):
+        raw = json.loads(_lock_path(state_dir, grove).read_text())
+        known = set(LockInfo.__dataclass_fields__)
+        info = LockInfo(**{k: v for k, v in raw.items() if k in known})
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
+    return info if isinstance(info.pid, int) and isinstance(info.started, str) else None
+
+
+def start_time(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), as
+    a string; "" when it cannot be read. With the pid it names a process, even after the
+    pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # field 2 (the command) is in parentheses and may hold anything: count after it
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _same_host(info: LockInfo) -> bool:
+    return info.host == socket.gethostname()
 
 
 def _alive(info: LockInfo) -> bool:
-    if info.host != socket.gethostname():
+    """Whether the holder may still run: the pid is there and, when the lock recorded
+    when it started, it is the same process (not a later one given the same pid)."""
+    if not _same_host(info):
         return True  # cannot tell: assume it is
+    if info.pid <= 0:
+        return False
     try:
         os.kill(info.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # someone else's process: its start time still tells
+    if info.started:
+        now_started = start_time(info.pid)
+        return not now_started or now_started == info.started
     return True
 
 
+def _locked_error(grove: str, holder: LockInfo) -> LockedError:
+    if _same_host(holder):
+        hint = (f"wait for it to finish, or stop it (kill -TERM {holder.pid}); it releases "
+                "the lock itself")
+    else:
+        hint = (f"it runs on another host; if that operation is gone: engine force-unlock "
+                f"{holder.id} -g {grove}")
+    return LockedError(f"grove {grove} is locked: {holder.describe()}", hint)
+
+
 @contextlib.contextmanager
-def locked(state_dir: Path, grove: str, operation: str) -> Iterator[LockInfo]:
+def locked(state_dir: Path, grove: str, operation: str, wait: float = 0.0
+           ) -> Iterator[LockInfo]:
     """Hold the grove's lock for `operation`; LockedError names the current holder.
+    With `wait`, a lock held by a live process is waited for up to `wait` seconds.
 
     The lock file appears whole (written to a temporary file, then hard-linked into
     place, which fails when it exists), and taking it, including taking over from a
     holder that died, happens under a short flock, so two operations never both hold it."""
     p = _lock_path(state_dir, grove)
     p.parent.mkdir(parents=True, exist_ok=True)
-    info = LockInfo(uuid.uuid4().hex[:12], operation,
-                    os.environ.get("USER", "unknown"), os.getpid(), socket.gethostname(), now())
-    with flock(p.with_suffix(".lock.guard")):
-        held = read_lock(state_dir, grove)
-        if held is not None and _alive(held):
-            raise LockedError(f"grove {grove} is locked: {held.describe()}",
-                              f"if that operation is gone: engine force-unlock {held.id} "
-                              f"-g {grove}")
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()  # absent, unreadable or left by a process that died: take over
-        tmp = p.with_name(f".{p.name}.{info.id}")
-        tmp.write_text(json.dumps(asdict(info)))
-        try:
-            os.link(tmp, p)
-        finally:
-            tmp.unlink()
+    info = LockInfo(uuid.uuid4().hex[:12], operation, os.environ.get("USER", "unknown"),
+                    os.getpid(), socket.gethostname(), now(), start_time(os.getpid()))
+    deadline = time.monotonic() + wait
+    while True:
+        with flock(p.with_suffix(".lock.guard")):
+            holder = read_lock(state_dir, grove)
+            if holder is None or not _alive(holder):
+                _take(p, info)
+                break
+        if time.monotonic() >= deadline:
+            raise _locked_error(grove, holder)
+        time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
     try:
         yield info
     finally:
@@ -171,12 +218,54 @@ def locked(state_dir: Path, grove: str, operation: str) -> Iterator[LockInfo]:
                     p.unlink()
 
 
+def _take(p: Path, info: LockInfo) -> None:
+    """Put our lock file in place (under the guard): whatever was there is dead or not a
+    lock (absent, unreadable, or left by a process that died)."""
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+    tmp = p.with_name(f".{p.name}.{info.id}")
+    tmp.write_text(json.dumps(asdict(info)))
+    try:
+        os.link(tmp, p)
+    finally:
+        tmp.unlink()
+
+
+def held(state_dir: Path, grove: str, lock_id: str) -> bool:
+    """Whether `lock_id` is still the grove's lock (a holder notices it lost it)."""
+    cur = read_lock(state_dir, grove)
+    return cur is not None and cur.id == lock_id
+
+
 def force_unlock(state_dir: Path, grove: str, lock_id: str) -> LockInfo:
-    held = read_lock(state_dir, grove)
-    if held is None:
-        raise EngineError(f"grove {grove} is not locked")
-    if held.id != lock_id:
-        raise EngineError(f"grove {grove}: lock ID {lock_id} does not match the current "
-                          f"lock ({held.describe()})")
-    _lock_path(state_dir, grove).unlink()
-    return held
+    """Remove the grove's lock `lock_id`: one left by a process that is gone, or held on
+    another host (which this host cannot check). A live holder on this host is refused,
+    unless it is this very process (releasing its own lock)."""
+    p = _lock_path(state_dir, grove)
+    with flock(p.with_suffix(".lock.guard")):
+        holder = read_lock(state_dir, grove)
+        if holder is None:
+            raise EngineError(f"grove {grove} is not locked")
+        if holder.id != lock_id:
+            raise EngineError(f"grove {grove}: lock ID {lock_id} does not match the current "
+                              f"lock ({holder.describe()})")
+        mine = holder.pid == os.getpid() and holder.started == start_time(os.getpid())
+        if _same_host(holder) and _alive(holder) and not mine:
+            raise EngineError(f"grove {grove}: lock ID {lock_id} is held by a live process "
+                              f"({holder.operation}, pid {holder.pid} on {holder.host}); "
+                              f"stop it first (kill -TERM {holder.pid}), or it releases "
+                              "the lock itself")
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return holder
+
+
+def release(state_dir: Path, grove: str, lock_id: str) -> None:
+    """Remove the lock when it is still `lock_id` (its holder ends without unwinding: the
+    controller's reaper after a signal)."""
+    p = _lock_path(state_dir, grove)
+    with flock(p.with_suffix(".lock.guard")):
+        cur = read_lock(state_dir, grove)
+        if cur is not None and cur.id == lock_id:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()

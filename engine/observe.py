@@ -9,26 +9,15 @@ only for agents that may lose their working copy, or for `status`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine import inventory, runtimes, workspace
-from engine.desired import DesiredGrove
+from engine.actual import Actual, RuntimeKey
+from engine.desired import DesiredAgent, DesiredGrove
 from engine.errors import EngineError
-from engine.inventory import Inventory
-from engine.runtimes import Observed, Runtime
-
-RuntimeKey = tuple[str, str]  # (runtime name, host or "")
-
-
-@dataclass
-class Actual:
-    grove: str
-    inventory: Inventory
-    observed: dict[str, Observed]
-    work: dict[str, workspace.WorkState] = field(default_factory=dict)
-    errors: dict[RuntimeKey, str] = field(default_factory=dict)
+from engine.inventory import Inventory, Record
+from engine.runtimes import FAILED, Observed, Runtime
 
 
 class Runtimes:
@@ -84,10 +73,12 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
             workspace.sync(root, grove_name, name, fresh=False)
     wanted = set(grove.by_name) if grove else set()
     work = {}
+    tip = _base_tip(root, grove) if any(
+        r.workdir and (with_work or n not in wanted) for n, r in inv.agents.items()) else ""
     for name, rec in sorted(inv.agents.items()):
         if rec.workdir and (with_work or name not in wanted):
             work[name] = workspace.work_state(root, grove_name, name, root / rec.workdir,
-                                              rec.branch, rec.base_commit)
+                                              rec.branch, rec.base_commit, tip)
     for name in sorted(set(observed) - set(inv.agents) - wanted):
         orphan = workspace.orphan(root, grove_name, name)  # running, never recorded
         if orphan is not None and grove is not None:
@@ -95,6 +86,33 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
             work[name] = workspace.work_state(root, grove_name, name, orphan[1],
                                               orphan[2], base)
     return Actual(grove_name, inv, observed, work, errors)
+
+
+def _base_tip(root: Path, grove: DesiredGrove | None) -> str:
+    """The grove's base commit now ("" when unknown): work merged into it is not ahead."""
+    if grove is None:
+        return ""
+    try:
+        return workspace.base_commit(root, grove.base_ref)[1]
+    except EngineError:
+        return ""
+
+
+def _phase(a: DesiredAgent | None, rec: Record | None, obs: Observed | None
+           ) -> tuple[str, str]:
+    """(phase, reason) of one agent: what the runtime reports, except that an agent
+    stopped on purpose is Stopped, and one whose create failed (nothing runs) is Failed
+    with the engine's error as the reason."""
+    if rec is not None and rec.stopped:
+        return runtimes.STOPPED, obs.reason if obs else ""
+    if obs is not None:
+        return obs.phase, obs.reason or (rec.error if rec and obs.phase == FAILED else "")
+    if rec is not None and rec.error:
+        return FAILED, rec.error
+    if a is None:
+        return "Orphaned", ""
+    return runtimes.PENDING, ("waiting for " + ", ".join(a.depends_on) if a.depends_on
+                              else "")
 
 
 def status_rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
@@ -106,12 +124,11 @@ def status_rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
         rec = actual.inventory.agents.get(n)
         obs = actual.observed.get(n)
         work = actual.work.get(n)
-        phase = obs.phase if obs else "Pending" if a else "Orphaned"
+        phase, reason = _phase(a, rec, obs)
         out.append({
             "name": n,
             "phase": phase,
-            "reason": obs.reason if obs else ("waiting for " + ", ".join(a.depends_on)
-                                              if a and a.depends_on else ""),
+            "reason": reason,
             "runtime": (a.runtime if a else rec.runtime if rec else obs.runtime if obs
                         else ""),
             "branch": rec.branch if rec else (a.branch if a else ""),

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import __version__, graph
+from engine.actual import Actual
 from engine.desired import IN_PLACE, DesiredAgent, DesiredGrove
 from engine.errors import EngineError
-from engine.inventory import Inventory
-from engine.observe import Actual
+from engine.inventory import Inventory, Record
 from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Observed
 
 FORMAT = 1
@@ -30,6 +30,7 @@ class Action(enum.Enum):
     RESTART = ("restart", "~>")
     UPDATE = ("update", "~")
     DELETE = ("delete", "-")
+    ORPHAN = ("orphan", "?")  # left the manifests; the sync policy keeps it (no prune)
     WAIT = ("wait", ".")
     NOOP = ("no-op", " ")
 
@@ -39,7 +40,7 @@ class Action(enum.Enum):
 
     @property
     def is_change(self) -> bool:
-        return self not in (Action.NOOP, Action.WAIT)
+        return self not in (Action.NOOP, Action.WAIT, Action.ORPHAN)
 
     @classmethod
     def parse(cls, word: str) -> Action:
@@ -85,9 +86,19 @@ class GrovePlan:
     changes: tuple[Change, ...]  # sorted: deletes first (reverse graph order), then the rest
     created_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ"))
+    # spawn requests this plan takes in once confirmed: (request id, child, parent)
+    requested: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def spawns(self) -> frozenset[str]:
+        return frozenset(r for r, _, _ in self.requested)
+
+    @property
+    def spawn_agents(self) -> frozenset[str]:
+        return frozenset(c for _, c, _ in self.requested)
 
     def counts(self) -> dict[str, int]:
-        out = {a.word: 0 for a in Action if a.is_change or a is Action.WAIT}
+        out = {a.word: 0 for a in Action if a.is_change or a in (Action.WAIT, Action.ORPHAN)}
         for c in self.changes:
             if c.action.word in out:
                 out[c.action.word] += 1
@@ -101,13 +112,17 @@ class GrovePlan:
         return {"grove": self.grove, "manifestDigest": self.manifest_digest,
                 "inventory": {"lineage": self.lineage, "serial": self.serial},
                 "createdAt": self.created_at, "summary": self.counts(),
-                "changes": [c.to_json() for c in self.changes]}
+                "changes": [c.to_json() for c in self.changes],
+                "spawnRequests": [{"request": r, "agent": c, "parent": p}
+                                  for r, c, p in self.requested]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GrovePlan:
         return cls(d["grove"], d["manifestDigest"], d["inventory"]["lineage"],
                    int(d["inventory"]["serial"]),
-                   tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"])
+                   tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"],
+                   tuple((str(r["request"]), str(r["agent"]), str(r["parent"]))
+                         for r in d.get("spawnRequests", ())))
 
 
 def document(plans: list[GrovePlan]) -> dict[str, Any]:
@@ -145,27 +160,50 @@ def _changed_fields(old_settings: str, agent: DesiredAgent, in_place: bool) -> l
     return [k for k in keys if old.get(k) != new.get(k) and ((k in IN_PLACE) == in_place)]
 
 
+def pruned_phase(rec: Record | None) -> str | None:
+    """The phase an agent that `engine prune --finished` removed ended in (Succeeded or
+    Failed); None when `rec` is not such an agent's. A pruned record keeps its spec hash,
+    has `pruned_at` set, no working copy, and the phase in its `notified` mark
+    ("<phase>:<restarts>"): prune tells the parent first, so it is the last one reported."""
+    if rec is None or not rec.pruned_at:
+        return None
+    phase = rec.notified.partition(":")[0]
+    return phase if phase in (SUCCEEDED, FAILED) else None
+
+
 def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
-            phase_of: dict[str, str], creating: set[str]) -> Change:
+            phase_of: dict[str, str], creating: set[str], spawned: str = "") -> Change:
     rec = inv.agents.get(a.name)
     def mk(action: Action, reason: str, **kw: Any) -> Change:
         return Change(a.name, action, reason, a.runtime, a.host or "",
                       spec_hash=a.spec_hash, **kw)
 
+    if rec is not None and rec.stopped:
+        return mk(Action.NOOP, f"stopped (engine start {a.name})")
     if obs is None:
-        unmet = tuple(d for d in a.depends_on if phase_of.get(d) != SUCCEEDED)
-        failed = [d for d in unmet if phase_of.get(d) == FAILED]
+        if rec is not None and rec.pruned_at and rec.spec_hash == a.spec_hash:
+            return mk(Action.NOOP, f"pruned {rec.pruned_at} "
+                      f"({(pruned_phase(rec) or 'ended').lower()})")  # done: not again
+        ended = {d: pruned_phase(inv.agents.get(d)) for d in a.depends_on}
+        unmet = tuple(d for d in a.depends_on if (phase_of.get(d) or ended[d]) != SUCCEEDED)
+        failed = [d for d in unmet if (phase_of.get(d) or ended[d]) == FAILED]
         if failed:
             return mk(Action.WAIT, f"blocked: dependency {failed[0]} failed", waits_for=unmet)
         if unmet and rec is not None and rec.pending and not (set(unmet) & creating):
             return mk(Action.WAIT, f"pending: waits for {', '.join(unmet)} to succeed",
                       waits_for=unmet)
-        if rec is not None and not rec.pending:
+        if rec is not None and rec.error:
+            why = f"its last start failed: {rec.error}"
+        elif rec is not None and rec.pruned_at:
+            fields = _changed_fields(rec.settings, a, False)
+            why = "spec changed since it was pruned" + (f": {', '.join(fields)}" if fields
+                                                        else "")
+        elif rec is not None and not rec.pending:
             why = "missing from the runtime (removed outside the engine)"
         elif rec is not None:
             why = "dependencies succeeded"
         else:
-            why = "new agent"
+            why = spawned or "new agent"
         if unmet:
             why += f"; starts after {' and '.join(unmet)} succeed{'s' if len(unmet) == 1 else ''}"
         return mk(Action.CREATE, why, waits_for=unmet)
@@ -186,11 +224,17 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
         return mk(Action.RESTART, "succeeded, restart: always")
     if rec is None:
         return mk(Action.NOOP, "found running with the grove's owner labels: adopted", adopt=True)
+    if obs.phase == FAILED:
+        return mk(Action.NOOP, "failed" + (f": {obs.reason}" if obs.reason and
+                                            not obs.reason.startswith("failed") else ""))
     return mk(Action.NOOP, obs.reason or obs.phase.lower())
 
 
-def plan_grove(grove: DesiredGrove, actual: Actual) -> GrovePlan:
-    """Decide what to do for every agent. Pure: same inputs, same plan."""
+def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | None = None,
+               requested: tuple[tuple[str, str, str], ...] = ()) -> GrovePlan:
+    """Decide what to do for every agent. Pure: same inputs, same plan. `spawned`: the
+    reason of each agent that a pending spawn request adds (`spawn requested by X`);
+    `requested`: those requests, taken in when the plan is applied."""
     inv, observed = actual.inventory, actual.observed
     phase_of = {n: o.phase for n, o in observed.items()}
     g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
@@ -199,14 +243,15 @@ def plan_grove(grove: DesiredGrove, actual: Actual) -> GrovePlan:
     creating: set[str] = set()
     changes: list[Change] = []
     for name in order:
-        c = _decide(grove.by_name[name], observed.get(name), inv, phase_of, creating)
+        c = _decide(grove.by_name[name], observed.get(name), inv, phase_of, creating,
+                    (spawned or {}).get(name, ""))
         if c.action in (Action.CREATE, Action.REPLACE, Action.RESTART):
             creating.add(name)
             phase_of[name] = RUNNING
         changes.append(c)
     changes = _deletes(grove, actual) + changes
     return GrovePlan(grove.name, grove.manifest_digest, inv.lineage, inv.serial,
-                     tuple(changes))
+                     tuple(changes), requested=requested)
 
 
 def _deletes(grove: DesiredGrove, actual: Actual) -> list[Change]:
@@ -246,11 +291,14 @@ def _renamed_to(grove: DesiredGrove, settings: str) -> str:
 
 def render_text(plans: list[GrovePlan], color: bool = False) -> str:
     styles = {Action.CREATE: "green", Action.REPLACE: "yellow", Action.RESTART: "yellow",
-              Action.UPDATE: "yellow", Action.DELETE: "red", Action.WAIT: "dim"}
+              Action.UPDATE: "yellow", Action.DELETE: "red", Action.WAIT: "dim",
+              Action.ORPHAN: "magenta"}
     lines: list[str] = []
     total = {"create": 0, "replace": 0, "restart": 0, "update": 0, "delete": 0}
     for p in plans:
         shown = [c for c in p.changes if c.action is not Action.NOOP or c.adopt]
+        ended = [c.agent for c in p.changes if c.action is Action.NOOP and not c.adopt
+                 and c.reason.startswith("failed")]
         lines.append(f"grove {p.grove}: {len(shown)} of {len(p.changes)} agents to act on"
                      if shown else f"grove {p.grove}: up to date")
         for c in shown:
@@ -264,6 +312,9 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
             lines.append(text)
             if c.action.word in total:
                 total[c.action.word] += 1
+        if ended:
+            lines.append(f"  failed, not restarted by policy: {', '.join(ended)} "
+                         f"(engine restart AGENT runs one again)")
     lines.append("")
     if not any(p.has_changes for p in plans):
         lines.append("No changes. The running agents match the manifests.")

@@ -250,10 +250,11 @@ def prune(root: Path) -> None:
     git(root, "worktree", "prune", check=False)
 
 
-def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, base: str
-               ) -> WorkState:
-    """Uncommitted files and commits not on `base`; the agent's commits are brought over
-    first (so its branch here is current)."""
+def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, base: str,
+               tip: str = "") -> WorkState:
+    """Uncommitted files and commits not on `base` (the commit the agent started from)
+    nor on `tip` (the base's current commit: work merged into it is not counted); the
+    agent's commits are brought over first (so its branch here is current)."""
     if not workdir.is_dir() or not branch:
         return WorkState(0, 0)
     if workdir.resolve() == root.resolve():
@@ -268,18 +269,32 @@ def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, b
     ignored = sum(1 for code, p in lines if code == "!!" and p.rstrip("/") != ".engine")
     dirty = sum(1 for code, _ in lines if code != "!!")
     ahead = 0
-    if head and base:
-        ahead = int(git(root, "rev-list", "--count", f"{base}..{head}", check=False) or 0)
+    if head and (base or tip):
+        ahead = int(git(root, "rev-list", "--count", head, "--not",
+                        *[c for c in (base, tip) if c], check=False) or 0)
     return WorkState(dirty, ahead, ignored)
 
 
+def _archive_base(root: Path, base: str, tip: str) -> str:
+    """What the archive compares the work with: the base's current commit when it has
+    moved on from the agent's start (so work merged into it is not archived again),
+    else the start."""
+    if tip and (not base or archive_mod.is_ancestor(root, base, tip)):
+        return tip
+    return base
+
+
 def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Path,
-           branch: str, base: str) -> str | None:
-    """Archive, then remove the working copy and the branch. Returns the archive ref.
-    Raises (and removes nothing) when the work cannot be saved."""
+           branch: str, base: str, tip: str = "", keep_branch: bool = False) -> str | None:
+    """Archive, then remove the working copy and the branch (`keep_branch`: not the
+    branch; `engine prune --finished` leaves a finished agent's branch for review).
+    Returns the archive ref (None when nothing is uncommitted and every commit is on the
+    base: `tip`, its current commit, counts). Raises (and removes nothing) when the work
+    cannot be saved."""
     if workspace_mode == "shared":
         return None
-    ref = archive_mod.archive(root, grove, agent, workdir, branch, base)
+    ref = archive_mod.archive(root, grove, agent, workdir, branch,
+                              _archive_base(root, base, tip))
     if os.path.lexists(workdir):
         if workdir.is_symlink() or not workdir.is_dir():
             os.unlink(workdir)
@@ -288,7 +303,7 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
     with _admin(root):
         git(root, "worktree", "prune", check=False)
     exchange.forget(root, grove, agent)
-    if branch and _branch_exists(root, branch):
+    if branch and not keep_branch and _branch_exists(root, branch):
         git(root, "branch", "-D", branch)
     return ref
 

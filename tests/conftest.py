@@ -45,6 +45,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.invalid")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.delenv("TMUX", raising=False)
+    monkeypatch.delenv("ENGINE_AGENT", raising=False)  # the suite run inside an agent
     monkeypatch.setenv("NO_COLOR", "1")
     yield home
     real_home = Path(os.path.expanduser("~root"))

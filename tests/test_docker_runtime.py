@@ -395,7 +395,7 @@ spec:
         assert (changes["keeper"]["action"], changes["keeper"]["reason"]) == (
             "restart", "exited 137, restart: on-failure")
         assert (changes["once"]["action"], changes["once"]["reason"]) == (
-            "no-op", "exited 137")
+            "no-op", "failed: exited 137")
     finally:
         assert engine("destroy", "--auto-approve").code == 0
     assert docker_cli("ps", "-aq", "--filter", "label=engine.grove=k",

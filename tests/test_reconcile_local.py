@@ -185,8 +185,8 @@ def test_second_apply_while_locked_names_the_holder(repo: Path, engine) -> None:
         lock = repo / ".engine/state/demo.lock"
         lock.parent.mkdir(parents=True)
         lock.write_text(json.dumps({"id": "abc123", "operation": "apply", "who": "ci",
-                                    "pid": holder.pid, "host": __import__("socket")
-                                    .gethostname(), "created": "2026-01-01T00:00:00Z"}))
+                                    "pid": holder.pid, "host": "ci-runner",
+                                    "created": "2026-01-01T00:00:00Z"}))
         res = engine("apply", "--auto-approve")
         assert res.code == 1
         assert "grove demo is locked: apply by ci" in res.err and "abc123" in res.err
@@ -331,7 +331,7 @@ def test_wait_returns_behind_a_failure_two_levels_up(repo: Path, engine) -> None
     res = engine("apply", "--auto-approve", "--wait", "--timeout", "60")
     assert res.code == 1
     assert time.monotonic() - t0 < 30, "apply --wait hung behind the failed dependency"
-    assert "after2: skipped" in res.out
+    assert "after Blocked, after2 Blocked, bad Failed" in res.out
 
 
 def test_agents_do_not_inherit_the_engine_users_environment(repo: Path, engine,

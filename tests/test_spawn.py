@@ -266,14 +266,17 @@ def test_watch_survives_a_bad_edit_and_holds_the_lock(repo: Path, watch: list[Wa
     # a second controller for the same grove is refused, naming the holder
     p = subprocess.run([sys.executable, "-m", "engine", "watch", "--once"], cwd=repo,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and "grove tree is locked: watch by" in p.stderr
+    assert p.returncode == 1 and "grove tree already has a controller: engine watch" \
+        in p.stderr
     path = repo / "groves/tree/grove.yaml"
     good = path.read_text()
     path.write_text(good + "    - name: two\n      task: 'true'\n      colour: red\n")
-    until(lambda: "manifests invalid, keeping the last good state" in w.text(),
-          what="the bad edit to be logged")
+    git(repo, "commit", "-qam", "a bad edit")
+    until(lambda: "manifests invalid, nothing changed" in w.text(),
+          what="the bad commit to be logged")
     assert w.proc.poll() is None  # still running
     path.write_text(good + "    - name: two\n      task: 'true'\n")
+    git(repo, "commit", "-qam", "fixed")
     until(lambda: phases(repo).get("two") == "Succeeded", what="two after the fix")
     assert w.stop() == 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,39 @@ class Repo:
         return self.root / STATE_DIR
 
 
-def repo() -> Repo:
-    return Repo(manifest.find_repo_root(Path.cwd()))
+def repo(inside_agent_ok: bool = False) -> Repo:
+    """The repository the command works on (see `manifest.find_repo_root`). Refused
+    inside an agent: in its workspace (the nearest `.git` there is the agent's own
+    repository) or with ENGINE_AGENT set (the agent's environment), where the agent-side
+    client is the `engine` to use; `inside_agent_ok` for read-only checks (validate, as a
+    pre-commit hook of an agent's commit)."""
+    cwd = Path.cwd()
+    if not inside_agent_ok and (where := inside_agent(cwd)):
+        raise EngineError(f"{where}; run engine from the repository root, or use the "
+                          "agent-side commands: engine spawn/done/status")
+    return Repo(manifest.find_repo_root(cwd))
+
+
+def inside_agent(start: Path) -> str:
+    """Which agent `start` (or this process's environment) belongs to, as the start of a
+    sentence; "" when none."""
+    agent = os.environ.get("ENGINE_AGENT", "")
+    if agent:
+        grove = os.environ.get("ENGINE_GROVE", "") or "?"
+        return f"this runs as agent {agent} in grove {grove} (ENGINE_AGENT is set)"
+    start = start.resolve()
+    for d in (start, *start.parents):
+        if len(d.parents) < 4 or d.parents[1].name != "worktrees" or \
+                d.parents[2].name != STATE_DIR:
+            continue
+        from engine import workspace  # only here: validate does not pay for git
+
+        root = d.parents[3]
+        if workspace.path_for(root, d.parent.name, d.name) == d and (
+                (root / ".git").exists() or (root / manifest.GROVES_DIR).is_dir()):
+            return (f"this is agent {d.name}'s workspace in grove {d.parent.name} "
+                    f"(repository {root})")
+    return ""
 
 
 def add_grove_arg(p: argparse.ArgumentParser) -> None:

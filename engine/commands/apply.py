@@ -1,90 +1,71 @@
-"""`engine apply [PLANFILE]`: converge the running agents onto the manifests."""
+"""`engine apply [PLANFILE]`: converge the running agents onto the manifests.
+
+A thin caller of the converge spine: one confirmed pass per grove (under the grove's lock,
+waiting for a controller's pass in progress), and with --wait the controller in the
+foreground until every agent has finished.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from engine import ingest, inventory, plan, reconcile, ui
-from engine.commands import _common
-from engine.desired import DesiredGrove
+from engine import controller, converge, manifest, plan, ui
+from engine.commands import _common, _converge
+from engine.commands._progress import Progress
 from engine.errors import EngineError, UsageError
-from engine.executor import Outcome, Settings
-from engine.observe import Runtimes, observe, status_rows
-from engine.plan import Change
-from engine.trust.reader import for_terminal
+from engine.executor import Settings
+from engine.observe import Runtimes
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "apply", help="converge agents onto the manifests",
         description="Create, replace, restart and delete agents so that what runs matches "
-        "the manifests. With PLANFILE, apply exactly that saved plan.")
-    p.add_argument("planfile", nargs="?", metavar="PLANFILE")
+        "the manifests in the working tree, after showing the plan and asking. Pending "
+        "spawn requests are part of the plan and taken in only once it is confirmed. With "
+        "PLANFILE, apply exactly that saved plan.")
+    p.add_argument("planfile", nargs="?", metavar="PLANFILE",
+                   help="a plan saved by `engine plan --out FILE` (refused when stale)")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)
     p.add_argument("--auto-approve", action="store_true", help="do not ask for confirmation")
+    p.add_argument("-target", "--target", action="append", default=[], metavar="AGENT",
+                   dest="targets", help="act only on this agent and what it needs (its "
+                   "parent and dependencies); repeatable")
+    p.add_argument("-replace", "--replace", action="append", default=[], metavar="AGENT",
+                   dest="replace", help="give this agent a new runtime object even if "
+                   "nothing changed (its workspace and branch are kept); repeatable")
     p.add_argument("--parallelism", type=int, default=8, metavar="N",
-                   help="agents started at once within a generation (default 8)")
-    p.add_argument("--wait", action="store_true", help="start dependents as their "
-                   "dependencies succeed, and return when every agent has finished")
+                   help="agents started at once (default 8)")
+    p.add_argument("--wait", action="store_true", help="then run the controller in the "
+                   "foreground: answer spawns, start dependents as their dependencies "
+                   "succeed, restart per policy, and return when every agent has finished")
     p.add_argument("--timeout", type=float, default=3600, metavar="SECONDS",
                    help="with --wait: give up after this long (default 3600)")
+    p.add_argument("--lock-timeout", type=float, default=_converge.LOCK_WAIT,
+                   metavar="SECONDS", help="wait this long for another operation's pass "
+                   f"(a controller's) to end (default {_converge.LOCK_WAIT:g})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--json-stream", action="store_true",
                    help="print one JSON event per line as agents change")
     return p
 
 
-class Progress:
-    """Apply progress: plain lines (or JSON lines), coloured on a TTY."""
-
-    def __init__(self, stream_json: bool, quiet: bool) -> None:
-        self.stream_json = stream_json
-        self.quiet = quiet
-        self.console = ui.console()
-
-    def _emit(self, event: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
-        sys.stdout.flush()
-
-    def started(self, grove: str, change: Change) -> None:
-        if self.stream_json:
-            self._emit({"event": "started", "grove": grove, "agent": change.agent,
-                        "action": change.action.word, "time": inventory.now()})
-        elif not self.quiet:
-            self.console.print(f"{grove}/{change.agent}: {change.action.word}...")
-
-    def finished(self, grove: str, o: Outcome) -> None:
-        if self.stream_json:
-            self._emit({"event": "finished", "grove": grove, "agent": o.agent,
-                        "action": o.action.word, "status": o.status, "message": o.message,
-                        "archive": o.archive, "seconds": o.seconds,
-                        "time": inventory.now()})
-            return
-        if self.quiet:
-            return
-        style = "red" if not o.ok else "green"
-        extra = f" - {o.message}" if o.status in ("failed", "skipped") else ""
-        if o.archive:
-            extra += f" (work archived at {o.archive})"
-        # a message can carry an agent's text (a file name, a git error about its files)
-        text = for_terminal(f"{grove}/{o.agent}: {o.status} ({o.seconds:.1f}s){extra}")
-        if ui.use_color():
-            self.console.print(f"[{style}]{text.replace('[', chr(92) + '[')}[/]")
-        else:
-            self.console.print(text)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.parallelism < 1:
         raise UsageError("--parallelism must be at least 1")
+    if args.timeout <= 0 or args.lock_timeout < 0:
+        raise UsageError("--timeout must be positive and --lock-timeout not negative")
     r = _common.repo()
     saved: dict[str, plan.GrovePlan] = {}
     if args.planfile:
+        if args.targets or args.replace:
+            raise UsageError("a saved plan is applied as it is: -target and -replace go "
+                             "with engine plan")
         path = Path(args.planfile)
         try:
             text = path.read_text()
@@ -96,66 +77,91 @@ def run(args: argparse.Namespace) -> int:
         raise EngineError("apply needs --auto-approve or a saved plan file when not run "
                           "from a terminal")
     groves = _common.load(r, args, create_key=True)
+    opts = _common.options(r, args, create_key=True)
     rts = Runtimes(r.root)
     progress = Progress(args.json_stream, args.json)
-    settings = Settings(parallelism=args.parallelism, wait=args.wait, timeout=args.timeout)
-    results = []
+    settings = Settings(parallelism=args.parallelism)
+    results: list[converge.Result] = []
     for g in groves:
-        with inventory.locked(r.state_dir, g.name, "apply"):
-            if g.name in saved:
-                reconcile.check_fresh(r.root, g, saved[g.name])
-                the_plan = saved[g.name]
-            else:
-                g = _ingest(r, g, args, rts)
-                the_plan = reconcile.make_plan(r.root, g, rts)
-                if not the_plan.has_changes:
-                    results.append(reconcile.Result(g.name, the_plan, []))
-                    continue
-                if not args.auto_approve and not _confirm(the_plan):
-                    ui.err("apply cancelled")
-                    return 1
-            results.append(reconcile.execute(r.root, g, rts, the_plan, progress, settings))
+        ask = converge.Ask(
+            g.name, saved=saved.get(g.name), targets=frozenset(args.targets),
+            replace=frozenset(args.replace), loaded=g, hooks=progress, settings=settings,
+            confirm=None if args.auto_approve or g.name in saved else _confirm(r.root, g))
+        res = _converge.locked_pass(r.root, ask, rts, opts, "apply", progress.note,
+                                    args.lock_timeout)
+        if res.cancelled:
+            ui.err("apply cancelled: nothing changed")
+            return 1
+        if not args.json and not args.json_stream and res.plan.has_changes \
+                and (args.auto_approve or g.name in saved):
+            for line in _converge.source_notes(r.root, res.plan, g.base_ref):
+                progress.note(line)
+        for rid, why in res.rejected:
+            progress.note(f"grove {g.name}: request {rid} rejected: {why}")
+        results.append(res)
+    _orphaned_groves(r.root, [g.name for g in groves], progress)
     phases: dict[str, dict[str, str]] = {}
+    timed_out = False
     if args.wait:
-        for g, res in zip(groves, results, strict=False):
-            # an agent whose start failed in this run never appears: it is done waiting
-            failed = {o.agent for o in res.outcomes if o.status in ("failed", "skipped")}
-            phases[g.name] = reconcile.wait_terminal(r.root, g, rts, args.timeout, failed)
-    return _report(results, phases, args)
+        ctl = controller.Controller(
+            r.root, [g.name for g in groves], opts, controller.Options(
+                interval=2.0, parallelism=args.parallelism, revision=None, until_done=True,
+                timeout=args.timeout), progress.note, hooks=progress)
+        ctl.run()
+        if ctl.stop.is_set():  # Ctrl-C: the pass is unwound and the lock released
+            ui.err("apply interrupted: nothing new was started")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        phases, timed_out = ctl.phases, ctl.timed_out
+        results.extend(converge.Result(g, plan.GrovePlan(g, "", "", 0, ()), [o])
+                       for g, o in ctl.outcomes)
+        if ctl.lost:
+            raise EngineError(ctl.lost)
+    return _report(results, phases, timed_out, args)
 
 
-def _ingest(r: _common.Repo, g: DesiredGrove, args: argparse.Namespace, rts: Runtimes
-            ) -> DesiredGrove:
-    """Answer agents' pending requests first; accepted spawns join this apply."""
-    opts = _common.options(r, args, create_key=True)
-    rep = ingest.process(r.root, g, opts, rts,
-                         lambda gr: status_rows(gr, observe(r.root, gr.name, gr, rts)))
-    for rid, why in rep.rejected:
-        ui.err(f"grove {g.name}: request {rid} rejected: {why}")
-    if not rep.wrote_manifests:
-        return g
-    return reconcile.load_desired(r.root, g.directory, opts)
+def _confirm(root: Path, g: Any) -> Any:
+    def ask(the_plan: plan.GrovePlan) -> bool:
+        c = ui.console()
+        c.print(plan.render_text([the_plan], color=ui.use_color()))
+        for line in _converge.source_notes(root, the_plan, g.base_ref):
+            ui.err(line)
+        answer = input("\nApply these changes? Only 'yes' will be accepted: ")
+        return answer.strip() == "yes"
+    return ask
 
 
-def _confirm(the_plan: plan.GrovePlan) -> bool:
-    c = ui.console()
-    c.print(plan.render_text([the_plan], color=ui.use_color()))
-    answer = input("\nApply these changes? Only 'yes' will be accepted: ")
-    return answer.strip() == "yes"
+def _orphaned_groves(root: Path, names: list[str], progress: Progress) -> None:
+    """Groves whose directory is gone but whose agents still run: said, never deleted
+    (engine destroy -g G deletes them)."""
+    state = root / ".engine" / "state"
+    present = {d.name for d in manifest.grove_dirs(root)}
+    if not state.is_dir():
+        return
+    for p in sorted(state.glob("*.json")):
+        if p.stem not in present and p.stem not in names:
+            progress.note(f"grove {p.stem}: its directory groves/{p.stem}/ is gone; its "
+                          f"agents are orphans (engine destroy -g {p.stem} removes them)")
 
 
-def _report(results: list[reconcile.Result], phases: dict[str, dict[str, str]],
-            args: argparse.Namespace) -> int:
+def _report(results: list[converge.Result], phases: dict[str, dict[str, str]],
+            timed_out: bool, args: argparse.Namespace) -> int:
     failed = [(res.grove, o) for res in results for o in res.failed]
-    bad_phase = [(g, n) for g, ps in phases.items() for n, p in ps.items() if p != "Succeeded"]
+    bad_phase = [(g, n) for g, ps in phases.items() for n, p in ps.items()
+                 if p != "Succeeded"]
     if args.json:
-        ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "ApplyResult",
-                       "formatVersion": 1, "ok": not failed and not bad_phase, "groves": [
-            {"grove": res.grove, "outcomes": [
+        merged: dict[str, list[dict[str, Any]]] = {}
+        for res in results:
+            merged.setdefault(res.grove, []).extend(
                 {"agent": o.agent, "action": o.action.word, "status": o.status,
                  "message": o.message, "archive": o.archive, "seconds": o.seconds}
-                for o in res.outcomes],
-             "phases": phases.get(res.grove, {})} for res in results]})
+                for o in res.outcomes)
+        ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "ApplyResult",
+                       "formatVersion": 1, "ok": not failed and not bad_phase
+                       and not timed_out, "groves": [
+            {"grove": g, "outcomes": outs, "phases": phases.get(g, {})}
+            for g, outs in merged.items()]})
     elif not args.json_stream:
         counts: dict[str, int] = {}
         for res in results:
@@ -165,6 +171,9 @@ def _report(results: list[reconcile.Result], phases: dict[str, dict[str, str]],
         ui.out(f"Apply complete: {summary}.")
         for g, ps in sorted(phases.items()):
             ui.out(f"grove {g}: " + ", ".join(f"{n} {p}" for n, p in sorted(ps.items())))
-    return 1 if failed or bad_phase else 0
-
-
+    if timed_out:
+        waiting = sorted(f"{g}/{n} ({p})" for g, ps in phases.items() for n, p in ps.items()
+                         if p not in controller.DONE)
+        ui.err(f"apply --wait timed out after {args.timeout:g}s; still waiting for: "
+               + (", ".join(waiting[:10]) or "pending requests"))
+    return 1 if failed or bad_phase or timed_out else 0

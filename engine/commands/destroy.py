@@ -1,23 +1,32 @@
-"""`engine destroy`: remove everything a grove owns; each agent's work is archived first."""
+"""`engine destroy`: remove everything a grove owns; each agent's work is archived first.
+
+A thin caller of the converge spine with an empty desired state."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from engine import inventory, manifest, plan, reconcile, ui
-from engine.commands import _common
-from engine.commands.apply import Progress
+from engine import converge, manifest, plan, ui
+from engine.commands import _common, _converge
+from engine.commands._progress import Progress
 from engine.errors import EngineError
-from engine.executor import Settings
 from engine.observe import Runtimes
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "destroy", help="stop and remove every agent of the grove (work is archived)")
+        "destroy", help="stop and remove every agent of the grove (work is archived)",
+        description="Stop and remove every agent the grove owns, after showing the plan "
+        "and asking. Each agent's uncommitted changes and unmerged commits are archived "
+        "first (engine restore brings them back); an agent whose work cannot be saved is "
+        "not removed.")
     _common.add_grove_arg(p)
-    p.add_argument("--auto-approve", action="store_true")
+    p.add_argument("--auto-approve", action="store_true",
+                   help="do not show the plan and ask for confirmation")
+    p.add_argument("--lock-timeout", type=float, default=_converge.LOCK_WAIT,
+                   metavar="SECONDS", help="wait this long for another operation's pass "
+                   f"(a controller's) to end (default {_converge.LOCK_WAIT:g})")
     return p
 
 
@@ -37,21 +46,26 @@ def run(args: argparse.Namespace) -> int:
         raise EngineError(f"grove {unknown[0]!r} not found (groves: "
                           f"{', '.join(sorted(known)) or 'none'})")
     rts = Runtimes(r.root)
+    progress = Progress()
+    opts = _common.options(r, args, resolve_secrets=False)
     failed = 0
     for name in names:
-        with inventory.locked(r.state_dir, name, "destroy"):
-            empty, the_plan = reconcile.destroy_plan(r.root, name, rts)
-            if not the_plan.has_changes:
-                ui.out(f"grove {name}: nothing to destroy")
-                continue
-            if not args.auto_approve:
-                ui.console().print(plan.render_text([the_plan], color=ui.use_color()))
-                if input("\nDestroy these agents? Only 'yes' will be accepted: ") != "yes":
-                    ui.err("destroy cancelled")
-                    return 1
-            res = reconcile.execute(r.root, empty, rts, the_plan, Progress(False, False),
-                                    Settings())
-            failed += len(res.failed)
-            ui.out(f"grove {name}: destroyed {len(res.outcomes) - len(res.failed)} agents"
-                   + (f", {len(res.failed)} failed" if res.failed else ""))
+        ask = converge.Ask(name, destroy=True, take_requests=False, hooks=progress,
+                           confirm=None if args.auto_approve else _confirm)
+        res = _converge.locked_pass(r.root, ask, rts, opts, "destroy", progress.note,
+                                    args.lock_timeout)
+        if res.cancelled:
+            ui.err("destroy cancelled: nothing changed")
+            return 1
+        if not res.plan.has_changes:
+            ui.out(f"grove {name}: nothing to destroy")
+            continue
+        failed += len(res.failed)
+        ui.out(f"grove {name}: destroyed {len(res.outcomes) - len(res.failed)} agents"
+               + (f", {len(res.failed)} failed" if res.failed else ""))
     return 1 if failed else 0
+
+
+def _confirm(the_plan: plan.GrovePlan) -> bool:
+    ui.console().print(plan.render_text([the_plan], color=ui.use_color()))
+    return input("\nDestroy these agents? Only 'yes' will be accepted: ").strip() == "yes"

@@ -1,4 +1,7 @@
-"""`engine force-unlock ID -g GROVE`: remove a grove's lock left by a vanished operation."""
+"""`engine force-unlock ID -g GROVE`: remove a grove's lock left by a vanished operation.
+
+A lock whose holder still runs on this host is refused (stop the holder: it releases the
+lock itself); one held on another host cannot be checked from here and is removed."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from engine.errors import EngineError
 
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "force-unlock", help="remove a stale grove lock (give the lock ID it printed)")
+        "force-unlock", help="remove a stale grove lock (give the lock ID it printed); refused "
+        "while its holder runs on this host")
     p.add_argument("lock_id", metavar="ID")
     _common.add_grove_arg(p)
     return p

@@ -4,11 +4,14 @@ it changed between two revisions (no live state: it runs in any CI job)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import desired, graph, topology, topology_render, ui
 from engine.commands import _common
 from engine.errors import EngineError, UsageError
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 FORMATS = ("mermaid", "dot", "json", "markdown", "text")
 SINGLE = ("mermaid", "dot")  # one chart per output: these need a single grove
@@ -64,7 +67,7 @@ def _diff(report: topology.Report, fmt: str) -> str:
     return topology.render(report, fmt)
 
 
-def spawn_graph(g: desired.DesiredGrove) -> Any:
+def spawn_graph(g: desired.DesiredGrove) -> nx.DiGraph:
     return graph.build([a.name for a in g.agents], {a.name: a.spawned_by for a in g.agents},
                        {a.name: a.depends_on for a in g.agents})
 

@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine import plan, ui
-from engine.commands import _common
+from engine import converge, manifest, plan, ui
+from engine.commands import _common, _converge
 from engine.errors import EngineError, UsageError
 from engine.fsutil import atomic_write
 from engine.observe import Runtimes
-from engine.reconcile import make_plan
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -23,6 +22,12 @@ def register(sub: Any) -> argparse.ArgumentParser:
         description="Compare the manifests with the running agents and show the changes.")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)
+    p.add_argument("-target", "--target", action="append", default=[], metavar="AGENT",
+                   dest="targets", help="plan only this agent and what it needs (its "
+                   "parent and dependencies); repeatable")
+    p.add_argument("-replace", "--replace", action="append", default=[], metavar="AGENT",
+                   dest="replace", help="plan a new runtime object for this agent even if "
+                   "nothing changed; repeatable")
     p.add_argument("--out", metavar="FILE", help="save the plan for `engine apply FILE`")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--detailed-exitcode", action="store_true",
@@ -40,8 +45,17 @@ def run(args: argparse.Namespace) -> int:
     if args.base or args.head or args.format:
         return _topology(r.root, args)
     groves = _common.load(r, args, create_key=True)
+    opts = _common.options(r, args, create_key=True)
     rts = Runtimes(r.root)
-    plans = [make_plan(r.root, g, rts) for g in groves]
+    plans, notes = [], []
+    for g in groves:
+        res = converge.run(r.root, converge.Ask(
+            g.name, loaded=g, execute=False, targets=frozenset(args.targets),
+            replace=frozenset(args.replace)), rts, opts)
+        plans.append(res.plan)
+        notes += _converge.source_notes(r.root, res.plan, g.base_ref)
+    if not args.groves:
+        plans += _orphaned(r.root, {g.name for g in groves}, rts, opts)
     doc = plan.document(plans)
     if args.out:
         atomic_write(Path(args.out), (json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -51,12 +65,36 @@ def run(args: argparse.Namespace) -> int:
     else:
         c = ui.console()
         c.print(plan.render_text(plans, color=ui.use_color()))
+        for line in notes:
+            ui.err(line)
         if args.out:
             c.print(f"\nSaved the plan to {args.out}. Apply exactly it with: "
                     f"engine apply {args.out}")
     if args.detailed_exitcode and doc["changes"]:
         return 2
     return 0
+
+
+def _orphaned(root: Path, present: set[str], rts: Runtimes, opts: object
+              ) -> list[plan.GrovePlan]:
+    """Groves whose directory is gone but which still own agents: their agents show as
+    orphans (apply keeps them; `engine destroy -g G` removes them)."""
+    state = root / ".engine" / "state"
+    if not state.is_dir():
+        return []
+    have = {d.name for d in manifest.grove_dirs(root)}
+    out = []
+    for p in sorted(state.glob("*.json")):
+        if p.stem in have or p.stem in present:
+            continue
+        res = converge.run(root, converge.Ask(p.stem, destroy=True, execute=False,
+                                              take_requests=False), rts, opts)  # type: ignore[arg-type]
+        changes = tuple(dataclasses.replace(
+            c, action=plan.Action.ORPHAN, reason=f"grove directory groves/{p.stem}/ is "
+            f"gone; engine destroy -g {p.stem} removes it") for c in res.plan.changes)
+        if changes:
+            out.append(dataclasses.replace(res.plan, changes=changes))
+    return out
 
 
 def _topology(root: Path, args: argparse.Namespace) -> int:

@@ -1,4 +1,6 @@
-"""`engine status`: each agent's phase, runtime, branch, parent, workspace and work.
+"""`engine status`: each agent's phase, runtime, branch, parent, workspace and work, and
+per grove whether it was ever applied, the commit it was last converged from and whether
+its manifests differ from that of HEAD (uncommitted edits `apply` would act on).
 
 A reason can come from a file the agent wrote (e.g. the Docker runtime's `ctl/reason`): in
 both outputs it is one line of at most REASON_CHARS characters without control
@@ -10,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine import ui
+from engine import converge, ui
 from engine.commands import _common
 from engine.desired import DesiredGrove
 from engine.observe import Runtimes, observe, status_rows
@@ -34,7 +36,22 @@ def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
         row["reason"] = reader.one_line(str(row["reason"] or ""), REASON_CHARS)
     errors = [reader.one_line(f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}", 500)
               for k, v in sorted(actual.errors.items())]
-    return {"grove": g.name, "agents": rows, "errors": errors}
+    inv = actual.inventory
+    return {"grove": g.name, "applied": bool(inv.lineage or inv.agents or actual.observed),
+            "revision": inv.revision,
+            "manifestsModified": converge.manifests_modified(root, g.name),
+            "agents": rows, "errors": errors}
+
+
+def _heading(entry: dict[str, Any]) -> str:
+    name = entry["grove"]
+    if not entry["applied"]:
+        return f"grove {name}: never applied (run engine apply -g {name})"
+    rev = entry["revision"]
+    line = f"grove {name}: " + (f"synced to {rev[:12]}" if rev else
+                               "applied from the working tree")
+    return line + (" (manifests modified, not committed)" if entry["manifestsModified"]
+                   else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode"]
     for entry in doc:
-        ui.out(f"grove {entry['grove']}")
+        ui.out(_heading(entry))
+        if not entry["agents"]:
+            continue
         table = [[reader.one_line(str(x[c] if x[c] is not None else "-")) or "-"
                   for c in cols] for x in entry["agents"]]
         widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]

@@ -45,7 +45,7 @@ def _targets(root: Path, paths: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = _common.repo()
+    r = _common.repo(inside_agent_ok=True)  # read-only: a pre-commit hook may run it there
     diags: list[Diagnostic] = []
     summary: list[dict[str, Any]] = []
     try:

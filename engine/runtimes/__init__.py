@@ -1,8 +1,8 @@
 """Runtimes: where agent processes run. One module per runtime, all satisfying `Runtime`.
 
-Called by `observe` (batched listing) and `executor` (create/delete), and by the
-interaction commands (logs, look, attach, message). Heavy clients (docker, kubernetes) are
-imported only inside their own module, which is imported only when a grove uses it.
+Called by `observe` (batched listing), `executor` (create/stop/delete), `engine stop` and
+the interaction commands (logs, look, attach, message). Heavy clients (docker, kubernetes)
+are imported only inside their own module, which is imported only when a grove uses it.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class Launch:
     env: dict[str, str]  # non-secret environment, ENGINE_* included (host paths; a
     # container runtime rewrites ENGINE_INBOX to where it mounts the inbox)
     resume: bool = False  # restart of an existing agent: the harness may resume
+    # `engine resume --task`: the next message, in place of the agent's task (with `resume`)
+    task: str | None = None
     secrets: dict[str, str] = field(repr=False, default_factory=dict)
 
 
@@ -73,8 +75,12 @@ class Runtime(Protocol):
     def create(self, launch: Launch) -> None:
         """Start the agent (replacing any leftover object of the same agent)."""
 
+    def stop(self, grove: str, agent: str) -> None:
+        """End the agent's process/container and release what it holds while running; its
+        home (and what `logs` reads) stays for the next `create`. No error if it is gone."""
+
     def delete(self, grove: str, agent: str) -> None:
-        """Stop and remove the agent's process/container; no error if it is gone."""
+        """`stop`, then remove what the agent kept (its home); no error if it is gone."""
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         """The agent's output, line by line; with `follow`, until it ends."""

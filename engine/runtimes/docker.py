@@ -5,7 +5,9 @@ Called through `engine.runtimes.get("docker", repo_root, host)` by observe, the 
 and the interaction commands, and by `engine image` (as an `images.ImageEngine`). The only
 module that imports the Docker SDK. The container's configuration comes from
 `docker_spec`, the host-side files from `docker_fs`; the harness runs in a tmux session
-inside the container under images/base/entrypoint.sh, bind-mounted from the package.
+inside the container under images/base/entrypoint.sh, bind-mounted from the package. The
+agent's home is a host directory (`docker_fs.home_dir`) that outlives its containers: a
+restart or replacement finds the harness's sessions there, `delete` removes it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from engine.runtimes import docker_spec as spec
 SCHEMES = ("unix://", "tcp://", "ssh://", "npipe://", "http://", "https://")
 START_HINT = ("start it (sudo systemctl start docker, or dockerd --bridge=none "
               "--iptables=false as root) or fix the profile's host:")
+STOP_GRACE = 5  # seconds a stopped container's harness has before it is killed
 T = TypeVar("T")
 
 
@@ -159,7 +162,9 @@ class DockerRuntime:
         who = f"agent {a.grove}/{a.name}"
         if not a.image:
             raise EngineError(f"{who}: runtime docker needs an image")
-        self._remove(self._name(a.grove, a.name))
+        old = self._name(a.grove, a.name)
+        self._stop_container(old)  # a running one saves its session first (a restart)
+        self._remove(old)
         try:
             dirs = self._extras(launch, fs.prepare(launch, images.entrypoint()))
         except BaseException:
@@ -233,16 +238,24 @@ class DockerRuntime:
             egress=egress.socket_dir(self.repo_root, a.grove, a.name),
             forwarder=Path(egress.__file__).resolve().parent / "forwarder.py")
 
-    def delete(self, grove: str, agent: str) -> None:
+    def stop(self, grove: str, agent: str) -> None:
+        """End the container (its harness gets STOP_GRACE seconds to save its session) and
+        remove it with its secret files; the home, the log and the inbox stay."""
         egress.remove_policy(self.repo_root, grove, agent)
         for name in self._owned(grove, agent):  # by labels: old names and new alike
             info = self._inspect(name)
             if info is None:
                 continue
+            if (info.get("State") or {}).get("Running"):
+                self._stop_container(name)
             self._remove(name)
             ctl = spec.ctl_dir({"Mounts": info.get("Mounts") or []})
             if ctl is not None:
                 fs.forget(ctl.parent)
+
+    def delete(self, grove: str, agent: str) -> None:
+        self.stop(grove, agent)
+        fs.remove_home(self.repo_root, grove, agent)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         path = self._log_path(grove, agent)
@@ -321,6 +334,11 @@ class DockerRuntime:
         except NotFound:
             return None
         return info
+
+    def _stop_container(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(f"container {name}: stop",
+                       lambda: self.api.stop(name, timeout=STOP_GRACE))
 
     def _remove(self, name: str) -> None:
         with contextlib.suppress(NotFound):

@@ -3,7 +3,13 @@ mounts, owned or made writable by the agent's uid.
 
 Called by `engine.runtimes.docker` before a container is created (`prepare`, which
 returns the `HostDirs` the container spec mounts), after it is removed (`forget`), and to
-read its log (`read_log`).
+read its log (`read_log`); the agent's home (`ensure_home`, `remove_home`) by the local
+runtime too, which keeps it in the same place.
+
+The home is the one directory that outlives the agent's container (or session): a
+harness keeps its login and its sessions there, which a restart resumes. It is made by the
+engine under `.engine/home/<grove>/` (the engine's, so the agent cannot swap it for a
+link), handed to the agent uid, never read by the engine, and removed with the agent.
 
 Ownership: the agent runs as a fixed uid (1000 by default) that is usually not the uid of
 the engine. What the engine made for this one agent's container (its scratch dirs, its secret
@@ -21,6 +27,7 @@ engine's state), not on every restart.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -67,8 +74,9 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
         give(p, uid, gid)
     if a.access != "read-only":
         grant_workspace(launch, uid)
+    home = ensure_home(launch.repo_root, a.grove, a.name, uid, gid)
     return HostDirs(ctl=ctl, secrets=secrets, log=launch.log_file, inbox=launch.inbox,
-                    client=launch.client, client_bin=shim, entrypoint=entrypoint)
+                    client=launch.client, client_bin=shim, entrypoint=entrypoint, home=home)
 
 
 def forget(run_dir: Path) -> None:
@@ -76,6 +84,56 @@ def forget(run_dir: Path) -> None:
     is gone; the log and the inbox stay."""
     for sub in ("secrets", "ctl", "bin"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
+
+
+def home_dir(repo_root: Path, grove: str, agent: str) -> Path:
+    """`.engine/home/<grove>/<agent>`: the agent's own home on the host."""
+    return repo_root / ".engine" / "home" / grove / agent
+
+
+def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int) -> Path:
+    """The agent's home, made if need be and handed to its uid (a home another uid had,
+    the profile's user having changed, is handed over whole, walked by descriptor)."""
+    home = home_dir(repo_root, grove, agent)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    made = False
+    with contextlib.suppress(FileExistsError):
+        home.mkdir(mode=0o700)
+        made = True
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if os.geteuid() == 0:
+            if st.st_uid != uid:
+                give(home, uid, gid)
+            elif st.st_gid != gid:
+                os.fchown(fd, uid, gid)
+        elif made and os.geteuid() != uid:
+            # the agent's uid may write it, and what it makes there stays removable by
+            # the engine's (a default entry its new directories inherit)
+            _add_acl(fd, home, _ACCESS, st.st_mode, uid, 7)
+            _add_acl(fd, home, _DEFAULT, st.st_mode, uid, 7)
+            _add_acl(fd, home, _DEFAULT, st.st_mode, os.geteuid(), 7)
+    finally:
+        os.close(fd)
+    return home
+
+
+def remove_home(repo_root: Path, grove: str, agent: str) -> None:
+    """Remove the agent's home with the agent (a link in it is removed, not followed)."""
+    home = home_dir(repo_root, grove, agent)
+    try:
+        st = home.lstat()
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(home)  # fd-based on Linux: no symlink inside is followed
+        else:
+            home.unlink()
+    except OSError as e:
+        raise EngineError(f"agent {grove}/{agent}: its home {home} cannot be removed "
+                          f"({e.strerror}); remove it by hand") from None
 
 
 def _write_secrets(directory: Path, values: dict[str, str]) -> None:

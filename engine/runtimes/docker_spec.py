@@ -73,6 +73,7 @@ class HostDirs:
     egress: Path | None = None  # the gateway's socket dir for this agent (network: egress)
     forwarder: Path | None = None  # engine/egress/forwarder.py (network: egress)
     harness: Path | None = None  # the installed harness program's cache dir
+    home: Path | None = None  # the agent's own home, kept across containers (else a tmpfs)
 
 
 def repo_tag(repo_root: Path, grove: str, agent: str) -> str:
@@ -184,6 +185,8 @@ def mounts(launch: Launch, dirs: HostDirs) -> list[dict[str, Any]]:
         out += [_mount(dirs.egress, EGRESS, True), _mount(dirs.forwarder, FORWARDER, True)]
     if dirs.harness is not None:
         out.append(_mount(dirs.harness, HARNESS, True))
+    if dirs.home is not None:
+        out.append(_mount(dirs.home, HOME, False))
     for source, target, m_ro in a.mounts:
         out.append(_mount(mount_source(launch, source), target, m_ro))
     return out
@@ -227,14 +230,14 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
     if launch.workdir.resolve() == launch.repo_root.resolve():
         # shared workspace: hide the engine's state (other agents' worktrees and secrets)
         tmpfs[f"{WORKSPACE}/.engine"] = "ro,size=1m"
-    if a.read_only_root:
+    if a.read_only_root and dirs.home is None:
         tmpfs[HOME] = f"rw,nosuid,nodev,size=512m,uid={uid},gid={gid},mode=0700"
     kwargs: dict[str, Any] = {
         "image": image,
         "name": container_name(launch.repo_root, a.grove, a.name),
         "hostname": a.name,
         "entrypoint": ["/bin/bash", ENTRYPOINT],
-        "command": list(a.command),
+        "command": list(a.argv(launch.resume, launch.task)),  # a restart may resume
         "user": f"{uid}:{gid}",
         "working_dir": WORKSPACE,
         "environment": _env(launch, dirs),

@@ -179,6 +179,19 @@ class KubernetesRuntime:
                 self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
                 self._apply(cl, obj)
 
+    def stop(self, grove: str, agent: str) -> None:
+        """Delete the agent's workload (its Job or Pod); its Secret, ConfigMap, policies
+        and workspace volume stay for the next create. Its home is the Pod's emptyDir: it
+        does not outlive the Pod."""
+        known = self._where.get((grove, agent))
+        targets = [known] if known else sorted(self._grove(grove)[2])
+        name = objs.object_name(grove, agent)
+        for t in targets:
+            cl = self.cluster(t.kubeconfig, t.context)
+            for kind in ("Job", "Pod"):
+                with contextlib.suppress(NotFound):
+                    self._delete(cl, kind, t.namespace, name)
+
     def delete(self, grove: str, agent: str) -> None:
         known = self._where.get((grove, agent))
         targets = [known] if known else sorted(self._grove(grove)[2])

@@ -228,8 +228,10 @@ class LocalRuntime:
         return f"unshare --net -- bash -c {q(inner)} _ "
 
     def home(self, grove: str, agent: str) -> Path:
-        """The private home of an agent run under its own uid (the engine is root)."""
-        return self.state / "home" / grove / agent
+        """The private home of an agent run under its own uid (the engine is root): kept
+        across restarts, replacements and `stop` (a harness's session lives there), removed
+        by `delete`."""
+        return fs.home_dir(self.root, grove, agent)
 
     def _prepare_user(self, launch: Launch, uid: int, gid: int) -> None:
         """The engine is root and the agent runs as `uid`: it must reach its workspace
@@ -259,11 +261,7 @@ class LocalRuntime:
         for d in (self.state, self.state / "worktrees", launch.workdir.parent):
             if d.is_dir() and d.is_relative_to(self.state):
                 d.chmod(d.stat().st_mode | 0o111)  # search only: nothing listed or read
-        home = self.home(a.grove, a.name)
-        home.parent.mkdir(parents=True, exist_ok=True)  # root's: the home cannot be swapped
-        with contextlib.suppress(FileExistsError):
-            home.mkdir(mode=0o700)
-        os.chown(home, uid, gid, follow_symlinks=False)
+        home = fs.ensure_home(self.root, a.grove, a.name, uid, gid)  # kept across restarts
         # a login shell (codex runs its commands with `bash -lc`) resets PATH from
         # /etc/profile: the agent's own profile puts its `engine` and program back first.
         # The home is the agent's: everything is written beneath it by descriptor, never
@@ -338,7 +336,7 @@ class LocalRuntime:
         a = launch.agent
         q = shlex.quote
         # a restart resumes the harness's previous session when it knows how
-        command = a.resume_command if launch.resume and a.resume_command else a.command
+        command = a.argv(launch.resume, launch.task)
         # the agent's own PATH (its `engine`, its program) reaches only the agent: the
         # wrapper, which runs as the engine's user, resolves its tools from a clean PATH
         proxy = ""
@@ -400,12 +398,21 @@ class LocalRuntime:
         ]
         return lines
 
-    def delete(self, grove: str, agent: str) -> None:
+    def stop(self, grove: str, agent: str) -> None:
+        """End the session and what it started; the home, run dir and log stay. A run
+        ended here is recorded as a stopped container's is: exit 143, "stopped"."""
+        live = not self._gone(self.session(grove, agent))
         self._stop(grove, agent)
         egress.remove_policy(self.root, grove, agent)
-        home = self.home(grove, agent)
-        if home.is_dir() and not home.is_symlink():
-            shutil.rmtree(home)  # fd-based on Linux: a symlink inside is not followed
+        rd = self.run_dir(grove, agent)
+        if live and os.path.lexists(rd / "started") and not os.path.lexists(rd / "exit"):
+            with contextlib.suppress(EngineError):  # beneath the run dir, by descriptor
+                write_beneath(rd, "reason", b"stopped\n", os.getuid(), os.getgid())
+                write_beneath(rd, "exit", b"143\n", os.getuid(), os.getgid())
+
+    def delete(self, grove: str, agent: str) -> None:
+        self.stop(grove, agent)
+        fs.remove_home(self.root, grove, agent)
         rd = self.run_dir(grove, agent)
         if rd.is_symlink():
             rd.unlink()

@@ -1,0 +1,47 @@
+"""`engine resume AGENT [--task TEXT]`: continue the harness's own session: the agent is
+started again with the harness's resume arguments and, with --task, TEXT as the next
+message in place of its task. A harness without `resume:` cannot, and says so.
+
+The pass is `restart.restart_one`'s; the text travels to the runtime as `Launch.task`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from engine.commands import restart
+from engine.desired import DesiredAgent
+from engine.errors import EngineError, UsageError
+from engine.inventory import Record
+
+
+def register(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "resume", help="continue an agent's harness session, optionally with a new message",
+        description="Start an agent again with its harness's resume arguments, so the "
+        "harness continues its previous session (kept in the agent's home). With --task, "
+        "TEXT is passed where the task goes: the next message of that session.")
+    restart.add_args(p)
+    p.add_argument("--task", metavar="TEXT", help="the next message, in place of the "
+                   "agent's task; '-' reads it from stdin")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    task = args.task
+    if task == "-":
+        task = sys.stdin.read()
+    if task is not None and not task.strip():
+        raise UsageError("resume: --task is empty")
+
+    def check(a: DesiredAgent, rec: Record) -> None:
+        if not a.resume_command:
+            raise EngineError(f"harness {a.harness} cannot resume a session (it has no "
+                              "resume: arguments); engine restart starts it afresh")
+        if task is not None and a.task_form[0] == "none":
+            raise EngineError(f"harness {a.harness} takes no task on its command line "
+                              "(taskArg: none): --task cannot be passed")
+
+    return restart.restart_one(args, "resume", task, check)

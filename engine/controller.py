@@ -1,0 +1,356 @@
+"""The controller: converge groves again whenever their revision, inboxes or agents change.
+
+Called by `engine watch` (until stopped) and by `engine apply --wait` (the controller in the
+foreground, until every agent has finished). Each pass of each grove is one
+`converge.run` with the grove's lock held for that pass only, so `apply`, `destroy` and the
+single-agent commands run between passes (they wait for a pass in progress).
+
+What it converges is a git revision: by default the commit of the branch checked out,
+resolved again on every pass, so uncommitted edits to manifests never act (Argo CD and
+Flux converge commits too). The engine's own spawn write-backs are converged at once and
+committed to the branch. `--working-tree` (a development mode, named as such) converges
+the files as they are instead.
+
+It wakes on: a change of the branch (`.git`), requests in `.engine/inbox/<grove>/`,
+agents ending (`.engine/run/<grove>/`, the local runtime's exit files), and in
+working-tree mode the manifests; a periodic resync with jitter catches the rest
+(containers dying, clock-driven restarts). A failing pass is logged and the loop goes on.
+A controller whose lock was removed from under it stops, saying so.
+
+SIGINT/SIGTERM stop it at once: between passes the loop just ends; during a pass the
+handler marks the pass cancelled (nothing new starts) and raises `Stopped` in the main
+thread, which unwinds it (every step is safe to cut short, as a crash is) and releases the
+lock. Whatever is still running GRACE seconds after the signal does not hold the process:
+a reaper thread, woken only by the handler, removes this controller's lock and ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from engine import converge, desired, events, executor, inventory, manifest, plan
+from engine.errors import EngineError, InvalidManifests, LockedError
+from engine.observe import Runtimes
+from engine.runtimes import FAILED, SUCCEEDED
+
+Log = Callable[[str], None]
+GRACE = 0.5  # seconds from SIGINT/SIGTERM to the forced exit, if the unwinding is not done
+BUSY_RETRY = 0.1  # seconds between attempts while another operation holds a grove's lock
+
+
+class Stopped(BaseException):
+    """SIGINT/SIGTERM during a pass: unwinds it (a BaseException, so no `except Exception`
+    on the way swallows it)."""
+
+
+@dataclass
+class Options:
+    interval: float = 10.0  # resync period (seconds), jittered by +-20%
+    debounce: float = 0.005  # gather a burst of events into one pass
+    parallelism: int = 8
+    once: bool = False  # one pass, then return (tests, cron)
+    max_passes: int = 0  # 0 = unbounded
+    revision: str | None = ""  # a ref to converge; "" = the current branch; None = files
+    until_done: bool = False  # `apply --wait`: return when every agent has finished
+    timeout: float = 0.0  # with until_done: give up after this long (0 = never)
+
+
+@dataclass
+class Controller:
+    root: Path
+    groves: list[str]
+    opts: desired.Options
+    wopts: Options = field(default_factory=Options)
+    log: Log = print
+    hooks: executor.Hooks | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    passes: int = 0
+    locks: dict[str, str] = field(default_factory=dict)  # grove -> lock ID held now
+    in_pass: bool = False
+    signalled: threading.Event = field(default_factory=threading.Event)  # the reaper's
+    cancelled: threading.Event = field(default_factory=threading.Event)  # start nothing
+    phases: dict[str, dict[str, str]] = field(default_factory=dict)  # until_done: last seen
+    outcomes: list[tuple[str, executor.Outcome]] = field(default_factory=list)
+    timed_out: bool = False
+    lost: str = ""  # why the controller stopped acting ("" while it may)
+    _busy: dict[str, str] = field(default_factory=dict)  # grove -> holder last reported
+
+    def run(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_signals(self._on_signal, self._reap, self.signalled))
+            if not self.wopts.until_done:  # one `engine watch` per grove
+                for g in self.groves:
+                    stack.enter_context(_sole_controller(self.root, g))
+            stack.enter_context(self._observer())
+            what = ("the working tree (development mode: uncommitted edits act)"
+                    if self.wopts.revision is None else
+                    f"revision {self.wopts.revision or 'of the current branch'}")
+            if not self.wopts.until_done:
+                self.log(f"watching {', '.join(self.groves)}: converging {what} (resync "
+                         f"every {self.wopts.interval:g}s)")
+            with contextlib.suppress(Stopped):
+                self._loop(Runtimes(self.root))
+        if not self.wopts.until_done:
+            self.log("stopped")
+
+    def _loop(self, rts: Runtimes) -> None:
+        deadline = time.monotonic() + self.wopts.timeout if self.wopts.timeout else 0.0
+        while not self.stop.is_set():
+            self.wake.clear()
+            self.in_pass = True
+            busy = False
+            try:
+                for g in self.groves:
+                    busy |= not self.pass_once(g, rts)
+                    if self.lost:
+                        return
+            finally:
+                self.in_pass = False
+            self.passes += 1
+            if self.wopts.once or (self.wopts.max_passes and
+                                   self.passes >= self.wopts.max_passes):
+                break
+            if self.wopts.until_done and not busy and self._all_done():
+                break
+            if deadline and time.monotonic() > deadline:
+                self.timed_out = True
+                break
+            pause = BUSY_RETRY if busy else self.wopts.interval * random.uniform(0.8, 1.2)
+            if self.wopts.until_done:
+                pause = min(pause, 0.5)  # a Docker agent's end wakes nothing: look often
+            if deadline:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            if self.wake.wait(pause):
+                time.sleep(self.wopts.debounce)
+
+    def pass_once(self, name: str, rts: Runtimes) -> bool:
+        """One pass over grove `name`; False when another operation held its lock."""
+        try:
+            with inventory.locked(self.root / ".engine", name, "watch") as info:
+                self.locks[name] = info.id
+                try:
+                    self._pass(name, rts, info.id)
+                finally:
+                    self.locks.pop(name, None)
+            self._busy.pop(name, None)
+            return True
+        except LockedError as e:
+            if self._busy.get(name) != e.summary:
+                self._busy[name] = e.summary
+                self.log(f"grove {name}: waiting: {e.summary}")
+            return False
+        except converge.LostLock as e:
+            self.lost = e.summary
+            self.log(f"{e.summary}; the controller stops")
+            events.record(self.root, {"grove": name, "event": "ControllerLostLock",
+                                      "reason": e.summary})
+            return True
+        except InvalidManifests as e:
+            self.log(f"grove {name}: manifests invalid, nothing changed: {e.summary}")
+            events.record(self.root, {"grove": name, "event": "InvalidManifests",
+                                      "reason": e.summary})
+        except EngineError as e:
+            self.log(f"grove {name}: {e.summary}")
+            events.record(self.root, {"grove": name, "event": "PassFailed",
+                                      "reason": e.summary})
+        except Exception as e:  # a bug must not take the controller down; log it loudly
+            self.log(f"grove {name}: internal error: {e!r}")
+            events.record(self.root, {"grove": name, "event": "PassCrashed",
+                                      "reason": repr(e)})
+        return True
+
+    def _pass(self, name: str, rts: Runtimes, lock_id: str) -> None:
+        commit = self._commit()
+        res = converge.run(self.root, converge.Ask(
+            name, revision=commit, controller=True, finish=self.wopts.until_done,
+            hooks=self.hooks or _LogHooks(self.log),
+            settings=executor.Settings(parallelism=self.wopts.parallelism,
+                                       cancelled=self.cancelled),
+            lock_id=lock_id), rts, self.opts, self.log)
+        converge.record_revision(self.root, name, commit or "")
+        for child in res.accepted:
+            self.log(f"grove {name}: spawn accepted: {child}")
+        for rid, why in res.rejected:
+            self.log(f"grove {name}: request {rid} rejected: {why}")
+        self.outcomes.extend((name, o) for o in res.outcomes)
+        if self.wopts.until_done and res.desired is not None and res.actual is not None:
+            self.phases[name] = terminal_phases(res.desired, res.actual, res.plan)
+
+    def _commit(self) -> str | None:
+        if self.wopts.revision is None:
+            return None
+        ref = self.wopts.revision or converge.current_branch(self.root)
+        return converge.resolve_revision(self.root, ref)
+
+    def _all_done(self) -> bool:
+        """Every agent of every grove Succeeded, Failed, is blocked behind a failure or is
+        stopped, and no request waits in an inbox."""
+        from engine import inbox
+
+        for g in self.groves:
+            phases = self.phases.get(g)
+            if phases is None or any(p not in DONE for p in phases.values()):
+                return False
+            reqs, bad = inbox.scan(self.root, g)
+            if reqs or bad:
+                return False
+        return True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        first = not self.stop.is_set()
+        self.stop.set()
+        self.cancelled.set()  # nothing new starts, whatever else happens
+        self.signalled.set()  # the reaper first: nothing below can keep us past GRACE
+        self.wake.set()
+        if first and self.in_pass:
+            raise Stopped(f"signal {signum}")
+
+    def _reap(self) -> None:
+        """GRACE seconds after a signal, end the process if the unwinding has not: drop
+        our locks first. Returns at once when run() ends without a signal."""
+        self.signalled.wait()
+        if not self.stop.is_set():
+            return
+        time.sleep(GRACE)
+        for g, lock_id in list(self.locks.items()):
+            with contextlib.suppress(EngineError, OSError):
+                inventory.release(self.root / ".engine", g, lock_id)
+        with contextlib.suppress(Exception):
+            self.log("stopped (forced)")
+            sys.stderr.flush()
+        os._exit(130 if self.wopts.until_done else 0)
+
+    @contextlib.contextmanager
+    def _observer(self) -> Iterator[None]:
+        obs: Any = Observer()
+        handler = _Wake(self.wake)
+        dirs: list[tuple[Path, bool]] = []
+        for g in self.groves:
+            dirs += [(self.root / ".engine" / "inbox" / g, True),
+                     (self.root / ".engine" / "run" / g, True)]
+            if self.wopts.revision is None:
+                dirs.append((self.root / manifest.GROVES_DIR / g, True))
+        git_dir = self.root / ".git"
+        if self.wopts.revision is not None and git_dir.is_dir():
+            dirs += [(git_dir, False), (git_dir / "refs" / "heads", True)]
+        for d, recursive in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            obs.schedule(handler, str(d), recursive=recursive)
+        obs.start()
+        try:
+            yield
+        finally:
+            obs.stop()
+            obs.join(timeout=5)
+
+
+DONE = (SUCCEEDED, FAILED, "Blocked", "Stopped")
+
+
+@contextlib.contextmanager
+def _sole_controller(root: Path, grove: str) -> Iterator[None]:
+    """The mark of the grove's one controller, held for its life (a lock of its own: the
+    grove's lock is taken per pass). A second `engine watch` is refused, naming the first."""
+    mark = inventory.locked(root / ".engine", f"{grove}.controller", "watch")
+    try:
+        mark.__enter__()
+    except LockedError as e:
+        holder = inventory.read_lock(root / ".engine", f"{grove}.controller")
+        who = f" (pid {holder.pid} on {holder.host}, since {holder.created})" if holder \
+            else ""
+        raise EngineError(f"grove {grove} already has a controller: engine watch{who}",
+                          "stop it first (kill -TERM PID); apply and destroy run beside it"
+                          ) from e
+    try:
+        yield
+    finally:
+        mark.__exit__(None, None, None)
+
+
+def terminal_phases(grove: desired.DesiredGrove, actual: Any, the_plan: plan.GrovePlan
+                    ) -> dict[str, str]:
+    """Each agent's phase for `apply --wait`: as observed; Failed when its last start
+    failed; Blocked behind a failed dependency (however far up); Stopped when stopped."""
+    inv = actual.inventory
+    phases: dict[str, str] = {}
+    for a in grove.agents:
+        rec = inv.agents.get(a.name)
+        obs = actual.observed.get(a.name)
+        if rec is not None and rec.stopped:
+            phases[a.name] = "Stopped"
+        elif obs is not None:
+            phases[a.name] = obs.phase
+        elif rec is not None and rec.error:
+            phases[a.name] = FAILED
+        else:
+            phases[a.name] = "Pending"
+    changed = True
+    while changed:
+        changed = False
+        for a in grove.agents:
+            if phases[a.name] == "Pending" and any(
+                    phases.get(d) in (FAILED, "Blocked") for d in a.depends_on):
+                phases[a.name] = "Blocked"
+                changed = True
+    return phases
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # a finished request arrives as a rename of its temporary file: look at the target
+        path = str(getattr(event, "dest_path", "") or event.src_path)
+        base = path.rsplit("/", 1)[-1]
+        if "/.req-" in path or path.endswith((".tmp", ".lock")) or base.startswith(
+                ("res-", "done-", "bad-", "notify-", "index", "FETCH_HEAD", "ORIG_HEAD")) \
+                or "/objects/" in path or "/logs/" in path or event.event_type in (
+                    "opened", "closed_no_write"):
+            return  # our own writes, half-written requests, git's own bookkeeping
+        self.flag.set()
+
+
+class _LogHooks:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+
+    def started(self, grove: str, change: plan.Change) -> None:
+        pass
+
+    def finished(self, grove: str, o: executor.Outcome) -> None:
+        extra = f": {o.message}" if not o.ok else ""
+        self.log(f"{grove}/{o.agent}: {o.status}{extra}")
+
+
+@contextlib.contextmanager
+def _signals(handler: Callable[[int, FrameType | None], None], reaper: Callable[[], None],
+             release: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM go to `handler` (main thread only), with `reaper` running in a
+    daemon thread until `release` is set (by the handler, or here at the end)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    threading.Thread(target=reaper, name="controller-reaper", daemon=True).start()
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        release.set()
