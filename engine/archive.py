@@ -71,6 +71,26 @@ def archive(root: Path, grove: str, agent: str, workdir: Path, branch: str, base
     return ref
 
 
+def archive_branch(root: Path, grove: str, agent: str, branch: str, base: str) -> str | None:
+    """Save the commits of a branch that has no working copy any more (an agent that
+    `engine prune --finished` left its branch), before the branch is deleted: an archive
+    whose tree is the branch tip's and whose parent is the tip. None when the tip is on
+    `base` or already in an archive of the agent (one `for-each-ref --contains`)."""
+    tip = git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}^{{commit}}",
+              check=False)
+    if not tip or (base and is_ancestor(root, tip, base)):
+        return None
+    if git(root, "for-each-ref", "--format=%(refname)", "--contains", tip,
+           f"{ARCHIVE_PREFIX}/{grove}/{agent}/"):
+        return None  # archived when its working copy went, and not moved since
+    ref, n = _next_archive(root, grove, agent)
+    msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
+           "Dirty: no\n")
+    commit = git(root, "commit-tree", f"{tip}^{{tree}}", "-p", tip, "-m", msg)
+    git(root, "update-ref", ref, commit, "")
+    return ref
+
+
 def archives(root: Path, grove: str, agent: str) -> list[str]:
     refs = git(root, "for-each-ref", "--format=%(refname)",
                f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()

@@ -297,6 +297,8 @@ def terminal_phases(grove: desired.DesiredGrove, actual: Any, the_plan: plan.Gro
             phases[a.name] = obs.phase
         elif rec is not None and rec.error:
             phases[a.name] = FAILED
+        elif rec is not None and rec.pruned_at:
+            phases[a.name] = rec.pruned_phase() or SUCCEEDED
         else:
             phases[a.name] = "Pending"
     changed = True

@@ -194,6 +194,7 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     # 5. plan
     if ask.saved is not None:
         check_fresh(root, base, ask.saved)
+        _check_saved_spawns(grove, ask.saved)
         the_plan = ask.saved
     else:
         requested = tuple((j.request, j.spawn.name, j.spawn.parent) for j in judged)
@@ -214,7 +215,7 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     if ask.take_requests and not ask.destroy:
         rep = ingest.process(root, base, opts, rts,
                              lambda g: status_rows(g, observe(root, g.name, g, rts)),
-                             only={j.request for j in judged},
+                             only={j.request: j.spawn for j in judged},
                              commit=True if ask.revision is not None else None)
         result.accepted, result.rejected = rep.accepted, rep.rejected
         if rep.accepted:  # the write-back is what runs: plan it again, same observation
@@ -251,9 +252,11 @@ def _spawn_reasons(judged: list[ingest.Judged]) -> dict[str, str]:
 def _replanned(confirmed: GrovePlan, again: GrovePlan) -> GrovePlan:
     """The plan after the confirmed spawns were written back: the same actions, or the
     confirmation no longer stands."""
-    def acts(p: GrovePlan) -> set[tuple[str, str]]:
-        return {(c.agent, c.action.word) for c in p.changes if c.action.is_change}
+    def acts(p: GrovePlan) -> set[tuple[str, str, str]]:
+        return {(c.agent, c.action.word, c.spec_hash) for c in p.changes
+                if c.action.is_change}
 
+    # a request rewritten after the plan was shown would run a child nobody confirmed
     if acts(again) - acts(confirmed):
         raise StalePlanError(f"grove {confirmed.grove}: the manifests changed while the "
                              "plan was confirmed; run it again")
@@ -359,6 +362,18 @@ def preflight(root: Path, grove: DesiredGrove, p: GrovePlan, rts: Runtimes) -> N
             fn = getattr(rt, check, None)
             if fn is not None:
                 fn(a)
+
+
+def _check_saved_spawns(grove: DesiredGrove, saved: GrovePlan) -> None:
+    """The children a saved plan takes in are still the ones it showed (a request can be
+    rewritten by its agent between plan and apply)."""
+    for c in saved.changes:
+        if c.agent in saved.spawn_agents and c.spec_hash:
+            a = grove.by_name.get(c.agent)
+            if a is None or a.spec_hash != c.spec_hash:
+                raise StalePlanError(f"agent {grove.name}/{c.agent}: saved plan is stale: "
+                                     "its spawn request changed or was withdrawn; run "
+                                     "engine plan again")
 
 
 def check_fresh(root: Path, grove: DesiredGrove, saved: GrovePlan) -> None:

@@ -218,6 +218,14 @@ def _delete(run: Run, change: Change) -> tuple[str, str]:
         ref = workspace.remove(run.root, run.grove.name, change.agent, rec.workspace,
                                run.root / rec.workdir, rec.branch, rec.base_commit,
                                tip) or ""
+    elif rec is not None and rec.pruned_at and rec.branch:
+        # pruned: no working copy, but its branch stayed (archived first if need be)
+        try:
+            tip = run.base()[1]
+        except EngineError:
+            tip = ""
+        ref = workspace.remove_branch(run.root, run.grove.name, change.agent, rec.branch,
+                                      rec.base_commit, tip) or ""
     elif rec is None:  # created, then the engine died before recording it: still ours
         found = workspace.orphan(run.root, run.grove.name, change.agent)
         if found is not None:

@@ -10,6 +10,7 @@ it becomes its rejection, and the other requests are still answered.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Mapping
@@ -78,13 +79,14 @@ def judge(root: Path, grove: DesiredGrove, opts: desired.Options) -> list[Judged
 
 
 def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtimes,
-            status_rows: object = None, only: set[str] | None = None,
+            status_rows: object = None, only: Mapping[str, writeback.Spawn] | None = None,
             commit: bool | None = None) -> Report:
     """Answer every pending request of `grove`. `status_rows(grove) -> list[dict]`
     answers StatusRequests (the caller has the observation at hand). `only`: the spawn
-    requests to take in (those a confirmed plan showed); other spawn requests that the gate
-    would accept stay pending for the next plan. `commit`: commit the write-back (default:
-    the grove's `writeBack.commit`)."""
+    requests to take in, each with the child a confirmed plan showed; a request the gate
+    would accept otherwise (not shown, or rewritten since: another child) stays pending
+    for the next plan, so nothing is written that was not confirmed. `commit`: commit the
+    write-back (default: the grove's `writeBack.commit`)."""
     reqs, bad = inbox.scan(root, grove.name)
     if only is not None:
         recorded_ids = writeback.recorded_requests(root, grove.name)
@@ -104,6 +106,11 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     for req in reqs:
         answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
     fresh = [s for s in gate.accepted if s.request not in recorded]
+    if only is not None:
+        unconfirmed = {s.request for s in fresh if s.request not in only
+                       or not _same_child(s, only[s.request])}
+        fresh = [s for s in fresh if s.request not in unconfirmed]
+        answers = [a for a in answers if a.request.id not in unconfirmed]
     writeback.append(root, grove.name, fresh,
                      grove.commit_spawns if commit is None else commit)
     failpoint("ingest-written")
@@ -119,6 +126,11 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
         else:
             report.other += 1
     return report
+
+
+def _same_child(a: writeback.Spawn, b: writeback.Spawn) -> bool:
+    """The same child, whenever it was judged (the time it was judged aside)."""
+    return dataclasses.replace(a, at="") == dataclasses.replace(b, at="")
 
 
 def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request) -> bool:

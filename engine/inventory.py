@@ -54,6 +54,15 @@ class Record:
     error: str = ""  # why the last create/start failed ("" when it did not)
     pruned_at: str = ""  # `engine prune --finished`: the ended agent's workspace is gone
 
+    def pruned_phase(self) -> str | None:
+        """The phase an agent `engine prune --finished` removed ended in (Succeeded or
+        Failed); None when this is not such an agent's record. Prune tells the parent
+        first, so the `notified` mark ("<phase>:<restarts>") holds it."""
+        if not self.pruned_at:
+            return None
+        phase = self.notified.partition(":")[0]
+        return phase if phase in ("Succeeded", "Failed") else None
+
 
 @dataclass
 class Inventory:

@@ -109,6 +109,8 @@ def _phase(a: DesiredAgent | None, rec: Record | None, obs: Observed | None
         return obs.phase, obs.reason or (rec.error if rec and obs.phase == FAILED else "")
     if rec is not None and rec.error:
         return FAILED, rec.error
+    if rec is not None and (ended := rec.pruned_phase()):
+        return ended, f"pruned {rec.pruned_at}"
     if a is None:
         return "Orphaned", ""
     return runtimes.PENDING, ("waiting for " + ", ".join(a.depends_on) if a.depends_on

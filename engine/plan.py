@@ -161,14 +161,8 @@ def _changed_fields(old_settings: str, agent: DesiredAgent, in_place: bool) -> l
 
 
 def pruned_phase(rec: Record | None) -> str | None:
-    """The phase an agent that `engine prune --finished` removed ended in (Succeeded or
-    Failed); None when `rec` is not such an agent's. A pruned record keeps its spec hash,
-    has `pruned_at` set, no working copy, and the phase in its `notified` mark
-    ("<phase>:<restarts>"): prune tells the parent first, so it is the last one reported."""
-    if rec is None or not rec.pruned_at:
-        return None
-    phase = rec.notified.partition(":")[0]
-    return phase if phase in (SUCCEEDED, FAILED) else None
+    """The phase a pruned agent ended in (`Record.pruned_phase`); None for any other."""
+    return rec.pruned_phase() if rec is not None else None
 
 
 def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
@@ -189,6 +183,15 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
         failed = [d for d in unmet if (phase_of.get(d) or ended[d]) == FAILED]
         if failed:
             return mk(Action.WAIT, f"blocked: dependency {failed[0]} failed", waits_for=unmet)
+        parent = a.spawned_by
+        if parent and phase_of.get(parent) is None \
+                and pruned_phase(inv.agents.get(parent)) is None:
+            # a child starts once its parent has (the parent waits on its dependencies)
+            if rec is not None and rec.pending and parent not in creating:
+                return mk(Action.WAIT, f"pending: waits for its parent {parent} to start",
+                          waits_for=(*unmet, parent))
+            return mk(Action.CREATE, (spawned or "new agent") + f"; starts after its "
+                      f"parent {parent} starts", waits_for=(*unmet, parent))
         if unmet and rec is not None and rec.pending and not (set(unmet) & creating):
             return mk(Action.WAIT, f"pending: waits for {', '.join(unmet)} to succeed",
                       waits_for=unmet)
@@ -247,7 +250,8 @@ def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | No
                     (spawned or {}).get(name, ""))
         if c.action in (Action.CREATE, Action.REPLACE, Action.RESTART):
             creating.add(name)
-            phase_of[name] = RUNNING
+            if not c.waits_for:  # started now (a create with waits_for is only recorded)
+                phase_of[name] = RUNNING
         changes.append(c)
     changes = _deletes(grove, actual) + changes
     return GrovePlan(grove.name, grove.manifest_digest, inv.lineage, inv.serial,

@@ -308,6 +308,20 @@ def remove(root: Path, grove: str, agent: str, workspace_mode: str, workdir: Pat
     return ref
 
 
+def remove_branch(root: Path, grove: str, agent: str, branch: str, base: str,
+                  tip: str = "") -> str | None:
+    """Archive what only `branch` holds, then delete it: for an agent without a working
+    copy whose branch stayed (pruned, then deleted or destroyed). Returns the archive ref
+    (None when nothing needed saving); raises, having deleted nothing, when it cannot
+    be saved."""
+    if not branch or not _branch_exists(root, branch):
+        return None
+    ref = archive_mod.archive_branch(root, grove, agent, branch,
+                                     _archive_base(root, base, tip))
+    git(root, "branch", "-D", branch)
+    return ref
+
+
 def _rmtree(path: Path) -> None:
     """Remove a workspace the agent shaped: fd-based, never following a symlink inside;
     a tree deeper than Python's recursion goes to `rm -rf`, which walks it iteratively

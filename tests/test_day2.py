@@ -184,3 +184,25 @@ def test_bad_input_is_one_line(repo: Path, engine) -> None:  # type: ignore[no-u
         one_line_error(engine(cmd, "r"), "agent d2/r: not started yet")
     res = engine("resume", "r", "--task", " ")
     assert res.code == 2 and "Traceback" not in res.err, res
+
+
+def test_a_link_where_the_home_goes_is_never_followed(repo: Path, runtime: str, engine,
+                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if runtime == "local" and os.geteuid() != 0:
+        pytest.skip("a local agent has a home of its own only when the engine is root")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("mine\n")
+    home = repo / ".engine/home/d2/a"
+    home.parent.mkdir(parents=True)
+    home.symlink_to(elsewhere)
+    grove(repo, runtime, MARKS.format(word="x"))
+    res = engine("apply", "--auto-approve")
+    assert res.code == 1 and "is not a directory" in res.out, res
+    st = status(engine, "a")
+    assert st["phase"] == "Failed" and "is not a directory" in st["reason"], st
+    assert engine("destroy", "--auto-approve").code == 0
+    assert not os.path.lexists(home)  # the link went, not what it points to
+    assert [p.name for p in elsewhere.iterdir()] == ["keep"]
+    assert (elsewhere / "keep").read_text() == "mine\n"
+    assert elsewhere.stat().st_uid == os.geteuid()

@@ -191,7 +191,8 @@ def test_mkdocs_nav_lists_the_pages() -> None:
     pages = [next(iter(item.values())) for item in cfg["nav"]]
     assert pages == ["index.md", "getting-started.md", "concepts.md", "configuration.md",
                      "reference.md",
-                     "commands.md", "runtimes.md", "harnesses.md", "security.md", "ci.md",
+                     "commands.md", "runtimes.md", "controller.md", "operations.md",
+                     "harnesses.md", "security.md", "ci.md",
                      "editors.md", "kubernetes.md", "scaling.md", "troubleshooting.md"]
 
 

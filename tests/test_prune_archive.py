@@ -307,3 +307,28 @@ def test_prune_tells_the_parent_before_the_child_goes(repo: Path, engine) -> Non
     assert record(repo, "kid")["notified"] == "Succeeded:0"
     assert engine("plan", "--detailed-exitcode").code == 0
     assert engine("destroy", "--auto-approve").code == 0
+
+
+def test_a_pruned_agents_branch_is_archived_before_it_is_deleted(repo: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    """What deleting a pruned agent (no working copy, branch kept) does to its branch:
+    `workspace.remove_branch` archives only commits no archive holds yet."""
+    from engine import workspace
+
+    grove(repo, "    - name: a\n      task: echo one > F && git add F && git commit -qm one\n"
+                "    - name: b\n      task: echo b > B && git add B && git commit -qm b\n")
+    assert engine("apply", "--auto-approve").code == 0
+    wait_ended(engine, "a", "b")
+    assert engine("prune", "--finished", "--auto-approve").code == 0
+    base = git(repo, "rev-parse", "main")
+    # a's branch holds nothing its archive does not: deleted, nothing archived again
+    assert workspace.remove_branch(repo, "demo", "a", "engine/demo/a", base) is None
+    assert git(repo, "branch", "--list", "engine/demo/a") == ""
+    # b's branch moved on after the prune (a commit made by hand): kept in a new archive
+    tip = git(repo, "rev-parse", "engine/demo/b")
+    extra = git(repo, "commit-tree", f"{tip}^{{tree}}", "-p", tip, "-m", "by hand")
+    git(repo, "update-ref", "refs/heads/engine/demo/b", extra)
+    ref = workspace.remove_branch(repo, "demo", "b", "engine/demo/b", base)
+    assert ref == "refs/engine/archive/demo/b/2"
+    assert git(repo, "log", "-1", "--format=%s", f"{ref}^") == "by hand"
+    assert git(repo, "branch", "--list", "engine/demo/b") == ""
+    assert workspace.remove_branch(repo, "demo", "b", "engine/demo/b", base) is None

@@ -34,6 +34,11 @@ def source_notes(root: Path, p: GrovePlan, base_ref: str) -> list[str]:
     if converge.manifests_modified(root, p.grove):
         out.append(f"grove {p.grove}: groves/{p.grove}/ has changes that are not committed; "
                    "this is the working tree's plan (a controller converges only commits)")
+        ctl = inventory.read_lock(root / ".engine", f"{p.grove}.controller")
+        if ctl is not None:
+            out.append(f"grove {p.grove}: a controller runs for it (engine watch, pid "
+                       f"{ctl.pid}): it converges commits and will undo what is applied "
+                       "here from uncommitted manifests; commit them")
     if any(c.action in (Action.CREATE, Action.REPLACE) for c in p.changes):
         from engine import workspace
 

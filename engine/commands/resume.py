@@ -2,7 +2,7 @@
 started again with the harness's resume arguments and, with --task, TEXT as the next
 message in place of its task. A harness without `resume:` cannot, and says so.
 
-The pass is `restart.restart_one`'s; the text travels to the runtime as `Launch.task`.
+The pass is `_agent.restart_one`'s; the text travels to the runtime as `Launch.task`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from engine.commands import restart
+from engine.commands import _agent
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, UsageError
 from engine.inventory import Record
@@ -23,7 +23,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         description="Start an agent again with its harness's resume arguments, so the "
         "harness continues its previous session (kept in the agent's home). With --task, "
         "TEXT is passed where the task goes: the next message of that session.")
-    restart.add_args(p)
+    _agent.add_args(p)
     p.add_argument("--task", metavar="TEXT", help="the next message, in place of the "
                    "agent's task; '-' reads it from stdin")
     return p
@@ -44,4 +44,4 @@ def run(args: argparse.Namespace) -> int:
             raise EngineError(f"harness {a.harness} takes no task on its command line "
                               "(taskArg: none): --task cannot be passed")
 
-    return restart.restart_one(args, "resume", task, check)
+    return _agent.restart_one(args, "resume", task, check)

@@ -2,7 +2,7 @@
 
 The agent is no longer stopped: `engine apply` and the controller look after it again. An
 agent that ended without being stopped is started again as well (as `engine restart`
-would); one that is running is left alone. The pass is `restart.restart_one`'s.
+would); one that is running is left alone. The pass is `_agent.restart_one`'s.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from engine import runtimes, ui
-from engine.commands import _common, restart
+from engine.commands import _agent, _common
 from engine.errors import EngineError
 
 
@@ -22,13 +22,13 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "resuming its harness's session when the harness has a resume flag; from then on "
         "engine apply and the controller look after it again. An agent that is running "
         "is left alone.")
-    restart.add_args(p)
+    _agent.add_args(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
-    g, a, rec = restart.target(r, args)
+    g, a, rec = _agent.target(r, args)
     if rec is not None and not rec.stopped:
         try:
             obs = runtimes.get(rec.runtime, r.root, rec.host or None).observe(g.name)
@@ -39,4 +39,4 @@ def run(args: argparse.Namespace) -> int:
             ui.out(f"{g.name}/{a.name}: already running (engine restart {a.name} starts it "
                    "again)")
             return 0
-    return restart.restart_one(args, "start")
+    return _agent.restart_one(args, "start")

@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from engine import events, inventory, runtimes, ui
-from engine.commands import _common, restart
+from engine.commands import _agent, _common
 from engine.errors import EngineError, UsageError
 
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
         description="End an agent's process or container, keeping its workspace, branch, "
         "home and record. It stays stopped across engine apply and the controller until "
         "engine start AGENT.")
-    restart.add_args(p)
+    _agent.add_args(p)
     return p
 
 

@@ -100,7 +100,11 @@ def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int) -> 
     with contextlib.suppress(FileExistsError):
         home.mkdir(mode=0o700)
         made = True
-    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:  # a link or a file where the home goes: not made by the engine
+        raise EngineError(f"agent {grove}/{agent}: its home {home} is not a directory "
+                          f"({e.strerror}); refused") from None
     try:
         st = os.fstat(fd)
         if os.geteuid() == 0:
