@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine import graph, harnesses, layers
+from engine import graph, harnesses, layers, paths
 from engine.errors import Diagnostic
 from engine.manifest import Entry, GroveSource
 
@@ -79,7 +79,7 @@ def _guarded_dirs(root: Path) -> list[tuple[str, Path]]:
     """The repository's `.engine` and git directories: `.git`, and when `.git` is a file
     (a worktree), the directory it names and that one's common directory."""
     dot_git = root / ".git"
-    out = [(".git", dot_git.resolve()), (".engine", (root / ".engine").resolve())]
+    out = [(".git", dot_git.resolve()), (paths.STATE_DIR, paths.state(root).resolve())]
     try:
         first = dot_git.read_text(errors="replace").splitlines()[0] if dot_git.is_file() \
             else ""

@@ -42,7 +42,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from engine import converge, desired, events, executor, inventory, manifest, plan
+from engine import converge, desired, events, executor, inventory, manifest, paths, plan
 from engine.errors import EngineError, InvalidManifests, LockedError
 from engine.observe import Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
@@ -50,6 +50,7 @@ from engine.runtimes import FAILED, SUCCEEDED
 Log = Callable[[str], None]
 GRACE = 0.5  # seconds from SIGINT/SIGTERM to the forced exit, if the unwinding is not done
 BUSY_RETRY = 0.1  # seconds between attempts while another operation holds a grove's lock
+WAKE_BURST, WAKE_RATE = 4.0, 2.0  # event-woken passes: a burst of 4, then 2 a second
 
 
 class Stopped(BaseException):
@@ -89,6 +90,8 @@ class Controller:
     timed_out: bool = False
     lost: str = ""  # why the controller stopped acting ("" while it may)
     _busy: dict[str, str] = field(default_factory=dict)  # grove -> holder last reported
+    _tokens: float = 4.0  # event-woken passes that may go at once (see _throttle)
+    _last: float = field(default_factory=time.monotonic)
 
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
@@ -136,12 +139,26 @@ class Controller:
             if deadline:
                 pause = max(0.0, min(pause, deadline - time.monotonic()))
             if self.wake.wait(pause):
+                self._throttle()
                 time.sleep(self.wopts.debounce)
+
+    def _throttle(self) -> None:
+        """Passes woken by events: a burst goes at once, a storm (an agent writing into
+        its inbox in a loop) gets at most WAKE_RATE passes a second (a token bucket)."""
+        now = time.monotonic()
+        self._tokens = min(WAKE_BURST, self._tokens + (now - self._last) * WAKE_RATE)
+        self._last = now
+        if self._tokens < 1:
+            time.sleep((1 - self._tokens) / WAKE_RATE)
+            self._last = time.monotonic()
+            self._tokens = 0.0
+        else:
+            self._tokens -= 1
 
     def pass_once(self, name: str, rts: Runtimes) -> bool:
         """One pass over grove `name`; False when another operation held its lock."""
         try:
-            with inventory.locked(self.root / ".engine", name, "watch") as info:
+            with inventory.locked(paths.state(self.root), name, "watch") as info:
                 self.locks[name] = info.id
                 try:
                     self._pass(name, rts, info.id)
@@ -229,7 +246,7 @@ class Controller:
         time.sleep(GRACE)
         for g, lock_id in list(self.locks.items()):
             with contextlib.suppress(EngineError, OSError):
-                inventory.release(self.root / ".engine", g, lock_id)
+                inventory.release(paths.state(self.root), g, lock_id)
         with contextlib.suppress(Exception):
             self.log("stopped (forced)")
             sys.stderr.flush()
@@ -238,11 +255,11 @@ class Controller:
     @contextlib.contextmanager
     def _observer(self) -> Iterator[None]:
         obs: Any = Observer()
-        handler = _Wake(self.wake)
+        handler = _Wake(self.wake, self.root)
         dirs: list[tuple[Path, bool]] = []
         for g in self.groves:
-            dirs += [(self.root / ".engine" / "inbox" / g, True),
-                     (self.root / ".engine" / "run" / g, True)]
+            dirs += [(paths.state(self.root) / "inbox" / g, True),
+                     (paths.state(self.root) / "run" / g, True)]
             if self.wopts.revision is None:
                 dirs.append((self.root / manifest.GROVES_DIR / g, True))
         git_dir = self.root / ".git"
@@ -266,11 +283,11 @@ DONE = (SUCCEEDED, FAILED, "Blocked", "Stopped")
 def _sole_controller(root: Path, grove: str) -> Iterator[None]:
     """The mark of the grove's one controller, held for its life (a lock of its own: the
     grove's lock is taken per pass). A second `engine watch` is refused, naming the first."""
-    mark = inventory.locked(root / ".engine", f"{grove}.controller", "watch")
+    mark = inventory.locked(paths.state(root), f"{grove}.controller", "watch")
     try:
         mark.__enter__()
     except LockedError as e:
-        holder = inventory.read_lock(root / ".engine", f"{grove}.controller")
+        holder = inventory.read_lock(paths.state(root), f"{grove}.controller")
         who = f" (pid {holder.pid} on {holder.host}, since {holder.created})" if holder \
             else ""
         raise EngineError(f"grove {grove} already has a controller: engine watch{who}",
@@ -313,19 +330,35 @@ def terminal_phases(grove: desired.DesiredGrove, actual: Any, the_plan: plan.Gro
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, flag: threading.Event) -> None:
+    """Wakes the controller for what changes a pass: a request arriving in an inbox (the
+    rename of the finished `req-*.json`), a local agent's exit files, a branch moving,
+    and in working-tree mode a manifest saved. Anything else an agent writes into the
+    watched directories wakes nothing."""
+
+    def __init__(self, flag: threading.Event, root: Path) -> None:
         self.flag = flag
+        state = paths.state(root)
+        self.inbox, self.run = f"{state}/inbox/", f"{state}/run/"
+        self.git, self.groves = f"{root}/.git/", f"{root}/{manifest.GROVES_DIR}/"
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        # a finished request arrives as a rename of its temporary file: look at the target
+        if event.event_type in ("opened", "closed_no_write"):
+            return
         path = str(getattr(event, "dest_path", "") or event.src_path)
+        if self.wakes(path):
+            self.flag.set()
+
+    def wakes(self, path: str) -> bool:
         base = path.rsplit("/", 1)[-1]
-        if "/.req-" in path or path.endswith((".tmp", ".lock")) or base.startswith(
-                ("res-", "done-", "bad-", "notify-", "index", "FETCH_HEAD", "ORIG_HEAD")) \
-                or "/objects/" in path or "/logs/" in path or event.event_type in (
-                    "opened", "closed_no_write"):
-            return  # our own writes, half-written requests, git's own bookkeeping
-        self.flag.set()
+        if base.endswith(".lock"):
+            return False
+        if path.startswith(self.inbox):
+            return base.startswith("req-") and base.endswith(".json")
+        if path.startswith(self.run):
+            return base in ("exit", "reason")
+        if path.startswith(self.git):
+            return "/refs/heads/" in path or base in ("HEAD", "packed-refs")
+        return path.startswith(self.groves) and base.endswith(".yaml")
 
 
 class _LogHooks:

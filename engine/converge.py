@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import desired, events, executor, ingest, inventory, manifest, plan
+from engine import desired, events, executor, ingest, inventory, manifest, paths, plan
 from engine.actual import Actual
 from engine.desired import DesiredGrove
 from engine.errors import EngineError, InvalidManifests, StalePlanError
@@ -117,10 +117,17 @@ def load_source(root: Path, name: str, revision: str | None
     return manifest.load_grove(directory, root, texts=files), revisions.digest(files)
 
 
+def _source(root: Path, name: str, revision: str | None
+            ) -> Callable[[], manifest.GroveSource]:
+    return lambda: load_source(root, name, revision)[0]
+
+
 def _spawned_on_disk(root: Path, name: str) -> str | None:
+    """spawned.yaml as the engine last wrote it: its own copy under `.engine/state/`, not
+    the checkout's file (which an agent with a shared workspace could append to)."""
     from engine import writeback, yamlio
 
-    path = writeback.spawned_path(root, name)
+    path = writeback.ledger_path(root, name)
     try:
         return yamlio.read_regular(path, yamlio.MAX_FILE_BYTES, follow_symlinks=False
                                    ).decode("utf-8")
@@ -149,7 +156,7 @@ def sync_remote_inboxes(root: Path, name: str, rts: Runtimes, log: Callable[[str
     hand their requests over the runtime's API (only running ones)."""
     from engine import inbox
 
-    inv = inventory.load(root / ".engine", name)
+    inv = inventory.load(paths.state(root), name)
     keys = sorted({(r.runtime, r.host) for r in inv.agents.values()
                    if r.runtime == "kubernetes"})
     for key in keys:
@@ -184,10 +191,12 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
         and ask.revision is None else load_desired(root, name, opts, ask.revision)
     # 3. requests: judged, not yet answered
     judged: list[ingest.Judged] = []
+    source = _source(root, name, ask.revision)  # the gate judges by the plan's manifests
     if ask.take_requests and not ask.destroy and ask.saved is None:
-        judged = ingest.judge(root, base, opts)
+        judged = ingest.judge(root, base, opts, source)
     elif ask.saved is not None and ask.saved.spawns:
-        judged = [j for j in ingest.judge(root, base, opts) if j.request in ask.saved.spawns]
+        judged = [j for j in ingest.judge(root, base, opts, source)
+                  if j.request in ask.saved.spawns]
     grove = load_desired(root, name, opts, ask.revision, judged) if judged else base
     # 4. observe
     actual = observe(root, name, grove, rts)
@@ -208,17 +217,19 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     if the_plan.has_changes and ask.confirm is not None and not ask.confirm(the_plan):
         result.cancelled = True
         return result
-    if ask.lock_id and not inventory.held(root / ".engine", name, ask.lock_id):
+    if ask.lock_id and not inventory.held(paths.state(root), name, ask.lock_id):
         raise LostLock(f"grove {name}: this operation's lock was removed (force-unlock?); "
                        "stopping without acting")
     # 7. execute: requests first (spawns written back and answered), then the plan
     if ask.take_requests and not ask.destroy:
         rep = ingest.process(root, base, opts, rts,
                              lambda g: status_rows(g, observe(root, g.name, g, rts)),
-                             only={j.request: j.spawn for j in judged},
-                             commit=True if ask.revision is not None else None)
+                             only={j.key: j.spawn for j in judged},
+                             commit=True if ask.revision is not None else None,
+                             source=source)
         result.accepted, result.rejected = rep.accepted, rep.rejected
-        if rep.accepted:  # the write-back is what runs: plan it again, same observation
+        if judged:  # what was written back is what runs (a child shown but not taken in
+            # stays out): plan again from the manifests, same observation
             grove = load_desired(root, name, opts, ask.revision)
             the_plan = _replanned(the_plan, shape(plan.plan_grove(grove, actual), grove,
                                                   actual, ask))
@@ -378,7 +389,7 @@ def _check_saved_spawns(grove: DesiredGrove, saved: GrovePlan) -> None:
 
 def check_fresh(root: Path, grove: DesiredGrove, saved: GrovePlan) -> None:
     """Refuse a saved plan when the manifests or the inventory moved since it was made."""
-    inv = inventory.load(root / ".engine", grove.name)
+    inv = inventory.load(paths.state(root), grove.name)
     if saved.manifest_digest != grove.manifest_digest:
         raise StalePlanError(f"grove {grove.name}: saved plan is stale: the manifests changed "
                              "since it was made; run engine plan again")
@@ -436,10 +447,10 @@ def manifests_modified(root: Path, name: str) -> bool:
 
 def record_revision(root: Path, name: str, commit: str) -> None:
     """Remember which commit the grove was last converged from ("" = working tree)."""
-    inv = inventory.load(root / ".engine", name)
+    inv = inventory.load(paths.state(root), name)
     if inv.revision != commit and (inv.agents or commit):
         inv.revision = commit
-        inventory.save(root / ".engine", inv)
+        inventory.save(paths.state(root), inv)
 
 
 def event(root: Path, grove: str, kind: str, reason: str) -> None:

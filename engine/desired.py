@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import checks, graph, harnesses, layers, secrets
+from engine import checks, graph, harnesses, layers, paths, secrets
 from engine import egress as egress_names
 from engine.errors import Diagnostic, EngineError, InvalidManifests
 from engine.manifest import Entry, GroveSource
@@ -105,7 +105,7 @@ class DesiredAgent:
 
     @property
     def branch(self) -> str:
-        return f"engine/{self.grove}/{self.name}"
+        return paths.branch(self.grove, self.name)
 
     def argv(self, resume: bool = False, task: str | None = None) -> tuple[str, ...]:
         """What a runtime runs: the command; on a restart the resume argv when the harness

@@ -11,19 +11,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine import paths
 from engine.fsutil import flock
 from engine.inventory import now
 
 
 def path_for(root: Path) -> Path:
-    return root / ".engine" / "events.jsonl"
+    return paths.state(root) / "events.jsonl"
 
 
 def record(root: Path, event: dict[str, Any]) -> None:
     line = json.dumps({"time": now(), **event}, sort_keys=True) + "\n"
     path = path_for(root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with flock(root / ".engine" / "locks" / "events.lock"):
+    with flock(paths.state(root) / "locks" / "events.lock"):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from engine import graph, inventory, secrets, workspace
+from engine import graph, inventory, paths, secrets, workspace
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent, DesiredGrove
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import failpoint
@@ -30,6 +30,7 @@ from engine.inventory import Inventory, Record
 from engine.observe import Runtimes
 from engine.plan import Action, Change, GrovePlan
 from engine.runtimes import Launch
+from engine.trust.reader import one_line
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -100,7 +101,7 @@ class Run:
 
     @property
     def state_dir(self) -> Path:
-        return self.root / ".engine"
+        return paths.state(self.root)
 
     def record(self, name: str, rec: Record | None) -> None:
         with self.lock:
@@ -122,7 +123,7 @@ def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
     # the path is the same: a 0600 file in the agent's own home, never its environment)
     values |= {f"{HOME_FILE_PREFIX}{i}": content
                for i, (_, content) in enumerate(agent.home_files)}
-    inbox = root / ".engine" / "inbox" / agent.grove / agent.name
+    inbox = paths.state(root) / "inbox" / agent.grove / agent.name
     inbox.mkdir(parents=True, exist_ok=True)
     # commits made by an agent are attributed to it (the profile's env may override)
     ident = {"GIT_AUTHOR_NAME": f"{agent.name} ({agent.grove})",
@@ -134,8 +135,8 @@ def launch_for(root: Path, agent: DesiredAgent, ws: workspace.Workspace,
                 "ENGINE_INBOX": str(inbox), "ENGINE_PARENT": agent.spawned_by or "",
                 "ENGINE_BRANCH": ws.branch, "ENGINE_PROFILE": agent.profile})
     return Launch(agent=agent, repo_root=root, workdir=ws.workdir, git_paths=ws.git_paths,
-                  run_dir=root / ".engine" / "run" / agent.grove / agent.name, inbox=inbox,
-                  log_file=root / ".engine" / "logs" / agent.grove / f"{agent.name}.log",
+                  run_dir=paths.state(root) / "run" / agent.grove / agent.name, inbox=inbox,
+                  log_file=paths.state(root) / "logs" / agent.grove / f"{agent.name}.log",
                   client=client_path(), env=env, secrets=values, resume=resume, task=task)
 
 
@@ -184,9 +185,10 @@ def _write_instructions(run: Run, a: DesiredAgent, ws: workspace.Workspace) -> N
 
 
 def _why(e: BaseException) -> str:
+    """One line for a failure (it can quote an agent's file names or git's stderr)."""
     if isinstance(e, EngineError):
-        return e.summary
-    return f"internal error: {e.__class__.__name__}: {str(e)[:200]}"
+        return one_line(e.summary, 1000)
+    return one_line(f"internal error: {e.__class__.__name__}: {str(e)[:200]}", 1000)
 
 
 def _save_record(run: Run, a: DesiredAgent, ws: workspace.Workspace | None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import events
+from engine import events, paths
 from engine.policy import NAME as NAME  # NAME and Gate moved to engine.policy; re-exported
 from engine.policy import Gate as Gate  # for callers not moved yet (commands/spawn)
 from engine.trust import reader
@@ -57,7 +57,7 @@ class Answer:
 
 def inbox_dir(root: Path, grove: str, agent: str) -> Path:
     """The host directory of `agent`'s inbox (mounted into its sandbox: agent-writable)."""
-    return root / ".engine" / "inbox" / grove / agent
+    return paths.state(root) / "inbox" / grove / agent
 
 
 def scan(root: Path, grove: str) -> tuple[list[Request], list[Answer]]:
@@ -67,7 +67,7 @@ def scan(root: Path, grove: str) -> tuple[list[Request], list[Answer]]:
     entry named `req-*.json` is read through the trust reader: a symlink, FIFO, device,
     directory, oversized or undecodable one is refused without being followed or blocked
     on, and comes back as a rejection (its answer names why)."""
-    base = root / ".engine" / "inbox" / grove
+    base = paths.state(root) / "inbox" / grove
     reqs: list[Request] = []
     bad: list[Answer] = []
     for agent in reader.subdirs(base):
@@ -124,7 +124,7 @@ def answer(root: Path, grove: str, ans: Answer) -> None:
     or `bad-<id>.json` for one that could not be read), in that order. Neither step follows
     a symlink, and neither failing stops the pass: a request is never read twice."""
     req = ans.request
-    base = root / ".engine" / "inbox" / grove
+    base = paths.state(root) / "inbox" / grove
     reason = reader.one_line(ans.reason, MAX_REASON)
     doc = {"id": req.id, "status": ans.status, "reason": reason, "child": ans.child,
            "data": ans.data}
@@ -178,7 +178,7 @@ def clean(root: Path, grove: str, agent: str | None, older_than: float = ANSWER_
     no FIFO is waited on. The age is the entry's change time (ctime), which an agent cannot
     set back, or its mtime if later. Anything that cannot be removed is left for the next
     time."""
-    base = root / ".engine" / "inbox" / grove
+    base = paths.state(root) / "inbox" / grove
     names = [agent] if agent is not None else reader.subdirs(base)
     cutoff = time.time() - older_than
     removed = 0
@@ -248,7 +248,7 @@ def remove_if_empty(root: Path, grove: str, agent: str) -> bool:
     if not NAME.fullmatch(agent):
         return False
     try:
-        with reader.opendir(root / ".engine" / "inbox", (grove,)) as d:
+        with reader.opendir(paths.state(root) / "inbox", (grove,)) as d:
             st = os.stat(agent, dir_fd=d, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
                 return False

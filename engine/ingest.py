@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import desired, events, inbox, inventory, writeback
+from engine import desired, events, inbox, inventory, paths, writeback
 from engine.actual import Actual
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint
 from engine.inbox import Answer, Request
+from engine.manifest import GroveSource
 from engine.observe import Runtimes
 from engine.runtimes import FAILED, SUCCEEDED
 from engine.trust import reader
@@ -53,8 +54,13 @@ class Judged:
     request: str
     spawn: writeback.Spawn
 
+    @property
+    def key(self) -> str:
+        return f"{self.spawn.parent}/{self.request}"
 
-def judge(root: Path, grove: DesiredGrove, opts: desired.Options) -> list[Judged]:
+
+def judge(root: Path, grove: DesiredGrove, opts: desired.Options,
+          source: Callable[[], GroveSource] | None = None) -> list[Judged]:
     """The spawns that pending requests would add, judged by the gate as `process` would,
     with nothing written or answered (`plan` shows them; a cancelled apply leaves them)."""
     reqs, _ = inbox.scan(root, grove.name)
@@ -64,11 +70,11 @@ def judge(root: Path, grove: DesiredGrove, opts: desired.Options) -> list[Judged
     recorded = writeback.recorded_requests(root, grove.name)
     from engine import policy
 
-    gate = policy.Gate(root, grove, opts)
+    gate = policy.Gate(root, grove, opts, source)
     out = []
     for req in spawns:
-        if req.id in recorded:
-            continue
+        if req.id in recorded or _answered(root, grove.name, req):
+            continue  # taken in before, or answered: `process` replays its answer
         try:
             out.append(Judged(req.id, gate.check(req)))
         except EngineError:
@@ -80,7 +86,8 @@ def judge(root: Path, grove: DesiredGrove, opts: desired.Options) -> list[Judged
 
 def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtimes,
             status_rows: object = None, only: Mapping[str, writeback.Spawn] | None = None,
-            commit: bool | None = None) -> Report:
+            commit: bool | None = None,
+            source: Callable[[], GroveSource] | None = None) -> Report:
     """Answer every pending request of `grove`. `status_rows(grove) -> list[dict]`
     answers StatusRequests (the caller has the observation at hand). `only`: the spawn
     requests to take in, each with the child a confirmed plan showed; a request the gate
@@ -90,8 +97,9 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     reqs, bad = inbox.scan(root, grove.name)
     if only is not None:
         recorded_ids = writeback.recorded_requests(root, grove.name)
-        reqs = [r for r in reqs if r.kind != "SpawnRequest" or r.id in only
-                or r.id in recorded_ids or not _acceptable(root, grove, opts, r)]
+        reqs = [r for r in reqs if r.kind != "SpawnRequest" or f"{r.agent}/{r.id}" in only
+                or r.id in recorded_ids or _answered(root, grove.name, r)
+                or not _acceptable(root, grove, opts, r, source)]
     report = Report()
     for ans in bad:
         inbox.answer(root, grove.name, ans)
@@ -101,14 +109,14 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     recorded = writeback.recorded_requests(root, grove.name)
     from engine import policy  # only a pass with requests needs the gate
 
-    gate = policy.Gate(root, grove, opts)
+    gate = policy.Gate(root, grove, opts, source)
     answers: list[Answer] = []
     for req in reqs:
         answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
     fresh = [s for s in gate.accepted if s.request not in recorded]
     if only is not None:
-        unconfirmed = {s.request for s in fresh if s.request not in only
-                       or not _same_child(s, only[s.request])}
+        unconfirmed = {s.request for s in fresh if f"{s.parent}/{s.request}" not in only
+                       or not _same_child(s, only[f"{s.parent}/{s.request}"])}
         fresh = [s for s in fresh if s.request not in unconfirmed]
         answers = [a for a in answers if a.request.id not in unconfirmed]
     writeback.append(root, grove.name, fresh,
@@ -133,13 +141,20 @@ def _same_child(a: writeback.Spawn, b: writeback.Spawn) -> bool:
     return dataclasses.replace(a, at="") == dataclasses.replace(b, at="")
 
 
-def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request) -> bool:
+def _answered(root: Path, grove: str, req: Request) -> bool:
+    """Whether an answer file sits beside the request (written before a crash, or planted
+    by the agent: either way `process` replays it and takes nothing in)."""
+    return f"res-{req.id}.json" in reader.entries(paths.inbox(root, grove), req.agent)
+
+
+def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request,
+                source: Callable[[], GroveSource] | None = None) -> bool:
     """Whether the gate would accept `req` now (a request a plan did not show yet: it
     waits for the next plan, unless it is refused anyway, which is answered now)."""
     from engine import policy
 
     try:
-        policy.Gate(root, grove, opts).check(req)
+        policy.Gate(root, grove, opts, source).check(req)
     except Exception:  # refused: answer it now
         return False
     return True
@@ -177,7 +192,7 @@ def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer 
     aside), or None. The file is in the agent's inbox, so only its reason is taken from it:
     a spawn was accepted exactly when spawned.yaml records it."""
     try:
-        old = reader.read_json(root / ".engine" / "inbox" / grove,
+        old = reader.read_json(paths.state(root) / "inbox" / grove,
                                f"{req.agent}/res-{req.id}.json", inbox.MAX_REQUEST_BYTES)
     except reader.Untrusted:  # none (or not a file the engine wrote): answer afresh
         return None
@@ -188,14 +203,16 @@ def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer 
         status = "accepted" if req.id in recorded else "rejected"
     elif status not in REPLAY_STATUSES:
         status = "rejected"
-    child = str(req.spec.get("name", "")) if status == "accepted" else ""
+    child = reader.one_line(str(req.spec.get("name", "")), 64) if status == "accepted" \
+        else ""
     return Answer(req, status, reader.one_line(str(old.get("reason", "")),
                                                inbox.MAX_REASON), child)
 
 
 def _spawn(gate: policy.Gate, req: Request, recorded: set[str]) -> Answer:
     if req.id in recorded:  # written back before a crash: accepted exactly once
-        return Answer(req, "accepted", child=str(req.spec.get("name", "")))
+        return Answer(req, "accepted", child=reader.one_line(str(req.spec.get("name", "")),
+                                                              64))
     try:
         spawn = gate.check(req)
     except EngineError as e:
@@ -226,13 +243,13 @@ def _done(root: Path, grove: DesiredGrove, req: Request) -> Answer:
 
 
 def result_path(root: Path, grove: str, agent: str) -> Path:
-    return root / ".engine" / "results" / grove / f"{agent}.txt"
+    return paths.state(root) / "results" / grove / f"{agent}.txt"
 
 
 def read_result(root: Path, grove: str, agent: str) -> str:
     """The result `agent` reported, read as untrusted text ("" when there is none)."""
     try:
-        return reader.read_text(root / ".engine" / "results" / grove, f"{agent}.txt",
+        return reader.read_text(paths.state(root) / "results" / grove, f"{agent}.txt",
                                 RESULT_BYTES)
     except reader.NotFound:
         return ""
@@ -261,14 +278,14 @@ def notify_parents(root: Path, grove: DesiredGrove, actual: Actual) -> int:
         rec.notified = mark
         sent += 1
     if sent:
-        inventory.save(root / ".engine", inv)
+        inventory.save(paths.state(root), inv)
     return sent
 
 
 def _pending(root: Path, grove: str, agent: str) -> bool:
     """Whether `agent` left requests not ingested yet (the next pass takes them)."""
     return any(n.startswith("req-") and n.endswith(".json")
-               for n in reader.entries(root / ".engine" / "inbox" / grove, agent))
+               for n in reader.entries(paths.state(root) / "inbox" / grove, agent))
 
 
 def _deliver(root: Path, grove: str, parent: str, note: Mapping[str, object]) -> bool:

@@ -241,9 +241,16 @@ def _take(p: Path, info: LockInfo) -> None:
 
 
 def held(state_dir: Path, grove: str, lock_id: str) -> bool:
-    """Whether `lock_id` is still the grove's lock (a holder notices it lost it)."""
+    """Whether `lock_id` is still the grove's lock (a holder notices it lost it). A lock
+    file that is there but cannot be read now (out of descriptors) is not a lost lock."""
     cur = read_lock(state_dir, grove)
-    return cur is not None and cur.id == lock_id
+    if cur is None:
+        try:
+            return _lock_path(state_dir, grove).exists() and not \
+                _lock_path(state_dir, grove).read_text()
+        except OSError:
+            return True
+    return cur.id == lock_id
 
 
 def force_unlock(state_dir: Path, grove: str, lock_id: str) -> LockInfo:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import inventory, runtimes, workspace
+from engine import inventory, paths, runtimes, workspace
 from engine.actual import Actual, RuntimeKey
 from engine.desired import DesiredAgent, DesiredGrove
 from engine.errors import EngineError
@@ -48,7 +48,7 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
     """Observe one grove. `with_work`: workspace state for every inventoried agent (status);
     otherwise only for agents about to be pruned. `tolerate`: record runtime errors
     instead of raising (status keeps working when one Docker host is down)."""
-    inv = inventory.load(root / ".engine", grove_name)
+    inv = inventory.load(paths.state(root), grove_name)
     observed: dict[str, Observed] = {}
     errors: dict[RuntimeKey, str] = {}
     for key in runtime_keys(grove, inv):

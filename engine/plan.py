@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import __version__, graph
-from engine.actual import Actual
+from engine.actual import FAILED, RUNNING, SUCCEEDED, Actual, Observed
 from engine.desired import IN_PLACE, DesiredAgent, DesiredGrove
 from engine.errors import EngineError
 from engine.inventory import Inventory, Record
-from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Observed
 
 FORMAT = 1
 
@@ -306,7 +305,7 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
         lines.append(f"grove {p.grove}: {len(shown)} of {len(p.changes)} agents to act on"
                      if shown else f"grove {p.grove}: up to date")
         for c in shown:
-            text = f"  {c.action.symbol:>3} {c.agent}  ({c.action.word}: {c.reason})"
+            text = f"  {c.action.symbol:>3} {c.agent}  ({c.action.word}: {_clean(c.reason)})"
             if c.archive:
                 text += f"\n        work archived first: {c.archive}"
             if color and c.action in styles:
@@ -327,6 +326,11 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
                      f"{total['restart']} to restart, {total['update']} to update, "
                      f"{total['delete']} to delete.")
     return "\n".join(lines)
+
+
+def _clean(text: str) -> str:
+    """A reason as one line without control characters (it can quote an agent's error)."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)
 
 
 def _esc(text: str) -> str:

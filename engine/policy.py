@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,12 +48,15 @@ class Ask(Protocol):
 class Gate:
     """Checks spawn requests against the grove's policy, counting earlier accepted ones."""
 
-    def __init__(self, root: Path, grove: DesiredGrove, opts: desired.Options) -> None:
+    def __init__(self, root: Path, grove: DesiredGrove, opts: desired.Options,
+                 source: Callable[[], manifest.GroveSource] | None = None) -> None:
         self.root = root
         self.grove = grove
         self.opts = opts
         self.accepted: list[writeback.Spawn] = []
         self._src: manifest.GroveSource | None = None
+        # the manifests the plan is made from (a revision's, not the checkout's)
+        self._source = source or (lambda: manifest.load_grove(grove.directory, root))
 
     def check(self, req: Ask) -> writeback.Spawn:
         """The child to write back, or EngineError with the (one-line) reason."""
@@ -77,7 +81,7 @@ class Gate:
     def _resolve(self, spawn: writeback.Spawn) -> DesiredAgent:
         """The child as it would run: the grove's manifests plus its document, built."""
         if self._src is None:
-            self._src = manifest.load_grove(self.grove.directory, self.root)
+            self._src = self._source()
         src = self._src
         doc = spawn.document()
         src.agents[spawn.name] = manifest.Entry(spawn.name, doc["spec"], src.grove.doc,

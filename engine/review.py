@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import workspace
+from engine import paths, workspace
 from engine.errors import EngineError
 from engine.trust.git import call
 from engine.trust.git import run as git
@@ -39,7 +39,7 @@ def _no_engine_paths(root: Path, ref: str, branch: str) -> None:
     state (shadow repositories, other agents' workspaces, the secret key)."""
     changed = git(root, "diff", "--no-ext-diff", "--no-textconv", "--name-only", "-z",
                   f"{ref}...{branch}").split("\0")
-    bad = sorted({p for p in changed if p.split("/", 1)[0].casefold() == ".engine"})
+    bad = sorted({p for p in changed if p.split("/", 1)[0].casefold() == paths.STATE_DIR})
     if bad:
         raise EngineError(f"branch {branch} writes into .engine/ ({for_terminal(bad[0])}"
                           f"{' and more' if len(bad) > 1 else ''}), the engine's own state; "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import archive as archive_mod
-from engine import instructions
+from engine import instructions, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
 from engine.fsutil import failpoint, flock
@@ -63,7 +63,7 @@ class WorkState:
 
 
 def path_for(root: Path, grove: str, agent: str) -> Path:
-    return root / ".engine" / "worktrees" / grove / agent
+    return paths.state(root) / "worktrees" / grove / agent
 
 
 def base_commit(root: Path, base_ref: str) -> tuple[str, str]:
@@ -88,8 +88,7 @@ def _branch_exists(root: Path, branch: str) -> bool:
 
 def agent_of_branch(branch: str) -> tuple[str, str] | None:
     """(grove, agent) of an agent branch `engine/<grove>/<agent>`."""
-    parts = branch.split("/")
-    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "engine" else None
+    return paths.agent_of_branch(branch)
 
 
 def start_point(root: Path, base: str, inputs: tuple[str, ...], who: str) -> str:
@@ -217,7 +216,7 @@ def sync(root: Path, grove: str, agent: str, fresh: bool = True) -> None:
     off checks only the agent's side for movement (observation)."""
     path = path_for(root, grove, agent)
     if _is_agent_repo(path):
-        exchange.sync(root, grove, agent, path, f"engine/{grove}/{agent}", fresh)
+        exchange.sync(root, grove, agent, path, paths.branch(grove, agent), fresh)
 
 
 def orphan(root: Path, grove: str, agent: str) -> tuple[str, Path, str] | None:
@@ -227,7 +226,7 @@ def orphan(root: Path, grove: str, agent: str) -> tuple[str, Path, str] | None:
     path = path_for(root, grove, agent)
     if not _is_agent_repo(path):
         return None
-    return "worktree", path, f"engine/{grove}/{agent}"
+    return "worktree", path, paths.branch(grove, agent)
 
 
 def exclude_state_dir(root: Path) -> None:
@@ -266,7 +265,7 @@ def work_state(root: Path, grove: str, agent: str, workdir: Path, branch: str, b
         imp = exchange.sync(root, grove, agent, workdir, branch, fresh=False)
         head = imp.head or imp.branch
         lines = exchange.status(root, grove, agent, workdir, head)
-    ignored = sum(1 for code, p in lines if code == "!!" and p.rstrip("/") != ".engine")
+    ignored = sum(1 for code, p in lines if code == "!!" and p.rstrip("/") != paths.STATE_DIR)
     dirty = sum(1 for code, _ in lines if code != "!!")
     ahead = 0
     if head and (base or tip):
@@ -338,7 +337,7 @@ def _rmtree(path: Path) -> None:
 @contextlib.contextmanager
 def _admin(root: Path) -> Iterator[None]:
     """Worktree administration takes turns (pruning worktrees of earlier versions)."""
-    with _WT_LOCK, flock(root / ".engine" / "locks" / "worktrees.lock"):
+    with _WT_LOCK, flock(paths.state(root) / "locks" / "worktrees.lock"):
         yield
 
 
@@ -355,7 +354,7 @@ def restore(root: Path, grove: str, agent: str, number: int | None = None,
                           f"{', '.join(r.rsplit('/', 1)[1] for r in refs)})")
     snapshot = git(root, "rev-parse", ref)
     tip = git(root, "rev-parse", f"{snapshot}^")
-    branch = f"engine/{grove}/{agent}"
+    branch = paths.branch(grove, agent)
     path = path_for(root, grove, agent)
     if os.path.lexists(path):
         raise EngineError(f"agent {grove}/{agent}: its workspace {path} exists; restore "

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from engine import events, yamlio
+from engine import events, paths, yamlio
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint, flock
 from engine.manifest import GROVES_DIR, SPAWNED_FILE
@@ -80,6 +80,12 @@ def spawned_path(root: Path, grove: str) -> Path:
     return root / GROVES_DIR / grove / SPAWNED_FILE
 
 
+def ledger_path(root: Path, grove: str) -> Path:
+    """The engine's own copy of spawned.yaml as it last wrote it (engine state, out of any
+    agent's reach): what a controller converging a revision adds to it."""
+    return paths.state(root) / "state" / f"{grove}.spawned.yaml"
+
+
 def recorded_requests(root: Path, grove: str) -> set[str]:
     """Request ids already written back (for exactly-once ingestion after a crash)."""
     path = spawned_path(root, grove)
@@ -98,9 +104,10 @@ def append(root: Path, grove: str, spawns: list[Spawn], commit: bool) -> str:
     if not spawns and not commit:
         return ""
     path = spawned_path(root, grove)
-    with flock(root / ".engine" / "locks" / f"{grove}.spawned.lock"):
+    with flock(paths.state(root) / "locks" / f"{grove}.spawned.lock"):
         if spawns:
-            _write(path, grove, spawns)
+            text = _write(path, grove, spawns)
+            atomic_write(ledger_path(root, grove), text)
             failpoint("writeback-written")
         if not commit or not path.exists():
             return ""
@@ -125,7 +132,7 @@ def _read(path: Path) -> str:
         raise EngineError(f"{path}: {e}; refusing to write back (move it away)") from None
 
 
-def _write(path: Path, grove: str, spawns: list[Spawn]) -> None:
+def _write(path: Path, grove: str, spawns: list[Spawn]) -> bytes:
     old = _read(path) if os.path.lexists(path) else HEADER
     present = set(re.findall(r"^metadata:\n  name: ['\"]?([a-z0-9-]+)", old, re.M))
     clash = sorted(present & {s.name for s in spawns})
@@ -136,7 +143,9 @@ def _write(path: Path, grove: str, spawns: list[Spawn]) -> None:
     docs = "".join("---\n" + yaml.safe_dump(s.document(), sort_keys=False,
                                              allow_unicode=True, width=1000)
                    for s in spawns)
-    atomic_write(path, (old + docs).encode())
+    text = (old + docs).encode()
+    atomic_write(path, text)
+    return text
 
 
 def _git(root: Path, *args: str, index: Path | None = None, check: bool = True,
@@ -181,8 +190,8 @@ def _commit_tree(root: Path, old: str, top: str, blob: str,
                  pending: list[tuple[str, str, str]]) -> str:
     """A commit on `old` whose tree differs only at `top` (= `blob`), made on a private
     index so the user's index (and any index.lock) is untouched."""
-    (root / ".engine").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="writeback-", dir=root / ".engine") as tmp:
+    (paths.state(root)).mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="writeback-", dir=paths.state(root)) as tmp:
         index = Path(tmp, "index")
         _git(root, "read-tree", old, index=index)
         _git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{top}",

@@ -247,3 +247,36 @@ def test_a_spawn_request_rewritten_after_the_plan_is_not_taken_in(repo: Path) ->
     assert not (repo / "groves/tree/spawned.yaml").exists()
     # a fresh plan shows what the request says now
     assert "spawn requested by seed" in run(repo, "plan").stdout
+
+
+def test_an_answer_planted_by_the_agent_runs_no_child(repo: Path) -> None:
+    """The agent files a spawn request and writes its own answer beside it: the request
+    is replayed as answered, nothing is written back, and no child runs."""
+    grove(repo, "    - name: seed\n      task: |\n"
+                "        engine spawn kid --task 'sleep 300'\n"
+                "        for f in \"$ENGINE_INBOX\"/req-*.json; do\n"
+                "          echo '{}' > \"$ENGINE_INBOX/res-${f##*/req-}\"; done\n")
+    assert run(repo, "apply", "--auto-approve").returncode == 0
+    until(lambda: phases(repo).get("seed") == "Succeeded", what="seed")
+    for _ in range(2):
+        assert run(repo, "apply", "--auto-approve").returncode in (0, 1)
+        assert run(repo, "watch", "--once").returncode == 0
+    assert not (repo / "groves/tree/spawned.yaml").exists()
+    assert not any("kid" in s for s in sessions(repo))
+    assert "kid" not in phases(repo)
+    box = os.listdir(repo / ".engine/inbox/tree/seed")
+    assert any(n.startswith("res-") for n in box)  # the planted answer was there
+    assert not any(n.startswith("req-") for n in box)  # and the request was replayed
+
+
+def test_an_uncommitted_spawned_yaml_is_not_converged(repo: Path) -> None:
+    """spawned.yaml in the checkout is not the engine's record of what it wrote back: a
+    document appended there (by hand, or by an agent with a shared workspace) does not
+    run under a controller converging commits."""
+    grove(repo, "    - name: seed\n      task: 'true'\n")
+    (repo / "groves/tree/spawned.yaml").write_text(
+        "apiVersion: engine/v1alpha1\nkind: Agent\nmetadata: {name: evil}\n"
+        "spec: {task: sleep 300, spawnedBy: seed, spawnRequest: forged}\n")
+    assert run(repo, "watch", "--once").returncode == 0
+    assert not any("evil" in s for s in sessions(repo))
+    assert phases(repo).get("evil") in (None, "Pending")  # status reads the checkout

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import desired, layers, manifest, secrets
+from engine import desired, layers, manifest, paths, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
 
-STATE_DIR = ".engine"
+STATE_DIR = paths.STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def review_target(r: Repo, args: argparse.Namespace) -> tuple[Located, str, str]
     from engine import workspace
 
     loc = locate(r, args)
-    branch = loc.record.branch if loc.record else f"engine/{loc.grove}/{loc.agent}"
+    branch = loc.record.branch if loc.record else paths.branch(loc.grove, loc.agent)
     if loc.record is None or loc.record.workspace != "shared":
         workspace.sync(r.root, loc.grove, loc.agent)  # the agent's commits, brought over
     try:

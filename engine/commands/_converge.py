@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from engine import converge, desired, inventory
+from engine import converge, desired, inventory, paths
 from engine.observe import Runtimes
 from engine.plan import Action, GrovePlan
 
@@ -18,7 +18,7 @@ LOCK_WAIT = 120.0  # seconds a command waits for another operation's pass (a con
 def locked_pass(root: Path, ask: converge.Ask, rts: Runtimes, opts: desired.Options,
                 operation: str, note: Callable[[str], None],
                 wait: float = LOCK_WAIT) -> converge.Result:
-    state = root / ".engine"
+    state = paths.state(root)
     held = inventory.read_lock(state, ask.grove)
     if held is not None and wait > 0:
         note(f"grove {ask.grove}: waiting up to {wait:g}s for {held.operation} (pid "
@@ -34,7 +34,7 @@ def source_notes(root: Path, p: GrovePlan, base_ref: str) -> list[str]:
     if converge.manifests_modified(root, p.grove):
         out.append(f"grove {p.grove}: groves/{p.grove}/ has changes that are not committed; "
                    "this is the working tree's plan (a controller converges only commits)")
-        ctl = inventory.read_lock(root / ".engine", f"{p.grove}.controller")
+        ctl = inventory.read_lock(paths.state(root), f"{p.grove}.controller")
         if ctl is not None:
             out.append(f"grove {p.grove}: a controller runs for it (engine watch, pid "
                        f"{ctl.pid}): it converges commits and will undo what is applied "

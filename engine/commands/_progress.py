@@ -11,7 +11,7 @@ from typing import Any
 from engine import inventory, ui
 from engine.executor import Outcome
 from engine.plan import Change
-from engine.trust.reader import for_terminal
+from engine.trust.reader import for_terminal, one_line
 
 
 class Progress:
@@ -53,8 +53,8 @@ class Progress:
 
     def note(self, text: str) -> None:
         """A line about the run itself (waiting for a lock, what is converged)."""
+        line = one_line(text, 2000)  # one line each: an agent's text cannot forge more
         if self.stream_json:
-            self._emit({"event": "note", "message": for_terminal(text),
-                        "time": inventory.now()})
+            self._emit({"event": "note", "message": line, "time": inventory.now()})
         elif not self.quiet:
-            ui.err(for_terminal(text))
+            ui.err(line)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import controller, converge, manifest, plan, ui
+from engine import controller, converge, manifest, paths, plan, ui
 from engine.commands import _common, _converge
 from engine.commands._progress import Progress
 from engine.errors import EngineError, UsageError
@@ -135,7 +135,7 @@ def _confirm(root: Path, g: Any) -> Any:
 def _orphaned_groves(root: Path, names: list[str], progress: Progress) -> None:
     """Groves whose directory is gone but whose agents still run: said, never deleted
     (engine destroy -g G deletes them)."""
-    state = root / ".engine" / "state"
+    state = paths.state(root) / "state"
     present = {d.name for d in manifest.grove_dirs(root)}
     if not state.is_dir():
         return

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine import converge, manifest, plan, ui
+from engine import converge, manifest, paths, plan, ui
 from engine.commands import _common, _converge
 from engine.errors import EngineError, UsageError
 from engine.fsutil import atomic_write
@@ -79,7 +79,7 @@ def _orphaned(root: Path, present: set[str], rts: Runtimes, opts: object
               ) -> list[plan.GrovePlan]:
     """Groves whose directory is gone but which still own agents: their agents show as
     orphans (apply keeps them; `engine destroy -g G` removes them)."""
-    state = root / ".engine" / "state"
+    state = paths.state(root) / "state"
     if not state.is_dir():
         return []
     have = {d.name for d in manifest.grove_dirs(root)}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import desired, inbox, ingest, inventory, plan, ui, workspace
+from engine import desired, inbox, ingest, inventory, paths, plan, ui, workspace
 from engine.actual import Actual
 from engine.commands import _common
 from engine.commands._duration import duration
@@ -121,7 +121,7 @@ def _grove(root: Path, g: desired.DesiredGrove, rts: Runtimes, args: argparse.Na
             failed += 1
             continue
         finally:
-            inventory.save(root / ".engine", actual.inventory)
+            inventory.save(paths.state(root), actual.inventory)
         ui.out(f"{g.name}/{c.name}: pruned ("
                + (f"work archived at {ref})" if ref else "nothing to archive)"))
     return failed
@@ -154,7 +154,7 @@ def _candidates(root: Path, g: desired.DesiredGrove, actual: Actual,
 def _keep(root: Path, grove: str, name: str, rec: Record, phase: str) -> str:
     """Why `name` cannot be pruned yet ("" when it can)."""
     if any(n.startswith("req-") and n.endswith(".json")
-           for n in reader.entries(root / ".engine" / "inbox" / grove, name)):
+           for n in reader.entries(paths.state(root) / "inbox" / grove, name)):
         return "its inbox holds requests not taken in yet; apply or watch takes them first"
     if rec.parent and rec.notified != f"{phase}:{rec.restarts}":
         return f"its parent {rec.parent} could not be told it ended yet"
@@ -191,7 +191,7 @@ def ended_at(root: Path, grove: str, agent: str, rec: Record) -> float:
     modification time of its exit file (local: run/<grove>/<agent>/exit, Docker:
     .../ctl/exit) and its log, read without following a symlink; else when its record
     was created."""
-    state = root / ".engine"
+    state = paths.state(root)
     times = [_mtime(state / "run", (grove, agent), "exit"),
              _mtime(state / "run", (grove, agent, "ctl"), "exit"),
              _mtime(state / "logs", (grove,), f"{agent}.log")]

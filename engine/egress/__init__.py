@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from engine import paths
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, flock
 
@@ -47,7 +48,7 @@ _CONTROL_REPLY_MAX = 4096
 
 
 def state_dir(root: Path) -> Path:
-    return root / ".engine" / "egress"
+    return paths.state(root) / "egress"
 
 
 def socket_dir(root: Path, grove: str, agent: str) -> Path:

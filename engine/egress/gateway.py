@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import egress, events
+from engine import egress, events, paths
 from engine.inventory import now
 
 PIPE_MAX = 1 << 20  # a pipe that fills in one splice grows to this (bulk transfers)
@@ -1063,7 +1063,7 @@ class Gateway:
             for rec in batch:
                 if rec is None:
                     return
-                if not (self.root / ".engine").is_dir():
+                if not (paths.state(self.root)).is_dir():
                     continue  # the repository is gone: do not recreate it
                 try:
                     events.record(self.root, rec)

@@ -7,37 +7,24 @@ are imported only inside their own module, which is imported only when a grove u
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+# Phases of an agent, as observed, and what a runtime reports (engine.actual: data only).
+from engine.actual import FAILED as FAILED
+from engine.actual import PENDING as PENDING
+from engine.actual import RUNNING as RUNNING
+from engine.actual import STOPPED as STOPPED
+from engine.actual import SUCCEEDED as SUCCEEDED
+from engine.actual import Observed as Observed
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
-
-# Phases of an agent, as observed.
-PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = (
-    "Pending", "Running", "Succeeded", "Failed", "Stopped")
 
 # Owner labels carried by everything a runtime creates.
 LABEL_GROVE, LABEL_AGENT, LABEL_HASH, LABEL_VERSION, LABEL_REPO = (
     "engine.grove", "engine.agent", "engine.spec-hash", "engine.version", "engine.repo")
-
-
-@dataclass(frozen=True)
-class Observed:
-    """What a runtime reports about one agent it owns: the essence, no ids or timestamps
-    that would make two observations of the same state differ."""
-
-    grove: str
-    name: str
-    runtime: str
-    spec_hash: str
-    phase: str
-    exit_code: int | None = None
-    reason: str = ""  # e.g. "exited 1", "killed (out of memory)", "maxDuration 30s exceeded"
-    host: str = ""  # docker host URL or kube context; "" for the default
 
 
 @dataclass(frozen=True)
@@ -95,18 +82,43 @@ class Runtime(Protocol):
         """Type `text` into the agent's session (pasted, then Enter)."""
 
 
-_MODULES = {"local": "engine.runtimes.local", "docker": "engine.runtimes.docker",
-            "kubernetes": "engine.runtimes.kubernetes"}
+Factory = Callable[[Path, "str | None"], Runtime]
+
+
+# The registry: each runtime's module is imported only when a grove uses it (the Docker
+# SDK and the Kubernetes client are heavy). The factories are typed, so mypy checks each
+# runtime class against the `Runtime` protocol here.
+def _local(repo_root: Path, host: str | None) -> Runtime:
+    from engine.runtimes import local
+
+    return local.make(repo_root, host)
+
+
+def _docker(repo_root: Path, host: str | None) -> Runtime:
+    from engine.runtimes import docker
+
+    return docker.make(repo_root, host)
+
+
+def _kubernetes(repo_root: Path, host: str | None) -> Runtime:
+    from engine.runtimes import kubernetes
+
+    return kubernetes.make(repo_root, host)
+
+
+REGISTRY: dict[str, Factory] = {"local": _local, "docker": _docker,
+                                "kubernetes": _kubernetes}
 
 
 def get(name: str, repo_root: Path, host: str | None = None) -> Runtime:
     """The runtime `name` for this repository (and Docker host / kube context)."""
-    if name not in _MODULES:
-        raise EngineError(f"unknown runtime {name!r}")
+    factory = REGISTRY.get(name)
+    if factory is None:
+        raise EngineError(f"unknown runtime {name!r} (runtimes: {', '.join(REGISTRY)})")
     try:
-        mod = importlib.import_module(_MODULES[name])
+        return factory(repo_root, host)
     except ModuleNotFoundError as e:
+        if not (e.name or "").startswith(("docker", "kubernetes")):
+            raise
         raise EngineError(f"runtime {name} is not available: missing Python package "
                           f"{e.name} (pip install 'grove-engine[{name}]')") from None
-    rt: Runtime = mod.make(repo_root, host)
-    return rt

@@ -28,7 +28,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
-from engine import egress, harness_install, images
+from engine import egress, harness_install, images, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
 from engine.runtimes import LABEL_AGENT, Launch, Observed
@@ -376,7 +376,7 @@ class DockerRuntime:
         for m in (info or {}).get("Mounts") or []:
             if m.get("Destination") == spec.LOG:
                 return Path(m["Source"])
-        return self.repo_root / ".engine" / "logs" / grove / f"{agent}.log"
+        return paths.state(self.repo_root) / "logs" / grove / f"{agent}.log"
 
     def _running(self, grove: str, agent: str) -> bool:
         info = self._inspect(self._name(grove, agent))

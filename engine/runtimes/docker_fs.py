@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine import paths
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
 from engine.runtimes import Launch
@@ -88,7 +89,7 @@ def forget(run_dir: Path) -> None:
 
 def home_dir(repo_root: Path, grove: str, agent: str) -> Path:
     """`.engine/home/<grove>/<agent>`: the agent's own home on the host."""
-    return repo_root / ".engine" / "home" / grove / agent
+    return paths.state(repo_root) / "home" / grove / agent
 
 
 def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int) -> Path:
@@ -154,12 +155,12 @@ def grant_workspace(launch: Launch, uid: int) -> None:
     after that). A shared workspace is the user's checkout: its files, never its `.git`
     or the engine's `.engine`."""
     a = launch.agent
-    marker = launch.repo_root / ".engine" / "exchange" / a.grove / a.name / f"granted-{uid}"
+    marker = paths.state(launch.repo_root) / "exchange" / a.grove / a.name / f"granted-{uid}"
     if marker.is_file():
         return
     shared = launch.workdir.resolve() == launch.repo_root.resolve()
     share(launch.workdir, uid, files=True,
-          skip_top=frozenset({".git", ".engine"}) if shared else frozenset())
+          skip_top=frozenset({".git", paths.STATE_DIR}) if shared else frozenset())
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, egress
+from engine import __version__, egress, paths
 from engine.errors import EngineError
 from engine.runtimes import (
     FAILED,
@@ -203,7 +203,7 @@ def mount_source(launch: Launch, source: str) -> Path:
     who = f"agent {launch.agent.grove}/{launch.agent.name}: mount {source}"
     if lexical.is_relative_to(root) and src != lexical:
         raise EngineError(f"{who}: a symlink on the way inside the repository; refused")
-    for guarded in (root / ".git", root / ".engine"):
+    for guarded in (root / ".git", paths.state(root)):
         if src.is_relative_to(guarded) or guarded.is_relative_to(src):
             raise EngineError(f"{who}: reaches {guarded.name}; refused")
     return src

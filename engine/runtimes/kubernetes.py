@@ -34,7 +34,7 @@ import kubernetes.config
 import kubernetes.stream
 import yaml
 
-from engine import __version__, fsutil, manifest
+from engine import __version__, fsutil, manifest, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
 from engine.runtimes import LABEL_AGENT, LABEL_GROVE, LABEL_REPO, Launch, Observed, k8s_git
@@ -94,7 +94,7 @@ class KubernetesRuntime:
         return Target(kc, ctx, namespace or self.cluster(kc, ctx).namespace)
 
     def _state_file(self, grove: str) -> Path:
-        return self.repo_root / ".engine" / "state" / "kubernetes" / f"{grove}.json"
+        return paths.state(self.repo_root) / "state" / "kubernetes" / f"{grove}.json"
 
     def _grove(self, grove: str) -> tuple[str, str, set[Target]]:
         """(remote, repo label, targets): targets named by the grove's kubernetes profiles

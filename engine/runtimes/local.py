@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from engine import __version__, egress, events, harness_install
+from engine import __version__, egress, events, harness_install, paths
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
@@ -72,7 +72,7 @@ class LocalRuntime:
 
     def __init__(self, repo_root: Path) -> None:
         self.root = repo_root
-        self.state = repo_root / ".engine"
+        self.state = paths.state(repo_root)
         self.socket = self.state / "tmux.sock"
         self._server: int | None = None
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import paths
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
 from engine.trust import git, reader, tree
@@ -310,7 +311,7 @@ def _copy_objects(workdir: Path, dest: Path, main_objects: Path) -> None:
 
 
 def _tmp(root: Path) -> Path:
-    d = root / ".engine" / "exchange" / "tmp"
+    d = paths.state(root) / "exchange" / "tmp"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
 
@@ -338,7 +339,7 @@ def forget(root: Path, grove: str, agent: str) -> None:
 # -- the agent's files, read through a shadow repository ------------------------------------
 
 def shadow_dir(root: Path, grove: str, agent: str) -> Path:
-    return root / ".engine" / "exchange" / grove / agent
+    return paths.state(root) / "exchange" / grove / agent
 
 
 def hide(root: Path, grove: str, agent: str, rel: str) -> None:
@@ -473,14 +474,14 @@ def _index(files: Path, env: dict[str, str], gone: list[str], copied: list[str]
     or are FIFOs, devices or beyond a symlink: nothing to keep). One batch each; when a
     batch is refused, path by path, and what git still refuses is reported."""
     problems: list[str] = []
-    for args, paths in ((("--force-remove",), gone), (("--add", "--replace"), copied)):
-        if not paths:
+    for args, names in ((("--force-remove",), gone), (("--add", "--replace"), copied)):
+        if not names:
             continue
-        data = b"\0".join(os.fsencode(p) for p in paths) + b"\0"
+        data = b"\0".join(os.fsencode(p) for p in names) + b"\0"
         if git.call(files, "update-index", *args, "-z", "--stdin", input=data,
                     env=env).returncode == 0:
             continue
-        for p in paths:
+        for p in names:
             r = git.call(files, "update-index", *args, "-z", "--stdin",
                          input=os.fsencode(p) + b"\0", env=env)
             if r.returncode != 0:
