@@ -302,8 +302,10 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
         shown = [c for c in p.changes if c.action is not Action.NOOP or c.adopt]
         ended = [c.agent for c in p.changes if c.action is Action.NOOP and not c.adopt
                  and c.reason.startswith("failed")]
-        lines.append(f"grove {p.grove}: {len(shown)} of {len(p.changes)} agents to act on"
-                     if shown else f"grove {p.grove}: up to date")
+        acting = sum(1 for c in shown if c.action.is_change or c.adopt)
+        lines.append(f"grove {p.grove}: {acting} of {len(p.changes)} agents to act on"
+                     if acting else f"grove {p.grove}: up to date" + (
+                         f" ({len(shown)} waiting or orphaned)" if shown else ""))
         for c in shown:
             text = f"  {c.action.symbol:>3} {c.agent}  ({c.action.word}: {_clean(c.reason)})"
             if c.archive:

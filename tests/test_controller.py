@@ -280,3 +280,41 @@ def test_an_uncommitted_spawned_yaml_is_not_converged(repo: Path) -> None:
     assert run(repo, "watch", "--once").returncode == 0
     assert not any("evil" in s for s in sessions(repo))
     assert phases(repo).get("evil") in (None, "Pending")  # status reads the checkout
+
+
+@pytest.mark.docker
+def test_plan_fails_where_apply_would(repo: Path, tmp_path: Path) -> None:
+    """The checks that used to fail only while applying fail at plan, same message."""
+    grove(repo, "    - name: a\n      task: 'true'\n      profile: boxed\n")
+    path = repo / "groves/tree/grove.yaml"
+    path.write_text(path.read_text().replace(
+        "  profiles:\n", "  profiles:\n    boxed: {runtime: docker, image: "
+        "'grove-engine/no-such-image:1'}\n").replace("allowProfiles: [local]",
+                                                     "allowProfiles: [local, boxed]"))
+    git(repo, "commit", "-qam", "boxed")
+    p = run(repo, "plan")
+    assert p.returncode == 1, p.stdout
+    assert "image grove-engine/no-such-image:1 not found" in p.stderr
+    assert run(repo, "apply", "--auto-approve").stderr.strip() == p.stderr.strip()
+    bare = tmp_path / "bare" / "groves" / "tree"
+    bare.mkdir(parents=True)
+    (bare / "grove.yaml").write_text(path.read_text().replace("profile: boxed", ""))
+    p = run(bare.parent.parent, "plan")
+    assert p.returncode == 1 and "is not a git repository" in p.stderr, p.stderr
+
+
+def test_a_grove_whose_directory_is_gone_shows_its_agents_as_orphans(repo: Path) -> None:
+    grove(repo, "    - name: one\n      task: sleep 300\n")
+    assert run(repo, "apply", "--auto-approve").returncode == 0
+    git(repo, "rm", "-rq", "groves/tree")
+    git(repo, "commit", "-qm", "grove gone")
+    s = run(repo, "status")
+    assert s.returncode == 0 and "its agents are orphans" in s.stdout, s.stdout + s.stderr
+    assert "one" in s.stdout and "Running" in s.stdout
+    p = run(repo, "plan")
+    assert p.returncode == 0 and "? one  (orphan: grove directory groves/tree/ is gone" \
+        in p.stdout, p.stdout
+    assert run(repo, "apply", "--auto-approve").returncode == 0
+    assert any("one" in x for x in sessions(repo))  # apply never deletes them
+    d = run(repo, "destroy", "-g", "tree", "--auto-approve")
+    assert d.returncode == 0 and "destroyed 1 agents" in d.stdout

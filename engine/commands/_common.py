@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import desired, layers, manifest, paths, secrets
+from engine import desired, inventory, layers, manifest, paths, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
 
 STATE_DIR = paths.STATE_DIR
+_GROVE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,34 @@ def options(r: Repo, args: argparse.Namespace, resolve_secrets: bool = True,
         repo_root=r.root)
 
 
+def orphaned_groves(r: Repo) -> list[str]:
+    """Groves whose directory is gone but whose state still records agents (they keep
+    running until `engine destroy -g NAME`)."""
+    state = r.state_dir / "state"
+    if not state.is_dir():
+        return []
+    have = {d.name for d in manifest.grove_dirs(r.root)}
+    out = []
+    for p in sorted(state.glob("*.json")):
+        if p.stem not in have and _GROVE_NAME.fullmatch(p.stem):
+            try:
+                if inventory.load(r.state_dir, p.stem).agents:
+                    out.append(p.stem)
+            except EngineError:
+                out.append(p.stem)
+    return out
+
+
 def load(r: Repo, args: argparse.Namespace, resolve_secrets: bool = True,
-         create_key: bool = False) -> list[desired.DesiredGrove]:
-    """Desired state of the selected groves; all problems of all groves reported at once."""
+         create_key: bool = False, orphans_ok: bool = False) -> list[desired.DesiredGrove]:
+    """Desired state of the selected groves; all problems of all groves reported at once.
+    `orphans_ok`: no grove directory at all is fine when a grove whose directory is gone
+    still owns agents (the command shows them)."""
     opts = options(r, args, resolve_secrets, create_key)
     out, diags = [], []
+    if orphans_ok and not getattr(args, "groves", None) and not manifest.grove_dirs(r.root) \
+            and orphaned_groves(r):
+        return []
     for d in manifest.select_groves(r.root, getattr(args, "groves", None)):
         try:
             out.append(desired.build(manifest.load_grove(d, r.root), opts))

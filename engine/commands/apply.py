@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     elif not args.auto_approve and not ui.is_tty():
         raise EngineError("apply needs --auto-approve or a saved plan file when not run "
                           "from a terminal")
-    groves = _common.load(r, args, create_key=True)
+    groves = _common.load(r, args, create_key=True, orphans_ok=True)
     opts = _common.options(r, args, create_key=True)
     rts = Runtimes(r.root)
     progress = Progress(args.json_stream, args.json)

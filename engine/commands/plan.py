@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     if args.base or args.head or args.format:
         return _topology(r.root, args)
-    groves = _common.load(r, args, create_key=True)
+    groves = _common.load(r, args, create_key=True, orphans_ok=True)
     opts = _common.options(r, args, create_key=True)
     rts = Runtimes(r.root)
     plans, notes = [], []

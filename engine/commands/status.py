@@ -45,6 +45,9 @@ def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
 
 def _heading(entry: dict[str, Any]) -> str:
     name = entry["grove"]
+    if entry.get("orphaned"):
+        return (f"grove {name}: its directory groves/{name}/ is gone; its agents are "
+                f"orphans (engine destroy -g {name} removes them)")
     if not entry["applied"]:
         return f"grove {name}: never applied (run engine apply -g {name})"
     rev = entry["revision"]
@@ -56,11 +59,16 @@ def _heading(entry: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
-    groves = _common.load(r, args, resolve_secrets=False)
+    groves = _common.load(r, args, resolve_secrets=False, orphans_ok=True)
     rts = Runtimes(r.root)
     doc: list[dict[str, Any]] = []
     for g in groves:
         doc.append(_grove(r.root, g, rts))
+    if not args.groves:  # a grove whose directory is gone: its agents still run
+        for name in _common.orphaned_groves(r):
+            entry = _grove(r.root, converge.empty(r.root, name), rts)
+            entry["orphaned"] = True
+            doc.append(entry)
     if args.json:
         ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "Status", "formatVersion": 1,
                        "groves": doc})

@@ -180,10 +180,7 @@ class DockerRuntime:
             )["Id"]
         except ImageNotFound:
             fs.forget(launch.run_dir)
-            raise EngineError(
-                f"{who}: image {a.image} not found on {self._where()}; build it with "
-                f"`engine image build {images.guess_name(a.image)}` (or `engine image "
-                "bootstrap` offline)") from None
+            raise self._no_image(a) from None
         except (EngineError, NotFound) as e:
             fs.forget(launch.run_dir)
             raise _permanent(who, e) from None
@@ -204,6 +201,22 @@ class DockerRuntime:
         if a.program is None or not self._local_engine():
             return None
         return harness_install.installed(*a.program)
+
+    def _no_image(self, a: DesiredAgent) -> EngineError:
+        return EngineError(
+            f"agent {a.grove}/{a.name}: image {a.image} not found on {self._where()}; "
+            f"build it with `engine image build {images.guess_name(a.image or '')}` (or "
+            "`engine image bootstrap` offline)")
+
+    def check_image(self, a: DesiredAgent) -> None:
+        """The agent's image is on the Docker host (plan fails with the message create
+        would give)."""
+        if not a.image:
+            return
+        try:
+            self._call(f"image {a.image}", lambda: self.api.inspect_image(a.image))
+        except NotFound:  # ImageNotFound included
+            raise self._no_image(a) from None
 
     def check_program(self, a: DesiredAgent) -> None:
         """The harness program is in the install cache (mounted read-only) or the image
