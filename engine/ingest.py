@@ -142,9 +142,17 @@ def _same_child(a: writeback.Spawn, b: writeback.Spawn) -> bool:
 
 
 def _answered(root: Path, grove: str, req: Request) -> bool:
-    """Whether an answer file sits beside the request (written before a crash, or planted
-    by the agent: either way `process` replays it and takes nothing in)."""
-    return f"res-{req.id}.json" in reader.entries(paths.inbox(root, grove), req.agent)
+    """Whether an answer sits beside the request that `process` would replay (written
+    before a crash, or planted by the agent): then nothing is taken in for it. An answer
+    that is not a regular file is not one (`_replay` ignores it too)."""
+    if f"res-{req.id}.json" not in reader.entries(paths.inbox(root, grove), req.agent):
+        return False
+    try:
+        reader.read_json(paths.inbox(root, grove), f"{req.agent}/res-{req.id}.json",
+                         inbox.MAX_REQUEST_BYTES)
+    except reader.Untrusted:
+        return False
+    return True
 
 
 def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request,

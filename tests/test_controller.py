@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,14 @@ from tests.conftest import git
 from tests.test_spawn import Watch, engine_json, grove, phases, until
 
 ENGINE = [sys.executable, "-m", "engine"]
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left(repo: Path) -> Iterator[None]:
+    """Agents a test leaves running (sleep 300) end with it."""
+    yield
+    subprocess.run(["tmux", "-S", str(repo / ".engine" / "tmux.sock"), "kill-server"],
+                   capture_output=True)
 
 
 def run(repo: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -61,7 +61,7 @@ GATEWAY_CODE_DIR = "/opt/engine-egress"
 GATEWAY_POLICY_DIR = "/etc/engine-egress/policies"
 GATEWAY_LOG = f"{GATEWAY_ROOT}/.engine/egress/{egress.LOG_NAME}"
 # The gateway's modules: standard library only, shipped in GATEWAY_CODE.
-GATEWAY_FILES = ("engine/__init__.py", "engine/errors.py", "engine/fsutil.py",
+GATEWAY_FILES = ("engine/__init__.py", "engine/errors.py", "engine/fsutil.py", "engine/paths.py",
                  "engine/inventory.py", "engine/events.py", "engine/egress/__init__.py",
                  "engine/egress/gateway.py")
 EGRESS_PROXY_KEY = "ENGINE_EGRESS_PROXY"  # the agent's Secret: its proxy URL (and token)
