@@ -50,7 +50,7 @@ from engine.runtimes import FAILED, SUCCEEDED
 Log = Callable[[str], None]
 GRACE = 0.5  # seconds from SIGINT/SIGTERM to the forced exit, if the unwinding is not done
 BUSY_RETRY = 0.1  # seconds between attempts while another operation holds a grove's lock
-WAKE_BURST, WAKE_RATE = 4.0, 2.0  # event-woken passes: a burst of 4, then 2 a second
+MIN_GAP = 0.05  # seconds from the end of a pass to the start of one an event woke
 
 
 class Stopped(BaseException):
@@ -90,8 +90,9 @@ class Controller:
     timed_out: bool = False
     lost: str = ""  # why the controller stopped acting ("" while it may)
     _busy: dict[str, str] = field(default_factory=dict)  # grove -> holder last reported
-    _tokens: float = 4.0  # event-woken passes that may go at once (see _throttle)
-    _last: float = field(default_factory=time.monotonic)
+    _idle_streak: int = 0  # passes in a row that changed nothing (_throttle)
+    _pass_end: float = 0.0
+    _acted: bool = False
 
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
@@ -117,6 +118,7 @@ class Controller:
             self.wake.clear()
             self.in_pass = True
             busy = False
+            self._acted = False
             try:
                 for g in self.groves:
                     busy |= not self.pass_once(g, rts)
@@ -124,6 +126,8 @@ class Controller:
                         return
             finally:
                 self.in_pass = False
+                self._pass_end = time.monotonic()
+            self._idle_streak = 0 if self._acted else self._idle_streak + 1
             self.passes += 1
             if self.wopts.once or (self.wopts.max_passes and
                                    self.passes >= self.wopts.max_passes):
@@ -143,17 +147,15 @@ class Controller:
                 time.sleep(self.wopts.debounce)
 
     def _throttle(self) -> None:
-        """Passes woken by events: a burst goes at once, a storm (an agent writing into
-        its inbox in a loop) gets at most WAKE_RATE passes a second (a token bucket)."""
-        now = time.monotonic()
-        self._tokens = min(WAKE_BURST, self._tokens + (now - self._last) * WAKE_RATE)
-        self._last = now
-        if self._tokens < 1:
-            time.sleep((1 - self._tokens) / WAKE_RATE)
-            self._last = time.monotonic()
-            self._tokens = 0.0
-        else:
-            self._tokens -= 1
+        """Passes woken by events start at least MIN_GAP after the last one ended, and after
+        passes that found nothing to do the wait doubles up to a second: an agent writing
+        requests or exit files in a loop cannot make the controller spin, while an event
+        after a quiet spell or a pass that acted goes (almost) at once."""
+        rest = MIN_GAP - (time.monotonic() - self._pass_end)
+        if self._idle_streak:
+            rest = max(rest, min(1.0, 0.02 * 2 ** min(self._idle_streak, 6)))
+        if rest > 0:
+            time.sleep(rest)
 
     def pass_once(self, name: str, rts: Runtimes) -> bool:
         """One pass over grove `name`; False when another operation held its lock."""
@@ -205,6 +207,7 @@ class Controller:
         for rid, why in res.rejected:
             self.log(f"grove {name}: request {rid} rejected: {why}")
         self.outcomes.extend((name, o) for o in res.outcomes)
+        self._acted |= bool(res.outcomes or res.accepted or res.rejected)
         if self.wopts.until_done and res.desired is not None and res.actual is not None:
             self.phases[name] = terminal_phases(res.desired, res.actual, res.plan)
 
