@@ -109,8 +109,9 @@ def load_source(root: Path, name: str, revision: str | None
         raise InvalidManifests(diags)
     files = texts.get(name)
     if files is None:
-        raise EngineError(f"grove {name}: no {manifest.GROVES_DIR}/{name}/ at "
-                          f"{revision[:12]} (commit the grove, or converge the working tree)")
+        raise EngineError(f"grove {name}: {manifest.GROVES_DIR}/{name}/ is not committed "
+                          f"(not in {revision[:12]}): the controller converges commits; "
+                          "commit it, or run engine watch --working-tree")
     mine = _spawned_on_disk(root, name)
     if mine is not None and mine.startswith(files.get(manifest.SPAWNED_FILE, "")):
         files = {**files, manifest.SPAWNED_FILE: mine}

@@ -327,3 +327,14 @@ def test_a_grove_whose_directory_is_gone_shows_its_agents_as_orphans(repo: Path)
     assert any("one" in x for x in sessions(repo))  # apply never deletes them
     d = run(repo, "destroy", "-g", "tree", "--auto-approve")
     assert d.returncode == 0 and "destroyed 1 agents" in d.stdout
+
+
+def test_watch_on_a_grove_never_committed_says_so(repo: Path) -> None:
+    d = repo / "groves/fresh"
+    d.mkdir(parents=True)
+    (d / "grove.yaml").write_text("apiVersion: engine/v1alpha1\nkind: Grove\n"
+                                  "metadata: {name: fresh}\nspec:\n  agents: []\n")
+    p = run(repo, "watch", "--once")
+    assert p.returncode == 1 and "groves/fresh/ is not committed" in p.stderr, p.stderr
+    assert "--working-tree" in p.stderr
+    assert run(repo, "watch", "--once", "--working-tree").returncode == 0

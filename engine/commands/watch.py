@@ -61,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if args.parallelism < 1:
         raise UsageError("--parallelism must be at least 1")
     revision: str | None = None if args.working_tree else args.revision
-    if revision:
-        converge.resolve_revision(r.root, revision)  # a bad ref is one error, up front
-    elif revision == "":
-        converge.current_branch(r.root)
+    if revision is not None:  # a bad ref, or a grove not committed: one error, up front
+        ref = revision or converge.current_branch(r.root)
+        commit = converge.resolve_revision(r.root, ref)
+        for name in names:
+            converge.load_source(r.root, name, commit)
     ctl = controller.Controller(r.root, names, opts, controller.Options(
         interval=args.interval, parallelism=args.parallelism, once=args.once,
         revision=revision), _log)
