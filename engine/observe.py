@@ -104,7 +104,7 @@ def _phase(a: DesiredAgent | None, rec: Record | None, obs: Observed | None
     stopped on purpose is Stopped, and one whose create failed (nothing runs) is Failed
     with the engine's error as the reason."""
     if rec is not None and rec.stopped:
-        return runtimes.STOPPED, obs.reason if obs else ""
+        return runtimes.STOPPED, f"stopped (engine start {a.name})" if a else "stopped"
     if obs is not None:
         return obs.phase, obs.reason or (rec.error if rec and obs.phase == FAILED else "")
     if rec is not None and rec.error:
@@ -142,4 +142,41 @@ def status_rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
             "inManifest": a is not None,
             "upToDate": bool(obs and a and obs.spec_hash == a.spec_hash),
         })
+    _waiting_reasons(grove, out)
     return out
+
+
+def _waiting_reasons(grove: DesiredGrove, rows: list[dict[str, Any]]) -> None:
+    """A Pending agent says what it waits for: a failed dependency (however far up) blocks
+    it; otherwise the dependencies not Succeeded yet, or a parent not started yet."""
+    by_name = {r["name"]: r for r in rows}
+    blocked: dict[str, str] = {}
+    changed = True
+    while changed:  # behind a failed dependency, however many levels up
+        changed = False
+        for a in grove.agents:
+            row = by_name.get(a.name)
+            if row is None or row["phase"] != runtimes.PENDING or a.name in blocked:
+                continue
+            for d in a.depends_on:
+                dep = by_name.get(d)
+                if dep is not None and (dep["phase"] == FAILED or d in blocked):
+                    blocked[a.name] = blocked.get(d, d)
+                    changed = True
+                    break
+    for a in grove.agents:
+        row = by_name.get(a.name)
+        if row is None or row["phase"] != runtimes.PENDING or row["reason"].startswith(
+                "pruned"):
+            continue
+        unmet = [d for d in a.depends_on
+                 if by_name.get(d, {}).get("phase") != runtimes.SUCCEEDED]
+        parent = by_name.get(a.spawned_by or "")
+        if a.name in blocked:
+            row["reason"] = f"blocked: dependency {blocked[a.name]} failed"
+        elif unmet:
+            row["reason"] = f"waiting for {', '.join(unmet)} to succeed"
+        elif parent is not None and parent["phase"] == runtimes.PENDING:
+            row["reason"] = f"waiting for its parent {parent['name']} to start"
+        elif not row["reason"]:
+            row["reason"] = "not started yet (engine apply, or a running engine watch)"

@@ -86,16 +86,13 @@ def run(args: argparse.Namespace) -> int:
         ask = converge.Ask(
             g.name, saved=saved.get(g.name), targets=frozenset(args.targets),
             replace=frozenset(args.replace), loaded=g, hooks=progress, settings=settings,
-            confirm=None if args.auto_approve or g.name in saved else _confirm(r.root, g))
+            confirm=_notes(r.root, g, progress) if args.auto_approve or g.name in saved
+            else _confirm(r.root, g))
         res = _converge.locked_pass(r.root, ask, rts, opts, "apply", progress.note,
                                     args.lock_timeout)
         if res.cancelled:
             ui.err("apply cancelled: nothing changed")
             return 1
-        if not args.json and not args.json_stream and res.plan.has_changes \
-                and (args.auto_approve or g.name in saved):
-            for line in _converge.source_notes(r.root, res.plan, g.base_ref):
-                progress.note(line)
         for rid, why in res.rejected:
             progress.note(f"grove {g.name}: request {rid} rejected: {why}")
         results.append(res)
@@ -130,6 +127,15 @@ def _confirm(root: Path, g: Any) -> Any:
         answer = input("\nApply these changes? Only 'yes' will be accepted: ")
         return answer.strip() == "yes"
     return ask
+
+
+def _notes(root: Path, g: Any, progress: Progress) -> Any:
+    """No question asked: the notes a person confirming would have read, then go."""
+    def go(the_plan: plan.GrovePlan) -> bool:
+        for line in _converge.source_notes(root, the_plan, g.base_ref):
+            progress.note(line)
+        return True
+    return go
 
 
 def _orphaned_groves(root: Path, names: list[str], progress: Progress) -> None:
