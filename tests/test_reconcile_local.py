@@ -332,6 +332,9 @@ def test_wait_returns_behind_a_failure_two_levels_up(repo: Path, engine) -> None
     assert res.code == 1
     assert time.monotonic() - t0 < 30, "apply --wait hung behind the failed dependency"
     assert "after Blocked, after2 Blocked, bad Failed" in res.out
+    rows = status(engine)
+    assert rows["after2"]["phase"] == "Pending"
+    assert rows["after2"]["reason"] == "blocked: dependency bad failed"
 
 
 def test_agents_do_not_inherit_the_engine_users_environment(repo: Path, engine,
