@@ -153,7 +153,9 @@ def _orphaned_groves(root: Path, names: list[str], progress: Progress) -> None:
 
 def _report(results: list[converge.Result], phases: dict[str, dict[str, str]],
             timed_out: bool, args: argparse.Namespace) -> int:
-    failed = [(res.grove, o) for res in results for o in res.failed]
+    # each agent's last outcome (one pending at first and started later is created)
+    last = {(res.grove, o.agent): o for res in results for o in res.outcomes}
+    failed = [o for o in last.values() if not o.ok]
     bad_phase = [(g, n) for g, ps in phases.items() for n, p in ps.items()
                  if p != "Succeeded"]
     if args.json:
@@ -170,9 +172,8 @@ def _report(results: list[converge.Result], phases: dict[str, dict[str, str]],
             for g, outs in merged.items()]})
     elif not args.json_stream:
         counts: dict[str, int] = {}
-        for res in results:
-            for o in res.outcomes:
-                counts[o.status] = counts.get(o.status, 0) + 1
+        for o in last.values():
+            counts[o.status] = counts.get(o.status, 0) + 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no changes"
         ui.out(f"Apply complete: {summary}.")
         for g, ps in sorted(phases.items()):
