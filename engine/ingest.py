@@ -67,13 +67,13 @@ def judge(root: Path, grove: DesiredGrove, opts: desired.Options,
     spawns = [r for r in reqs if r.kind == "SpawnRequest"]
     if not spawns:
         return []
-    recorded = writeback.recorded_requests(root, grove.name)
+    recorded = writeback.recorded_keys(root, grove.name)
     from engine import policy
 
     gate = policy.Gate(root, grove, opts, source)
     out = []
     for req in spawns:
-        if req.id in recorded or _answered(root, grove.name, req):
+        if _key(req) in recorded or _answered(root, grove.name, req):
             continue  # taken in before, or answered: `process` replays its answer
         try:
             out.append(Judged(req.id, gate.check(req)))
@@ -96,9 +96,9 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     write-back (default: the grove's `writeBack.commit`)."""
     reqs, bad = inbox.scan(root, grove.name)
     if only is not None:
-        recorded_ids = writeback.recorded_requests(root, grove.name)
-        reqs = [r for r in reqs if r.kind != "SpawnRequest" or f"{r.agent}/{r.id}" in only
-                or r.id in recorded_ids or _answered(root, grove.name, r)
+        recorded_keys = writeback.recorded_keys(root, grove.name)
+        reqs = [r for r in reqs if r.kind != "SpawnRequest" or _key(r) in only
+                or _key(r) in recorded_keys or _answered(root, grove.name, r)
                 or not _acceptable(root, grove, opts, r, source)]
     report = Report()
     for ans in bad:
@@ -106,14 +106,14 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
         report.rejected.append((ans.request.id, reader.one_line(ans.reason, inbox.MAX_REASON)))
     if not reqs:
         return report
-    recorded = writeback.recorded_requests(root, grove.name)
+    recorded = writeback.recorded_keys(root, grove.name)
     from engine import policy  # only a pass with requests needs the gate
 
     gate = policy.Gate(root, grove, opts, source)
     answers: list[Answer] = []
     for req in reqs:
         answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
-    fresh = [s for s in gate.accepted if s.request not in recorded]
+    fresh = [s for s in gate.accepted if f"{s.parent}/{s.request}" not in recorded]
     if only is not None:
         unconfirmed = {s.request for s in fresh if f"{s.parent}/{s.request}" not in only
                        or not _same_child(s, only[f"{s.parent}/{s.request}"])}
@@ -134,6 +134,11 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
         else:
             report.other += 1
     return report
+
+
+def _key(req: Request) -> str:
+    """A spawn request's identity: the requesting agent and its own request id."""
+    return f"{req.agent}/{req.id}"
 
 
 def _same_child(a: writeback.Spawn, b: writeback.Spawn) -> bool:
@@ -208,7 +213,7 @@ def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer 
         return None
     status = str(old.get("status", ""))
     if req.kind == "SpawnRequest":
-        status = "accepted" if req.id in recorded else "rejected"
+        status = "accepted" if _key(req) in recorded else "rejected"
     elif status not in REPLAY_STATUSES:
         status = "rejected"
     child = reader.one_line(str(req.spec.get("name", "")), 64) if status == "accepted" \
@@ -218,7 +223,7 @@ def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer 
 
 
 def _spawn(gate: policy.Gate, req: Request, recorded: set[str]) -> Answer:
-    if req.id in recorded:  # written back before a crash: accepted exactly once
+    if _key(req) in recorded:  # written back before a crash: accepted exactly once
         return Answer(req, "accepted", child=reader.one_line(str(req.spec.get("name", "")),
                                                               64))
     try:

@@ -97,6 +97,23 @@ def recorded_requests(root: Path, grove: str) -> set[str]:
     return {r.strip("'\"") for r in found}
 
 
+def recorded_keys(root: Path, grove: str) -> set[str]:
+    """`parent/request-id` of every spawn written back: a request id is the requesting
+    agent's own, so two agents choosing the same id never answer for each other."""
+    path = spawned_path(root, grove)
+    if not os.path.lexists(path):
+        return set()
+    out = set()
+    for doc in re.split(r"^---[ \t]*$", _read(path), flags=re.M):
+        req = re.search(r"^  spawnRequest: *(.*?) *$", doc, re.M)
+        if req is None:
+            continue
+        parent = re.search(r"^  spawnedBy: *(.*?) *$", doc, re.M)
+        who = parent.group(1).strip("'\"") if parent else ""
+        out.add(f"{who}/{req.group(1).strip(chr(39) + chr(34))}")
+    return out
+
+
 def append(root: Path, grove: str, spawns: list[Spawn], commit: bool) -> str:
     """Append documents to spawned.yaml durably; with `commit`, commit what the branch does
     not have yet of it (even with no new spawns: an interrupted commit is caught up).

@@ -338,3 +338,24 @@ def test_watch_on_a_grove_never_committed_says_so(repo: Path) -> None:
     assert p.returncode == 1 and "groves/fresh/ is not committed" in p.stderr, p.stderr
     assert "--working-tree" in p.stderr
     assert run(repo, "watch", "--once", "--working-tree").returncode == 0
+
+
+def test_two_agents_choosing_the_same_request_id_each_get_their_child(repo: Path) -> None:
+    """A request id is the requesting agent's own: another agent's request with the same
+    id is neither answered for it nor told it was accepted."""
+    import json
+
+    from tests.test_spawn import spawned_docs, write_request
+
+    grove(repo, "    - name: a\n      task: 'true'\n    - name: b\n      task: 'true'\n")
+    assert run(repo, "apply", "--auto-approve").returncode == 0
+    for parent, child in (("a", "kid-a"), ("b", "kid-b")):
+        write_request(repo, parent, "same", json.dumps(
+            {"kind": "SpawnRequest", "spec": {"name": child, "task": "true"}}).encode())
+    p = run(repo, "apply", "--auto-approve")
+    assert p.returncode == 0, p.stderr
+    assert sorted((d["name"], d["spawnedBy"]) for d in spawned_docs(repo)) == [
+        ("kid-a", "a"), ("kid-b", "b")]
+    for parent, child in (("a", "kid-a"), ("b", "kid-b")):
+        ans = json.loads((repo / f".engine/inbox/tree/{parent}/res-same.json").read_text())
+        assert ans["status"] == "accepted" and ans.get("child") == child, ans
