@@ -90,6 +90,7 @@ class Controller:
     timed_out: bool = False
     lost: str = ""  # why the controller stopped acting ("" while it may)
     _busy: dict[str, str] = field(default_factory=dict)  # grove -> holder last reported
+    _restarted: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     _idle_streak: int = 0  # passes in a row that changed nothing (_throttle)
     _pass_end: float = 0.0
     _acted: bool = False
@@ -138,6 +139,9 @@ class Controller:
                 self.timed_out = True
                 break
             pause = BUSY_RETRY if busy else self.wopts.interval * random.uniform(0.8, 1.2)
+            due = self._next_restart()
+            if due is not None:
+                pause = min(pause, due + 0.01)
             if self.wopts.until_done:
                 pause = min(pause, 0.5)  # a Docker agent's end wakes nothing: look often
             if deadline:
@@ -193,10 +197,31 @@ class Controller:
                                       "reason": repr(e)})
         return True
 
+    def _backoff(self, grove: str) -> tuple[frozenset[str], frozenset[str]]:
+        """Agents whose restart per policy waits (exponential back-off after each restart
+        this controller made: 1 s, 2 s, 4 s ... up to 5 min, as Kubernetes does for a
+        crash loop), and, for `apply --wait`, those restarted often enough already."""
+        now = time.monotonic()
+        hold = frozenset(a for (g, a), (n, t) in self._restarted.items()
+                         if g == grove and now < t + _delay(n))
+        gave_up = frozenset(a for (g, a), (n, _) in self._restarted.items()
+                            if g == grove and self.wopts.until_done
+                            and n >= converge.RESTARTS_IN_A_WAIT)
+        return hold, gave_up
+
+    def _next_restart(self) -> float | None:
+        """Seconds until the earliest held restart may go (the loop wakes for it)."""
+        now = time.monotonic()
+        due = [t + _delay(n) - now for (n, t) in self._restarted.values()
+               if t + _delay(n) > now]
+        return min(due) if due else None
+
     def _pass(self, name: str, rts: Runtimes, lock_id: str) -> None:
         commit = self._commit()
+        hold, gave_up = self._backoff(name)
         res = converge.run(self.root, converge.Ask(
             name, revision=commit, controller=True, finish=self.wopts.until_done,
+            hold=hold, gave_up=gave_up,
             hooks=self.hooks or _LogHooks(self.log),
             settings=executor.Settings(parallelism=self.wopts.parallelism,
                                        cancelled=self.cancelled),
@@ -207,9 +232,18 @@ class Controller:
         for rid, why in res.rejected:
             self.log(f"grove {name}: request {rid} rejected: {why}")
         self.outcomes.extend((name, o) for o in res.outcomes)
+        for o in res.outcomes:
+            if o.action is plan.Action.RESTART and o.status != "failed":
+                n, _ = self._restarted.get((name, o.agent), (0, 0.0))
+                self._restarted[(name, o.agent)] = (n + 1, time.monotonic())
         self._acted |= bool(res.outcomes or res.accepted or res.rejected)
         if self.wopts.until_done and res.desired is not None and res.actual is not None:
-            self.phases[name] = terminal_phases(res.desired, res.actual, res.plan)
+            phases = terminal_phases(res.desired, res.actual, res.plan)
+            for c in res.plan.changes:  # a restart backing off is not an ending
+                if c.agent in hold and c.agent not in gave_up and \
+                        c.reason.endswith("restart backing off"):
+                    phases[c.agent] = "Restarting"
+            self.phases[name] = phases
 
     def _commit(self) -> str | None:
         if self.wopts.revision is None:
@@ -280,6 +314,11 @@ class Controller:
 
 
 DONE = (SUCCEEDED, FAILED, "Blocked", "Stopped")
+
+
+def _delay(restarts: int) -> float:
+    """Back-off before the next restart per policy, after `restarts` of them."""
+    return min(300.0, 2.0 ** max(0, restarts - 1))
 
 
 @contextlib.contextmanager

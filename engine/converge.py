@@ -55,6 +55,8 @@ class Ask:
     restart: frozenset[str] = frozenset()  # `engine restart`: start these again
     controller: bool = False  # unattended: apply the grove's sync policy
     finish: bool = False  # `apply --wait`: a Succeeded agent is done, even with restart: always
+    hold: frozenset[str] = frozenset()  # restarts backing off (a crash loop slows down)
+    gave_up: frozenset[str] = frozenset()  # `apply --wait`: restarted enough, count as Failed
     take_requests: bool = True  # stage 3 and 7: agents' requests
     execute: bool = True  # False: stop after stage 5 (`engine plan`)
     confirm: Callable[[GrovePlan], bool] | None = None  # stage 6; None: yes
@@ -306,6 +308,8 @@ def shape(p: GrovePlan, grove: DesiredGrove, actual: Actual, ask: Ask) -> GroveP
         changes = [_policy(c, grove, actual) for c in changes]
     if ask.finish:
         changes = [_finished(c, grove, actual) for c in changes]
+    if ask.hold or ask.gave_up:
+        changes = [_held(c, ask) for c in changes]
     return dataclasses.replace(p, changes=tuple(changes))
 
 
@@ -333,6 +337,23 @@ def _policy(c: Change, grove: DesiredGrove, actual: Actual) -> Change:
         return dataclasses.replace(c, action=Action.NOOP, reason=c.reason +
                                    "; not repaired: spec.sync.selfHeal is off")
     return c
+
+
+def _held(c: Change, ask: Ask) -> Change:
+    """Restarts per policy the controller is holding back (never one a person asked for)."""
+    if c.action is not Action.RESTART or c.reason == "restart requested":
+        return c
+    if c.agent in ask.gave_up:
+        return dataclasses.replace(c, action=Action.NOOP, reason=c.reason.split(",")[0] +
+                                   f"; not restarted again by this wait (restarted "
+                                   f"{RESTARTS_IN_A_WAIT} times)")
+    if c.agent in ask.hold:
+        return dataclasses.replace(c, action=Action.NOOP,
+                                   reason=c.reason + "; restart backing off")
+    return c
+
+
+RESTARTS_IN_A_WAIT = 3  # `apply --wait` restarts a failing agent this often, then reports it
 
 
 def _finished(c: Change, grove: DesiredGrove, actual: Actual) -> Change:

@@ -142,7 +142,11 @@ def test_failed_command_fails_its_agent_and_others_go_on(repo: Path, engine) -> 
 
 def test_restart_on_failure_is_planned(repo: Path, engine) -> None:
     grove(repo, "    - name: flaky\n      restart: on-failure\n      task: exit 4\n")
-    engine("apply", "--auto-approve", "--wait")
+    t0 = time.monotonic()
+    waited = engine("apply", "--auto-approve", "--wait", "--timeout", "120")
+    # --wait restarts it per policy, backing off (1 s, 2 s), three times; then reports it
+    assert waited.code == 1 and "flaky Failed" in waited.out, waited
+    assert waited.out.count("flaky: restarted") == 3 and time.monotonic() - t0 < 30
     res = engine("plan")
     assert "~> flaky  (restart: exited 4, restart: on-failure)" in res.out
 
