@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,10 @@ class Controller:
 
     @contextlib.contextmanager
     def _observer(self) -> Iterator[None]:
+        # watchdog warns (from its own thread) when a watched directory is replaced and its
+        # watch re-added: harmless, and never the user's business
+        warnings.filterwarnings("ignore", message="Callback with id",
+                                category=RuntimeWarning, module="watchdog")
         obs: Any = Observer()
         handler = _Wake(self.wake, self.root)
         dirs: list[tuple[Path, bool]] = []
