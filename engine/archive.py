@@ -28,6 +28,14 @@ from engine.trust.git import run as git
 ARCHIVE_PREFIX = "refs/engine/archive"
 
 
+def _newest(root: Path, grove: str, agent: str) -> str | None:
+    """The agent's newest archive ref (the highest number), or None."""
+    refs = git(root, "for-each-ref", "--format=%(refname)",
+               f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
+    numbered = [(int(r.rsplit("/", 1)[1]), r) for r in refs if r.rsplit("/", 1)[1].isdigit()]
+    return max(numbered)[1] if numbered else None
+
+
 def _next_archive(root: Path, grove: str, agent: str) -> tuple[str, int]:
     refs = git(root, "for-each-ref", "--format=%(refname)",
                f"{ARCHIVE_PREFIX}/{grove}/{agent}/").splitlines()
@@ -80,9 +88,12 @@ def archive_branch(root: Path, grove: str, agent: str, branch: str, base: str) -
               check=False)
     if not tip or (base and is_ancestor(root, tip, base)):
         return None
-    if git(root, "for-each-ref", "--format=%(refname)", "--contains", tip,
-           f"{ARCHIVE_PREFIX}/{grove}/{agent}/"):
-        return None  # archived when its working copy went, and not moved since
+    holding = git(root, "for-each-ref", "--format=%(refname)", "--contains", tip,
+                  f"{ARCHIVE_PREFIX}/{grove}/{agent}/").split()
+    newest = _newest(root, grove, agent)
+    if newest is not None and newest in holding:
+        return None  # archived when its working copy went, and not moved since (the
+        # newest archive is the one `archive prune` always keeps)
     ref, n = _next_archive(root, grove, agent)
     msg = (f"engine archive {grove}/{agent} #{n}\n\nBranch: {branch}\nBase: {base}\n"
            "Dirty: no\n")

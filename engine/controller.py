@@ -90,6 +90,7 @@ class Controller:
     outcomes: list[tuple[str, executor.Outcome]] = field(default_factory=list)
     timed_out: bool = False
     lost: str = ""  # why the controller stopped acting ("" while it may)
+    had_errors: bool = False  # a pass failed (`watch --once` reports it in its status)
     _busy: dict[str, str] = field(default_factory=dict)  # grove -> holder last reported
     _restarted: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
     _idle_streak: int = 0  # passes in a row that changed nothing (_throttle)
@@ -185,14 +186,17 @@ class Controller:
                                       "reason": e.summary})
             return True
         except InvalidManifests as e:
+            self.had_errors = True
             self.log(f"grove {name}: manifests invalid, nothing changed: {e.summary}")
             events.record(self.root, {"grove": name, "event": "InvalidManifests",
                                       "reason": e.summary})
         except EngineError as e:
+            self.had_errors = True
             self.log(f"grove {name}: {e.summary}")
             events.record(self.root, {"grove": name, "event": "PassFailed",
                                       "reason": e.summary})
         except Exception as e:  # a bug must not take the controller down; log it loudly
+            self.had_errors = True
             self.log(f"grove {name}: internal error: {e!r}")
             events.record(self.root, {"grove": name, "event": "PassCrashed",
                                       "reason": repr(e)})

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +67,19 @@ def failpoint(name: str) -> None:
     there, the way a power cut or an OOM kill would."""
     if os.environ.get("ENGINE_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_tree(path: Path, missing_ok: bool = True) -> None:
+    """Remove a directory an agent may have shaped: fd-based, never following a symlink
+    inside; a tree deeper than Python's recursion goes to `rm -rf`, which walks it
+    iteratively and does not follow symlinks either. OSError when it cannot."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    except RecursionError:
+        r = subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or os.path.lexists(path):
+            raise OSError(f"{path}: cannot remove ({r.stderr.strip()[:200]})") from None

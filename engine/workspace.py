@@ -15,14 +15,13 @@ import contextlib
 import os
 import secrets
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine import archive as archive_mod
-from engine import instructions, paths
+from engine import fsutil, instructions, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError
 from engine.fsutil import failpoint, flock
@@ -322,16 +321,11 @@ def remove_branch(root: Path, grove: str, agent: str, branch: str, base: str,
 
 
 def _rmtree(path: Path) -> None:
-    """Remove a workspace the agent shaped: fd-based, never following a symlink inside;
-    a tree deeper than Python's recursion goes to `rm -rf`, which walks it iteratively
-    and does not follow symlinks either."""
+    """Remove a workspace the agent shaped (fsutil.remove_tree); one error if it cannot."""
     try:
-        shutil.rmtree(path)
-    except RecursionError:
-        r = subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)],
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0 or os.path.lexists(path):
-            raise EngineError(f"{path}: cannot remove ({r.stderr.strip()[:200]})") from None
+        fsutil.remove_tree(path, missing_ok=False)
+    except OSError as e:
+        raise EngineError(f"{path}: cannot remove ({e})") from None
 
 
 @contextlib.contextmanager

@@ -114,6 +114,24 @@ def engine(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
     return run
 
 
+LOCAL_GROVE = """\
+apiVersion: engine/v1alpha1
+kind: Grove
+metadata: {{name: demo}}
+spec:
+  defaults: {{profile: local, harness: shell}}
+  profiles:
+    local: {{runtime: local, spawn: {{allowProfiles: [local]}}}}
+  agents:
+{agents}
+"""
+
+
+def local_grove(root: Path, agents: str) -> Path:
+    """Grove `demo` on the local runtime with the shell harness and these agents."""
+    return write_grove(root, "demo", LOCAL_GROVE.format(agents=agents))
+
+
 def write_grove(root: Path, name: str, text: str, file: str = "grove.yaml") -> Path:
     d = root / "groves" / name
     d.mkdir(parents=True, exist_ok=True)

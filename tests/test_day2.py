@@ -104,6 +104,11 @@ def runtime(request: pytest.FixtureRequest, repo: Path) -> Iterator[str]:
                    capture_output=True, timeout=120)
 
 
+def home_of(repo: Path, runtime: str, agent: str) -> Path:
+    """A local agent's home, or a container's (sealed: no local agent reaches it)."""
+    return repo / ".engine" / ("home-sealed" if runtime == "docker" else "home") / "d2" / agent
+
+
 def test_restart_of_failed_agent_and_home_survives_restart_and_replace(
         repo: Path, runtime: str, engine) -> None:  # type: ignore[no-untyped-def]
     grove(repo, runtime, MARKS.format(word="kept"))
@@ -125,7 +130,7 @@ def test_restart_of_failed_agent_and_home_survives_restart_and_replace(
     # removing the agent removes its home
     grove(repo, runtime, RECORDS)
     assert engine("apply", "--auto-approve").code == 0
-    assert not (repo / ".engine/home/d2/a").exists()
+    assert not home_of(repo, runtime, "a").exists()
 
 
 def test_stopped_agent_stays_stopped_until_start(repo: Path, runtime: str, engine
@@ -142,7 +147,7 @@ def test_stopped_agent_stays_stopped_until_start(repo: Path, runtime: str, engin
     assert res.code == 0 and "no changes" in res.out, res
     assert engine("watch", "--once", "--working-tree").code == 0
     assert status(engine, "s")["phase"] == "Stopped"
-    home = repo / ".engine/home/d2/s"
+    home = home_of(repo, runtime, "s")
     own_home = runtime == "docker" or os.geteuid() == 0  # else it shares the user's home
     if own_home:
         assert (home / "runs").read_text() == "run\n"
@@ -193,7 +198,7 @@ def test_a_link_where_the_home_goes_is_never_followed(repo: Path, runtime: str, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep").write_text("mine\n")
-    home = repo / ".engine/home/d2/a"
+    home = home_of(repo, runtime, "a")
     home.parent.mkdir(parents=True)
     home.symlink_to(elsewhere)
     grove(repo, runtime, MARKS.format(word="x"))
@@ -206,3 +211,37 @@ def test_a_link_where_the_home_goes_is_never_followed(repo: Path, runtime: str, 
     assert [p.name for p in elsewhere.iterdir()] == ["keep"]
     assert (elsewhere / "keep").read_text() == "mine\n"
     assert elsewhere.stat().st_uid == os.geteuid()
+
+
+@pytest.mark.docker
+def test_a_containers_home_is_out_of_a_local_agents_reach(repo: Path, engine,
+                                                          base_image: str) -> None:
+    """Local agents run as uid 1000, which a container's user may share: a container's
+    home sits where only the engine's user can enter, so a local agent cannot read its
+    credential or configuration files by path."""
+    if os.geteuid() != 0:
+        pytest.skip("a local agent runs as another uid only when the engine is root")
+    grove(repo, "docker", MARKS.format(word="x"))
+    assert engine("apply", "--auto-approve", "--wait").code in (0, 1)
+    home = home_of(repo, "docker", "a")
+    assert home.is_dir()
+    peek = subprocess.run(["setpriv", "--reuid", "1000", "--regid", "1000", "--clear-groups",
+                           "ls", str(home)], capture_output=True, text=True)
+    assert peek.returncode != 0 and "Permission denied" in peek.stderr, peek
+    assert engine("destroy", "--auto-approve").code == 0
+
+
+def test_a_home_deeper_than_python_recursion_is_removed_with_its_agent(
+        repo: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    """An agent nests 1,100 directories in its home: deleting it removes them all (no
+    RecursionError, no exit 3), and prune and destroy go on."""
+    if os.geteuid() != 0:
+        pytest.skip("a local agent has a home of its own only when the engine is root")
+    grove(repo, "local", "    - name: a\n      task: |\n"
+                         "        cd \"$HOME\"; for i in $(seq 1100); do mkdir d && cd d; done\n")
+    assert engine("apply", "--auto-approve", "--wait").code == 0
+    home = home_of(repo, "local", "a")
+    assert (home / "d" / "d" / "d").is_dir()
+    res = engine("destroy", "--auto-approve")
+    assert res.code == 0 and "Traceback" not in res.out + res.err, res
+    assert not os.path.lexists(home)

@@ -18,20 +18,9 @@ import pytest
 from engine import inventory
 from engine.errors import LockedError
 from engine.inventory import Inventory, Record
-from tests.conftest import git, write_grove
+from tests.conftest import git, local_grove
 from tests.test_json_output import check
 
-GROVE = """\
-apiVersion: engine/v1alpha1
-kind: Grove
-metadata: {{name: demo}}
-spec:
-  defaults: {{profile: local, harness: shell}}
-  profiles:
-    local: {{runtime: local}}
-  agents:
-{agents}
-"""
 ONE = "    - name: a\n      task: echo A > A && git add A && git commit -qm a\n"
 # holds the lock of grove demo in STATE for SECONDS (then releases it), printing its ID
 HOLDER = """\
@@ -47,7 +36,7 @@ time.sleep(60)
 
 
 def grove(repo: Path, agents: str = ONE, commit: bool = True) -> None:
-    write_grove(repo, "demo", GROVE.format(agents=agents))
+    local_grove(repo, agents)
     if commit:
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "grove")

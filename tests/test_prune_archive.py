@@ -14,19 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine import inbox
-from tests.conftest import git, write_grove
+from tests.conftest import git, local_grove
 
-GROVE = """\
-apiVersion: engine/v1alpha1
-kind: Grove
-metadata: {{name: demo}}
-spec:
-  defaults: {{profile: local, harness: shell}}
-  profiles:
-    local: {{runtime: local}}
-  agents:
-{agents}
-"""
 DONE = "    - name: done\n      task: echo w > W && git add W && git commit -qm work && " \
        "echo u > U\n"
 BUSY = "    - name: busy\n      task: sleep 300\n"
@@ -34,7 +23,7 @@ DAY = 86400
 
 
 def grove(repo: Path, agents: str) -> Path:
-    return write_grove(repo, "demo", GROVE.format(agents=agents))
+    return local_grove(repo, agents)
 
 
 def phase(engine, name: str) -> str:  # type: ignore[no-untyped-def]

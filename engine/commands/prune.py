@@ -115,9 +115,11 @@ def _grove(root: Path, g: desired.DesiredGrove, rts: Runtimes, args: argparse.Na
             continue
         try:
             ref = _prune_one(root, g.name, c, rec, rts, tip)
-        except (EngineError, OSError) as e:
-            why = e.summary if isinstance(e, EngineError) else str(e.strerror or e)
-            ui.err(f"{g.name}/{c.name}: not pruned: {reader.for_terminal(why)}")
+        except Exception as e:  # one agent's files never stop the others' pruning
+            why = e.summary if isinstance(e, EngineError) else \
+                str(e.strerror or e) if isinstance(e, OSError) else \
+                f"internal error: {type(e).__name__}"
+            ui.err(f"{g.name}/{c.name}: not pruned: {reader.one_line(why, 500)}")
             failed += 1
             continue
         finally:

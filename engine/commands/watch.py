@@ -42,7 +42,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--working-tree", action="store_true",
                      help="development mode: converge the manifests as they are on disk, "
                      "uncommitted edits included")
-    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--once", action="store_true",
+                   help="one pass, then exit (status 1 when the pass failed)")
     return p
 
 
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         interval=args.interval, parallelism=args.parallelism, once=args.once,
         revision=revision), _log)
     ctl.run()
-    if ctl.lost:
-        return 1
+    if ctl.lost or (args.once and ctl.had_errors):
+        return 1  # (a long-running controller logs failed passes and goes on)
     if ctl.stop.is_set():
         # stopped by a signal, locks released: worker threads of a pass cut short must not
         # keep the process (interpreter exit would join them)

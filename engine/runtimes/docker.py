@@ -268,7 +268,7 @@ class DockerRuntime:
 
     def delete(self, grove: str, agent: str) -> None:
         self.stop(grove, agent)
-        fs.remove_home(self.repo_root, grove, agent)
+        fs.remove_home(self.repo_root, grove, agent, sealed=True)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         path = self._log_path(grove, agent)

@@ -30,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from engine import paths
+from engine import fsutil, paths
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
 from engine.runtimes import Launch
@@ -57,8 +56,9 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
         raise EngineError(f"agent {a.grove}/{a.name}: agent-side client {launch.client} "
                           "is missing (a broken install)")
     ctl, secrets = launch.run_dir / "ctl", launch.run_dir / "secrets"
-    for d in (ctl, secrets):
-        shutil.rmtree(d, ignore_errors=True)
+    for d in (ctl, secrets):  # the agent wrote in ctl: any shape, any depth
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(d)
     ctl.mkdir(parents=True)
     if os.geteuid() == 0:
         # the container reaches these through its mounts, never by path: no uid on the
@@ -75,7 +75,7 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
         give(p, uid, gid)
     if a.access != "read-only":
         grant_workspace(launch, uid)
-    home = ensure_home(launch.repo_root, a.grove, a.name, uid, gid)
+    home = ensure_home(launch.repo_root, a.grove, a.name, uid, gid, sealed=True)
     return HostDirs(ctl=ctl, secrets=secrets, log=launch.log_file, inbox=launch.inbox,
                     client=launch.client, client_bin=shim, entrypoint=entrypoint, home=home)
 
@@ -84,19 +84,26 @@ def forget(run_dir: Path) -> None:
     """Remove what `prepare` made in the run dir (secret files first) once the container
     is gone; the log and the inbox stay."""
     for sub in ("secrets", "ctl", "bin"):
-        shutil.rmtree(run_dir / sub, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(run_dir / sub)
 
 
-def home_dir(repo_root: Path, grove: str, agent: str) -> Path:
-    """`.engine/home/<grove>/<agent>`: the agent's own home on the host."""
-    return paths.state(repo_root) / "home" / grove / agent
+def home_dir(repo_root: Path, grove: str, agent: str, sealed: bool = False) -> Path:
+    """`.engine/home/<grove>/<agent>`: the agent's own home on the host. `sealed` (a
+    container's home, reached only through its mount): under `.engine/home-sealed/`,
+    which only the engine's user may enter, so no local agent (whose uid a container's
+    user may share) can reach it by path."""
+    return paths.state(repo_root) / ("home-sealed" if sealed else "home") / grove / agent
 
 
-def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int) -> Path:
+def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int,
+                sealed: bool = False) -> Path:
     """The agent's home, made if need be and handed to its uid (a home another uid had,
     the profile's user having changed, is handed over whole, walked by descriptor)."""
-    home = home_dir(repo_root, grove, agent)
+    home = home_dir(repo_root, grove, agent, sealed)
     home.parent.mkdir(parents=True, exist_ok=True)
+    if sealed:
+        os.chmod(home.parent.parent, 0o700)  # entered by the engine's user alone
     made = False
     with contextlib.suppress(FileExistsError):
         home.mkdir(mode=0o700)
@@ -124,16 +131,16 @@ def ensure_home(repo_root: Path, grove: str, agent: str, uid: int, gid: int) -> 
     return home
 
 
-def remove_home(repo_root: Path, grove: str, agent: str) -> None:
+def remove_home(repo_root: Path, grove: str, agent: str, sealed: bool = False) -> None:
     """Remove the agent's home with the agent (a link in it is removed, not followed)."""
-    home = home_dir(repo_root, grove, agent)
+    home = home_dir(repo_root, grove, agent, sealed)
     try:
         st = home.lstat()
     except FileNotFoundError:
         return
     try:
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(home)  # fd-based on Linux: no symlink inside is followed
+            fsutil.remove_tree(home)  # no symlink inside is followed, any depth
         else:
             home.unlink()
     except OSError as e:

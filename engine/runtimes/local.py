@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from engine import __version__, egress, events, harness_install, paths
+from engine import __version__, egress, events, fsutil, harness_install, paths
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
@@ -323,7 +323,7 @@ class LocalRuntime:
 
     def _write_secrets(self, d: Path, values: dict[str, str]) -> None:
         if d.exists():
-            shutil.rmtree(d)
+            fsutil.remove_tree(d)
         if not values:
             return
         d.mkdir(mode=0o700)
@@ -417,7 +417,7 @@ class LocalRuntime:
         if rd.is_symlink():
             rd.unlink()
         elif rd.exists():
-            shutil.rmtree(rd)
+            fsutil.remove_tree(rd)
 
     def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
         sess = self.session(grove, agent)
