@@ -83,7 +83,7 @@ def archive_branch(root: Path, grove: str, agent: str, branch: str, base: str) -
     """Save the commits of a branch that has no working copy any more (an agent that
     `engine prune --finished` left its branch), before the branch is deleted: an archive
     whose tree is the branch tip's and whose parent is the tip. None when the tip is on
-    `base` or already in an archive of the agent (one `for-each-ref --contains`)."""
+    `base` or already in the agent's newest archive (the one `archive prune` keeps)."""
     tip = git(root, "rev-parse", "-q", "--verify", f"refs/heads/{branch}^{{commit}}",
               check=False)
     if not tip or (base and is_ancestor(root, tip, base)):

@@ -321,3 +321,23 @@ def test_a_pruned_agents_branch_is_archived_before_it_is_deleted(repo: Path, eng
     assert git(repo, "log", "-1", "--format=%s", f"{ref}^") == "by hand"
     assert git(repo, "branch", "--list", "engine/demo/b") == ""
     assert workspace.remove_branch(repo, "demo", "b", "engine/demo/b", base) is None
+
+
+def test_a_branch_only_an_older_archive_holds_is_archived_again(repo: Path) -> None:
+    """`archive prune` keeps only an agent's newest archive: a branch tip that only an
+    older archive holds is archived anew before the branch goes."""
+    from engine import archive
+
+    base = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-qb", "engine/demo/a")
+    (repo / "W").write_text("w\n")
+    git(repo, "add", "W")
+    git(repo, "commit", "-qm", "work")
+    tip = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "main")
+    git(repo, "update-ref", "refs/engine/archive/demo/a/1", tip)  # holds the tip
+    assert archive.archive_branch(repo, "demo", "a", "engine/demo/a", base) is None
+    git(repo, "update-ref", "refs/engine/archive/demo/a/2", base)  # newer, without it
+    ref = archive.archive_branch(repo, "demo", "a", "engine/demo/a", base)
+    assert ref == "refs/engine/archive/demo/a/3"
+    assert git(repo, "merge-base", "--is-ancestor", tip, ref) == ""
