@@ -53,6 +53,14 @@ class Record:
     stopped: bool = False  # `engine stop`: stays stopped (no restart) until `engine start`
     error: str = ""  # why the last create/start failed ("" when it did not)
     pruned_at: str = ""  # `engine prune --finished`: the ended agent's workspace is gone
+    # tokens and cost the harness reported (engine.usage): totals of the runs that ended
+    # (`usage`) and the current run's latest report (`run_usage`); {} = nothing reported
+    usage: dict[str, Any] = field(default_factory=dict)
+    run_usage: dict[str, Any] = field(default_factory=dict)
+    run_mark: str = ""  # which run `run_usage` belongs to ("<restarts>:<createdAt>")
+    waiting: str = ""  # WaitingForInput: the harness's message ("" = not waiting)
+    waiting_since: str = ""
+    stopped_reason: str = ""  # why the engine stopped it (e.g. a budget), "" = a person
 
     def pruned_phase(self) -> str | None:
         """The phase an agent `engine prune --finished` removed ended in (Succeeded or
