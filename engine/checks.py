@@ -224,3 +224,75 @@ def graph_problems(src: GroveSource, parents: Mapping[str, str | None], max_agen
             out.append(entry.diag(f"agent {name}: spawn depth {depth} is over policy.maxDepth "
                                   f"{max_depth}", "spawnedBy"))
     return out
+
+
+# -- spec.notify ------------------------------------------------------------------------
+
+NOTIFY_TIMEOUT_MAX = 60  # seconds: one webhook attempt or one command run
+_CHANNEL_TYPES = ("webhook", "command", "stream")
+_NOTIFY_DIR = "notify"  # .engine/notify/...: where relative stream files may also live
+_ENGINE_FILES = frozenset({"events.jsonl", "secret-key"})
+
+
+def stream_path_problem(path: str) -> str:
+    """Why a stream channel may not append to `path` ("" when it may): a relative path
+    must be a file directly in `.engine/` (not one the engine keeps) or under
+    `.engine/notify/`, never in a directory agents write to; absolute paths are the
+    user's choice."""
+    p = Path(path)
+    if p.is_absolute():
+        return ""
+    parts = p.parts
+    if ".." in parts or not parts or parts[0] != paths.STATE_DIR or len(parts) < 2:
+        return f"a relative path must stay inside {paths.STATE_DIR}/ (or be absolute)"
+    if len(parts) == 2 and (parts[1] in _ENGINE_FILES or parts[1].startswith(".")):
+        return f"{paths.STATE_DIR}/{parts[1]} is the engine's own file"
+    if len(parts) > 2 and parts[1] != _NOTIFY_DIR:
+        return (f"a relative path must be a file directly in {paths.STATE_DIR}/ or under "
+                f"{paths.STATE_DIR}/{_NOTIFY_DIR}/ (not in a directory agents write to)")
+    return ""
+
+
+def _timeout_problem(value: Any) -> str:
+    seconds = value if isinstance(value, int) else \
+        int(str(value)[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[str(value)[-1]]
+    if seconds <= 0:
+        return f"timeout {value} is not positive"
+    if seconds > NOTIFY_TIMEOUT_MAX:
+        return f"timeout {value} is over {NOTIFY_TIMEOUT_MAX}s"
+    return ""
+
+
+def notify(src: GroveSource) -> list[Diagnostic]:
+    """spec.notify: each channel is one of webhook, command or stream; timeouts are
+    positive and bounded; stream files stay out of the engine's and agents' files; every
+    route names channels that exist. (Kinds, formats and retries the schema checks.)"""
+    spec = src.spec.get("notify") or {}
+    at = ("spec", "notify")
+    out = []
+    channels = spec.get("channels") or {}
+    for name, ch in sorted(channels.items()):
+        where = (*at, "channels", name)
+        said = f"grove {src.name}: spec.notify.channels.{name}"
+        kinds = [k for k in _CHANNEL_TYPES if k in ch]
+        if len(kinds) != 1:
+            out.append(src.grove.diag(f"{said}: needs exactly one of webhook, command or "
+                                      f"stream (has {', '.join(kinds) or 'none'})", *where))
+        if "timeout" in ch and "command" not in ch:
+            out.append(src.grove.diag(f"{said}: timeout applies to command channels only "
+                                      "(a webhook's goes inside webhook:)", *where, "timeout"))
+        for sub, value in (((), ch.get("timeout")),
+                           (("webhook",), (ch.get("webhook") or {}).get("timeout"))):
+            if value is not None and (why := _timeout_problem(value)):
+                out.append(src.grove.diag(f"{said}: {why}", *where, *sub, "timeout"))
+        if "stream" in ch and (why := stream_path_problem(ch["stream"]["path"])):
+            out.append(src.grove.diag(f"{said}: stream path {ch['stream']['path']}: {why}",
+                                      *where, "stream", "path"))
+    known = ", ".join(sorted(channels)) or "none"
+    for i, route in enumerate(spec.get("routes") or []):
+        for j, target in enumerate(route.get("to") or []):
+            if target not in channels:
+                out.append(src.grove.diag(f"grove {src.name}: spec.notify.routes[{i}].to: "
+                                          f"unknown channel {target!r} (channels: {known})",
+                                          *at, "routes", i, "to", j))
+    return out

@@ -22,9 +22,11 @@ from engine.errors import EngineError, InvalidManifests, UsageError
 COMMANDS = [
     "init", "validate", "plan", "apply", "status", "graph", "destroy", "watch", "spawn",
     "logs", "look", "attach", "message", "diff", "merge", "restore", "archive", "prune",
-    "explain", "restart", "stop", "start", "resume",
-    "force_unlock", "image", "history", "harness", "egress",
+    "explain", "restart", "stop", "start", "resume", "cost",
+    "force_unlock", "image", "history", "harness", "egress", "events", "approve",
 ]
+# commands registered by another command's module: `engine deny` by approve's
+MODULE_OF = {"deny": "approve"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +41,7 @@ def _command_in(argv: Sequence[str]) -> str | None:
         args = args[2:]
     if args and not args[0].startswith("-"):
         name = args[0].replace("-", "_")
+        name = MODULE_OF.get(name, name)
         return name if name in COMMANDS else None
     return None
 

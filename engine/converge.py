@@ -32,14 +32,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import desired, events, executor, ingest, inventory, manifest, paths, plan
+from engine import (
+    budget,
+    desired,
+    events,
+    executor,
+    ingest,
+    inventory,
+    manifest,
+    notify,
+    paths,
+    plan,
+    signals,
+)
 from engine.actual import Actual
 from engine.desired import DesiredGrove
 from engine.errors import EngineError, InvalidManifests, StalePlanError
 from engine.executor import Hooks, Outcome, Settings
 from engine.observe import Runtimes, observe, status_rows
 from engine.plan import Action, Change, GrovePlan
-from engine.runtimes import SUCCEEDED
+from engine.runtimes import FAILED, SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -194,9 +206,10 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
         and ask.revision is None else load_desired(root, name, opts, ask.revision)
     # 3. requests: judged, not yet answered
     judged: list[ingest.Judged] = []
+    awaiting: list[ingest.Judged] = []  # waiting for a person (engine approve): shown only
     source = _source(root, name, ask.revision)  # the gate judges by the plan's manifests
     if ask.take_requests and not ask.destroy and ask.saved is None:
-        judged = ingest.judge(root, base, opts, source)
+        judged, awaiting = ingest.review(root, base, opts, source)
     elif ask.saved is not None and ask.saved.spawns:
         judged = [j for j in ingest.judge(root, base, opts, source)
                   if j.request in ask.saved.spawns]
@@ -210,8 +223,9 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
         the_plan = ask.saved
     else:
         requested = tuple((j.request, j.spawn.name, j.spawn.parent) for j in judged)
-        the_plan = shape(plan.plan_grove(grove, actual, _spawn_reasons(judged), requested),
-                         grove, actual, ask)
+        waiting = tuple((j.request, j.spawn.name, j.spawn.parent) for j in awaiting)
+        the_plan = shape(plan.plan_grove(grove, actual, _spawn_reasons(judged), requested,
+                                         waiting), grove, actual, ask)
     preflight(root, grove, the_plan, rts)
     result = Result(name, the_plan, desired=grove, actual=actual)
     if not ask.execute:
@@ -223,8 +237,11 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     if ask.lock_id and not inventory.held(paths.state(root), name, ask.lock_id):
         raise LostLock(f"grove {name}: this operation's lock was removed (force-unlock?); "
                        "stopping without acting")
-    # 7. execute: requests first (spawns written back and answered), then the plan
+    # 7. execute: requests first (agents' reports taken, spawns written back and answered),
+    # then the plan
     if ask.take_requests and not ask.destroy:
+        signals.take(root, grove, actual.inventory, rts,
+                     {n: o.phase for n, o in actual.observed.items()})
         rep = ingest.process(root, base, opts, rts,
                              lambda g: status_rows(g, observe(root, g.name, g, rts)),
                              only={j.key: j.spawn for j in judged},
@@ -237,6 +254,10 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
             the_plan = _replanned(the_plan, shape(plan.plan_grove(grove, actual), grove,
                                                   actual, ask))
             result.plan, result.desired = the_plan, grove
+    if not ask.destroy:  # budgets: what crossed one stops (its work kept), and stays so
+        halted = budget.enforce(root, grove, actual, rts, log)
+        the_plan = budget.hold(the_plan, halted)
+        result.plan = the_plan
     if the_plan.has_changes:
         result.outcomes = executor.execute(root, grove, the_plan, actual.inventory, rts,
                                            ask.hooks, ask.settings)
@@ -245,8 +266,31 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     # 8. notify
     if not ask.destroy:
         ingest.notify_parents(root, grove, actual)
+        announce(root, grove, actual)
         _expire_inbox(root, name)
+        notify.dispatch(root, grove)  # to people: in the background, never blocking
     return result
+
+
+def announce(root: Path, grove: DesiredGrove, actual: Actual) -> int:
+    """An `AgentEnded` event once per ending of each agent (what people are notified of)."""
+    inv = actual.inventory
+    told = 0
+    for name, rec in sorted(inv.agents.items()):
+        obs = actual.observed.get(name)
+        if obs is None or obs.phase not in (SUCCEEDED, FAILED):
+            continue
+        mark = f"{obs.phase}:{rec.restarts}"
+        if rec.announced == mark:
+            continue
+        rec.announced = mark
+        events.record(root, {"grove": grove.name, "agent": name, "event": "AgentEnded",
+                             "phase": obs.phase, "exitCode": obs.exit_code,
+                             "reason": obs.reason})
+        told += 1
+    if told:
+        inventory.save(paths.state(root), inv)
+    return told
 
 
 def _expire_inbox(root: Path, name: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from engine.yamlio import MAX_FILE_BYTES, NotReadable, bulk, read_regular
 # Settings that change how the engine treats an agent but not the agent's process: a change
 # updates the inventory in place instead of replacing the agent.
 IN_PLACE = frozenset({"restart", "dependsOn", "spawnedBy", "spawnedAt", "spawnRequest",
-                      "description", "spawn"})
+                      "description", "spawn", "limits"})
 DEFAULT_POLICY = {"maxAgents": 50, "maxDepth": 3, "maxChildren": 10}
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "Ki": 1024, "Mi": 1024**2,
           "Gi": 1024**3, "Ti": 1024**4}
@@ -45,6 +46,25 @@ class Resources:
     cpus: float | None = None
     memory: int | None = None  # bytes
     pids: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An agent's budgets (`limits`), for it and its spawn subtree together; None: no
+    limit on that field. `engine.budget` enforces them."""
+
+    max_cost_usd: float | None = None
+    max_tokens: int | None = None
+    max_turns: int | None = None
+
+    def items(self) -> list[tuple[str, float | int]]:
+        """(manifest field, value) of the limits that are set, in a fixed order."""
+        return [(k, v) for k, v in zip(LIMIT_FIELDS, (self.max_cost_usd, self.max_tokens,
+                                                      self.max_turns), strict=True)
+                if v is not None]
+
+
+LIMIT_FIELDS = ("maxCostUSD", "maxTokens", "maxTurns")
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,14 @@ class DesiredAgent:
     # plain configuration files the chosen auth method puts in the agent's home: (path
     # relative to the home, content); delivered like credential files (HOME_FILE_PREFIX<n>)
     home_files: tuple[tuple[str, str], ...] = ()
+    # `mode: interactive`: the program runs as a conversation in its session (message,
+    # attach and resume talk to it); headless runs one task and exits
+    mode: str = "headless"
+    # the agent-side adapter (`engine adapt NAME -- argv`) that relays the harness's
+    # machine-readable output (tokens, cost, "needs input") to the engine; None: none
+    adapter: str | None = None
+    exit_text: str = ""  # typed into an interactive program to end it once it is done
+    limits: Limits = Limits()  # budgets; a change is made in place (IN_PLACE)
 
     @property
     def branch(self) -> str:
@@ -112,11 +140,14 @@ class DesiredAgent:
         has one, with `task` (`engine resume --task`) as the next message in place of the
         agent's own task."""
         if not resume or not self.resume_command:
-            return self.command
-        if task is None:
-            return self.resume_command
-        mode, flag = self.task_form
-        return self.resume_prefix + tuple(task_args({"taskArg": mode, "taskFlag": flag}, task))
+            argv = self.command
+        elif task is None:
+            argv = self.resume_command
+        else:
+            mode, flag = self.task_form
+            argv = self.resume_prefix + tuple(task_args({"taskArg": mode,
+                                                         "taskFlag": flag}, task))
+        return ("engine", "adapt", self.adapter, "--", *argv) if self.adapter else argv
 
     def settings_map(self) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(self.settings)
@@ -156,6 +187,8 @@ class Policy:
     max_agents: int
     max_depth: int
     max_children: int
+    approval: str = "auto"  # manual: a person approves children (engine approve / deny)
+    approval_from_depth: int = 1  # with manual: children at this depth or deeper only
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,9 @@ class DesiredGrove:
                                              default_factory=dict)
     sync_prune: bool = False  # spec.sync.prune: the controller deletes agents that left
     self_heal: bool = True  # spec.sync.selfHeal: the controller repairs drift
+    # spec.notify as written (engine.notify parses it); no agent's spec hash covers it
+    notify: dict[str, Any] = field(compare=False, hash=False, repr=False,
+                                   default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_name.update({a.name: a for a in self.agents})
@@ -211,6 +247,27 @@ def parse_memory(value: Any) -> int | None:
     if not m or m.group(2) not in _UNITS:
         raise ValueError(f"bad memory size {value!r}")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _adapter(value: Any) -> str | None:
+    return None if value in (None, "", "none") else str(value)
+
+
+def _interactive(merged: dict[str, Any]) -> bool:
+    """`mode: interactive` takes the harness's `interactive` invocation (command, how the
+    task is sent as the first message, resume, adapter, exit text) in place of the
+    headless one. False when the harness has none to offer."""
+    block = merged.pop("interactive", None)
+    if merged.get("mode") != "interactive":
+        return True
+    if not isinstance(block, dict):
+        return False
+    for key in ("command", "taskArg", "taskFlag", "resume", "adapter", "exitText"):
+        if key in block:
+            merged[key] = block[key]
+        elif key in ("resume", "adapter", "exitText"):
+            merged.pop(key, None)
+    return True
 
 
 def task_args(merged: dict[str, Any], task: str) -> list[str]:
@@ -250,6 +307,7 @@ class _Builder:
         self.auth_methods: dict[str, list[dict[str, Any]]] = {}  # per harness name
         self.bases: dict[tuple[str, str], dict[str, Any]] = {}
         self.allow_env: list[str] = []  # the current agent's allowEnv
+        self.limit_diags: list[Diagnostic] = []  # budgets that are no positive number
 
     def problem(self, entry: Entry, message: str, *sub: str | int) -> None:
         self.diags.append(entry.diag(f"agent {entry.name}: {message}", *sub))
@@ -261,6 +319,9 @@ class _Builder:
         self.diags += checks.root_users(src, opts.user, opts.sets)
         self.diags += checks.allow_env(src, opts.user, opts.sets)
         self.diags += checks.references(src, harnesses.names())
+        self.limit_diags = limit_problems(src)
+        self.diags += self.limit_diags
+        self.diags += checks.notify(src)
         agents = []
         for name in sorted(src.agents):
             try:
@@ -268,7 +329,8 @@ class _Builder:
             except InvalidManifests as e:
                 self.diags.extend(e.diagnostics)
         pol = {**DEFAULT_POLICY, **(src.spec.get("policy") or {})}
-        policy = Policy(pol["maxAgents"], pol["maxDepth"], pol["maxChildren"])
+        policy = Policy(pol["maxAgents"], pol["maxDepth"], pol["maxChildren"],
+                        str(pol.get("approval", "auto")), int(pol.get("approvalFromDepth", 1)))
         self.diags += checks.graph_problems(src, self.parents, policy.max_agents, policy.max_depth,
                                    policy.max_children)
         if self.diags:
@@ -283,11 +345,15 @@ class _Builder:
             harnesses=tuple(sorted(set(src.harnesses) | set(harnesses.names()))),
             manifest_digest=manifest_digest(src.directory) if src.directory.is_dir() else "",
             sync_prune=bool((spec.get("sync") or {}).get("prune", False)),
-            self_heal=bool((spec.get("sync") or {}).get("selfHeal", True)))
+            self_heal=bool((spec.get("sync") or {}).get("selfHeal", True)),
+            notify=dict(spec.get("notify") or {}))
 
     def _agent(self, entry: Entry) -> DesiredAgent:
         src, opts = self.src, self.opts
         merged, _ = resolve(src, entry.name, opts, bases=self.bases)
+        if not _interactive(merged):
+            self.problem(entry, f"harness {merged['harness']} has no interactive "
+                                "invocation (mode: interactive needs its `interactive:`)", "mode")
         self.allow_env = [str(n) for n in merged.get("allowEnv") or []]
         runtime = merged.get("runtime", "local")
         parent = merged.get("spawnedBy")
@@ -362,7 +428,29 @@ class _Builder:
             egress=egress, program=_program(merged),
             credential_files=auth.files + tuple(
                 (f"{HOME_FILE_PREFIX}{i}", path) for i, (path, _) in enumerate(auth.home_files)),
-            home_files=auth.home_files)
+            home_files=auth.home_files, mode=str(merged.get("mode") or "headless"),
+            adapter=_adapter(merged.get("adapter")), exit_text=str(merged.get("exitText") or ""),
+            limits=self._limits(entry, merged))
+
+    def _limits(self, entry: Entry, merged: dict[str, Any]) -> Limits:
+        """The resolved `limits`. The manifests' values were checked where they are
+        written (`limit_problems`); one that is no positive number here came from the
+        user config, and is said at the agent."""
+        raw = merged.get("limits") or {}
+        values: dict[str, Any] = {}
+        for key in LIMIT_FIELDS:
+            value = raw.get(key) if isinstance(raw, dict) else None
+            if value is None:
+                continue
+            if _limit_value(key, value) is None:
+                if not self.limit_diags:
+                    self.problem(entry, f"limits.{key}: {value!r} is not a positive "
+                                        f"{'number' if key == 'maxCostUSD' else 'integer'}",
+                                 "limits")
+                continue
+            values[key] = _limit_value(key, value)
+        return Limits(values.get("maxCostUSD"), values.get("maxTokens"),
+                      values.get("maxTurns"))
 
     def _egress(self, entry: Entry, merged: dict[str, Any]) -> tuple[str, ...]:
         """The endpoints of a `network: egress` agent: the profile's `egress` list, where
@@ -513,6 +601,38 @@ class _Builder:
             at = f" (declared at {declared[0]})" if declared else ""
             self.problem(entry, f"{e.summary}{at}", "credentials")
             return ""
+
+
+def _limit_value(key: str, value: Any) -> float | int | None:
+    """A budget as the engine keeps it, or None when it is no positive (finite) number
+    (the schema cannot refuse NaN: every comparison with it is false)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value <= 0:
+        return None
+    if key == "maxCostUSD":
+        return float(value)
+    return int(value) if float(value).is_integer() else None  # 5.0 is the integer 5
+
+
+def limit_problems(src: GroveSource) -> list[Diagnostic]:
+    """Budgets that are no positive number (NaN, which passes the schema), each at the
+    file:line that sets it: the grove's `spec.limits`, a profile's or an agent's."""
+    out = []
+    places: list[tuple[Any, Any]] = [(src.spec.get("limits"), lambda m, k: src.grove.diag(
+        f"grove {src.name}: {m}", "spec", "limits", k))]
+    for kind, entries in (("profile", src.profiles), ("agent", src.agents)):
+        for name, e in sorted(entries.items()):
+            places.append((e.data.get("limits"), lambda m, k, e=e, w=f"{kind} {name}":
+                           e.diag(f"{w}: {m}", "limits", k)))
+    for limits, diag in places:
+        if not isinstance(limits, dict):
+            continue
+        for key in LIMIT_FIELDS:
+            value = limits.get(key)
+            if value is not None and _limit_value(key, value) is None:
+                out.append(diag(f"limits.{key}: {value!r} is not a positive number", key))
+    return out
 
 
 def build(src: GroveSource, opts: Options | None = None) -> DesiredGrove:

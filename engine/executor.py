@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from engine import graph, inventory, paths, secrets, workspace
+from engine import graph, inventory, paths, secrets, usage, workspace
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent, DesiredGrove
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import failpoint
@@ -203,6 +203,9 @@ def _save_record(run: Run, a: DesiredAgent, ws: workspace.Workspace | None,
                  created_at=old.created_at if old and old.created_at else inventory.now(),
                  restarts=old.restarts if old else 0, pending=pending,
                  parent=a.spawned_by or "", notified="", error=error)
+    if old is not None:  # a new run: what the agent used so far stays counted (budgets)
+        rec.usage = usage.of_record(old.usage, old.run_usage).to_json()
+        rec.run_mark = f"{rec.restarts}:{rec.created_at}"
     run.record(a.name, rec)
 
 

@@ -8,7 +8,10 @@ commits still read), and reports what each commit changed. A merge only reports 
 none of its parents had, so a change made on a branch is told once, by its own commit.
 `add_uncommitted` adds, as an event with no commit, the spawns written to the working copy
 of a grove's spawned.yaml that HEAD does not have (a write-back whose commit failed or was
-not asked for), so no spawn is ever missing from the history.
+not asked for), so no spawn is ever missing from the history. Who approved a child
+(`policy.approval: manual`) comes from the write-back commit's `Spawn-Approved-By` trailer;
+`denials` reads the requests people denied from the event log (a denial writes nothing to
+git).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from engine import manifest, revisions
+from engine import events, manifest, revisions
 from engine.topology import changed_fields
 from engine.trust import git as trust_git
 from engine.yamlio import MAX_FILE_BYTES, NotReadable, YamlError, load_text, read_regular
 
-TRAILERS = ("Spawned-By", "Spawn-Request")
+TRAILERS = ("Spawned-By", "Spawn-Request", "Spawn-Approved-By")
+APPROVED_BY = re.compile(r"(.+) \(request ([A-Za-z0-9_.-]{1,80})\)")  # WHO (request ID)
 _FMT = "%H%x1f%P%x1f%an%x1f%ae%x1f%aI%x1f%s%x1f%(trailers:only,unfold)%x1e"
 
 
@@ -58,6 +62,11 @@ class Commit:
             return f"uncommitted {self.date}: {self.subject}"
         return f"{self.sha[:10]} {self.date} {self.author} <{self.email}>: {self.subject}"
 
+    def approvals(self) -> dict[str, str]:
+        """request id -> who approved it, from the `Spawn-Approved-By` trailers."""
+        found = (APPROVED_BY.fullmatch(v) for v in self.trailers.get("Spawn-Approved-By", []))
+        return {m.group(2): m.group(1) for m in found if m}
+
     def to_json(self) -> dict[str, Any]:
         return {"commit": self.sha or None, "uncommitted": not self.sha,
                 "parents": list(self.parents), "author": self.author,
@@ -86,8 +95,11 @@ class Event:
         return out | {r.parent for _, r in self.added if r.parent}
 
     def to_json(self) -> dict[str, Any]:
+        ok = self.commit.approvals()
         return {**self.commit.to_json(), "grove": self.grove,
-                "added": [r.to_json(n) for n, r in self.added],
+                "added": [{**r.to_json(n), **({"approvedBy": ok[r.request]}
+                                               if r.request in ok else {})}
+                          for n, r in self.added],
                 "removed": [r.to_json(n) for n, r in self.removed],
                 "changed": [{"name": n, "fields": f} for n, f in self.changed],
                 "invalid": self.invalid or None}
@@ -96,10 +108,13 @@ class Event:
         lines = [f"{self.commit.line()}  [grove {self.grove}]"]
         lines += [f"  {k}: {v}" for k, vs in sorted(self.commit.trailers.items())
                   for v in vs if k in TRAILERS]
+        ok = self.commit.approvals()
         for n, r in self.added:
-            via = f" (spawned by {r.parent}" + (f", request {r.request})" if r.request
-                                                else ")") if r.parent else " (seed agent)"
-            lines.append(f"  + {n}{via}")
+            via = [f"spawned by {r.parent}"] if r.parent else ["seed agent"]
+            via += [f"request {r.request}"] if r.parent and r.request else []
+            by = ok.get(r.request or "")
+            via += [f"approved by {by}"] if by else []
+            lines.append(f"  + {n} ({', '.join(via)})")
         lines += [f"  - {n}" for n, _ in self.removed]
         lines += [f"  ~ {n}: {', '.join(f)}" for n, f in self.changed]
         if self.invalid:
@@ -341,3 +356,36 @@ def _working_copy(path: Path, display: str) -> tuple[str, dict[str, AgentRec]]:
         return f"{display}: {e}", {}
     except (OSError, UnicodeDecodeError) as e:
         return f"{display}: cannot be read ({e.__class__.__name__})", {}
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A spawn request a person denied (`engine deny`), from the event log."""
+
+    time: str
+    grove: str
+    parent: str
+    request: str
+    child: str
+    by: str
+    reason: str
+
+    def line(self) -> str:
+        return (f"{self.time} [grove {self.grove}] {self.parent} asked for {self.child or '?'} "
+                f"(request {self.request}): denied by {self.by}: {self.reason}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time, "grove": self.grove, "parent": self.parent,
+                "request": self.request, "child": self.child, "by": self.by,
+                "reason": self.reason}
+
+
+def denials(root: Path, groves: list[str] | None = None) -> list[Denial]:
+    """The `SpawnDenied` events of the selected groves, oldest first."""
+    out = []
+    for ev in events.read(root):
+        if ev.get("event") != "SpawnDenied" or (groves and ev.get("grove") not in groves):
+            continue
+        out.append(Denial(*(str(ev.get(k) or "") for k in
+                            ("time", "grove", "from", "id", "child", "by", "reason"))))
+    return out

@@ -28,13 +28,15 @@ from engine.policy import Gate as Gate  # for callers not moved yet (commands/sp
 from engine.trust import reader
 
 MAX_REQUEST_BYTES = 64 * 1024
-KINDS = {"SpawnRequest", "MessageRequest", "StatusRequest", "DoneReport"}
+KINDS = {"SpawnRequest", "MessageRequest", "StatusRequest", "DoneReport", "AgentReport"}
+REPORT = "AgentReport"  # what the harness says about itself (engine.signals takes these)
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,80}")
 MAX_REQUESTS = 256  # read per agent and pass; the rest wait for the next pass
 MAX_REASON = 300  # characters of an answer's reason
 # the spec fields that must be strings (or absent) for each kind
 STRING_FIELDS = {"SpawnRequest": ("name", "task", "profile", "harness"),
-                 "MessageRequest": ("to", "text"), "DoneReport": ("result",)}
+                 "MessageRequest": ("to", "text"), "DoneReport": ("result",),
+                 "AgentReport": ("state", "message")}
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,10 @@ def inbox_dir(root: Path, grove: str, agent: str) -> Path:
     return paths.state(root) / "inbox" / grove / agent
 
 
-def scan(root: Path, grove: str) -> tuple[list[Request], list[Answer]]:
+def scan(root: Path, grove: str, reports: bool = False
+         ) -> tuple[list[Request], list[Answer]]:
     """Pending requests, oldest first; ones that cannot be read come back as rejections.
+    AgentReports (engine.signals takes them, unanswered) only with `reports`.
 
     Only real (not symlinked) directories named like agents are looked in, and every
     entry named `req-*.json` is read through the trust reader: a symlink, FIFO, device,
@@ -77,11 +81,33 @@ def scan(root: Path, grove: str) -> tuple[list[Request], list[Answer]]:
                  if n.startswith("req-") and n.endswith(".json")]
         for name in names[:MAX_REQUESTS]:
             try:
-                reqs.append(_parse(base, agent, name))
+                req = _parse(base, agent, name)
             except reader.Untrusted as e:
                 req = Request(agent, base / agent / name, _safe_id(name), "Invalid", {})
                 bad.append(Answer(req, "rejected", e.summary))
+                continue
+            if reports or req.kind != REPORT:
+                reqs.append(req)
     return reqs, bad
+
+
+def consume(root: Path, grove: str, req: Request) -> None:
+    """Remove a request that needs no answer (an AgentReport, taken in), never following
+    a link: the entry itself goes, whatever it is."""
+    base = paths.state(root) / "inbox" / grove
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        top = os.open(base, flags)
+        try:
+            d = os.open(req.agent, flags, dir_fd=top)
+        finally:
+            os.close(top)
+        try:
+            os.unlink(req.path.name, dir_fd=d)
+        finally:
+            os.close(d)
+    except OSError:
+        pass
 
 
 def _safe_id(name: str) -> str:

@@ -6,6 +6,13 @@ held. Spawns are gated (`policy.Gate`), written back in one durable batch, then 
 Every file an agent could have written (its earlier answers, results) is read through
 `engine.trust.reader`, and one bad request never stops the pass: whatever goes wrong with
 it becomes its rejection, and the other requests are still answered.
+
+Approval (`policy.approval: manual`): a spawn the gate accepts whose child needs a person
+is neither written back nor answered; it waits, pending approval, until `engine approve`
+or `engine deny` (`decide`, called by those commands with the grove's lock held) records
+a decision in `engine.approval`'s file and answers it. An approval holds only for the
+child that was judged (its digest); a denial recorded before a crash is answered by the
+next pass.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import desired, events, inbox, inventory, paths, writeback
+from engine import approval, desired, events, inbox, inventory, paths, writeback
 from engine.actual import Actual
 from engine.desired import DesiredGrove
 from engine.errors import EngineError
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
 
 RESULT_BYTES = 64 * 1024  # an agent's result text (DoneReport), as written and as read
 REPLAY_STATUSES = ("rejected", "delivered", "ok")
+PENDING = "pending"  # a Judged's approval, an Answer's status: waits for a person
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Report:
     accepted: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     other: int = 0
+    waiting: list[str] = field(default_factory=list)  # `parent/id` pending approval
 
     @property
     def wrote_manifests(self) -> bool:
@@ -53,6 +62,7 @@ class Judged:
 
     request: str
     spawn: writeback.Spawn
+    approval: str = ""  # "" no person needed; "approved" by one; PENDING: waits for one
 
     @property
     def key(self) -> str:
@@ -61,27 +71,44 @@ class Judged:
 
 def judge(root: Path, grove: DesiredGrove, opts: desired.Options,
           source: Callable[[], GroveSource] | None = None) -> list[Judged]:
-    """The spawns that pending requests would add, judged by the gate as `process` would,
-    with nothing written or answered (`plan` shows them; a cancelled apply leaves them)."""
+    """The spawns that pending requests would add (`review`'s first list)."""
+    return review(root, grove, opts, source)[0]
+
+
+def review(root: Path, grove: DesiredGrove, opts: desired.Options,
+           source: Callable[[], GroveSource] | None = None
+           ) -> tuple[list[Judged], list[Judged]]:
+    """(the spawns that pending requests would add, the ones waiting for a person's
+    approval), judged by the gate as `process` would, with nothing written or answered
+    (`plan` shows them; a cancelled apply leaves them). A child waiting for approval does
+    not count against the policy's limits for the others."""
     reqs, _ = inbox.scan(root, grove.name)
     spawns = [r for r in reqs if r.kind == "SpawnRequest"]
     if not spawns:
-        return []
+        return [], []
     recorded = writeback.recorded_keys(root, grove.name)
+    decisions = approval.load(root, grove.name)
     from engine import policy
 
     gate = policy.Gate(root, grove, opts, source)
-    out = []
+    out, waiting = [], []
     for req in spawns:
-        if _key(req) in recorded or _answered(root, grove.name, req):
-            continue  # taken in before, or answered: `process` replays its answer
+        if _key(req) in recorded or _answered(root, grove.name, req) \
+                or _denial(decisions, req) is not None:
+            continue  # taken in, answered or denied before: `process` answers it
         try:
-            out.append(Judged(req.id, gate.check(req)))
+            spawn = gate.check(req)
         except EngineError:
             continue  # rejected when taken in, with its reason
         except Exception:  # one agent's request never stops the plan
             continue
-    return out
+        state = _approval(grove, spawn, decisions)
+        if state == PENDING:
+            _set_aside(gate, spawn)
+            waiting.append(Judged(req.id, spawn, PENDING))
+        else:
+            out.append(Judged(req.id, spawn, state))
+    return out, waiting
 
 
 def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtimes,
@@ -93,13 +120,17 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     requests to take in, each with the child a confirmed plan showed; a request the gate
     would accept otherwise (not shown, or rewritten since: another child) stays pending
     for the next plan, so nothing is written that was not confirmed. `commit`: commit the
-    write-back (default: the grove's `writeBack.commit`)."""
+    write-back (default: the grove's `writeBack.commit`). A spawn waiting for a person's
+    approval is left pending (announced once: `SpawnPendingApproval`); a denied one is
+    answered with its denial."""
     reqs, bad = inbox.scan(root, grove.name)
+    decisions = _decisions(root, grove.name)
     if only is not None:
         recorded_keys = writeback.recorded_keys(root, grove.name)
         reqs = [r for r in reqs if r.kind != "SpawnRequest" or _key(r) in only
                 or _key(r) in recorded_keys or _answered(root, grove.name, r)
-                or not _acceptable(root, grove, opts, r, source)]
+                or _denial(decisions, r) is not None
+                or not _waits_for_plan(root, grove, opts, r, source, decisions)]
     report = Report()
     for ans in bad:
         inbox.answer(root, grove.name, ans)
@@ -112,7 +143,12 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
     gate = policy.Gate(root, grove, opts, source)
     answers: list[Answer] = []
     for req in reqs:
-        answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded))
+        answers.append(_guarded(root, grove, rts, req, status_rows, gate, recorded,
+                                decisions))
+    waiting = [a for a in answers if a.status == PENDING]  # neither written nor answered
+    answers = [a for a in answers if a.status != PENDING]
+    report.waiting = [_key(a.request) for a in waiting]
+    _announce(root, grove.name, waiting)
     fresh = [s for s in gate.accepted if f"{s.parent}/{s.request}" not in recorded]
     if only is not None:
         unconfirmed = {s.request for s in fresh if f"{s.parent}/{s.request}" not in only
@@ -160,27 +196,207 @@ def _answered(root: Path, grove: str, req: Request) -> bool:
     return True
 
 
-def _acceptable(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request,
-                source: Callable[[], GroveSource] | None = None) -> bool:
-    """Whether the gate would accept `req` now (a request a plan did not show yet: it
-    waits for the next plan, unless it is refused anyway, which is answered now)."""
+def _waits_for_plan(root: Path, grove: DesiredGrove, opts: desired.Options, req: Request,
+                    source: Callable[[], GroveSource] | None,
+                    decisions: Mapping[str, approval.Entry]) -> bool:
+    """Whether `req`, which a plan did not show yet, waits for the next plan: the gate
+    accepts it now and it needs no person (or one approved it). One the gate refuses is
+    answered now; one waiting for approval goes through the pass to be announced."""
     from engine import policy
 
+    entry = decisions.get(_key(req))
+    if policy.needs_approval(grove, req.agent) and (
+            entry is None or entry.decision != approval.APPROVED):
+        return False  # waits for a person (or is refused): the pass says which
     try:
-        policy.Gate(root, grove, opts, source).check(req)
+        spawn = policy.Gate(root, grove, opts, source).check(req)
     except Exception:  # refused: answer it now
         return False
-    return True
+    return _approval(grove, spawn, decisions) != PENDING
+
+
+# -- approval by a person ---------------------------------------------------------------
+
+def _decisions(root: Path, grove: str) -> dict[str, approval.Entry]:
+    """The recorded decisions; none when the file cannot be read (then every child that
+    needs a person keeps waiting: nothing is taken in without one)."""
+    try:
+        return approval.load(root, grove)
+    except EngineError:
+        return {}
+
+
+def _approval(grove: DesiredGrove, spawn: writeback.Spawn,
+              decisions: Mapping[str, approval.Entry]) -> str:
+    """"" when `spawn` needs no person, "approved" when one approved exactly this child,
+    PENDING otherwise."""
+    from engine import policy
+
+    if not policy.needs_approval(grove, spawn.parent):
+        return ""
+    entry = decisions.get(approval.key(spawn.parent, spawn.request))
+    if entry is not None and entry.approves(approval.digest(spawn.document())):
+        return approval.APPROVED
+    return PENDING
+
+
+def _denial(decisions: Mapping[str, approval.Entry], req: Request) -> str | None:
+    """The answer's reason when a person denied `req`, else None."""
+    entry = decisions.get(_key(req))
+    if entry is None or entry.decision != approval.DENIED:
+        return None
+    return f"denied by {entry.by}: {entry.reason}"
+
+
+def _set_aside(gate: policy.Gate, spawn: writeback.Spawn) -> None:
+    """Take a child waiting for a person out of what the gate counts and has resolved."""
+    gate.accepted.remove(spawn)
+    gate.forget(spawn.name)
+
+
+def _announce(root: Path, grove: str, waiting: list[Answer]) -> None:
+    """Record `SpawnPendingApproval` once per request (remembered in the approvals file;
+    when that cannot be written, the next pass tries again)."""
+    if not waiting:
+        return
+    try:
+        with approval.update(root, grove) as entries:
+            for ans in waiting:
+                key = _key(ans.request)
+                entry = entries.get(key) or approval.Entry(child=ans.child)
+                if entry.announced:
+                    continue
+                entries[key] = dataclasses.replace(entry, announced=True)
+                events.record(root, {"grove": grove, "event": "SpawnPendingApproval",
+                                     "from": ans.request.agent, "id": ans.request.id,
+                                     "child": ans.child})
+    except (EngineError, OSError):
+        return
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What `decide` did with one request."""
+
+    key: str  # parent/request id
+    child: str
+    status: str  # accepted (approved and taken in), rejected (denied, or the gate refused)
+    reason: str = ""  # the rejection's reason, as answered
+    note: str = ""  # why the write-back was not committed ("" when it was or not asked)
+
+
+def decide(root: Path, grove: DesiredGrove, opts: desired.Options, ref: str, by: str,
+           deny: str | None = None) -> Decided:
+    """Approve (`deny` None) or deny (`deny`: the reason) the spawn request `ref` (its id,
+    or `parent/id`) that waits for a person, then answer it: an approved child is judged
+    by the gate again (the policy may have changed) and, accepted, written back; a denied
+    one is rejected with "denied by WHO: REASON". The decision is recorded first, so a
+    crash leaves the rest to the next pass. A request that is unknown, decided already or
+    not waiting for approval is an EngineError, with nothing changed. The caller holds
+    the grove's lock."""
+    req = _waiting_request(root, grove, ref)
+    from engine import policy
+
+    spawn, refused = None, ""
+    try:
+        spawn = policy.Gate(root, grove, opts).check(req)
+    except EngineError as e:
+        refused = e.summary
+    child = spawn.name if spawn else reader.one_line(str(req.spec.get("name", "")), 64)
+    _record(root, grove.name, req, child,
+            approval.digest(spawn.document()) if spawn else "", by, deny)
+    failpoint("approval-recorded")
+    if deny is not None or spawn is None:
+        why = f"denied by {by}: {deny}" if deny is not None else refused
+        inbox.answer(root, grove.name, Answer(req, "rejected", why))
+        return Decided(_key(req), child, "rejected", reader.one_line(why, inbox.MAX_REASON))
+    note = writeback.append(root, grove.name, [spawn], grove.commit_spawns)
+    failpoint("approval-written")
+    inbox.answer(root, grove.name, Answer(req, "accepted", child=spawn.name))
+    return Decided(_key(req), child, "accepted", note=note)
+
+
+def _waiting_request(root: Path, grove: DesiredGrove, ref: str) -> Request:
+    """The request `ref` names, when it waits for a person's decision; EngineError
+    saying why not otherwise."""
+    from engine import policy
+
+    parent, _, rid = ref.rpartition("/")
+    if not inbox.REQUEST_ID.fullmatch(rid) or (parent and not inbox.NAME.fullmatch(parent)):
+        raise EngineError(f"request {ref!r}: not a request id (ID or PARENT/ID)")
+    where = f"in grove {grove.name}"
+    reqs = [r for r in inbox.scan(root, grove.name)[0]
+            if r.kind == "SpawnRequest" and r.id == rid and parent in ("", r.agent)]
+    if not reqs:
+        raise EngineError(_gone(root, grove.name, parent, rid) or f"request {ref} {where}: "
+                          "no spawn request with this id waits for approval (engine plan "
+                          "lists those that do)")
+    if len(reqs) > 1:
+        raise EngineError(f"request {rid} {where}: sent by several agents "
+                          f"({', '.join(sorted(r.agent for r in reqs))}); say PARENT/{rid}")
+    req, pol = reqs[0], grove.policy
+    if _key(req) in writeback.recorded_keys(root, grove.name) \
+            or _answered(root, grove.name, req):
+        raise EngineError(f"request {_key(req)} {where}: already answered")
+    if not policy.needs_approval(grove, req.agent):
+        why = "policy.approval is auto" if pol.approval != "manual" else \
+            f"{req.agent} is not an agent of the grove" if req.agent not in grove.by_name \
+            else (f"its child would be at depth {grove.by_name[req.agent].depth + 1}, "
+                  f"below policy.approvalFromDepth {pol.approval_from_depth}")
+        raise EngineError(f"request {_key(req)} {where}: does not wait for approval "
+                          f"({why}); engine apply answers it")
+    return req
+
+
+def _gone(root: Path, grove: str, parent: str, rid: str) -> str:
+    """Why a request no longer in an inbox is not waiting: decided, taken in or answered
+    ("" when nothing is known of it)."""
+    def mine(key: str) -> bool:
+        who, _, ident = key.rpartition("/")
+        return ident == rid and parent in ("", who)
+
+    where = f"in grove {grove}"
+    done = sorted((k, e) for k, e in approval.load(root, grove).items() if e.decision
+                  and mine(k))
+    if done:
+        key, e = done[0]
+        return f"request {key} {where}: already {e.decision} by {e.by} at {e.at}"
+    base = paths.inbox(root, grove)
+    taken = sorted(k for k in writeback.recorded_keys(root, grove) if mine(k))
+    answered = [f"{a}/{rid}" for a in reader.subdirs(base) if inbox.NAME.fullmatch(a)
+                and mine(f"{a}/{rid}") and f"res-{rid}.json" in reader.entries(base, a)]
+    if taken or answered:
+        return f"request {(taken or answered)[0]} {where}: already answered"
+    return ""
+
+
+def _record(root: Path, grove: str, req: Request, child: str, digest: str, by: str,
+            deny: str | None) -> None:
+    """Record the decision on `req` (refused when one stands for this child already),
+    then its event."""
+    key = _key(req)
+    with approval.update(root, grove) as entries:
+        old = entries.get(key) or approval.Entry()
+        if old.decision == approval.DENIED or old.approves(digest):
+            raise EngineError(f"request {key} in grove {grove}: already {old.decision} by "
+                              f"{old.by} at {old.at} (engine apply answers it)")
+        entries[key] = approval.Entry(approval.APPROVED if deny is None else approval.DENIED,
+                                      by, inventory.now(), deny or "", child, digest,
+                                      old.announced)
+    events.record(root, {"grove": grove, "event": "SpawnApproved" if deny is None
+                         else "SpawnDenied", "from": req.agent, "id": req.id,
+                         "child": child, "by": by, "reason": deny or ""})
 
 
 def _guarded(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,
-             status_rows: object, gate: policy.Gate, recorded: set[str]) -> Answer:
+             status_rows: object, gate: policy.Gate, recorded: set[str],
+             decisions: Mapping[str, approval.Entry]) -> Answer:
     """The answer to one request; an error while handling it is its rejection."""
     try:
         old = _replay(root, grove.name, req, recorded)
         if old is not None:  # answered before a crash; finish marking it
             return old
-        return _handle(root, grove, rts, req, status_rows, gate, recorded)
+        return _handle(root, grove, rts, req, status_rows, gate, recorded, decisions)
     except EngineError as e:
         return Answer(req, "rejected", e.summary)
     except Exception as e:  # a bug must not let one agent's request stop everyone's
@@ -189,9 +405,10 @@ def _guarded(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,
 
 
 def _handle(root: Path, grove: DesiredGrove, rts: Runtimes, req: Request,
-            status_rows: object, gate: policy.Gate, recorded: set[str]) -> Answer:
+            status_rows: object, gate: policy.Gate, recorded: set[str],
+            decisions: Mapping[str, approval.Entry]) -> Answer:
     if req.kind == "SpawnRequest":
-        return _spawn(gate, req, recorded)
+        return _spawn(grove, gate, req, recorded, decisions)
     if req.kind == "MessageRequest":
         return _message(root, grove, rts, req)
     if req.kind == "StatusRequest":
@@ -222,14 +439,21 @@ def _replay(root: Path, grove: str, req: Request, recorded: set[str]) -> Answer 
                                                inbox.MAX_REASON), child)
 
 
-def _spawn(gate: policy.Gate, req: Request, recorded: set[str]) -> Answer:
+def _spawn(grove: DesiredGrove, gate: policy.Gate, req: Request, recorded: set[str],
+           decisions: Mapping[str, approval.Entry]) -> Answer:
     if _key(req) in recorded:  # written back before a crash: accepted exactly once
         return Answer(req, "accepted", child=reader.one_line(str(req.spec.get("name", "")),
                                                               64))
+    denied = _denial(decisions, req)
+    if denied is not None:  # denied before a crash: answered now
+        return Answer(req, "rejected", denied)
     try:
         spawn = gate.check(req)
     except EngineError as e:
         return Answer(req, "rejected", e.summary)
+    if _approval(grove, spawn, decisions) == PENDING:
+        _set_aside(gate, spawn)
+        return Answer(req, PENDING, child=spawn.name)
     return Answer(req, "accepted", child=spawn.name)
 
 

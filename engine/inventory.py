@@ -61,6 +61,8 @@ class Record:
     waiting: str = ""  # WaitingForInput: the harness's message ("" = not waiting)
     waiting_since: str = ""
     stopped_reason: str = ""  # why the engine stopped it (e.g. a budget), "" = a person
+    done_mark: str = ""  # run_mark of the run that reported done (+":exit" once ended)
+    announced: str = ""  # last ending recorded as an AgentEnded event ("<phase>:<restarts>")
 
     def pruned_phase(self) -> str | None:
         """The phase an agent `engine prune --finished` removed ended in (Succeeded or

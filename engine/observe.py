@@ -141,9 +141,19 @@ def status_rows(grove: DesiredGrove, actual: Actual) -> list[dict[str, Any]]:
             "exitCode": obs.exit_code if obs else None,
             "inManifest": a is not None,
             "upToDate": bool(obs and a and obs.spec_hash == a.spec_hash),
+            "conditions": _conditions(rec, phase),
         })
+        if out[-1]["conditions"] and not reason:
+            out[-1]["reason"] = f"needs input: {rec.waiting}" if rec else ""
     _waiting_reasons(grove, out)
     return out
+
+
+def _conditions(rec: Record | None, phase: str) -> list[dict[str, str]]:
+    """WaitingForInput while a running agent's harness says it waits for a person."""
+    if rec is None or not rec.waiting or phase != runtimes.RUNNING:
+        return []
+    return [{"type": "WaitingForInput", "message": rec.waiting, "since": rec.waiting_since}]
 
 
 def _waiting_reasons(grove: DesiredGrove, rows: list[dict[str, Any]]) -> None:

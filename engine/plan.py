@@ -87,6 +87,8 @@ class GrovePlan:
         "%Y-%m-%dT%H:%M:%SZ"))
     # spawn requests this plan takes in once confirmed: (request id, child, parent)
     requested: tuple[tuple[str, str, str], ...] = ()
+    # spawn requests waiting for a person (engine approve), shown only: never taken in
+    awaiting: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def spawns(self) -> frozenset[str]:
@@ -113,15 +115,19 @@ class GrovePlan:
                 "createdAt": self.created_at, "summary": self.counts(),
                 "changes": [c.to_json() for c in self.changes],
                 "spawnRequests": [{"request": r, "agent": c, "parent": p}
-                                  for r, c, p in self.requested]}
+                                  for r, c, p in self.requested] + [
+                    {"request": r, "agent": c, "parent": p, "approval": "pending"}
+                    for r, c, p in self.awaiting]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GrovePlan:
+        reqs = [(str(r["request"]), str(r["agent"]), str(r["parent"]), r.get("approval"))
+                for r in d.get("spawnRequests", ())]
         return cls(d["grove"], d["manifestDigest"], d["inventory"]["lineage"],
                    int(d["inventory"]["serial"]),
                    tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"],
-                   tuple((str(r["request"]), str(r["agent"]), str(r["parent"]))
-                         for r in d.get("spawnRequests", ())))
+                   tuple((r, c, p) for r, c, p, a in reqs if a != "pending"),
+                   tuple((r, c, p) for r, c, p, a in reqs if a == "pending"))
 
 
 def document(plans: list[GrovePlan]) -> dict[str, Any]:
@@ -233,10 +239,12 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
 
 
 def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | None = None,
-               requested: tuple[tuple[str, str, str], ...] = ()) -> GrovePlan:
+               requested: tuple[tuple[str, str, str], ...] = (),
+               awaiting: tuple[tuple[str, str, str], ...] = ()) -> GrovePlan:
     """Decide what to do for every agent. Pure: same inputs, same plan. `spawned`: the
     reason of each agent that a pending spawn request adds (`spawn requested by X`);
-    `requested`: those requests, taken in when the plan is applied."""
+    `requested`: those requests, taken in when the plan is applied; `awaiting`: requests
+    waiting for a person's approval (shown, not acted on)."""
     inv, observed = actual.inventory, actual.observed
     phase_of = {n: o.phase for n, o in observed.items()}
     g = graph.build(grove.by_name, {a.name: a.spawned_by for a in grove.agents},
@@ -254,7 +262,7 @@ def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | No
         changes.append(c)
     changes = _deletes(grove, actual) + changes
     return GrovePlan(grove.name, grove.manifest_digest, inv.lineage, inv.serial,
-                     tuple(changes), requested=requested)
+                     tuple(changes), requested=requested, awaiting=awaiting)
 
 
 def _deletes(grove: DesiredGrove, actual: Actual) -> list[Change]:
@@ -320,6 +328,7 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
         if ended:
             lines.append(f"  failed, not restarted by policy: {', '.join(ended)} "
                          f"(engine restart AGENT runs one again)")
+        lines += _awaiting_lines(p, len(plans) > 1)
     lines.append("")
     if not any(p.has_changes for p in plans):
         lines.append("No changes. The running agents match the manifests.")
@@ -328,6 +337,19 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
                      f"{total['restart']} to restart, {total['update']} to update, "
                      f"{total['delete']} to delete.")
     return "\n".join(lines)
+
+
+def _awaiting_lines(p: GrovePlan, several: bool) -> list[str]:
+    """One line per spawn request waiting for a person, with the command that approves
+    it (PARENT/ID when two parents chose the same id; -g when several groves show)."""
+    ids = [r for r, _, _ in p.awaiting]
+    out = []
+    for r, child, parent in sorted(p.awaiting, key=lambda a: (a[2], a[0])):
+        ref = f"{parent}/{r}" if ids.count(r) > 1 else r
+        grove = f" -g {p.grove}" if several else ""
+        out.append(_clean(f"  \u23f8 spawn {parent}/{child} (request {r}) awaits approval: "
+                          f"engine approve {ref}{grove}"))
+    return out
 
 
 def _clean(text: str) -> str:

@@ -6,7 +6,8 @@ Called by `ingest` (requests agents leave in their inboxes) and by `engine spawn
 (the one step with effects: the grove's manifests are read once per Gate and the child is
 built by `desired.build`), and refuses it when `compare` finds anything. `compare(parent,
 child)` is pure and returns every field on which the child would get more than its parent,
-so one rejection reports all of them. Nothing is written here.
+so one rejection reports all of them. `needs_approval` reads the grove's approval setting
+(whether an accepted child waits for a person: `engine approve`). Nothing is written here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine import desired, inventory, manifest, writeback
+from engine import budget, desired, inventory, manifest, paths, writeback
 from engine.desired import DesiredAgent, DesiredGrove
 from engine.errors import EngineError, InvalidManifests
 
@@ -70,7 +71,9 @@ class Gate:
         # grove default its parent may not hand out
         spawn = writeback.Spawn(name, task, parent.name, req.id, inventory.now(), profile,
                                 harness, tuple(deps))
-        problems = compare(parent, self._resolve(spawn))
+        child = self._resolve(spawn)  # and its budget against what the parent has left
+        problems = compare(parent, child) + budget.spawn_problems(
+            self.grove, parent, child, inventory.load(paths.state(self.root), self.grove.name))
         if problems:
             self.forget(spawn.name)
             raise EngineError(f"child {name} would get more than its parent {parent.name}: "
@@ -99,6 +102,14 @@ class Gate:
 
 
 # -- the request against the grove's policy (pure) ----------------------------------------
+
+def needs_approval(grove: DesiredGrove, parent: str) -> bool:
+    """Whether a child of `parent` waits for a person (`policy.approval: manual`, the
+    child at `approvalFromDepth` or deeper) before it is taken in; False for a parent that
+    is not in the grove (the gate refuses its requests anyway)."""
+    pol, p = grove.policy, grove.by_name.get(parent)
+    return pol.approval == "manual" and p is not None and p.depth + 1 >= pol.approval_from_depth
+
 
 def _request_fields(spec: dict[str, Any]) -> tuple[str, str, list[str]]:
     """(name, task, dependsOn) of a well-formed request; EngineError otherwise."""

@@ -2,9 +2,10 @@
 
 Called by `desired` (every agent, through `resolve` with the shared lower layers cached)
 and by `engine explain` (with provenance). The layers, lowest first: built-in defaults,
-user config, grove defaults, the profile, the harness (its built-in base, then the grove's
-definition), the agent, `--set`. Returns plain merged settings, not yet rendered; an
-unknown profile or harness is an `InvalidManifests` located where it was chosen.
+user config, grove defaults, the grove's `spec.limits`, the profile, the harness (its
+built-in base, then the grove's definition), the agent, `--set`. Returns plain merged
+settings, not yet rendered; an unknown profile or harness is an `InvalidManifests`
+located where it was chosen.
 """
 
 from __future__ import annotations
@@ -135,8 +136,19 @@ def lower_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.L
         *himage,
         opts.user.defaults,
         layers.from_document("grove defaults", src.grove.doc, ("spec", "defaults"), defaults),
+        *grove_limits(src),
         prof, *hl,
     ]
+
+
+def grove_limits(src: GroveSource) -> list[layers.Layer]:
+    """`spec.limits`, the budgets of every agent of the grove, as a layer right above the
+    grove defaults: a profile's or an agent's `limits` override it field by field."""
+    limits = src.spec.get("limits")
+    if not isinstance(limits, dict) or not limits:
+        return []
+    return [layers.from_document("grove limits", src.grove.doc, ("spec",),
+                                 {"limits": limits})]
 
 
 def resolve(src: GroveSource, name: str, opts: Options, provenance: bool = False,

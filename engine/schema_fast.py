@@ -91,7 +91,11 @@ class _Compiler:
         if key not in self.done:
             slot: list[Check] = []
             self.done[key] = lambda x: slot[0](x)  # a recursive schema reaches itself
-            slot.append(self.compile(node, file))
+            try:
+                slot.append(self.compile(node, file))
+            except Unsupported:  # never leave the placeholder for the next schema to reach
+                del self.done[key]
+                raise
             self.done[key] = slot[0]
         return self.done[key]
 

@@ -7,7 +7,9 @@ crash leaves the old file or the new one, never half a document.
 
 With commit on, the spawns in the file that the current branch does not have yet (this
 batch, and any earlier one whose commit was interrupted) become one git commit of that one
-file with `Spawned-By:` / `Spawn-Request:` trailers. The commit is made with plumbing on a
+file with `Spawned-By:` / `Spawn-Request:` trailers, and a `Spawn-Approved-By: WHO
+(request ID)` trailer for each child a person approved exactly as written (`engine
+approve`; the decisions file of `engine.approval`). The commit is made with plumbing on a
 private index (`GIT_INDEX_FILE` under `.engine/`), so the user's index and its `index.lock`
 are never in the way, and lands with a compare-and-swap of the branch (`update-ref HEAD new
 old`), retried a few times if the branch moves. Afterwards the user's index entry for the
@@ -34,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from engine import events, paths, yamlio
+from engine import approval, events, paths, yamlio
 from engine.errors import EngineError
 from engine.fsutil import atomic_write, failpoint, flock
 from engine.manifest import GROVES_DIR, SPAWNED_FILE
@@ -191,7 +193,8 @@ def _commit(root: Path, path: Path) -> str:
         if not pending:
             return ""
         blob = _git(root, "hash-object", "-w", "--stdin", input=text)
-        new = _commit_tree(root, old, top, blob, pending)
+        new = _commit_tree(root, old, top, blob, pending,
+                           _approved_by(root, path.parent.name, text, rel))
         try:
             _git(root, "update-ref", "-m", f"commit: {_subject(pending)}", "HEAD", new, old)
         except EngineError as e:  # the branch moved (or is locked): again on its new tip
@@ -204,7 +207,7 @@ def _commit(root: Path, path: Path) -> str:
 
 
 def _commit_tree(root: Path, old: str, top: str, blob: str,
-                 pending: list[tuple[str, str, str]]) -> str:
+                 pending: list[tuple[str, str, str]], approved: dict[str, str]) -> str:
     """A commit on `old` whose tree differs only at `top` (= `blob`), made on a private
     index so the user's index (and any index.lock) is untouched."""
     (paths.state(root)).mkdir(exist_ok=True)
@@ -214,7 +217,8 @@ def _commit_tree(root: Path, old: str, top: str, blob: str,
         _git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{top}",
              index=index)
         tree = _git(root, "write-tree", index=index)
-    return _git(root, "commit-tree", tree, "-p", old, "-F", "-", input=_message(pending))
+    return _git(root, "commit-tree", tree, "-p", old, "-F", "-",
+                input=_message(pending, approved))
 
 
 def _sync_index(root: Path, rel: str, top: str, before: str, blob: str) -> None:
@@ -261,13 +265,33 @@ def _spawns_in(text: str, display: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def _approved_by(root: Path, grove: str, text: str, display: str) -> dict[str, str]:
+    """`parent/request` -> who approved it, for the children in `text` a person approved
+    exactly as they are written there (the decision's digest is that of the document)."""
+    entries = approval.approved(root, grove)
+    if not entries:
+        return {}
+    out = {}
+    for doc in load_text(text, display):
+        data: dict[str, Any] = doc.data if isinstance(doc.data, dict) else {}
+        spec: dict[str, Any] = data["spec"] if isinstance(data.get("spec"), dict) else {}
+        key = f"{spec.get('spawnedBy') or ''}/{spec.get('spawnRequest')}"
+        entry = entries.get(key)
+        if entry is not None and entry.approves(approval.digest(data)):
+            out[key] = entry.by
+    return out
+
+
 def _subject(pending: list[tuple[str, str, str]]) -> str:
     names = ", ".join(n for n, _, _ in pending)
     return f"engine: spawn {names}" if len(names) < 60 else \
         f"engine: spawn {len(pending)} agents"
 
 
-def _message(pending: list[tuple[str, str, str]]) -> str:
+def _message(pending: list[tuple[str, str, str]], approved: dict[str, str]) -> str:
+    """The subject and trailers; `approved`: `parent/request` -> who approved it."""
     trailers = [f"Spawned-By: {p}" for p in sorted({p for _, p, _ in pending if p})]
     trailers += [f"Spawn-Request: {r}" for _, _, r in pending]
+    trailers += [f"Spawn-Approved-By: {approved[f'{p}/{r}']} (request {r})"
+                 for _, p, r in pending if p and f"{p}/{r}" in approved]
     return f"{_subject(pending)}\n\n" + "\n".join(trailers) + "\n"

@@ -52,6 +52,7 @@ import select
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -105,6 +106,18 @@ class Conversation:
     schema: dict[str, Any] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)    # (call id, command)
     results: list[tuple[str, str]] = field(default_factory=list)  # (call id, output)
+    said: list[str] = field(default_factory=list)  # the assistant's texts, in order
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A script step where "the model" asks the user a question: it answers with `text` and
+    ends its turn; the script goes on once the user has replied (the question is in the
+    history, followed by the user's next message)."""
+    text: str
+
+
+Step = str | Ask
 
 
 # --- reading requests --------------------------------------------------------------------
@@ -186,7 +199,11 @@ def parse_conversation(provider: str, body: Any) -> Conversation:
 
     if provider == "anthropic":
         for m in body.get("messages") or []:
+            if m.get("role") == "assistant" and isinstance(m.get("content"), str):
+                conv.said.append(m["content"])
             for b in m.get("content") if isinstance(m.get("content"), list) else []:
+                if m.get("role") == "assistant" and b.get("type") == "text":
+                    conv.said.append(str(b.get("text", "")))
                 if b.get("type") == "tool_use" and b.get("name") == tool:
                     call(b.get("id", ""), _command_of(b.get("input")))
                 elif b.get("type") == "tool_result" and b.get("tool_use_id") in calls:
@@ -195,12 +212,16 @@ def parse_conversation(provider: str, body: Any) -> Conversation:
         for it in body.get("input") or []:
             if not isinstance(it, dict):
                 continue
+            if it.get("role") == "assistant":
+                conv.said.append(_text_of(it.get("content")))
             if it.get("type") == "function_call" and it.get("name") == tool:
                 call(it.get("call_id", ""), _command_of(it.get("arguments")))
             elif it.get("type") == "function_call_output" and it.get("call_id") in calls:
                 results.append((it["call_id"], _text_of(it.get("output"))))
     elif provider == "openai-chat":
         for m in body.get("messages") or []:
+            if m.get("role") == "assistant" and m.get("content"):
+                conv.said.append(_text_of(m.get("content")))
             for tc in m.get("tool_calls") or []:
                 fn = tc.get("function") or {}
                 if fn.get("name") == tool:
@@ -211,6 +232,8 @@ def parse_conversation(provider: str, body: Any) -> Conversation:
         pending: list[str] = []
         for c in body.get("contents") or []:
             for p in c.get("parts") or []:
+                if c.get("role") == "model" and isinstance(p.get("text"), str):
+                    conv.said.append(p["text"])
                 fc, fr = p.get("functionCall"), p.get("functionResponse")
                 if fc and fc.get("name") == tool:
                     cid = fc.get("id") or f"gemini-{len(order)}"
@@ -302,13 +325,15 @@ class ModelServer:
     `side_text` answers requests that are not the main conversation.
     """
 
-    def __init__(self, provider: str, script: list[str], final_text: str = "done",
-                 side_text: str = "ok", model: str | None = None) -> None:
+    def __init__(self, provider: str, script: list[Step], final_text: str = "done",
+                 side_text: str = "ok", model: str | None = None,
+                 usage: tuple[int, int] = (100, 10)) -> None:
         self.provider = _provider(provider)
         self.script = list(script)
         self.final_text = final_text
         self.side_text = side_text
         self.model = model or MODEL[self.provider]
+        self.usage = usage  # (input, output) tokens reported with every answer
         self.requests: list[Recorded] = []
         self.main_bodies: list[Any] = []
         self._lock = threading.Lock()
@@ -362,6 +387,11 @@ class ModelServer:
         done = {cid for cid, _ in conv.results}
         return [cmd for cid, cmd in conv.calls if cid in done]
 
+    def answers(self) -> int:
+        """How many answers (main and side, each reporting `usage`) the server sent."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.kind in ("main", "side"))
+
     def tool_results(self) -> list[str]:
         """The outputs the CLI returned for the shell calls, in order."""
         return [out for _, out in self._latest().results]
@@ -388,11 +418,20 @@ class ModelServer:
             if schema is not None:  # e.g. gemini's model router wants {"complexity_score"...}
                 return "side", json.dumps(schema_instance(schema, self.side_text))
             return "side", self.side_text
-        n = len(conv.results)
+        n = self.position(conv)
         if n < len(self.script):
-            return "call", (f"call_{n:03d}", conv.tool,
-                            tool_arguments(conv.schema, self.script[n]))
+            step = self.script[n]
+            if isinstance(step, Ask):
+                return "text", step.text
+            return "call", (f"call_{n:03d}", conv.tool, tool_arguments(conv.schema, step))
         return "text", self.final_text
+
+    def position(self, conv: Conversation) -> int:
+        """The script step a conversation is at: its shell results plus the questions
+        already asked (an asked question in the history has been answered: the request
+        carrying it has the user's reply after it)."""
+        asks = [s.text for s in self.script if isinstance(s, Ask)]
+        return len(conv.results) + sum(1 for t in conv.said if t.strip() in asks)
 
 
 def _sse(event: str | None, data: Any) -> bytes:
@@ -520,9 +559,9 @@ class _Handler(BaseHTTPRequestHandler):
         call = value if what == "call" else None
         text = value if what != "call" else None
         if rec.stream:
-            self._stream(writer(model, call, text, True))
+            self._stream(writer(model, call, text, True, s.usage))
         else:
-            self._json(200, json.loads(b"".join(writer(model, call, text, False))))
+            self._json(200, json.loads(b"".join(writer(model, call, text, False, s.usage))))
 
 
 def _redact(value: str) -> str:
@@ -556,11 +595,13 @@ Call = tuple[str, str, dict[str, Any]]
 
 # --- Anthropic Messages -------------------------------------------------------------------
 
-def _anthropic(model: str, call: Call | None, text: str | None, stream: bool
-               ) -> Iterator[bytes]:
-    mid = f"msg_{call[0] if call else 'final'}"
-    usage = {"input_tokens": 100, "output_tokens": 10, "cache_creation_input_tokens": 0,
-             "cache_read_input_tokens": 0}
+def _anthropic(model: str, call: Call | None, text: str | None, stream: bool,
+               tokens: tuple[int, int] = (100, 10)) -> Iterator[bytes]:
+    # a text answer's id is unique (an asked question and the final text are two messages;
+    # transcripts count messages by id)
+    mid = f"msg_{call[0] if call else 'text_' + uuid.uuid4().hex[:12]}"
+    usage = {"input_tokens": tokens[0], "output_tokens": tokens[1],
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
     stop = "tool_use" if call else "end_turn"
     if call:
         block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_{call[0]}", "name": call[1],
@@ -591,25 +632,25 @@ def _anthropic(model: str, call: Call | None, text: str | None, stream: bool
     yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
     yield _sse("message_delta", {"type": "message_delta",
                                  "delta": {"stop_reason": stop, "stop_sequence": None},
-                                 "usage": {"output_tokens": 10}})
+                                 "usage": {"output_tokens": tokens[1]}})
     yield _sse("message_stop", {"type": "message_stop"})
 
 
 # --- OpenAI Responses ---------------------------------------------------------------------
 
-def _responses(model: str, call: Call | None, text: str | None, stream: bool
-               ) -> Iterator[bytes]:
-    rid = f"resp_{call[0] if call else 'final'}"
-    usage = {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0},
-             "output_tokens": 10, "output_tokens_details": {"reasoning_tokens": 0},
-             "total_tokens": 110}
+def _responses(model: str, call: Call | None, text: str | None, stream: bool,
+               tokens: tuple[int, int] = (100, 10)) -> Iterator[bytes]:
+    rid = f"resp_{call[0] if call else 'text_' + uuid.uuid4().hex[:12]}"
+    usage = {"input_tokens": tokens[0], "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": tokens[1], "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": sum(tokens)}
     if call:
         args = json.dumps(call[2])
         item: dict[str, Any] = {"type": "function_call", "id": f"fc_{call[0]}",
                                 "call_id": call[0], "name": call[1], "arguments": args,
                                 "status": "completed"}
     else:
-        item = {"type": "message", "id": "msg_final", "role": "assistant",
+        item = {"type": "message", "id": f"msg_{rid}", "role": "assistant",
                 "status": "completed",
                 "content": [{"type": "output_text", "text": text or "", "annotations": []}]}
     base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
@@ -650,14 +691,16 @@ def _responses(model: str, call: Call | None, text: str | None, stream: bool
 
 # --- Gemini -------------------------------------------------------------------------------
 
-def _gemini(model: str, call: Call | None, text: str | None, stream: bool) -> Iterator[bytes]:
+def _gemini(model: str, call: Call | None, text: str | None, stream: bool,
+            tokens: tuple[int, int] = (100, 10)) -> Iterator[bytes]:
     part: dict[str, Any] = ({"functionCall": {"id": call[0], "name": call[1], "args": call[2]}}
                             if call else {"text": text or ""})
     resp = {"candidates": [{"content": {"role": "model", "parts": [part]},
                             "finishReason": "STOP", "index": 0}],
-            "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 10,
-                              "totalTokenCount": 110},
-            "modelVersion": model, "responseId": f"r_{call[0] if call else 'final'}"}
+            "usageMetadata": {"promptTokenCount": tokens[0], "candidatesTokenCount": tokens[1],
+                              "totalTokenCount": sum(tokens)},
+            "modelVersion": model,
+            "responseId": f"r_{call[0] if call else 'text_' + uuid.uuid4().hex[:12]}"}
     if not stream:
         yield json.dumps(resp).encode()
         return
@@ -666,9 +709,11 @@ def _gemini(model: str, call: Call | None, text: str | None, stream: bool) -> It
 
 # --- OpenAI Chat Completions --------------------------------------------------------------
 
-def _chat(model: str, call: Call | None, text: str | None, stream: bool) -> Iterator[bytes]:
+def _chat(model: str, call: Call | None, text: str | None, stream: bool,
+          tokens: tuple[int, int] = (100, 10)) -> Iterator[bytes]:
     cid = f"chatcmpl_{call[0] if call else 'final'}"
-    usage = {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
+    usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1],
+             "total_tokens": sum(tokens)}
     finish = "tool_calls" if call else "stop"
     if not stream:
         msg: dict[str, Any] = {"role": "assistant", "content": None if call else text}

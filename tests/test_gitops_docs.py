@@ -192,7 +192,8 @@ def test_mkdocs_nav_lists_the_pages() -> None:
     assert pages == ["index.md", "getting-started.md", "concepts.md", "configuration.md",
                      "reference.md",
                      "commands.md", "runtimes.md", "controller.md", "operations.md",
-                     "harnesses.md", "security.md", "ci.md",
+                     "harnesses.md", "people.md", "notifications.md", "budgets.md",
+                     "approval.md", "security.md", "ci.md",
                      "editors.md", "kubernetes.md", "scaling.md", "troubleshooting.md"]
 
 

@@ -313,7 +313,8 @@ def test_override_without_auth_methods_passes_the_profiles_credentials(
         "OTHER_TOKEN": {"fromEnv": "OTHER_TOKEN"}}}}
     a = build(repo, grove_yaml(claude_agent(), profile, defs)).agent("a")
     assert a.auth is None and [c.name for c in a.credentials] == ["OTHER_TOKEN"]
-    assert a.command == ("claude", "--dangerously-skip-permissions", "-p", "--", "t")
+    assert a.command == ("claude", "--dangerously-skip-permissions", "-p", "--output-format",
+                         "stream-json", "--verbose", "--", "t")
 
 
 @pytest.mark.parametrize("name,package", [

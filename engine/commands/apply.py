@@ -146,7 +146,7 @@ def _orphaned_groves(root: Path, names: list[str], progress: Progress) -> None:
     if not state.is_dir():
         return
     for p in sorted(state.glob("*.json")):
-        if p.stem not in present and p.stem not in names:
+        if p.stem not in present and p.stem not in names and "." not in p.stem:
             progress.note(f"grove {p.stem}: its directory groves/{p.stem}/ is gone; its "
                           f"agents are orphans (engine destroy -g {p.stem} removes them)")
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     known = {d.name for d in manifest.grove_dirs(r.root)}
     state = r.state_dir / "state"
     if state.is_dir():  # a grove whose directory is gone may still own agents
-        known |= {p.stem for p in state.glob("*.json")}
+        known |= {p.stem for p in state.glob("*.json") if "." not in p.stem}  # inventories
     names = args.groves or sorted(known)
     if not names:
         raise EngineError("no groves to destroy")

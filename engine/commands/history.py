@@ -5,7 +5,9 @@ whom, and the Spawned-By / Spawn-Request trailers), newest commit first.
 Reads manifests at every commit that touched `groves/` without checking anything out;
 commits whose manifests do not parse are reported as such and skipped over. With the
 default `--rev HEAD`, spawns written to a working copy of spawned.yaml but not committed
-are listed last, marked uncommitted.
+are listed last, marked uncommitted. Who approved a child (policy.approval: manual) is read
+from its commit's Spawn-Approved-By trailer; spawn requests people denied, which leave
+nothing in git, are listed after the commits, from the event log.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "history", help="how the groves' topology changed, commit by commit",
         description="List, from git, every commit that added, removed or changed agents: "
         "commit, author, date, who spawned whom and the Spawned-By / Spawn-Request "
-        "trailers. Newest commit first (--reverse: oldest first). With --agent, explain one "
-        "agent: when and by whom it was added, its chain of parents, and what happened to "
-        "it since.")
+        "trailers (Spawn-Approved-By: who approved a child). Newest commit first (--reverse: "
+        "oldest first), then the spawn requests people denied (from the event log). With "
+        "--agent, explain one agent: when and by whom it was added, its chain of parents, "
+        "and what happened to it since.")
     _common.add_grove_arg(p)
     p.add_argument("--agent", metavar="NAME", help="focus on one agent (NAME or GROVE/NAME)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -48,8 +51,19 @@ def run(args: argparse.Namespace) -> int:
     for g in args.groves or []:
         if g not in seen:
             raise EngineError(f"grove {g}: not found in the git history of groves/")
+    denied = scan.denials(r.root, args.groves)
+    if not args.reverse:
+        denied.reverse()
     if args.agent:
-        story = explain(found, args.agent, args.groves)
+        gname, _, name = args.agent.rpartition("/")
+        mine = [d for d in denied if name in (d.parent, d.child) and gname in ("", d.grove)]
+        try:
+            story = explain(found, args.agent, args.groves)
+        except EngineError:
+            if len({d.grove for d in mine}) != 1:
+                raise
+            story = Story(mine[0].grove, name, [], None)  # a child only ever denied
+        story.denials = [d for d in mine if d.grove == story.grove]
         if args.json:
             ui.print_json(story.to_json(args.reverse))
         else:
@@ -58,12 +72,17 @@ def run(args: argparse.Namespace) -> int:
     ordered = events if args.reverse else list(reversed(events))
     if args.json:
         ui.print_json({"order": "oldest-first" if args.reverse else "newest-first",
-                       "commits": [e.to_json() for e in ordered]})
+                       "commits": [e.to_json() for e in ordered],
+                       "denials": [d.to_json() for d in denied]})
         return 0
     if not ordered:
         ui.out("no topology changes in the git history of groves/")
     for e in ordered:
         ui.out(for_terminal(e.text()))
+    if denied:
+        ui.out("spawn requests denied (from the event log):")
+    for d in denied:
+        ui.out(for_terminal(f"  x {d.line()}"))
     return 0
 
 
@@ -77,6 +96,7 @@ class Story:
     current: scan.AgentRec | None
     lineage: list[tuple[str, scan.Event | None]] = field(default_factory=list)
     uncommitted: scan.AgentRec | None = None  # written to spawned.yaml, not committed
+    denials: list[scan.Denial] = field(default_factory=list)  # it asked, or was asked for
 
     def origin(self) -> scan.Event | None:
         adds = [e for e in self.events if self.name in e.added_names()]
@@ -95,6 +115,7 @@ class Story:
             "order": "oldest-first" if reverse else "newest-first",
             "commits": [e.to_json() for e in (self.events if reverse
                                               else reversed(self.events))],
+            "denials": [d.to_json() for d in self.denials],
         }
 
     def _now(self) -> str:
@@ -120,6 +141,9 @@ class Story:
         lines.append("  commits:" if self.events else "  no commit in the history names it")
         for e in (self.events if reverse else reversed(self.events)):
             lines.append("    " + e.text().replace("\n", "\n    "))
+        if self.denials:
+            lines.append("  spawn requests denied:")
+        lines += [f"    x {d.line()}" for d in self.denials]
         return "\n".join(lines) + "\n"
 
 

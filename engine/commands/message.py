@@ -1,4 +1,6 @@
-"""`engine message AGENT TEXT`: type a message into an agent's session."""
+"""`engine message AGENT TEXT`: type a message into an agent's session. An interactive
+agent (harness `mode: interactive`) takes it as its next turn, and its WaitingForInput
+condition is cleared."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from engine import runtimes, ui
+from engine import runtimes, signals, ui
 from engine.commands import _common
 from engine.errors import EngineError
 
@@ -26,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     loc = _common.locate(r, args)
     runtimes.get(loc.runtime, r.root, loc.host or None).send(loc.grove, loc.agent, text)
+    signals.answered(r.root, loc.grove, loc.agent)  # no longer waiting for a person
     ui.out(f"delivered to {loc.grove}/{loc.agent}")
     return 0

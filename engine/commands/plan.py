@@ -85,7 +85,7 @@ def _orphaned(root: Path, present: set[str], rts: Runtimes, opts: object
     have = {d.name for d in manifest.grove_dirs(root)}
     out = []
     for p in sorted(state.glob("*.json")):
-        if p.stem in have or p.stem in present:
+        if p.stem in have or p.stem in present or "." in p.stem:  # <grove>.approvals.json
             continue
         res = converge.run(root, converge.Ask(p.stem, destroy=True, execute=False,
                                               take_requests=False), rts, opts)  # type: ignore[arg-type]

@@ -2,7 +2,9 @@
 
 The agent is no longer stopped: `engine apply` and the controller look after it again. An
 agent that ended without being stopped is started again as well (as `engine restart`
-would); one that is running is left alone. The pass is `_agent.restart_one`'s.
+would); one that is running is left alone. The pass is `_agent.restart_one`'s. An agent
+whose budget (or that of an agent above it) is crossed is refused until the limit is
+raised in the manifests (`budget.check_start`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine import runtimes, ui
+from engine import budget, inventory, runtimes, ui
 from engine.commands import _agent, _common
 from engine.errors import EngineError
 
@@ -29,6 +31,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     g, a, rec = _agent.target(r, args)
+    if rec is not None:  # stopped over its budget: the next pass would stop it again
+        budget.check_start(g, a.name, inventory.load(r.state_dir, g.name))
     if rec is not None and not rec.stopped:
         try:
             obs = runtimes.get(rec.runtime, r.root, rec.host or None).observe(g.name)

@@ -1,4 +1,5 @@
 """`engine status`: each agent's phase, runtime, branch, parent, workspace and work, and
+what each agent's harness reported using (tokens, cost) and its budgets, and
 per grove whether it was ever applied, the commit it was last converged from and whether
 its manifests differ from that of HEAD (uncommitted edits `apply` would act on).
 
@@ -12,9 +13,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine import converge, ui
+from engine import budget, converge, signals, ui, usage
 from engine.commands import _common
 from engine.desired import DesiredGrove
+from engine.inventory import Inventory
 from engine.observe import Runtimes, observe, status_rows
 from engine.trust import reader
 
@@ -31,9 +33,11 @@ def register(sub: Any) -> argparse.ArgumentParser:
 def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
     """One grove's entry of the status document, reasons and errors bounded."""
     actual = observe(root, g.name, g, rts, with_work=True, tolerate=True)
+    signals.take(root, g, actual.inventory, save=False)  # reports no pass has taken yet
     rows = status_rows(g, actual)
     for row in rows:
         row["reason"] = reader.one_line(str(row["reason"] or ""), REASON_CHARS)
+    _cost(g, actual.inventory, rows)
     errors = [reader.one_line(f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}", 500)
               for k, v in sorted(actual.errors.items())]
     inv = actual.inventory
@@ -41,6 +45,32 @@ def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
             "revision": inv.revision,
             "manifestsModified": converge.manifests_modified(root, g.name),
             "agents": rows, "errors": errors}
+
+
+def _cost(g: DesiredGrove, inv: Inventory, rows: list[dict[str, Any]]) -> None:
+    """Each row's `usage` (what its harness reported; null: never started) and `limits`;
+    an agent the engine stopped over a budget gets a Budget condition, and its reason
+    says which limit."""
+    for row in rows:
+        name = row["name"]
+        rec, a = inv.agents.get(name), g.by_name.get(name)
+        started = rec is not None and not rec.pending
+        row["usage"] = budget.own_usage(inv, name).to_json() if started else None
+        row["limits"] = dict(a.limits.items()) if a is not None else {}
+        if rec is not None and rec.stopped and rec.stopped_reason.startswith("budget"):
+            why = reader.one_line(rec.stopped_reason, REASON_CHARS)
+            row.setdefault("conditions", []).append({"type": "Budget", "message": why})
+            row["reason"] = reader.one_line(f"{why}; raise the limit, then engine start "
+                                            f"{name}", REASON_CHARS)
+
+
+def _cell(x: dict[str, Any], col: str) -> str:
+    if col in ("tokens", "cost"):
+        if x.get("usage") is None:
+            return "-"
+        u = usage.parse(x["usage"])
+        return usage.show_tokens(u) if col == "tokens" else usage.show_cost(u)
+    return reader.one_line(str(x[col] if x[col] is not None else "-")) or "-"
 
 
 def _heading(entry: dict[str, Any]) -> str:
@@ -73,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
         ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "Status", "formatVersion": 1,
                        "groves": doc})
         return 0
-    cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode"]
+    cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode",
+            "tokens", "cost"]
     for entry in doc:
         ui.out(_heading(entry))
         if not entry["agents"]:
             continue
-        table = [[reader.one_line(str(x[c] if x[c] is not None else "-")) or "-"
-                  for c in cols] for x in entry["agents"]]
+        table = [[_cell(x, c) for c in cols] for x in entry["agents"]]
         widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
         ui.out("  " + "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
         for row, x in zip(table, entry["agents"], strict=True):

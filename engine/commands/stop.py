@@ -1,9 +1,10 @@
 """`engine stop AGENT`: end an agent's process or container and keep it stopped.
 
-Under the grove's lock (waiting for a controller's pass), the agent's record is marked
-stopped, then its runtime's `stop` ends it. Its workspace, branch, home and record stay;
-`engine status` shows it Stopped, and neither `engine apply` nor the controller starts it
-again until `engine start AGENT`.
+Under the grove's lock (waiting for a controller's pass), `agentops.stop` marks the
+agent's record stopped, then its runtime's `stop` ends it (the engine stops an agent over
+its budget the same way). Its workspace, branch, home and record stay; `engine status`
+shows it Stopped, and neither `engine apply` nor the controller starts it again until
+`engine start AGENT`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from engine import events, inventory, runtimes, ui
+from engine import agentops, events, inventory, runtimes, ui
 from engine.commands import _agent, _common
 from engine.errors import EngineError, UsageError
 
@@ -41,11 +42,8 @@ def run(args: argparse.Namespace) -> int:
         rec = inv.agents.get(loc.agent)
         if rec is None or rec.pending:
             raise EngineError(f"{who}: not started yet, nothing to stop")
-        # stopped first: a controller's next pass leaves it alone even if the stop fails
-        if not rec.stopped:
-            rec.stopped = True
-            inventory.save(r.state_dir, inv)
-        runtimes.get(rec.runtime, r.root, rec.host or None).stop(loc.grove, loc.agent)
+        agentops.stop(r.root, inv, loc.agent, runtimes.get(rec.runtime, r.root,
+                                                          rec.host or None))
     events.record(r.root, {"grove": loc.grove, "agent": loc.agent, "event": "AgentStopped",
                            "reason": "engine stop"})
     ui.out(f"{loc.grove}/{loc.agent}: stopped (engine start {loc.agent} runs it again)")

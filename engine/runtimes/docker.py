@@ -301,7 +301,7 @@ class DockerRuntime:
 
     def send(self, grove: str, agent: str, text: str) -> None:
         script = ('tmux set-buffer -b engine-msg -- "$1" && '
-                  'tmux paste-buffer -p -d -b engine-msg -t "$2" && sleep 0.2 && '
+                  'tmux paste-buffer -p -d -b engine-msg -t "$2" && sleep 0.3 && '
                   'tmux send-keys -t "$2" Enter')
         code, out = self._exec(grove, agent, ["bash", "-c", script, "send", text,
                                                spec.SESSION])

@@ -464,7 +464,8 @@ class LocalRuntime:
         buf = f"engine-msg-{os.getpid()}"
         self.tmux("load-buffer", "-b", buf, "-", input=text)
         self.tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", f"={sess}:")
-        time.sleep(0.05)  # a separate Enter, after the bracketed paste has landed
+        time.sleep(0.3)  # a separate Enter, once the bracketed paste has landed (gemini
+        # takes an Enter sooner than ~0.1 s after a paste as a newline in the message)
         self.tmux("send-keys", "-t", f"={sess}:", "Enter")
 
 
