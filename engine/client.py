@@ -297,7 +297,9 @@ def _opencode_json(stream: IO[str]) -> None:
             if isinstance(part.get("cost"), int | float):
                 total["costUSD"] += part["cost"]
             total["turns"] += 1
-            _report(usage=dict(total))
+            # opencode prices tokens only when the model's config has prices; 0 then
+            # means "not priced", which is unknown, not free
+            _report(usage={k: v for k, v in total.items() if k != "costUSD" or v > 0})
 
 
 STREAMS = {"claude-stream": _claude_stream, "codex-json": _codex_json,
