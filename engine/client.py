@@ -39,7 +39,8 @@ def _inbox() -> str:
 
 def _write(kind: str, spec: dict[str, Any]) -> tuple[str, str]:
     inbox = _inbox()
-    rid = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:10]
+    # ids sort in the order requests were made (reports are taken in that order)
+    rid = f"{time.strftime('%Y%m%dT%H%M%S')}.{time.time_ns() % 10**9:09d}-{uuid.uuid4().hex[:10]}"
     doc = {"apiVersion": API, "kind": kind, "id": rid,
            "from": os.environ.get("ENGINE_AGENT", ""),
            "grove": os.environ.get("ENGINE_GROVE", ""),

@@ -239,9 +239,11 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
                        "stopping without acting")
     # 7. execute: requests first (agents' reports taken, spawns written back and answered),
     # then the plan
-    if ask.take_requests and not ask.destroy:
+    if not ask.destroy:  # before anything restarts: a report belongs to the run it was
+        # made in (day-2 operations too, which take no other requests)
         signals.take(root, grove, actual.inventory, rts,
                      {n: o.phase for n, o in actual.observed.items()})
+    if ask.take_requests and not ask.destroy:
         rep = ingest.process(root, base, opts, rts,
                              lambda g: status_rows(g, observe(root, g.name, g, rts)),
                              only={j.key: j.spawn for j in judged},

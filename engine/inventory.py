@@ -60,6 +60,7 @@ class Record:
     run_mark: str = ""  # which run `run_usage` belongs to ("<restarts>:<createdAt>")
     waiting: str = ""  # WaitingForInput: the harness's message ("" = not waiting)
     waiting_since: str = ""
+    needs_input_told: str = ""  # when the last NeedsInput event was recorded (rate limit)
     stopped_reason: str = ""  # why the engine stopped it (e.g. a budget), "" = a person
     done_mark: str = ""  # run_mark of the run that reported done (+":exit" once ended)
     announced: str = ""  # last ending recorded as an AgentEnded event ("<phase>:<restarts>")

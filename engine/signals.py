@@ -22,6 +22,7 @@ once taken, never answered.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from engine import events, inbox, inventory, paths, usage
@@ -33,6 +34,7 @@ from engine.runtimes import RUNNING
 from engine.trust import reader
 
 MAX_MESSAGE = 500  # characters of a WaitingForInput message kept
+TELL_EVERY = 30.0  # seconds: at most one NeedsInput event (a notification) per agent
 WAITING = "WaitingForInput"
 
 
@@ -84,12 +86,26 @@ def _apply(root: Path, grove: str, agent: str, rec: Record, spec: dict[str, obje
     elif state == "waiting":
         message = reader.one_line(reader.for_terminal(str(spec.get("message") or "")),
                                   MAX_MESSAGE) or "waiting for input"
-        if not rec.waiting and record:
+        if not rec.waiting and record and _may_tell(rec):
+            rec.needs_input_told = inventory.now()
             events.record(root, {"grove": grove, "agent": agent, "event": "NeedsInput",
                                  "message": message})
         if not rec.waiting:
             rec.waiting_since = inventory.now()
         rec.waiting = message
+
+
+def _may_tell(rec: Record) -> bool:
+    """Whether a new wait may be told: an agent toggling between working and waiting
+    cannot flood people with notifications (one per TELL_EVERY seconds)."""
+    if not rec.needs_input_told:
+        return True
+    try:
+        last = dt.datetime.strptime(rec.needs_input_told, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=dt.UTC)
+    except ValueError:
+        return True
+    return (dt.datetime.now(dt.UTC) - last).total_seconds() >= TELL_EVERY
 
 
 def _end_done(grove: DesiredGrove, inv: Inventory, rts: Runtimes,
