@@ -42,6 +42,7 @@ class Entry:
     child: str = ""  # the child's name
     digest: str = ""  # of the child judged when it was decided (`digest`)
     announced: bool = False  # SpawnPendingApproval was recorded for it
+    seen: str = ""  # digest of the child as announced: an approval must be of that child
 
     def approves(self, digest: str) -> bool:
         """Whether this is an approval of exactly the child with `digest`."""
@@ -56,7 +57,7 @@ class Entry:
             return str(d.get(k) or "")
 
         return cls(text("decision"), text("by"), text("at"), text("reason"), text("child"),
-                   text("digest"), d.get("announced") is True)
+                   text("digest"), d.get("announced") is True, text("seen"))
 
 
 def path(root: Path, grove: str) -> Path:

@@ -20,7 +20,7 @@ agent says from inside its sandbox: a budget stops a runaway agent, not a hostil
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,14 +107,46 @@ def subtree_usage(inv: Inventory, name: str) -> Usage:
     return total
 
 
-def used(inv: Inventory, name: str, key: str) -> float | int | None:
-    """What counts against limit `key` of agent `name` (None: nothing reported)."""
+def _field(u: Usage, key: str) -> float | int | None:
+    if key == "maxCostUSD":
+        return u.cost_usd
+    return u.tokens
+
+
+def used(inv: Inventory, name: str, key: str,
+         caps: Mapping[str, Limits] | None = None) -> float | int | None:
+    """What counts against limit `key` of agent `name` (None: nothing reported). With
+    `caps` (each agent's limits), a descendant counts for at most its own limit: a child
+    that reports more than it was granted crosses its own budget, not its ancestors'."""
     if key == "maxTurns":
         return own_usage(inv, name).turns
-    u = subtree_usage(inv, name)
-    if key == "maxCostUSD":
-        return None if u.cost_usd is None else round(u.cost_usd, 6)
-    return u.tokens
+    if caps is None:
+        value = _field(subtree_usage(inv, name), key)
+    else:
+        kids: dict[str, list[str]] = {}
+        for n, rec in sorted(inv.agents.items()):
+            if rec.parent:
+                kids.setdefault(rec.parent, []).append(n)
+        value = _counted(inv, name, key, caps, kids, {name})
+    if key == "maxCostUSD" and value is not None:
+        return round(value, 6)
+    return value
+
+
+def _counted(inv: Inventory, name: str, key: str, caps: Mapping[str, Limits],
+             kids: Mapping[str, list[str]], seen: set[str]) -> float | int | None:
+    total = _field(own_usage(inv, name), key)
+    for kid in kids.get(name, []):
+        if kid in seen:
+            continue
+        seen.add(kid)
+        part = _counted(inv, kid, key, caps, kids, seen)
+        cap = dict(caps[kid].items()).get(key) if kid in caps else None
+        if part is not None and cap is not None:
+            part = min(part, cap)
+        if part is not None:
+            total = part if total is None else total + part
+    return total
 
 
 def left(limits: Limits, inv: Inventory, name: str) -> dict[str, float | int]:
@@ -128,10 +160,11 @@ def left(limits: Limits, inv: Inventory, name: str) -> dict[str, float | int]:
     return out
 
 
-def crossed(limits: Limits, inv: Inventory, name: str) -> Breach | None:
+def crossed(limits: Limits, inv: Inventory, name: str,
+            caps: Mapping[str, Limits] | None = None) -> Breach | None:
     """The first of the agent's limits its usage has reached (cost, tokens, turns)."""
     for key, maximum in limits.items():
-        spent = used(inv, name, key)
+        spent = used(inv, name, key, caps)
         if spent is not None and spent >= maximum:
             return Breach(name, key, maximum, spent)
     return None
@@ -141,8 +174,9 @@ def exceeded(grove: DesiredGrove, inv: Inventory) -> list[Breach]:
     """Every agent of the grove whose own limits its usage has crossed, deepest first (a
     child over its own budget is stopped for its own reason before its parent's)."""
     out = []
+    caps = {a.name: a.limits for a in grove.agents}
     for a in sorted(grove.agents, key=lambda a: (-a.depth, a.name)):
-        if a.name in inv.agents and (b := crossed(a.limits, inv, a.name)) is not None:
+        if a.name in inv.agents and (b := crossed(a.limits, inv, a.name, caps)) is not None:
             out.append(b)
     return out
 

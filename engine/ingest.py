@@ -147,6 +147,8 @@ def process(root: Path, grove: DesiredGrove, opts: desired.Options, rts: Runtime
                                 decisions))
     waiting = [a for a in answers if a.status == PENDING]  # neither written nor answered
     answers = [a for a in answers if a.status != PENDING]
+    waiting, refused = _bounded(grove, waiting)
+    answers += refused
     report.waiting = [_key(a.request) for a in waiting]
     _announce(root, grove.name, waiting)
     fresh = [s for s in gate.accepted if f"{s.parent}/{s.request}" not in recorded]
@@ -254,22 +256,47 @@ def _set_aside(gate: policy.Gate, spawn: writeback.Spawn) -> None:
     gate.forget(spawn.name)
 
 
+def _bounded(grove: DesiredGrove, waiting: list[Answer]) -> tuple[list[Answer],
+                                                                   list[Answer]]:
+    """At most policy.maxChildren requests of one parent wait for a person; the newer
+    ones are refused (an agent cannot bury people, or the decisions file, in requests)."""
+    kept: list[Answer] = []
+    refused: list[Answer] = []
+    per: dict[str, int] = {}
+    for ans in sorted(waiting, key=lambda a: a.request.id):
+        n = per[ans.request.agent] = per.get(ans.request.agent, 0) + 1
+        if n > max(grove.policy.max_children, 1):
+            refused.append(Answer(ans.request, "rejected", (
+                f"too many spawn requests wait for approval ({n - 1}, policy maxChildren "
+                f"{grove.policy.max_children}): wait for a decision")))
+        else:
+            kept.append(ans)
+    return kept, refused
+
+
 def _announce(root: Path, grove: str, waiting: list[Answer]) -> None:
-    """Record `SpawnPendingApproval` once per request (remembered in the approvals file;
-    when that cannot be written, the next pass tries again)."""
-    if not waiting:
-        return
+    """Record `SpawnPendingApproval` once per request, with what it asks for and the
+    digest of that child (an approval must be of exactly what was announced). Entries of
+    requests no longer waiting, never decided, are dropped. Remembered in the approvals
+    file; when that cannot be written, the next pass tries again."""
     try:
         with approval.update(root, grove) as entries:
+            live = {_key(a.request) for a in waiting}
+            for key in [k for k, e in entries.items() if not e.decision and k not in live]:
+                del entries[key]
             for ans in waiting:
                 key = _key(ans.request)
                 entry = entries.get(key) or approval.Entry(child=ans.child)
-                if entry.announced:
+                seen = str(ans.data.get("digest", ""))
+                if entry.announced and entry.seen == seen:
                     continue
-                entries[key] = dataclasses.replace(entry, announced=True)
+                entries[key] = dataclasses.replace(entry, announced=True, seen=seen,
+                                                   child=ans.child)
                 events.record(root, {"grove": grove, "event": "SpawnPendingApproval",
                                      "from": ans.request.agent, "id": ans.request.id,
-                                     "child": ans.child})
+                                     "child": ans.child, "digest": seen[:12],
+                                     **{k: ans.data.get(k, "") for k in
+                                        ("task", "profile", "harness")}})
     except (EngineError, OSError):
         return
 
@@ -285,8 +312,26 @@ class Decided:
     note: str = ""  # why the write-back was not committed ("" when it was or not asked)
 
 
+def _same_as_announced(root: Path, grove: str, req: Request, digest: str,
+                       seen: str | None) -> None:
+    """Refuse to approve a child other than the one people were shown: the one announced
+    (SpawnPendingApproval) and, with `seen` (approve --digest), the one the person names."""
+    key = _key(req)
+    entry = approval.load(root, grove).get(key)
+    if seen is not None and not digest.startswith(seen.lower()):
+        raise EngineError(f"request {key} in grove {grove}: asks for another child now "
+                          f"(digest {digest[:12]}, not {seen}); check it with engine plan")
+    if entry is not None and entry.seen and entry.seen != digest:
+        with approval.update(root, grove) as entries:  # announced again, as it is now
+            entries[key] = dataclasses.replace(entries.get(key, entry), announced=False,
+                                               seen="")
+        raise EngineError(f"request {key} in grove {grove}: changed since it was announced "
+                          f"(the agent rewrote it); it is announced again as it is now: "
+                          "check it with engine plan, then approve again")
+
+
 def decide(root: Path, grove: DesiredGrove, opts: desired.Options, ref: str, by: str,
-           deny: str | None = None) -> Decided:
+           deny: str | None = None, seen: str | None = None) -> Decided:
     """Approve (`deny` None) or deny (`deny`: the reason) the spawn request `ref` (its id,
     or `parent/id`) that waits for a person, then answer it: an approved child is judged
     by the gate again (the policy may have changed) and, accepted, written back; a denied
@@ -303,6 +348,8 @@ def decide(root: Path, grove: DesiredGrove, opts: desired.Options, ref: str, by:
     except EngineError as e:
         refused = e.summary
     child = spawn.name if spawn else reader.one_line(str(req.spec.get("name", "")), 64)
+    if deny is None and spawn is not None:
+        _same_as_announced(root, grove.name, req, approval.digest(spawn.document()), seen)
     _record(root, grove.name, req, child,
             approval.digest(spawn.document()) if spawn else "", by, deny)
     failpoint("approval-recorded")
@@ -453,7 +500,11 @@ def _spawn(grove: DesiredGrove, gate: policy.Gate, req: Request, recorded: set[s
         return Answer(req, "rejected", e.summary)
     if _approval(grove, spawn, decisions) == PENDING:
         _set_aside(gate, spawn)
-        return Answer(req, PENDING, child=spawn.name)
+        doc = spawn.document()
+        return Answer(req, PENDING, child=spawn.name, data={
+            "digest": approval.digest(doc), "task": reader.one_line(str(doc.get("task", "")),
+                                                                    300),
+            "profile": str(doc.get("profile", "")), "harness": str(doc.get("harness", ""))})
     return Answer(req, "accepted", child=spawn.name)
 
 

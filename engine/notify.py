@@ -27,6 +27,7 @@ import fnmatch
 import http.client
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -347,6 +348,7 @@ def _payload(root: Path, name: str, config: Config,
     plan: dict[str, list[int]] = {}
     # a person's decision is told once, by its SpawnApproved/SpawnDenied event: the
     # answer to the same request (a SpawnRequest event beside it) is not told again
+    seen: dict[tuple[str, str], int] = {}
     decided = {(ev.get("from"), ev.get("id")) for _, ev in lines if ev is not None
                and ev.get("event") in ("SpawnApproved", "SpawnDenied")}
     for _, ev in lines:
@@ -355,9 +357,23 @@ def _payload(root: Path, name: str, config: Config,
             continue
         if ev.get("event") == "SpawnRequest" and (ev.get("from"), ev.get("id")) in decided:
             continue
+        who = (agent_of(ev), kind)
+        seen[who] = seen.get(who, 0) + 1
+        if seen[who] > PER_AGENT_KIND:  # one agent cannot flood people: counted instead
+            continue
         targets = config.targets(kind, agent_of(ev))
         if targets:
             notes.append(notification(ev, kind))
+            for t in targets:
+                plan.setdefault(t, []).append(len(notes) - 1)
+    for (agent, kind), n in sorted(seen.items()):
+        more = n - PER_AGENT_KIND
+        targets = config.targets(kind, agent) if more > 0 else []
+        if targets:
+            note = notification({"grove": name, "agent": agent, "event": "Summary"}, kind)
+            note["message"] = (f"{name}/{agent}: {more} more {kind} notifications in this "
+                               "batch were left out (engine events shows them)")
+            notes.append(note)
             for t in targets:
                 plan.setdefault(t, []).append(len(notes) - 1)
     channels = {t: _resolved(root, config.channels[t], urls) for t in sorted(plan)}
@@ -414,8 +430,11 @@ def _start_worker(root: Path, stdin: int, slot: int) -> None:
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.Popen([sys.executable, "-m", "engine.notify"], stdin=stdin,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
+    # -P and cwd "/": nothing in the repository (which agents can write) is on the
+    # worker's import path; it finds the engine through PYTHONPATH only
+    env.pop("PYTHONSTARTUP", None)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "engine.notify"], stdin=stdin,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
                             env=env, start_new_session=True, close_fds=True, pass_fds=(slot,))
     _children.append(proc)
 
@@ -485,6 +504,13 @@ def _deliver(root: Path, ch: Mapping[str, Any], n: Mapping[str, Any], deadline: 
     return _append(Path(str(ch["path"])), n)
 
 
+PER_AGENT_KIND = 5  # notifications of one kind about one agent per batch; the rest counted
+_MENTIONS = re.compile(r"@(channel|here|all|everyone)\b", re.IGNORECASE)
+# what a notification command inherits: enough for notify-send and friends, no credentials
+_COMMAND_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "DISPLAY",
+                "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR")
+
+
 def body(n: Mapping[str, Any], fmt: str) -> bytes:
     """A webhook's body: the notification (json), Slack's {"text"} or Discord's
     {"content"} (agents' words can mention nobody: Slack's <!channel> is escaped,
@@ -492,6 +518,9 @@ def body(n: Mapping[str, Any], fmt: str) -> bytes:
     text = str(n.get("message", ""))
     if fmt == "slack":
         esc = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        # services that take Slack's body (Mattermost, Rocket.Chat) read a plain
+        # @channel/@here/@all as a mention: a zero-width joiner defuses it
+        esc = _MENTIONS.sub(lambda m: "@\u2060" + m.group(1), esc)
         return json.dumps({"text": esc}).encode()
     if fmt == "discord":
         return json.dumps({"content": text[:2000], "allowed_mentions": {"parse": []}}
@@ -545,7 +574,8 @@ def _post(url: str, data: bytes, timeout: float) -> tuple[str, bool]:
 
 def _command(argv: list[str], n: Mapping[str, Any], root: Path, timeout: float,
              deadline: float) -> str:
-    env = {**os.environ, "ENGINE_NOTIFY_KIND": str(n["kind"]),
+    env = {**{k: os.environ[k] for k in _COMMAND_ENV if k in os.environ},
+           "ENGINE_NOTIFY_KIND": str(n["kind"]),
            "ENGINE_NOTIFY_GROVE": str(n["grove"]), "ENGINE_NOTIFY_AGENT": str(n["agent"])}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

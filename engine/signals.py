@@ -22,6 +22,7 @@ once taken, never answered.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def take(root: Path, grove: DesiredGrove, inv: Inventory, rts: Runtimes | None =
             continue
         taken += 1
         if rec is not None:
-            _apply(root, grove.name, req.agent, rec, req.spec, record=save)
+            # one agent's report never stops the pass: a broken one is dropped
+            with contextlib.suppress(Exception):
+                _apply(root, grove.name, req.agent, rec, req.spec, record=save)
         if save:
             inbox.consume(root, grove.name, req)
     if save and rts is not None:

@@ -64,38 +64,43 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _int(value: Any, cap: int) -> int | None:
+def _int(value: Any, cap: int, clamp: bool = False) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if value < 0 or value > cap:
+    if value < 0:
         return None
+    if value > cap:
+        return cap if clamp else None
     return int(value)
 
 
-def _cost(value: Any) -> float | None:
+def _cost(value: Any, clamp: bool = False) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    if value > MAX_COST:  # compared before float(): a huge JSON integer overflows it
+        return MAX_COST if clamp else None
     v = float(value)
-    if not math.isfinite(v) or v < 0 or v > MAX_COST:
+    if not math.isfinite(v) or v < 0:
         return None
     return round(v, 6)
 
 
-def parse(data: Any) -> Usage:
+def parse(data: Any, clamp: bool = False) -> Usage:
     """A Usage from untrusted JSON ({inputTokens, outputTokens, costUSD, turns}); a field
-    that is missing or not a sane number is unknown."""
+    that is missing or not a sane number is unknown. `clamp`: the engine's own sums, where
+    a figure over the cap is the cap (still crossing any budget), not unknown."""
     if not isinstance(data, dict):
         return Usage()
-    return Usage(_int(data.get("inputTokens"), MAX_TOKENS),
-                 _int(data.get("outputTokens"), MAX_TOKENS),
-                 _cost(data.get("costUSD")), _int(data.get("turns"), MAX_TURNS))
+    return Usage(_int(data.get("inputTokens"), MAX_TOKENS, clamp),
+                 _int(data.get("outputTokens"), MAX_TOKENS, clamp),
+                 _cost(data.get("costUSD"), clamp), _int(data.get("turns"), MAX_TURNS, clamp))
 
 
 def of_record(usage: dict[str, Any], run_usage: dict[str, Any]) -> Usage:
     """An agent's usage over all its runs, from its inventory record's two fields."""
-    return parse(usage) + parse(run_usage)
+    return parse(usage, clamp=True) + parse(run_usage, clamp=True)
 
 
 def monotonic(old: Usage, new: Usage) -> Usage:

@@ -15,7 +15,7 @@ import getpass
 from pathlib import Path
 from typing import Any
 
-from engine import inbox, ingest, inventory, paths, ui, writeback
+from engine import inbox, ingest, inventory, notify, paths, ui, writeback
 from engine.commands import _common, _converge
 from engine.desired import DesiredGrove
 from engine.errors import EngineError, UsageError
@@ -33,6 +33,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "manual; engine plan lists them): the spawn gate checks it again, the child is "
         "written to spawned.yaml and the parent is answered. The next apply starts it.")
     _add_args(p)
+    p.add_argument("--digest", metavar="HEX", help="approve only if the request still asks "
+                   "for the child with this digest (as the plan and the spawn-requested "
+                   "notification show it)")
     d: argparse.ArgumentParser = sub.add_parser(
         "deny", help="deny a spawn request that waits for a person",
         description="Deny a spawn request waiting for approval: the parent is answered "
@@ -79,7 +82,9 @@ def _decide(args: argparse.Namespace, deny: str | None) -> int:
                f"{held.operation} (pid {held.pid}) to finish its pass")
     with inventory.locked(state, grove.name, "deny" if deny else "approve",
                           wait=args.lock_timeout):
-        done = ingest.decide(r.root, grove, opts, args.request, by, deny)
+        done = ingest.decide(r.root, grove, opts, args.request, by, deny,
+                             getattr(args, "digest", None))
+    notify.dispatch(r.root, grove)  # people hear of the decision
     where = f"grove {grove.name}: request {done.key} ({done.child})"
     if deny is not None:
         ui.out(f"{where}: denied; the parent is answered: {done.reason}")
