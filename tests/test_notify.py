@@ -263,7 +263,8 @@ def test_every_channel_gets_its_notifications(repo: Path, tmp_path: Path,
     assert generic[1]["exitCode"] == 3 and generic[1]["agent"] == "helper"
     assert generic[1]["message"] == "demo/helper failed (exit 3): tests failed"
     assert hooks["slack"].bodies == [
-        {"text": "demo/lead needs input: which database? &lt;!channel&gt; @everyone"},
+        # <!channel> escaped, @everyone defused (a word joiner after the @)
+        {"text": "demo/lead needs input: which database? &lt;!channel&gt; @\u2060everyone"},
         {"text": "demo/helper failed (exit 3): tests failed"}]
     assert hooks["discord"].bodies == [{"content": "demo/helper failed (exit 3): tests "
                                                    "failed", "allowed_mentions": {"parse": []}}]

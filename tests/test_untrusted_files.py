@@ -255,8 +255,8 @@ def _plant_bad_requests(box: Path, secret: Path) -> dict[str, str]:
     (box / "req-spec.json").write_text('{"kind": "SpawnRequest", "spec": "take over"}')
     (box / "req-array.json").write_text("[1, 2]")
     symlink = "refused (a symlink or not a directory on the way)"
-    shape = ("a request must be a JSON object with kind (DoneReport, MessageRequest, "
-             "SpawnRequest, StatusRequest) and spec (an object)")
+    shape = ("a request must be a JSON object with kind (AgentReport, DoneReport, "
+             "MessageRequest, SpawnRequest, StatusRequest) and spec (an object)")
     return {
         "dir": "req-dir.json: refused (not a regular file)",
         "fifo": "req-fifo.json: refused (not a regular file)",
