@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import (
+    approval,
     budget,
     desired,
     events,
@@ -52,6 +53,7 @@ from engine.executor import Hooks, Outcome, Settings
 from engine.observe import Runtimes, observe, status_rows
 from engine.plan import Action, Change, GrovePlan
 from engine.runtimes import FAILED, SUCCEEDED
+from engine.trust import reader
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,9 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
         the_plan = ask.saved
     else:
         requested = tuple((j.request, j.spawn.name, j.spawn.parent) for j in judged)
-        waiting = tuple((j.request, j.spawn.name, j.spawn.parent) for j in awaiting)
+        waiting = tuple((j.request, j.spawn.name, j.spawn.parent,
+                         approval.digest(j.spawn.document())[:12],
+                         reader.one_line(j.spawn.task, 300)) for j in awaiting)
         the_plan = shape(plan.plan_grove(grove, actual, _spawn_reasons(judged), requested,
                                          waiting), grove, actual, ask)
     preflight(root, grove, the_plan, rts)

@@ -500,11 +500,10 @@ def _spawn(grove: DesiredGrove, gate: policy.Gate, req: Request, recorded: set[s
         return Answer(req, "rejected", e.summary)
     if _approval(grove, spawn, decisions) == PENDING:
         _set_aside(gate, spawn)
-        doc = spawn.document()
         return Answer(req, PENDING, child=spawn.name, data={
-            "digest": approval.digest(doc), "task": reader.one_line(str(doc.get("task", "")),
-                                                                    300),
-            "profile": str(doc.get("profile", "")), "harness": str(doc.get("harness", ""))})
+            "digest": approval.digest(spawn.document()),
+            "task": reader.one_line(spawn.task, 300), "profile": spawn.profile,
+            "harness": spawn.harness})
     return Answer(req, "accepted", child=spawn.name)
 
 

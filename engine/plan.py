@@ -87,8 +87,9 @@ class GrovePlan:
         "%Y-%m-%dT%H:%M:%SZ"))
     # spawn requests this plan takes in once confirmed: (request id, child, parent)
     requested: tuple[tuple[str, str, str], ...] = ()
-    # spawn requests waiting for a person (engine approve), shown only: never taken in
-    awaiting: tuple[tuple[str, str, str], ...] = ()
+    # spawn requests waiting for a person (engine approve), shown only: never taken in;
+    # (request, child, parent, digest of the child, its task) - what the person approves
+    awaiting: tuple[tuple[str, str, str, str, str], ...] = ()
 
     @property
     def spawns(self) -> frozenset[str]:
@@ -116,18 +117,20 @@ class GrovePlan:
                 "changes": [c.to_json() for c in self.changes],
                 "spawnRequests": [{"request": r, "agent": c, "parent": p}
                                   for r, c, p in self.requested] + [
-                    {"request": r, "agent": c, "parent": p, "approval": "pending"}
-                    for r, c, p in self.awaiting]}
+                    {"request": r, "agent": c, "parent": p, "approval": "pending",
+                     "digest": dg, "task": t}
+                    for r, c, p, dg, t in self.awaiting]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GrovePlan:
-        reqs = [(str(r["request"]), str(r["agent"]), str(r["parent"]), r.get("approval"))
+        reqs = [(str(r["request"]), str(r["agent"]), str(r["parent"]), r.get("approval"),
+                 str(r.get("digest", "")), str(r.get("task", "")))
                 for r in d.get("spawnRequests", ())]
         return cls(d["grove"], d["manifestDigest"], d["inventory"]["lineage"],
                    int(d["inventory"]["serial"]),
                    tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"],
-                   tuple((r, c, p) for r, c, p, a in reqs if a != "pending"),
-                   tuple((r, c, p) for r, c, p, a in reqs if a == "pending"))
+                   tuple((r, c, p) for r, c, p, a, _, _ in reqs if a != "pending"),
+                   tuple((r, c, p, dg, t) for r, c, p, a, dg, t in reqs if a == "pending"))
 
 
 def document(plans: list[GrovePlan]) -> dict[str, Any]:
@@ -240,7 +243,7 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
 
 def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | None = None,
                requested: tuple[tuple[str, str, str], ...] = (),
-               awaiting: tuple[tuple[str, str, str], ...] = ()) -> GrovePlan:
+               awaiting: tuple[tuple[str, str, str, str, str], ...] = ()) -> GrovePlan:
     """Decide what to do for every agent. Pure: same inputs, same plan. `spawned`: the
     reason of each agent that a pending spawn request adds (`spawn requested by X`);
     `requested`: those requests, taken in when the plan is applied; `awaiting`: requests
@@ -342,13 +345,14 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
 def _awaiting_lines(p: GrovePlan, several: bool) -> list[str]:
     """One line per spawn request waiting for a person, with the command that approves
     it (PARENT/ID when two parents chose the same id; -g when several groves show)."""
-    ids = [r for r, _, _ in p.awaiting]
+    ids = [a[0] for a in p.awaiting]
     out = []
-    for r, child, parent in sorted(p.awaiting, key=lambda a: (a[2], a[0])):
+    for r, child, parent, digest, task in sorted(p.awaiting, key=lambda a: (a[2], a[0])):
         ref = f"{parent}/{r}" if ids.count(r) > 1 else r
         grove = f" -g {p.grove}" if several else ""
         out.append(_clean(f"  \u23f8 spawn {parent}/{child} (request {r}) awaits approval: "
-                          f"engine approve {ref}{grove}"))
+                          f"engine approve {ref}{grove} --digest {digest}"))
+        out.append(_clean(f"      task: {task[:200]}"))
     return out
 
 
