@@ -93,10 +93,13 @@ def harness_entry(harness: str, url: str) -> dict[str, Any]:
 
 
 def grove(url: str, hook: str, limits: dict[str, Any] | None = None,
-          harness: str = "claude") -> str:
+          harness: str = "claude", runtime: str = "local") -> str:
     h = HARNESS[harness]
-    box: dict[str, Any] = {"runtime": "local", "env": h["env"](url),
+    box: dict[str, Any] = {"runtime": runtime, "env": h["env"](url),
                            "credentials": {h["credential"]: {"fromEnv": KEY_VAR}}}
+    if runtime == "docker":  # no network but the model, through the egress gateway
+        box |= {"image": "grove-engine/base:latest", "network": "egress",
+                "egress": ["harness", f"127.0.0.1:{url.rsplit(':', 1)[1]}"]}
     spec: dict[str, Any] = {
         "defaults": {"profile": "box", "harness": harness},
         "profiles": {"box": box},
@@ -125,12 +128,12 @@ def events_of(repo: Path, kind: str) -> list[dict[str, Any]]:
 
 def start(repo: Path, watch: list[Watch], server: ModelServer, receiver: Receiver,
           monkeypatch: pytest.MonkeyPatch, limits: dict[str, Any] | None = None,
-          harness: str = "claude") -> None:
+          harness: str = "claude", runtime: str = "local") -> None:
     install(harness)
     monkeypatch.setenv("GROVE_ENGINE_CACHE", str(CACHE))
     monkeypatch.setenv(KEY_VAR, "scripted-model-key")
     monkeypatch.setenv("TEST_HOOK_URL", receiver.url)
-    write_grove(repo, "chat", grove(server.url, receiver.url, limits, harness))
+    write_grove(repo, "chat", grove(server.url, receiver.url, limits, harness, runtime))
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "grove")
     watch.append(Watch(repo))
@@ -145,45 +148,51 @@ def diagnose(repo: Path, server: ModelServer, watch: list[Watch]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("harness", ["claude", "codex", "gemini"])
+@pytest.mark.parametrize("harness,runtime", [
+    ("claude", "local"), ("codex", "local"), ("gemini", "local"),
+    pytest.param("claude", "docker", marks=pytest.mark.docker)])
 def test_a_conversation_waits_for_a_person_and_finishes(
-        harness: str, repo: Path, watch: list[Watch], cleanup: None, receiver: Receiver,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        harness: str, runtime: str, repo: Path, watch: list[Watch], cleanup: None,
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> None:
+    if runtime == "docker":
+        request.getfixturevalue("base_image")
     script = ["echo one > one.txt && git add one.txt && git commit -qm one", Ask(QUESTION),
               "echo blue > colour.txt && git add colour.txt && git commit -qm colour",
               "engine done --result colour-chosen"]
-    with ModelServer(HARNESS[harness]["provider"], script, final_text="All done.",
-                     usage=TOKENS) as server:
-        start(repo, watch, server, receiver, monkeypatch, harness=harness)
-        try:
-            until(lambda: any(c["type"] == "WaitingForInput"
-                              for c in agent_row(repo).get("conditions", [])),
-                  timeout=150, what="the agent to wait for input")
-        except AssertionError:
-            raise AssertionError(diagnose(repo, server, watch)) from None
-        row = agent_row(repo)
-        assert row["phase"] == "Running"
-        cond = next(c for c in row["conditions"] if c["type"] == "WaitingForInput")
-        assert cond["message"] == QUESTION  # the harness's own message, from its Stop hook
-        assert QUESTION in subprocess.run([sys.executable, "-m", "engine", "status"],
-                                          cwd=repo, capture_output=True, text=True).stdout
-        needs = events_of(repo, "NeedsInput")
-        assert len(needs) == 1 and needs[0]["agent"] == "lead", needs
-        until(lambda: any(b.get("kind") == "needs-input" for b in receiver.bodies), 30,
-              "the webhook notification")
-        note = next(b for b in receiver.bodies if b.get("kind") == "needs-input")
-        assert note["agent"] == "lead" and QUESTION in json.dumps(note)
-        # a person answers; the agent goes on, reports done, and the engine ends it
-        p = subprocess.run([sys.executable, "-m", "engine", "message", "lead",
-                            "Blue, please."], cwd=repo, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        try:
-            until(lambda: agent_row(repo).get("phase") == "Succeeded", timeout=120,
-                  what="the agent to finish")
-        except AssertionError:
-            raise AssertionError(diagnose(repo, server, watch)) from None
-        assert server.commands_run() == [s for s in script if isinstance(s, str)]
-        main = len(server.main_requests())
+    server = ModelServer(HARNESS[harness]["provider"], script, final_text="All done.",
+                         usage=TOKENS).start()
+    request.addfinalizer(server.stop)
+    start(repo, watch, server, receiver, monkeypatch, harness=harness, runtime=runtime)
+    try:
+        until(lambda: any(c["type"] == "WaitingForInput"
+                          for c in agent_row(repo).get("conditions", [])),
+              timeout=150, what="the agent to wait for input")
+    except AssertionError:
+        raise AssertionError(diagnose(repo, server, watch)) from None
+    row = agent_row(repo)
+    assert row["phase"] == "Running"
+    cond = next(c for c in row["conditions"] if c["type"] == "WaitingForInput")
+    assert cond["message"] == QUESTION  # the harness's own message, from its Stop hook
+    assert QUESTION in subprocess.run([sys.executable, "-m", "engine", "status"],
+                                      cwd=repo, capture_output=True, text=True).stdout
+    needs = events_of(repo, "NeedsInput")
+    assert len(needs) == 1 and needs[0]["agent"] == "lead", needs
+    until(lambda: any(b.get("kind") == "needs-input" for b in receiver.bodies), 30,
+          "the webhook notification")
+    note = next(b for b in receiver.bodies if b.get("kind") == "needs-input")
+    assert note["agent"] == "lead" and QUESTION in json.dumps(note)
+    # a person answers; the agent goes on, reports done, and the engine ends it
+    p = subprocess.run([sys.executable, "-m", "engine", "message", "lead",
+                        "Blue, please."], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    try:
+        until(lambda: agent_row(repo).get("phase") == "Succeeded", timeout=120,
+              what="the agent to finish")
+    except AssertionError:
+        raise AssertionError(diagnose(repo, server, watch)) from None
+    assert server.commands_run() == [s for s in script if isinstance(s, str)]
+    main = len(server.main_requests())
     assert git(repo, "show", "engine/chat/lead:colour.txt") == "blue"
     assert (repo / ".engine/results/chat/lead.txt").read_text() == "colour-chosen"
     until(lambda: any(b.get("kind") == "succeeded" for b in receiver.bodies), 30,
@@ -201,6 +210,22 @@ def test_a_conversation_waits_for_a_person_and_finishes(
     else:
         assert "costUSD" not in u  # not reported: unknown, never 0
     assert "needs input" not in json.dumps(row.get("conditions", []))
+    if (harness, runtime) == ("claude", "local"):
+        resumed(repo, server)
+
+
+def resumed(repo: Path, server: ModelServer) -> None:
+    """`engine resume` continues the same conversation (the harness's --continue) with a
+    new message: the model sees the whole history, answers (the script is done: its final
+    text), and the agent, in a new run, waits again instead of ending."""
+    p = subprocess.run([sys.executable, "-m", "engine", "resume", "lead", "--task",
+                        "One more thing."], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    until(lambda: agent_row(repo).get("phase") == "Running" and any(
+        c["message"] == "All done." for c in agent_row(repo).get("conditions", [])), 120,
+        "the resumed conversation to wait again")
+    history = json.dumps(server.main_requests()[-1].body)
+    assert "One more thing." in history and QUESTION in history  # the same session
 
 
 @pytest.mark.slow
