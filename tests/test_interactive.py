@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import git, write_grove
-from tests.model_server import Ask, ModelServer
+from tests.model_server import Ask, ModelServer, Step
 from tests.test_real_agents import CACHE, HARNESS, KEY_VAR, install
 from tests.test_spawn import Watch, engine_json, until
 
@@ -157,9 +157,10 @@ def test_a_conversation_waits_for_a_person_and_finishes(
         request: pytest.FixtureRequest) -> None:
     if runtime == "docker":
         request.getfixturevalue("base_image")
-    script = ["echo one > one.txt && git add one.txt && git commit -qm one", Ask(QUESTION),
-              "echo blue > colour.txt && git add colour.txt && git commit -qm colour",
-              "engine done --result colour-chosen"]
+    script: list[Step] = [
+        "echo one > one.txt && git add one.txt && git commit -qm one", Ask(QUESTION),
+        "echo blue > colour.txt && git add colour.txt && git commit -qm colour",
+        "engine done --result colour-chosen"]
     server = ModelServer(HARNESS[harness]["provider"], script, final_text="All done.",
                          usage=TOKENS).start()
     request.addfinalizer(server.stop)
@@ -233,8 +234,8 @@ def resumed(repo: Path, server: ModelServer) -> None:
 def test_a_budget_below_the_usage_stops_the_agent(
         repo: Path, watch: list[Watch], cleanup: None, receiver: Receiver,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    script = ["echo one > one.txt && git add one.txt && git commit -qm one",
-              "echo two > two.txt", Ask(QUESTION), "engine done"]
+    script: list[Step] = ["echo one > one.txt && git add one.txt && git commit -qm one",
+                          "echo two > two.txt", Ask(QUESTION), "engine done"]
     with ModelServer("anthropic", script, final_text="All done.", usage=TOKENS) as server:
         start(repo, watch, server, receiver, monkeypatch, limits={"maxTokens": 2000})
         try:
