@@ -322,8 +322,8 @@ def _claude_tui(argv: list[str]) -> list[str]:
     if key:
         os.environ["ENGINE_CLAUDE_API_KEY"] = key
         settings["apiKeyHelper"] = "printenv ENGINE_CLAUDE_API_KEY"
-    home = os.path.expanduser("~")
-    path = os.path.join(home, ".claude.json")
+    own = os.environ.get("ENGINE_OWN_HOME") == "1"
+    path = os.path.join(os.path.expanduser("~"), ".claude.json")
     try:
         with open(path) as f:
             conf = json.load(f)
@@ -332,10 +332,12 @@ def _claude_tui(argv: list[str]) -> list[str]:
     except (OSError, ValueError):
         conf = {}
     projects = conf.setdefault("projects", {})
-    if isinstance(projects, dict):
+    if isinstance(projects, dict):  # this workspace is trusted (it is the agent's)
         projects.setdefault(os.getcwd(), {})["hasTrustDialogAccepted"] = True
-    conf.setdefault("hasCompletedOnboarding", True)
-    conf.setdefault("bypassPermissionsModeAccepted", True)
+    if own:  # the agent's own home: the first-run questions are answered once, as the
+        # user would; a home shared with the user keeps the user's own answers
+        conf.setdefault("hasCompletedOnboarding", True)
+        conf.setdefault("bypassPermissionsModeAccepted", True)
     try:
         tmp = f"{path}.engine-{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -372,9 +374,15 @@ def _codex_tui(argv: list[str]) -> list[str]:
 
 
 def _gemini_tui(argv: list[str]) -> list[str]:
-    """Gemini CLI as a conversation: its hooks (~/.gemini/settings.json) report a turn
-    that ended (AfterAgent: it waits for the user) and one that starts (BeforeAgent)."""
+    """Gemini CLI as a conversation: its hooks (~/.gemini/settings.json of the agent's
+    own home) report a turn that ended (AfterAgent: it waits for the user) and one that
+    starts (BeforeAgent)."""
     os.environ["ENGINE_RUN_STARTED"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    if os.environ.get("ENGINE_OWN_HOME") != "1":  # never into the user's own settings
+        # (its system-settings override must be a root-owned file): no hooks, no signal
+        sys.stderr.write("engine adapt gemini-tui: the agent shares your home; its hooks "
+                         "are not installed (no WaitingForInput or usage from it)\n")
+        return argv
     path = os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")
     try:
         with open(path) as f:

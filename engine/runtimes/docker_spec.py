@@ -114,6 +114,7 @@ def _env(launch: Launch, dirs: HostDirs | None = None) -> dict[str, str]:
     env.setdefault("ENGINE_GROVE", a.grove)
     env.setdefault("ENGINE_AGENT", a.name)
     env["HOME"] = HOME
+    env["ENGINE_OWN_HOME"] = "1"  # the home is the agent's own: adapters may set it up
     env.setdefault("LANG", "C.UTF-8")
     git_config = [("safe.directory", "*"), ("gc.auto", "0"), ("maintenance.auto", "false"),
                   ("user.name", f"{a.name} ({a.grove})"),

@@ -215,7 +215,7 @@ def pod_env(agent: DesiredAgent, launch_env: dict[str, str], host_prefixes: tupl
     env.update({"ENGINE_GROVE": agent.grove, "ENGINE_AGENT": agent.name,
                 "ENGINE_INBOX": INBOX, "ENGINE_RUNTIME": "kubernetes",
                 "ENGINE_BRANCH": agent.branch, "ENGINE_REMOTE": remote,
-                "ENGINE_WORKSPACE": WORKSPACE, "HOME": HOME})
+                "ENGINE_WORKSPACE": WORKSPACE, "HOME": HOME, "ENGINE_OWN_HOME": "1"})
     if agent.instructions_file:
         env["ENGINE_INSTRUCTIONS_FILE"] = agent.instructions_file
     names = {c.name for c in agent.credentials}

@@ -382,7 +382,7 @@ class LocalRuntime:
         ]
         if agent_ids(a):
             home = self.home(a.grove, a.name)
-            lines += [f"export HOME={q(str(home))} USER=agent LOGNAME=agent",
+            lines += [f"export HOME={q(str(home))} USER=agent LOGNAME=agent ENGINE_OWN_HOME=1",
                       "unset XDG_CONFIG_HOME XDG_DATA_HOME XDG_CACHE_HOME XDG_RUNTIME_DIR",
                       # its repository is not its uid's: git must still work in it
                       "export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory "
