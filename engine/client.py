@@ -113,8 +113,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         for ag in data.get("agents", []):
+            waits = [c.get("message", "") for c in ag.get("conditions") or []
+                     if isinstance(c, dict) and c.get("type") == "WaitingForInput"]
             print(f"{ag.get('name', '?'):<24} {ag.get('phase', '?'):<10} "
-                  f"{ag.get('parent') or '-'}")
+                  f"{ag.get('parent') or '-'}"
+                  + (f"  (needs input: {waits[0]})" if waits else ""))
     return 0
 
 
