@@ -310,6 +310,29 @@ STREAMS = {"claude-stream": _claude_stream, "codex-json": _codex_json,
            "gemini-json": _gemini_json, "opencode-json": _opencode_json}
 
 
+def _read_json(path: str) -> dict[str, Any]:
+    """A program's JSON settings file as an object ({} when missing or not one)."""
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
+
+def _write_json(path: str, conf: dict[str, Any]) -> None:
+    """Replace a settings file whole; a home that cannot take it leaves the program with
+    its own questions (never an error of the harness)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.engine-{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(conf, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _claude_tui(argv: list[str]) -> list[str]:
     """Claude Code as a conversation: its hooks report "needs input" (Stop,
     Notification), work again (UserPromptSubmit) and usage (the transcript; the status
@@ -327,13 +350,7 @@ def _claude_tui(argv: list[str]) -> list[str]:
         settings["apiKeyHelper"] = "printenv ENGINE_CLAUDE_API_KEY"
     own = os.environ.get("ENGINE_OWN_HOME") == "1"
     path = os.path.join(os.path.expanduser("~"), ".claude.json")
-    try:
-        with open(path) as f:
-            conf = json.load(f)
-        if not isinstance(conf, dict):
-            conf = {}
-    except (OSError, ValueError):
-        conf = {}
+    conf = _read_json(path)
     projects = conf.setdefault("projects", {})
     if isinstance(projects, dict):  # this workspace is trusted (it is the agent's)
         projects.setdefault(os.getcwd(), {})["hasTrustDialogAccepted"] = True
@@ -341,13 +358,7 @@ def _claude_tui(argv: list[str]) -> list[str]:
         # user would; a home shared with the user keeps the user's own answers
         conf.setdefault("hasCompletedOnboarding", True)
         conf.setdefault("bypassPermissionsModeAccepted", True)
-    try:
-        tmp = f"{path}.engine-{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(conf, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    _write_json(path, conf)
     return [argv[0], "--settings", json.dumps(settings), *argv[1:]]
 
 
@@ -387,13 +398,7 @@ def _gemini_tui(argv: list[str]) -> list[str]:
                          "are not installed (no WaitingForInput or usage from it)\n")
         return argv
     path = os.path.join(os.path.expanduser("~"), ".gemini", "settings.json")
-    try:
-        with open(path) as f:
-            conf = json.load(f)
-        if not isinstance(conf, dict):
-            conf = {}
-    except (OSError, ValueError):
-        conf = {}
+    conf = _read_json(path)
     hooks = conf.setdefault("hooks", {})
     if isinstance(hooks, dict):
         for ev in ("AfterAgent", "BeforeAgent"):
@@ -402,14 +407,7 @@ def _gemini_tui(argv: list[str]) -> list[str]:
     cfg = conf.setdefault("hooksConfig", {})
     if isinstance(cfg, dict):
         cfg["notifications"] = False
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.engine-{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(conf, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    _write_json(path, conf)
     return argv
 
 
@@ -456,10 +454,10 @@ def _since(entry: dict[str, Any]) -> bool:
     return not start or str(entry.get("timestamp", ""))[:19] >= start
 
 
-def _claude_transcript(path: str) -> dict[str, Any]:
-    """Tokens and turns of this run from Claude Code's transcript (one JSON line per
-    event; a streamed message appears more than once under one id: counted once)."""
-    per: dict[str, tuple[int, int]] = {}
+def _records(path: str) -> list[dict[str, Any]]:
+    """The JSON objects of a program's JSON-lines log written during this run (others,
+    and lines that are not JSON objects, skipped; [] when it cannot be read)."""
+    out = []
     try:
         with open(path, errors="replace") as f:
             for line in f:
@@ -467,21 +465,44 @@ def _claude_transcript(path: str) -> dict[str, Any]:
                     e = json.loads(line)
                 except ValueError:
                     continue
-                if not isinstance(e, dict):
-                    continue
-                msg = e.get("message")
-                if e.get("type") != "assistant" or not isinstance(msg, dict) or not _since(e):
-                    continue
-                u = msg.get("usage") or {}
-                per[str(msg.get("id"))] = (
-                    _num(u.get("input_tokens")) + _num(u.get("cache_creation_input_tokens"))
-                    + _num(u.get("cache_read_input_tokens")), _num(u.get("output_tokens")))
+                if isinstance(e, dict) and _since(e):
+                    out.append(e)
     except OSError:
-        return {}
+        return []
+    return out
+
+
+def _per_message(per: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Usage from (input, output) tokens per model message id (a message a log writes
+    more than once, under one id, counts once): one turn per message."""
     if not per:
         return {}
     return {"inputTokens": sum(i for i, _ in per.values()),
             "outputTokens": sum(o for _, o in per.values()), "turns": len(per)}
+
+
+def _claude_transcript(path: str) -> dict[str, Any]:
+    """Tokens and turns of this run from Claude Code's transcript."""
+    per: dict[str, tuple[int, int]] = {}
+    for e in _records(path):
+        msg = _obj(e.get("message"))
+        if e.get("type") == "assistant" and msg:
+            u = _obj(msg.get("usage"))
+            per[str(msg.get("id"))] = (
+                _num(u.get("input_tokens")) + _num(u.get("cache_creation_input_tokens"))
+                + _num(u.get("cache_read_input_tokens")), _num(u.get("output_tokens")))
+    return _per_message(per)
+
+
+def _gemini_chat(path: str) -> dict[str, Any]:
+    """Tokens and turns of this run from Gemini CLI's chat file."""
+    per: dict[str, tuple[int, int]] = {}
+    for e in _records(path):
+        if e.get("type") == "gemini":
+            t = _obj(e.get("tokens"))
+            per[str(e.get("id"))] = (_num(t.get("input")),
+                                     _num(t.get("output")) + _num(t.get("thoughts")))
+    return _per_message(per)
 
 
 def _codex_rollout(thread: str) -> dict[str, Any]:
@@ -494,51 +515,17 @@ def _codex_rollout(thread: str) -> dict[str, Any]:
         return {}
     usage: dict[str, Any] = {}
     turns = 0
-    try:
-        with open(files[-1], errors="replace") as f:
-            for line in f:
-                try:
-                    e = json.loads(line)
-                except ValueError:
-                    continue
-                pl = _obj(e.get("payload")) if isinstance(e, dict) else {}
-                if not pl or not _since(e):
-                    continue
-                if pl.get("type") == "token_count" and _obj(pl.get("info")):
-                    t = _obj(_obj(pl.get("info")).get("total_token_usage"))
-                    usage = {"inputTokens": _num(t.get("input_tokens")),
-                             "outputTokens": _num(t.get("output_tokens"))}
-                elif pl.get("type") == "task_complete":
-                    turns += 1
-    except OSError:
-        return {}
+    for e in _records(files[-1]):
+        pl = _obj(e.get("payload"))
+        if pl.get("type") == "token_count" and _obj(pl.get("info")):
+            t = _obj(_obj(pl.get("info")).get("total_token_usage"))
+            usage = {"inputTokens": _num(t.get("input_tokens")),
+                     "outputTokens": _num(t.get("output_tokens"))}
+        elif pl.get("type") == "task_complete":
+            turns += 1
     if turns:
         usage["turns"] = turns
     return usage
-
-
-def _gemini_chat(path: str) -> dict[str, Any]:
-    """Tokens and turns of this run from Gemini CLI's chat file (JSON lines; a message is
-    written more than once under one id: counted once)."""
-    per: dict[str, tuple[int, int]] = {}
-    try:
-        with open(path, errors="replace") as f:
-            for line in f:
-                try:
-                    e = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(e, dict) or e.get("type") != "gemini" or not _since(e):
-                    continue
-                t = _obj(e.get("tokens"))
-                per[str(e.get("id"))] = (_num(t.get("input")),
-                                         _num(t.get("output")) + _num(t.get("thoughts")))
-    except OSError:
-        return {}
-    if not per:
-        return {}
-    return {"inputTokens": sum(i for i, _ in per.values()),
-            "outputTokens": sum(o for _, o in per.values()), "turns": len(per)}
 
 
 def _status_file() -> str:

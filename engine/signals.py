@@ -44,14 +44,24 @@ def run_mark(rec: Record) -> str:
     return f"{rec.restarts}:{rec.created_at}"
 
 
+def pending(root: Path, grove: str) -> list[inbox.Request]:
+    """The reports (and done reports) waiting in the grove's inboxes. A reader that does
+    not hold the lock scans them before it loads the inventory: a pass saves the
+    inventory before it removes what it took, so the reader sees one or the other."""
+    return inbox.scan(root, grove, reports=True)[0]
+
+
 def take(root: Path, grove: DesiredGrove, inv: Inventory, rts: Runtimes | None = None,
-         phases: dict[str, str] | None = None, save: bool = True) -> int:
-    """Apply every pending AgentReport of `grove` to `inv` (and remove them when `save`);
-    end interactive agents that are done and waiting (`rts` and their `phases` given).
-    Returns how many reports were taken."""
-    reqs, _ = inbox.scan(root, grove.name, reports=True)
+         phases: dict[str, str] | None = None, save: bool = True,
+         reqs: list[inbox.Request] | None = None) -> int:
+    """Apply every pending AgentReport of `grove` (`reqs`: as `pending` found them) to
+    `inv` (and remove them when `save`); end interactive agents that are done and waiting
+    (`rts` and their `phases` given). Returns how many reports were taken."""
+    if reqs is None:
+        reqs = pending(root, grove.name)
     taken = 0
     changed = False
+    done: list[inbox.Request] = []
     for req in sorted(reqs, key=lambda r: r.id):
         rec = inv.agents.get(req.agent)
         if req.kind == "DoneReport" and rec is not None:
@@ -65,12 +75,14 @@ def take(root: Path, grove: DesiredGrove, inv: Inventory, rts: Runtimes | None =
             # one agent's report never stops the pass: a broken one is dropped
             with contextlib.suppress(Exception):
                 _apply(root, grove.name, req.agent, rec, req.spec, record=save)
-        if save:
-            inbox.consume(root, grove.name, req)
+        done.append(req)
     if save and rts is not None:
         changed = _end_done(grove, inv, rts, phases or {}) or changed
     if (taken or changed) and save:
         inventory.save(paths.state(root), inv)
+    if save:  # only once their effect is saved: a reader never sees neither
+        for req in done:
+            inbox.consume(root, grove.name, req)
     return taken
 
 

@@ -32,8 +32,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
     """One grove's entry of the status document, reasons and errors bounded."""
+    reports = signals.pending(root, g.name)  # before the inventory is read (`pending`)
     actual = observe(root, g.name, g, rts, with_work=True, tolerate=True)
-    signals.take(root, g, actual.inventory, save=False)  # reports no pass has taken yet
+    signals.take(root, g, actual.inventory, save=False, reqs=reports)  # not taken yet
     rows = status_rows(g, actual)
     for row in rows:
         row["reason"] = reader.one_line(str(row["reason"] or ""), REASON_CHARS)
