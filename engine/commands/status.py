@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         table = [[_cell(x, c) for c in cols] for x in entry["agents"]]
         widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
-        ui.out("  " + "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+        ui.out(("  " + "  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))
+                ).rstrip())
         for row, x in zip(table, entry["agents"], strict=True):
             line = "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True))
             ui.out(line.rstrip() + (f"  ({x['reason']})" if x["reason"] else ""))
