@@ -76,6 +76,15 @@ def digest(document: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+SHOWN = 16  # hex digits of a digest people are shown and give back (approve --digest)
+MAX_TASK = 2000  # characters: a task waiting for a person must fit what they are shown
+
+
+def short(full: str) -> str:
+    """The part of a digest people see: SHOWN hex digits, without the `sha256:` prefix."""
+    return full.removeprefix("sha256:")[:SHOWN]
+
+
 def key(parent: str, request: str) -> str:
     return f"{parent}/{request}"
 

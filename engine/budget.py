@@ -113,8 +113,17 @@ def _field(u: Usage, key: str) -> float | int | None:
     return u.tokens
 
 
-def used(inv: Inventory, name: str, key: str,
-         caps: Mapping[str, Limits] | None = None) -> float | int | None:
+def children(inv: Inventory) -> dict[str, list[str]]:
+    """Each recorded agent's children, by Record.parent."""
+    kids: dict[str, list[str]] = {}
+    for n, rec in sorted(inv.agents.items()):
+        if rec.parent:
+            kids.setdefault(rec.parent, []).append(n)
+    return kids
+
+
+def used(inv: Inventory, name: str, key: str, caps: Mapping[str, Limits] | None = None,
+         kids: Mapping[str, list[str]] | None = None) -> float | int | None:
     """What counts against limit `key` of agent `name` (None: nothing reported). With
     `caps` (each agent's limits), a descendant counts for at most its own limit: a child
     that reports more than it was granted crosses its own budget, not its ancestors'."""
@@ -123,11 +132,8 @@ def used(inv: Inventory, name: str, key: str,
     if caps is None:
         value = _field(subtree_usage(inv, name), key)
     else:
-        kids: dict[str, list[str]] = {}
-        for n, rec in sorted(inv.agents.items()):
-            if rec.parent:
-                kids.setdefault(rec.parent, []).append(n)
-        value = _counted(inv, name, key, caps, kids, {name})
+        value = _counted(inv, name, key, caps, children(inv) if kids is None else kids,
+                         {name})
     if key == "maxCostUSD" and value is not None:
         return round(value, 6)
     return value
@@ -135,18 +141,29 @@ def used(inv: Inventory, name: str, key: str,
 
 def _counted(inv: Inventory, name: str, key: str, caps: Mapping[str, Limits],
              kids: Mapping[str, list[str]], seen: set[str]) -> float | int | None:
-    total = _field(own_usage(inv, name), key)
-    for kid in kids.get(name, []):
-        if kid in seen:
-            continue
-        seen.add(kid)
-        part = _counted(inv, kid, key, caps, kids, seen)
-        cap = dict(caps[kid].items()).get(key) if kid in caps else None
-        if part is not None and cap is not None:
-            part = min(part, cap)
-        if part is not None:
-            total = part if total is None else total + part
-    return total
+    """`name`'s own figure plus each child's subtree, a child counted at most up to its
+    own limit; iterative (a long chain of agents is no recursion limit)."""
+    order: list[str] = []
+    stack = [name]
+    while stack:  # every agent below `name` once, parents before children
+        n = stack.pop()
+        order.append(n)
+        for kid in kids.get(n, []):
+            if kid not in seen:
+                seen.add(kid)
+                stack.append(kid)
+    total: dict[str, float | int | None] = {}
+    for n in reversed(order):  # children before parents
+        value = _field(own_usage(inv, n), key)
+        for kid in kids.get(n, []):
+            part = total.get(kid)
+            cap = dict(caps[kid].items()).get(key) if kid in caps else None
+            if part is not None and cap is not None:
+                part = min(part, cap)
+            if part is not None:
+                value = part if value is None else value + part
+        total[n] = value
+    return total[name]
 
 
 def left(limits: Limits, inv: Inventory, name: str) -> dict[str, float | int]:
@@ -161,10 +178,11 @@ def left(limits: Limits, inv: Inventory, name: str) -> dict[str, float | int]:
 
 
 def crossed(limits: Limits, inv: Inventory, name: str,
-            caps: Mapping[str, Limits] | None = None) -> Breach | None:
+            caps: Mapping[str, Limits] | None = None,
+            kids: Mapping[str, list[str]] | None = None) -> Breach | None:
     """The first of the agent's limits its usage has reached (cost, tokens, turns)."""
     for key, maximum in limits.items():
-        spent = used(inv, name, key, caps)
+        spent = used(inv, name, key, caps, kids)
         if spent is not None and spent >= maximum:
             return Breach(name, key, maximum, spent)
     return None
@@ -175,8 +193,10 @@ def exceeded(grove: DesiredGrove, inv: Inventory) -> list[Breach]:
     child over its own budget is stopped for its own reason before its parent's)."""
     out = []
     caps = {a.name: a.limits for a in grove.agents}
+    kids = children(inv)
     for a in sorted(grove.agents, key=lambda a: (-a.depth, a.name)):
-        if a.name in inv.agents and (b := crossed(a.limits, inv, a.name, caps)) is not None:
+        if a.limits.items() and a.name in inv.agents and \
+                (b := crossed(a.limits, inv, a.name, caps, kids)) is not None:
             out.append(b)
     return out
 

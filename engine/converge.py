@@ -226,8 +226,8 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     else:
         requested = tuple((j.request, j.spawn.name, j.spawn.parent) for j in judged)
         waiting = tuple((j.request, j.spawn.name, j.spawn.parent,
-                         approval.digest(j.spawn.document())[:12],
-                         reader.one_line(j.spawn.task, 300)) for j in awaiting)
+                         approval.short(approval.digest(j.spawn.document())),
+                         reader.visible(j.spawn.task)) for j in awaiting)
         the_plan = shape(plan.plan_grove(grove, actual, _spawn_reasons(judged), requested,
                                          waiting), grove, actual, ask)
     preflight(root, grove, the_plan, rts)

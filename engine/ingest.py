@@ -105,7 +105,8 @@ def review(root: Path, grove: DesiredGrove, opts: desired.Options,
         state = _approval(grove, spawn, decisions)
         if state == PENDING:
             _set_aside(gate, spawn)
-            waiting.append(Judged(req.id, spawn, PENDING))
+            if len(spawn.task) <= approval.MAX_TASK:  # longer: refused when taken in
+                waiting.append(Judged(req.id, spawn, PENDING))
         else:
             out.append(Judged(req.id, spawn, state))
     return out, waiting
@@ -294,7 +295,8 @@ def _announce(root: Path, grove: str, waiting: list[Answer]) -> None:
                                                    child=ans.child)
                 events.record(root, {"grove": grove, "event": "SpawnPendingApproval",
                                      "from": ans.request.agent, "id": ans.request.id,
-                                     "child": ans.child, "digest": seen[:12],
+                                     "child": ans.child, "digest": approval.short(seen),
+                                     "changed": bool(entry.seen and entry.seen != seen),
                                      **{k: ans.data.get(k, "") for k in
                                         ("task", "profile", "harness")}})
     except (EngineError, OSError):
@@ -313,21 +315,32 @@ class Decided:
 
 
 def _same_as_announced(root: Path, grove: str, req: Request, digest: str,
-                       seen: str | None) -> None:
-    """Refuse to approve a child other than the one people were shown: the one announced
-    (SpawnPendingApproval) and, with `seen` (approve --digest), the one the person names."""
+                       given: str | None) -> None:
+    """Refuse to approve a child other than one people were shown: with `given` (approve
+    --digest, as the plan and the notification show it), exactly that child; without it,
+    the child as its SpawnPendingApproval announced it. A request a pass has not
+    announced in its present form is not approved blind."""
     key = _key(req)
+    hexed = digest.removeprefix("sha256:")
+    if given is not None:
+        want = given.strip().lower().removeprefix("sha256:")
+        if len(want) < approval.SHOWN or any(c not in "0123456789abcdef" for c in want):
+            raise EngineError(f"--digest: give the {approval.SHOWN} hex digits engine plan "
+                              "shows for the request")
+        if not hexed.startswith(want):
+            raise EngineError(f"request {key} in grove {grove}: asks for another child now "
+                              f"(digest {approval.short(digest)}, not {want[:32]}); check "
+                              "it with engine plan")
+        return
     entry = approval.load(root, grove).get(key)
-    if seen is not None and not digest.startswith(seen.lower()):
-        raise EngineError(f"request {key} in grove {grove}: asks for another child now "
-                          f"(digest {digest[:12]}, not {seen}); check it with engine plan")
-    if entry is not None and entry.seen and entry.seen != digest:
-        with approval.update(root, grove) as entries:  # announced again, as it is now
-            entries[key] = dataclasses.replace(entries.get(key, entry), announced=False,
-                                               seen="")
+    if entry is None or not entry.seen:
+        raise EngineError(f"request {key} in grove {grove}: not announced yet; the next pass "
+                          "(engine apply, or the controller) announces it, or approve what "
+                          "engine plan shows with --digest")
+    if entry.seen != digest:
         raise EngineError(f"request {key} in grove {grove}: changed since it was announced "
-                          f"(the agent rewrote it); it is announced again as it is now: "
-                          "check it with engine plan, then approve again")
+                          "(the agent rewrote it); the next pass (engine apply, or the "
+                          "controller) announces it as it is now: check it, then approve")
 
 
 def decide(root: Path, grove: DesiredGrove, opts: desired.Options, ref: str, by: str,
@@ -500,9 +513,13 @@ def _spawn(grove: DesiredGrove, gate: policy.Gate, req: Request, recorded: set[s
         return Answer(req, "rejected", e.summary)
     if _approval(grove, spawn, decisions) == PENDING:
         _set_aside(gate, spawn)
+        if len(spawn.task) > approval.MAX_TASK:
+            return Answer(req, "rejected", (
+                f"a spawn that waits for approval must have a task of at most "
+                f"{approval.MAX_TASK} characters (all of it is shown to who approves)"))
         return Answer(req, PENDING, child=spawn.name, data={
             "digest": approval.digest(spawn.document()),
-            "task": reader.one_line(spawn.task, 300), "profile": spawn.profile,
+            "task": reader.visible(spawn.task), "profile": spawn.profile,
             "harness": spawn.harness})
     return Answer(req, "accepted", child=spawn.name)
 

@@ -118,9 +118,12 @@ def load(state_dir: Path, grove: str) -> Inventory:
                           "start over (the engine then adopts what still runs)") from None
 
 
-def save(state_dir: Path, inv: Inventory) -> None:
+def save(state_dir: Path, inv: Inventory, bump: bool = True) -> None:
+    """Write the inventory atomically. `bump`: a change a saved plan must see (not what
+    agents report about themselves, which would make every saved plan stale)."""
     inv.lineage = inv.lineage or uuid.uuid4().hex
-    inv.serial += 1
+    if bump or not inv.serial:
+        inv.serial += 1
     data = json.dumps(inv.to_json(), indent=1, sort_keys=True).encode()
     atomic_write(path_for(state_dir, inv.grove), data)
 

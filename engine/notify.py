@@ -52,8 +52,10 @@ KINDS = ("needs-input", "succeeded", "failed", "spawn-requested", "spawn-approve
          "spawn-rejected", "budget-exceeded")
 WORKERS = 4  # workers delivering at once, across the repository
 DEADLINE = 120.0  # seconds a worker lives at most
-BATCH = 200  # events one dispatch takes at most (the rest wait for the next)
-READ_CAP = 256 * 1024  # bytes of the event log one dispatch reads at most
+BATCH = 4000  # events one dispatch takes at most (the rest wait for the next); one
+# agent flooding the log is capped per batch (PER_AGENT_KIND), so a large batch keeps
+# everyone else's notifications from falling behind it
+READ_CAP = 2 * 1024 * 1024  # bytes of the event log one dispatch reads at most
 TEXT_CAP = 1000  # characters of agent-supplied text in a notification
 _PIPE = 1 << 20  # bytes the pipe to the worker is asked to hold (it may get less)
 _LOCKS = "locks"
@@ -169,6 +171,9 @@ def notification(event: Mapping[str, Any], kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {k: (_text(v, TEXT_CAP) if isinstance(v, str) else v)
                            for k, v in sorted(event.items())
                            if isinstance(v, str | int | float | bool) or v is None}
+    if isinstance(event.get("task"), str):  # a task to approve is shown whole (every
+        # line; the engine escaped what cannot be seen, and bounded it)
+        out["task"] = reader.for_terminal(event["task"])[:3 * TEXT_CAP]
     out.update(kind=kind, grove=_text(event.get("grove")), agent=agent_of(event),
                event=_text(event.get("event")), time=_text(event.get("time")))
     if "message" in event:
@@ -187,8 +192,10 @@ def describe(n: Mapping[str, Any]) -> str:
         "needs-input": f"{who} needs input: {n.get('request', '')}",
         "succeeded": f"{who} succeeded",
         "failed": f"{who} failed (exit {n.get('exitCode', '?')}){why}",
-        "spawn-requested": f"{who} asks to spawn{child} (request {n.get('id', '?')}); it "
-                           "waits for approval",
+        "spawn-requested": f"{who} asks to spawn{child} (request {n.get('id', '?')}, "
+                           f"digest {n.get('digest', '?')}); it waits for approval: "
+                           f"engine approve {n.get('id', '?')} --digest "
+                           f"{n.get('digest', '?')}\ntask:\n{n.get('task', '')}",
         "spawn-approved": f"{who}: spawn of{child} approved{by}",
         "spawn-rejected": f"{who}: spawn of{child} rejected{by}{why}",
         "budget-exceeded": f"{who} exceeded its budget: used {n.get('used', '?')} of "

@@ -352,7 +352,9 @@ def _awaiting_lines(p: GrovePlan, several: bool) -> list[str]:
         grove = f" -g {p.grove}" if several else ""
         out.append(_clean(f"  \u23f8 spawn {parent}/{child} (request {r}) awaits approval: "
                           f"engine approve {ref}{grove} --digest {digest}"))
-        out.append(_clean(f"      task: {task[:200]}"))
+        # all of the task, every line (characters one cannot see shown escaped): what is
+        # approved is what is read here
+        out += [_clean(f"      | {line}") for line in task.split("\n")]
     return out
 
 

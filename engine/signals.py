@@ -79,7 +79,7 @@ def take(root: Path, grove: DesiredGrove, inv: Inventory, rts: Runtimes | None =
     if save and rts is not None:
         changed = _end_done(grove, inv, rts, phases or {}) or changed
     if (taken or changed) and save:
-        inventory.save(paths.state(root), inv)
+        inventory.save(paths.state(root), inv, bump=False)
     if save:  # only once their effect is saved: a reader never sees neither
         for req in done:
             inbox.consume(root, grove.name, req)

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +201,23 @@ def for_terminal(text: str) -> str:
     """`text` with escape sequences and control characters removed (newlines and tabs
     kept): safe to print on the user's terminal."""
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def visible(text: str) -> str:
+    """`text` with every character a person cannot see shown as an escape (`\\u00ad`):
+    controls, format characters (zero-width, direction, tags, soft hyphen), private
+    use, unassigned and separators other than space and newline. For what a person
+    reviews, where hiding a character would change what they approve."""
+    out = []
+    for ch in text:
+        if ch == "\n" or ((ch.isprintable() and unicodedata.category(ch) not in (
+                "Cf", "Co", "Cn", "Mn")) or ch == " "):
+            out.append(ch)
+        elif unicodedata.category(ch) == "Mn" and out and out[-1].isalnum():
+            out.append(ch)  # an accent on a letter is seen
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
 
 
 def one_line(text: str, limit: int = 200) -> str:
