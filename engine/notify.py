@@ -222,9 +222,11 @@ def dispatch(root: Path, grove: DesiredGrove) -> int:
         with _try_lock(lock) as got:
             return _dispatch(root, grove, urls) if got else 0
     except Exception as e:  # notifications must never break what called them
-        reason = _text(f"{type(e).__name__}: {e}", 300)
-        for url in urls:
-            reason = reason.replace(url, "<webhook URL>")
+        reason = f"{type(e).__name__}: {e}"
+        for url in urls:  # before the text is cut: no part of a URL survives
+            if url:
+                reason = reason.replace(url, "<webhook URL>")
+        reason = _text(reason, 300)
         with contextlib.suppress(Exception):
             events.record(root, {"grove": grove.name, "event": "NotifyError",
                                  "reason": reason})
