@@ -314,6 +314,18 @@ def _stop_one(root: Path, inv: Inventory, name: str, reason: str, rts: Runtimes,
 
 
 
+def blocked(grove: DesiredGrove, inv: Inventory) -> list[str]:
+    """Agents of the manifests below an agent the engine stopped over a budget: their
+    usage would count against the crossed budget, so none of them starts (a child still
+    pending when its parent was stopped included)."""
+    over = {n for n, rec in inv.agents.items()
+            if rec.stopped and rec.stopped_reason.startswith("budget")}
+    if not over:
+        return []
+    return sorted(a.name for a in grove.agents
+                  if any(up.name in over for up in _ancestors(grove, a.name)))
+
+
 def hold(p: GrovePlan, stopped: list[str]) -> GrovePlan:
     """The plan with every change that would start one of the agents `enforce` just
     stopped (create, replace, restart: planned before it was stopped) made a no-op."""

@@ -262,7 +262,7 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
             result.plan, result.desired = the_plan, grove
     if not ask.destroy:  # budgets: what crossed one stops (its work kept), and stays so
         halted = budget.enforce(root, grove, actual, rts, log)
-        the_plan = budget.hold(the_plan, halted)
+        the_plan = budget.hold(the_plan, halted + budget.blocked(grove, actual.inventory))
         result.plan = the_plan
     if the_plan.has_changes:
         result.outcomes = executor.execute(root, grove, the_plan, actual.inventory, rts,

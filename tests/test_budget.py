@@ -354,6 +354,9 @@ def test_engine_start_refuses_while_the_budget_is_crossed(
               "raise limits.maxCostUSD")
     # below a crossed budget, too: its usage would count against it
     one_error(engine("start", "grandkid"), "the budget of seed", "maxCostUSD 1.00")
+    # and no other way round it: restart and resume refuse alike
+    one_error(engine("restart", "seed"), "budget exceeded", "raise limits.maxCostUSD")
+    one_error(engine("resume", "kid", "--task", "go on"), "the budget of seed")
     assert status(engine)["seed"]["phase"] == "Stopped"
     # the limit raised in the manifests: it starts (and is not stopped again)
     tree(repo, seed_cost="3.0")
@@ -413,3 +416,32 @@ def test_schema_files_are_valid() -> None:
     for name in ("cost.json", "status.json"):
         doc = json.loads((ROOT / "schemas" / name).read_text())
         assert doc["$id"] == f"https://grove-engine.dev/schemas/{name}"
+
+
+PENDING_CHILD = """\
+    - name: seed
+      task: 'sleep 300'
+      limits: {maxCostUSD: 1.0}
+    - name: gate
+      task: 'sleep 4'
+    - name: late
+      spawnedBy: seed
+      dependsOn: [gate]
+      task: 'echo late > late.txt; sleep 300'
+"""
+
+
+def test_a_child_pending_under_a_crossed_budget_never_starts(
+        repo: Path, engine, destroy) -> None:  # type: ignore[no-untyped-def]
+    grove(repo, PENDING_CHILD)
+    assert engine("apply", "--auto-approve").code == 0
+    running(engine, {"seed", "gate"})
+    assert status(engine)["late"]["phase"] == "Pending"  # waits for gate
+    report(repo, {"seed": {"costUSD": 1.5}})
+    assert enforce(repo) == ["seed"]  # late was not started: nothing of it to stop
+    until(lambda: status(engine)["gate"]["phase"] == "Succeeded", "gate to succeed")
+    res = engine("apply", "--auto-approve")  # late could start now...
+    assert res.code == 0, res
+    st = status(engine)
+    assert st["late"]["phase"] == "Pending", st["late"]  # ...but its usage would count
+    # against seed's crossed budget

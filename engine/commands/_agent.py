@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from engine import converge, inventory, ui
+from engine import budget, converge, inventory, ui
 from engine.commands import _common, _converge
 from engine.commands._progress import Progress
 from engine.desired import DesiredAgent, DesiredGrove
@@ -50,6 +50,8 @@ def restart_one(args: argparse.Namespace, operation: str, task: str | None = Non
     if rec is None or rec.pending:
         raise EngineError(f"agent {g.name}/{a.name}: not started yet (engine apply starts "
                           "it)")
+    budget.check_start(g, a.name, inventory.load(r.state_dir, g.name))  # a crossed
+    # budget would stop it again on the next pass
     if check is not None:
         check(a, rec)
     progress = Progress()
