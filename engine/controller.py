@@ -258,15 +258,21 @@ class Controller:
 
     def _all_done(self) -> bool:
         """Every agent of every grove Succeeded, Failed, is blocked behind a failure or is
-        stopped, and no request waits in an inbox."""
-        from engine import inbox
+        stopped, and no request waits in an inbox but those waiting for a person (engine
+        approve: no pass of the controller can answer them)."""
+        from engine import approval, inbox
 
         for g in self.groves:
             phases = self.phases.get(g)
             if phases is None or any(p not in DONE for p in phases.values()):
                 return False
             reqs, bad = inbox.scan(self.root, g)
-            if reqs or bad:
+            try:
+                people = {k for k, e in approval.load(self.root, g).items()
+                          if e.announced and not e.decision}
+            except EngineError:
+                people = set()
+            if bad or any(f"{r.agent}/{r.id}" not in people for r in reqs):
                 return False
         return True
 
