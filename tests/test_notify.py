@@ -485,6 +485,12 @@ def test_events_command(repo: Path) -> None:
     assert cli(repo, "events", "-g", "demo", "--kind", "AgentEnded").stdout == \
         "No matching events.\n"
     assert len(cli(repo, "events", "--tail", "1").stdout.splitlines()) == 1
+    for bad, text in ((("--kind", "bogus"), "not a notification kind"),
+                      (("-g", "nosuch"), "grove nosuch: not found"),
+                      (("--tail", "-1"), "--tail")):
+        res = cli(repo, "events", *bad)
+        assert res.returncode in (1, 2) and res.stdout == "", res
+        assert res.stderr.count("\n") == 1 and text in res.stderr, res.stderr
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([*ENGINE, "events", "--follow", "--json", "-g", "demo"],

@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import git, write_grove
+from tests.conftest import LOCAL_GROVE, git, local_grove, write_grove
 
-GROVE = """\
-apiVersion: engine/v1alpha1
-kind: Grove
-metadata: {{name: demo}}
-spec:
-  defaults: {{profile: local, harness: shell}}
-  profiles:
-    local: {{runtime: local, spawn: {{allowProfiles: [local]}}}}
-  agents:
-{agents}
-"""
+GROVE = LOCAL_GROVE  # the shell harness on the local runtime (conftest)
 
 
 def grove(repo: Path, agents: str) -> Path:
-    return write_grove(repo, "demo", GROVE.format(agents=agents))
+    return local_grove(repo, agents)
 
 
 TWO = """\

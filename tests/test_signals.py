@@ -186,3 +186,30 @@ def test_usage_adds_up_over_restarts(repo: Path, engine: Any) -> None:
                                               "costUSD": 1.0, "turns": 2}
     rec = inventory.load(paths.state(repo), "demo").agents["again"]
     assert rec.usage == usage  # the first run's, kept as the total of ended runs
+
+
+@pytest.mark.timeout(120)
+def test_planted_report_files_are_refused_without_following_or_blocking(
+        repo: Path, engine: Any) -> None:
+    """An agent plants, in its own inbox, a FIFO and a symlink to a report it wrote
+    elsewhere, both named like reports: a pass neither blocks on the FIFO nor follows the
+    link, and nothing of them is counted."""
+    outside = repo.parent / "elsewhere"
+    outside.mkdir()
+    outside.chmod(0o777)
+    doc = json.dumps({"apiVersion": "engine/v1alpha1", "kind": "AgentReport", "id": "x",
+                      "spec": {"usage": {"inputTokens": 999, "costUSD": 9.0}}})
+    plant = (f"printf %s {shlex.quote(doc)} > {outside}/r.json; "
+             f"ln -s {outside}/r.json \"$ENGINE_INBOX/req-20990101T000000.1-link.json\"; "
+             "mkfifo \"$ENGINE_INBOX/req-20990101T000000.2-fifo.json\"; "
+             + report({"usage": {"inputTokens": 5}}) + "; sleep 300")
+    local_grove(repo, agent("sly", plant))
+    box = repo / ".engine/inbox/demo/sly"
+    until(lambda: engine("apply", "--auto-approve").code == 0
+          and (box / "req-20990101T000000.2-fifo.json").exists() is False
+          and rows(engine)["sly"]["usage"], 60, "the planted files to be dealt with")
+    assert rows(engine)["sly"]["usage"] == {"inputTokens": 5}
+    answers = {p.name: json.loads(p.read_text())["status"] for p in box.glob("res-*")}
+    assert answers == {"res-20990101T000000.1-link.json": "rejected",
+                       "res-20990101T000000.2-fifo.json": "rejected"}, answers
+    assert (outside / "r.json").read_text() == doc  # followed by nothing, changed by none

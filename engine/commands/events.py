@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import events, notify
+from engine import events, manifest, notify
 from engine.commands import _common
+from engine.errors import EngineError, UsageError
 from engine.trust import reader
 
 POLL = 0.25  # seconds between looks at the log with --follow
+EVENT_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")  # AgentEnded, SpawnRequest, ...
 _HEAD = ("time", "grove", "event")
 Keep = Callable[[dict[str, Any]], bool]
 
@@ -44,6 +47,18 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
+    for kind in args.kind:
+        if kind not in notify.KINDS and not EVENT_TYPE.fullmatch(kind):
+            raise UsageError(f"--kind {kind!r}: not a notification kind "
+                             f"({', '.join(sorted(notify.KINDS))}) nor an event type "
+                             "(such as AgentEnded)")
+    if args.tail is not None and args.tail < 0:
+        raise UsageError("--tail: give a number of events, 0 or more")
+    known = {d.name for d in manifest.grove_dirs(r.root)} | set(_common.orphaned_groves(r))
+    for g in args.groves or []:
+        if g not in known:
+            raise EngineError(f"grove {g}: not found (groves: "
+                              f"{', '.join(sorted(known)) or 'none'})")
     path = events.path_for(r.root)
     keep = _filter(args.groves or [], args.kind)
     found, offset = _read(path, 0)
