@@ -11,6 +11,7 @@ nothing.
 from __future__ import annotations
 
 import graphlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,17 @@ def notify(src: GroveSource) -> list[Diagnostic]:
                            (("webhook",), (ch.get("webhook") or {}).get("timeout"))):
             if value is not None and (why := _timeout_problem(value)):
                 out.append(src.grove.diag(f"{said}: {why}", *where, *sub, "timeout"))
+        program = (ch.get("command") or [""])[0] if isinstance(ch.get("command"), list) \
+            else ""
+        inside = program.startswith("/") and Path(os.path.normpath(program)).is_relative_to(
+            src.directory.parent.parent)
+        if program and "/" in program and (not program.startswith("/") or inside):
+            # a script in the checkout is a file agents can write: it would run as the
+            # engine's user. A program on PATH, or a path outside, is not theirs
+            out.append(src.grove.diag(f"{said}: command {program!r}: a path in the "
+                                      "repository (a file agents can write) is refused; "
+                                      "name a program on PATH or an absolute path outside "
+                                      "the repository", *where, "command", 0))
         if "stream" in ch and (why := stream_path_problem(ch["stream"]["path"])):
             out.append(src.grove.diag(f"{said}: stream path {ch['stream']['path']}: {why}",
                                       *where, "stream", "path"))

@@ -588,7 +588,7 @@ def _command(argv: list[str], n: Mapping[str, Any], root: Path, timeout: float,
            "ENGINE_NOTIFY_GROVE": str(n["grove"]), "ENGINE_NOTIFY_AGENT": str(n["agent"])}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=root, env=env,
+                                stderr=subprocess.DEVNULL, cwd="/", env=env,
                                 start_new_session=True)
     except FileNotFoundError:
         return "command not found"

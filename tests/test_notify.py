@@ -440,6 +440,9 @@ def test_dispatch_never_raises(repo: Path) -> None:
      "inside .engine/ (or be absolute)"),
     ("    channels:\n      a: {command: [x], stream: {path: .engine/n.jsonl}}", 7,
      "spec.notify.channels.a: needs exactly one of webhook, command or stream"),
+    # a script in the checkout is a file agents can write: never run as the engine's user
+    ("    channels:\n      a: {command: [./scripts/notify.sh]}", 7,
+     "spec.notify.channels.a: command './scripts/notify.sh': a path in the repository"),
 ])
 def test_validate_refuses_bad_notify_specs(repo: Path, notify_yaml: str, line: int,
                                            says: str) -> None:
