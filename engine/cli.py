@@ -23,7 +23,7 @@ COMMANDS = [
     "init", "validate", "plan", "apply", "status", "graph", "destroy", "watch", "spawn",
     "logs", "look", "attach", "message", "diff", "merge", "restore", "archive", "prune",
     "explain", "restart", "stop", "start", "resume", "cost",
-    "force_unlock", "image", "history", "harness", "egress", "events", "approve",
+    "force_unlock", "image", "history", "harness", "egress", "events", "approve", "ui",
 ]
 # commands registered by another command's module: `engine deny` by approve's
 MODULE_OF = {"deny": "approve"}

@@ -3,24 +3,19 @@ what each agent's harness reported using (tokens, cost) and its budgets, and
 per grove whether it was ever applied, the commit it was last converged from and whether
 its manifests differ from that of HEAD (uncommitted edits `apply` would act on).
 
-A reason can come from a file the agent wrote (e.g. the Docker runtime's `ctl/reason`): in
-both outputs it is one line of at most REASON_CHARS characters without control
-characters, and everything printed as text goes through `reader.for_terminal`."""
+The document is built by `status_doc` (the web UI shows the same one); a reason can come
+from a file the agent wrote, so everything printed as text goes through
+`reader.for_terminal`."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from engine import budget, converge, signals, ui, usage
+from engine import converge, status_doc, ui, usage
 from engine.commands import _common
-from engine.desired import DesiredGrove
-from engine.inventory import Inventory
-from engine.observe import Runtimes, observe, status_rows
+from engine.observe import Runtimes
 from engine.trust import reader
-
-REASON_CHARS = 200
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -28,41 +23,6 @@ def register(sub: Any) -> argparse.ArgumentParser:
     _common.add_grove_arg(p)
     p.add_argument("--json", action="store_true")
     return p
-
-
-def _grove(root: Path, g: DesiredGrove, rts: Runtimes) -> dict[str, Any]:
-    """One grove's entry of the status document, reasons and errors bounded."""
-    reports = signals.pending(root, g.name)  # before the inventory is read (`pending`)
-    actual = observe(root, g.name, g, rts, with_work=True, tolerate=True)
-    signals.take(root, g, actual.inventory, save=False, reqs=reports)  # not taken yet
-    rows = status_rows(g, actual)
-    for row in rows:
-        row["reason"] = reader.one_line(str(row["reason"] or ""), REASON_CHARS)
-    _cost(g, actual.inventory, rows)
-    errors = [reader.one_line(f"{k[0]}{' ' + k[1] if k[1] else ''}: {v}", 500)
-              for k, v in sorted(actual.errors.items())]
-    inv = actual.inventory
-    return {"grove": g.name, "applied": bool(inv.lineage or inv.agents or actual.observed),
-            "revision": inv.revision,
-            "manifestsModified": converge.manifests_modified(root, g.name),
-            "agents": rows, "errors": errors}
-
-
-def _cost(g: DesiredGrove, inv: Inventory, rows: list[dict[str, Any]]) -> None:
-    """Each row's `usage` (what its harness reported; null: never started) and `limits`;
-    an agent the engine stopped over a budget gets a Budget condition, and its reason
-    says which limit."""
-    for row in rows:
-        name = row["name"]
-        rec, a = inv.agents.get(name), g.by_name.get(name)
-        started = rec is not None and not rec.pending
-        row["usage"] = budget.own_usage(inv, name).to_json() if started else None
-        row["limits"] = dict(a.limits.items()) if a is not None else {}
-        if rec is not None and rec.stopped and rec.stopped_reason.startswith("budget"):
-            why = reader.one_line(rec.stopped_reason, REASON_CHARS)
-            row.setdefault("conditions", []).append({"type": "Budget", "message": why})
-            row["reason"] = reader.one_line(f"{why}; raise the limit, then engine start "
-                                            f"{name}", REASON_CHARS)
 
 
 def _cell(x: dict[str, Any], col: str) -> str:
@@ -94,15 +54,14 @@ def run(args: argparse.Namespace) -> int:
     rts = Runtimes(r.root)
     doc: list[dict[str, Any]] = []
     for g in groves:
-        doc.append(_grove(r.root, g, rts))
+        doc.append(status_doc.grove_entry(r.root, g, rts))
     if not args.groves:  # a grove whose directory is gone: its agents still run
         for name in _common.orphaned_groves(r):
-            entry = _grove(r.root, converge.empty(r.root, name), rts)
+            entry = status_doc.grove_entry(r.root, converge.empty(r.root, name), rts)
             entry["orphaned"] = True
             doc.append(entry)
     if args.json:
-        ui.print_json({"apiVersion": "engine/v1alpha1", "kind": "Status", "formatVersion": 1,
-                       "groves": doc})
+        ui.print_json(status_doc.document(doc))
         return 0
     cols = ["name", "phase", "runtime", "branch", "parent", "dirty", "ahead", "exitCode",
             "tokens", "cost"]

@@ -1,0 +1,152 @@
+"""What the web UI shows, built from the engine's own result objects: the status document
+(`status_doc`, as `status --json`), the plan document (`plan.document`, as `plan --json`),
+the event log and the inbox. Reads only; called by `engine.web.app`.
+
+Everything here that an agent wrote (reasons, messages, tasks, logs) stays data: the front
+end inserts it as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import (
+    converge,
+    desired,
+    events,
+    inbox,
+    layers,
+    manifest,
+    paths,
+    plan,
+    secrets,
+    status_doc,
+)
+from engine.desired import DesiredGrove
+from engine.errors import EngineError
+from engine.fsutil import atomic_write
+from engine.observe import Runtimes
+from engine.trust import reader
+
+MAX_EVENTS = 500  # events of a grove the page is given
+MAX_TASK = 2000  # characters of a request's task shown
+
+
+@dataclass
+class _Loaded:
+    stamp: tuple[tuple[str, int, int], ...]
+    grove: DesiredGrove
+
+
+@dataclass
+class Reader:
+    """The read side of one `engine ui` server: its repository and a cache of loaded
+    manifests (reloaded when a file of the grove changes)."""
+
+    root: Path
+    rts: Runtimes = field(init=False)
+    _cache: dict[str, _Loaded] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.rts = Runtimes(self.root)
+
+    def groves(self) -> list[str]:
+        return [d.name for d in manifest.grove_dirs(self.root)]
+
+    def options(self, resolve_secrets: bool = False) -> desired.Options:
+        return desired.Options(
+            user=layers.load_user_config(), sets={}, resolve_secrets=resolve_secrets,
+            secret_key=secrets.repo_key(paths.state(self.root), True)
+            if resolve_secrets else b"", repo_root=self.root)
+
+    def grove(self, name: str) -> DesiredGrove:
+        """The grove's desired state, secrets not resolved; cached until a file of its
+        directory changes."""
+        [d] = manifest.select_groves(self.root, [name])
+        stamp = _stamp(d)
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit is not None and hit.stamp == stamp:
+                return hit.grove
+        g = desired.build(manifest.load_grove(d, self.root), self.options())
+        with self._lock:
+            self._cache[name] = _Loaded(stamp, g)
+        return g
+
+    def status(self, name: str, with_work: bool = False) -> dict[str, Any]:
+        """The grove's status entry (as `status --json`) and the spawn requests not taken
+        in yet, which the graph shows as requested nodes."""
+        entry = status_doc.grove_entry(self.root, self.grove(name), self.rts, with_work)
+        return {"grove": entry, "requests": self.requests(name)}
+
+    def requests(self, name: str) -> list[dict[str, str]]:
+        reqs, _ = inbox.scan(self.root, name)
+        out = []
+        for q in reqs:
+            if q.kind != "SpawnRequest":
+                continue
+            child = reader.one_line(str(q.spec.get("name", "")), 80)
+            if child:
+                out.append({"id": q.id, "parent": q.agent, "agent": child,
+                            "status": "pending"})
+        return out
+
+    def plan(self, name: str) -> dict[str, Any]:
+        """What apply would do (`plan --json`'s document), computed as `engine plan` does."""
+        g = self.grove(name)
+        res = converge.run(self.root, converge.Ask(g.name, loaded=g, execute=False),
+                           self.rts, self.options(resolve_secrets=True))
+        return plan.document([res.plan])
+
+    def inbox(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Who waits for a person: agents WaitingForInput (from the status entry) and spawn
+        requests waiting for approval (from the plan, with their digest and whole task)."""
+        waiting = []
+        for row in status["grove"]["agents"]:
+            for c in row.get("conditions") or ():
+                if c.get("type") == "WaitingForInput":
+                    waiting.append({"agent": row["name"], "message": c.get("message", ""),
+                                    "since": c.get("since", "")})
+        specs = {(q.agent, q.id): q.spec for q in inbox.scan(self.root, name)[0]
+                 if q.kind == "SpawnRequest"}
+        approvals = []
+        doc = self.plan(name)
+        for gp in doc["groves"]:
+            for r in gp.get("spawnRequests", ()):
+                if r.get("approval") != "pending":
+                    continue
+                spec = specs.get((r["parent"], r["request"]), {})
+                approvals.append({
+                    "id": r["request"], "parent": r["parent"], "agent": r["agent"],
+                    "digest": r.get("digest", ""), "task": r.get("task", "")[:MAX_TASK],
+                    "profile": reader.one_line(str(spec.get("profile") or ""), 80),
+                    "harness": reader.one_line(str(spec.get("harness") or ""), 80)})
+        return {"waiting": waiting, "approvals": approvals}
+
+    def events(self, name: str, tail: int = MAX_EVENTS) -> list[dict[str, Any]]:
+        return [e for e in events.read(self.root) if e.get("grove") == name][-tail:]
+
+    def save_plan(self, doc: dict[str, Any], where: Path, plan_id: str) -> Path:
+        path = where / f"{plan_id}.json"
+        atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), 0o600)
+        return path
+
+
+def _stamp(d: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a file of a grove directory changes (names, sizes, mtimes)."""
+    out = []
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((e.name, st.st_size, st.st_mtime_ns))
+    except OSError as e:
+        raise EngineError(f"groves/{d.name}: {e.strerror}") from None
+    return tuple(sorted(out))
