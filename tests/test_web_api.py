@@ -1,0 +1,265 @@
+"""The web UI's server over real HTTP (`engine ui` as a subprocess, real local agents):
+sign-in and every refusal of the guard (token, cookie, Host, CSRF, Origin, method, body),
+the status API answering with `status --json`'s own rows, and actions running the CLI:
+their one-line errors, a message reaching a live agent, a saved plan applied as a job.
+The browser drives the same server in tests/test_web_ui.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, git, local_grove
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+URL = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
+
+
+class UI:
+    """A running `engine ui` and a signed-in client of it."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, token: str) -> None:
+        self.proc, self.port, self.token = proc, port, token
+        self.cookie = ""
+        self.csrf = ""
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, signed_in: bool = True
+                ) -> tuple[int, dict[str, str], bytes]:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        h = {"Host": f"127.0.0.1:{self.port}"}
+        if signed_in and self.cookie:
+            h["Cookie"] = self.cookie
+        h.update(headers or {})
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        data = r.read()
+        out = {k.lower(): v for k, v in r.getheaders()}
+        c.close()
+        return r.status, out, data
+
+    def sign_in(self) -> None:
+        status, headers, _ = self.request("GET", f"/?token={self.token}", signed_in=False)
+        assert status == 303 and "token" not in headers["location"]
+        self.cookie = headers["set-cookie"].split(";")[0]
+        status, _, page = self.request("GET", "/grove/demo")
+        assert status == 200
+        m = re.search(rb'name="grove-csrf" content="([^"]+)"', page)
+        assert m, page[:500]
+        self.csrf = m.group(1).decode()
+
+    def get(self, path: str) -> Any:
+        status, _, data = self.request("GET", path)
+        assert status == 200, (status, data)
+        return json.loads(data)
+
+    def act(self, body: dict[str, Any], headers: dict[str, str] | None = None
+            ) -> tuple[int, dict[str, Any]]:
+        h = {"Content-Type": "application/json", "X-Grove-CSRF": self.csrf,
+             **(headers or {})}
+        status, _, data = self.request("POST", "/api/action", json.dumps(body).encode(), h)
+        return status, json.loads(data)
+
+
+def start_ui(repo: Path, *args: str) -> UI:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "ui", "--port", "0", *args],
+                            cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = URL.search(line)
+    assert m, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+    return UI(proc, int(m.group(1)), m.group(2))
+
+
+@pytest.fixture
+def ui(repo: Path) -> Iterator[UI]:
+    local_grove(repo, """\
+    - name: listener
+      task: |
+        while read -r line; do printf '%s\\n' "$line" >> GOT; done
+    - name: idle
+      task: sleep 600
+""")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "grove")
+    u = start_ui(repo)
+    u.sign_in()
+    yield u
+    u.proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = u.proc.communicate(timeout=10)
+        assert "Traceback" not in err, err
+    except subprocess.TimeoutExpired:
+        u.proc.kill()
+        u.proc.communicate()
+        raise
+    finally:
+        subprocess.run([sys.executable, "-m", "engine", "destroy", "-g", "demo",
+                        "--auto-approve"], cwd=repo, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+
+def until(cond: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=repo, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=300)
+
+
+def test_the_guard_refuses_what_the_printed_address_did_not_sign_in(ui: UI) -> None:
+    # no cookie: nothing but the sign-in page, no data
+    status, headers, body = ui.request("GET", "/api/status?grove=demo", signed_in=False)
+    assert status == 401 and b"listener" not in body
+    status, _, body = ui.request("GET", "/grove/demo", signed_in=False)
+    assert status == 401 and b"grove-csrf" not in body
+    # a wrong token gets no cookie
+    status, headers, _ = ui.request("GET", "/?token=" + "x" * len(ui.token), signed_in=False)
+    assert status == 401 and "set-cookie" not in headers
+    # a cookie that is not this server's session
+    status, _, _ = ui.request("GET", "/api/status?grove=demo",
+                              headers={"Cookie": f"grove_ui_{ui.port}={ui.token}"},
+                              signed_in=False)
+    assert status == 401
+    # DNS rebinding: a page of another name resolving to 127.0.0.1
+    status, _, _ = ui.request("GET", "/api/status?grove=demo",
+                              headers={"Host": f"attacker.example:{ui.port}"})
+    assert status == 421
+    # every response carries the strict policy
+    status, headers, _ = ui.request("GET", "/grove/demo")
+    csp = headers["content-security-policy"]
+    assert status == 200 and "script-src 'self'" in csp and "unsafe" not in csp
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_an_action_without_the_csrf_header_or_from_elsewhere_is_refused(
+        ui: UI, repo: Path) -> None:
+    body = {"action": "stop", "grove": "demo", "agent": "idle"}
+    assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
+    refusals = [
+        {"X-Grove-CSRF": ""},
+        {"X-Grove-CSRF": "x" * len(ui.csrf)},
+        {"Origin": "http://attacker.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Content-Type": "text/plain"},
+    ]
+    for h in refusals:
+        status, doc = ui.act(body, h)
+        assert status == 403, (h, doc)
+        assert doc["error"].startswith("error: refused")
+    status, _, _ = ui.request("PUT", "/api/action", b"{}",
+                              {"X-Grove-CSRF": ui.csrf, "Content-Type": "application/json"})
+    assert status == 405
+    rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
+            ["groves"][0]["agents"]}
+    assert rows["idle"]["phase"] == "Running"  # nothing was stopped
+    status, doc = ui.act(body)  # the page's own request
+    assert status == 200 and doc["ok"], doc
+    rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
+            ["groves"][0]["agents"]}
+    assert rows["idle"]["phase"] == "Stopped"
+
+
+def test_status_is_the_status_document_and_follows_the_agents(ui: UI, repo: Path) -> None:
+    doc = ui.get("/api/status?grove=demo")
+    assert {r["name"]: r["phase"] for r in doc["grove"]["agents"]} == \
+        {"idle": "Pending", "listener": "Pending"}
+    assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
+    want = json.loads(cli(repo, "status", "--json").stdout)["groves"][0]
+    until(lambda: {r["name"]: r["phase"] for r in ui.get("/api/status?grove=demo")
+                   ["grove"]["agents"]} == {r["name"]: r["phase"] for r in want["agents"]},
+          10, "the page's status to show the applied agents")
+    got = ui.get("/api/status?grove=demo")
+    assert got["version"] > doc["version"]
+    for mine, theirs in zip(got["grove"]["agents"], want["agents"], strict=True):
+        assert set(mine) == set(theirs)
+        for key in ("name", "phase", "branch", "parent", "runtime", "dependsOn", "usage"):
+            assert mine[key] == theirs[key], key
+
+
+def test_actions_run_the_cli_and_answer_its_one_line(ui: UI, repo: Path) -> None:
+    # not started yet: the CLI's own refusal, word for word
+    status, doc = ui.act({"action": "stop", "grove": "demo", "agent": "idle"})
+    want = cli(repo, "stop", "demo/idle")
+    assert status == 409 and want.returncode == 1
+    assert doc["error"] == want.stderr.strip().splitlines()[0]
+    # malformed fields never become arguments
+    for bad in ({"action": "stop", "grove": "demo", "agent": "--help"},
+                {"action": "stop", "grove": "demo", "agent": "../x"},
+                {"action": "stop", "grove": "demo"},
+                {"action": "rm -rf", "grove": "demo", "agent": "idle"},
+                {"action": "stop", "grove": "other", "agent": "idle"},
+                {"action": "deny", "grove": "demo", "agent": "idle", "request": "r1"},
+                {"action": "approve", "grove": "demo", "agent": "idle", "request": "-x"},
+                {"action": "approve", "grove": "demo", "agent": "idle", "request": "r1",
+                 "digest": "zz"},
+                {"action": "apply", "grove": "demo", "planId": "0" * 16},
+                {"action": "message", "grove": "demo", "agent": "idle", "text": " "}):
+        status, doc = ui.act(bad)
+        assert status == 400 and doc["error"].startswith("error: "), (bad, doc)
+        assert "\n" not in doc["error"]
+    status, _, data = ui.request("POST", "/api/action", b"[1, 2",
+                                 {"X-Grove-CSRF": ui.csrf, "Content-Type": "application/json"})
+    assert status == 400 and json.loads(data)["error"] == "error: the request is not JSON"
+
+
+def test_a_message_from_the_page_reaches_the_agent_and_a_saved_plan_applies(
+        ui: UI, repo: Path) -> None:
+    plan = ui.get("/api/plan?grove=demo")
+    changes = {c["agent"]: c["action"] for c in plan["plan"]["groves"][0]["changes"]}
+    assert changes == {"idle": "create", "listener": "create"}
+    status, doc = ui.act({"action": "apply", "grove": "demo", "planId": plan["planId"]})
+    assert status == 200 and doc["ok"], doc
+    job = until(lambda: (j := ui.get(f"/api/job/{doc['job']}"))["done"] and j, 120,
+                "the apply job")
+    assert job["code"] == 0, job["output"]
+    assert "listener" in job["output"]
+    # the same plan again is stale now: apply refuses it, in one line
+    status, doc = ui.act({"action": "apply", "grove": "demo", "planId": plan["planId"]})
+    job = until(lambda: (j := ui.get(f"/api/job/{doc['job']}"))["done"] and j, 120,
+                "the second apply job")
+    assert job["code"] == 1 and "error:" in job["output"]
+    got = repo / ".engine/worktrees/demo/listener/GOT"
+    for text in ("--help", "hello from the page"):  # a dash is text, not an option
+        status, doc = ui.act({"action": "message", "grove": "demo", "agent": "listener",
+                              "text": text})
+        assert status == 200 and doc["ok"], doc
+        assert doc["message"] == "delivered to demo/listener"
+    until(lambda: got.exists() and got.read_text().splitlines() ==
+          ["--help", "hello from the page"], 20, "the messages in GOT")
+
+
+def test_engine_ui_refuses_a_port_in_use_in_one_line(ui: UI, repo: Path) -> None:
+    p = cli(repo, "ui", "--port", str(ui.port))
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{ui.port}: Address already in use"]
+    p = cli(repo, "ui", "--port", "70000")
+    assert p.returncode == 2 and p.stderr.startswith("error: --port")  # a usage error
+    p = cli(repo, "ui", "-g", "nope")
+    assert p.returncode == 1 and "nope" in p.stderr and "Traceback" not in p.stderr
