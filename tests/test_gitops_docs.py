@@ -193,7 +193,7 @@ def test_mkdocs_nav_lists_the_pages() -> None:
                      "reference.md",
                      "commands.md", "runtimes.md", "controller.md", "operations.md",
                      "harnesses.md", "people.md", "notifications.md", "budgets.md",
-                     "approval.md", "security.md", "ci.md",
+                     "approval.md", "ui.md", "security.md", "ci.md",
                      "editors.md", "kubernetes.md", "scaling.md", "troubleshooting.md"]
 
 
