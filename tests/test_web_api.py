@@ -214,9 +214,10 @@ def test_actions_run_the_cli_and_answer_its_one_line(ui: UI, repo: Path) -> None
                 {"action": "stop", "grove": "demo"},
                 {"action": "rm -rf", "grove": "demo", "agent": "idle"},
                 {"action": "stop", "grove": "other", "agent": "idle"},
-                {"action": "deny", "grove": "demo", "agent": "idle", "request": "r1"},
-                {"action": "approve", "grove": "demo", "agent": "idle", "request": "-x"},
-                {"action": "approve", "grove": "demo", "agent": "idle", "request": "r1",
+                {"action": "deny", "grove": "demo", "parent": "idle", "request": "r1"},
+                {"action": "approve", "grove": "demo", "parent": "idle", "request": "-x"},
+                {"action": "approve", "grove": "demo", "parent": "-idle", "request": "r1"},
+                {"action": "approve", "grove": "demo", "parent": "idle", "request": "r1",
                  "digest": "zz"},
                 {"action": "apply", "grove": "demo", "planId": "0" * 16},
                 {"action": "message", "grove": "demo", "agent": "idle", "text": " "}):

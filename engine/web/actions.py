@@ -93,7 +93,9 @@ def argv_for(body: dict[str, Any], plans: Path) -> tuple[list[str], str | None]:
         return ["apply", str(path), "--auto-approve"], None
     if action in ("approve", "deny"):
         req = _field(body, "request", REQUEST, "request")
-        argv = [action, f"{_field(body, 'agent', NAME, 'parent')}/{req}", f"--grove={grove}"]
+        if body.get("parent") is not None:  # request ids are their parent's own
+            req = f"{_field(body, 'parent', NAME, 'parent')}/{req}"
+        argv = [action, req, f"--grove={grove}"]
         if action == "approve":
             digest = body.get("digest")
             if digest:

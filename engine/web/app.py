@@ -53,7 +53,7 @@ from starlette.staticfiles import StaticFiles
 from engine import paths
 from engine.errors import EngineError
 from engine.web import actions
-from engine.web.data import Reader
+from engine.web.data import EventTail, Reader
 
 HERE = Path(__file__).parent
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -175,6 +175,7 @@ class Feed:
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._stop = False
+        self._tail = EventTail(reader.root, grove)
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name=f"feed-{grove}")
         self._thread.start()
@@ -205,9 +206,8 @@ class Feed:
     def _loop(self) -> None:
         while not self._stop:
             try:
-                payload = self.reader.status(self.grove)
-                text = json.dumps(payload["grove"], sort_keys=True) + json.dumps(
-                    payload["requests"], sort_keys=True)
+                payload = self.reader.status(self.grove, tail=self._tail)
+                text = json.dumps(payload, sort_keys=True)
                 if text != self.text:
                     with self._cond:
                         self.version += 1

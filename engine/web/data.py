@@ -8,6 +8,7 @@ end inserts it as text, never as markup.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -34,6 +35,8 @@ from engine.observe import Runtimes
 from engine.trust import reader
 
 MAX_EVENTS = 500  # events of a grove the page is given
+RECENT = 40  # events of a grove the live status carries
+MAX_EVENT_READ = 4 * 1024 * 1024  # bytes of new events read per refresh
 MAX_TASK = 2000  # characters of a request's task shown
 
 
@@ -79,11 +82,14 @@ class Reader:
             self._cache[name] = _Loaded(stamp, g)
         return g
 
-    def status(self, name: str, with_work: bool = False) -> dict[str, Any]:
-        """The grove's status entry (as `status --json`) and the spawn requests not taken
-        in yet, which the graph shows as requested nodes."""
+    def status(self, name: str, with_work: bool = False,
+               tail: EventTail | None = None) -> dict[str, Any]:
+        """The grove's status entry (as `status --json`), the spawn requests not taken
+        in yet (the graph shows them as requested nodes) and, with `tail`, its newest
+        events."""
         entry = status_doc.grove_entry(self.root, self.grove(name), self.rts, with_work)
-        return {"grove": entry, "requests": self.requests(name)}
+        return {"grove": entry, "requests": self.requests(name),
+                "events": tail.read() if tail is not None else []}
 
     def requests(self, name: str) -> list[dict[str, str]]:
         reqs, _ = inbox.scan(self.root, name)
@@ -150,3 +156,37 @@ def _stamp(d: Path) -> tuple[tuple[str, int, int], ...]:
     except OSError as e:
         raise EngineError(f"groves/{d.name}: {e.strerror}") from None
     return tuple(sorted(out))
+
+
+class EventTail:
+    """The newest events of one grove, read incrementally from the event log (only the
+    bytes appended since the last read; from the start again if the log was replaced)."""
+
+    def __init__(self, root: Path, grove: str) -> None:
+        self.path = events.path_for(root)
+        self.grove = grove
+        self.offset = 0
+        self.ino = -1
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self.ino or st.st_size < self.offset:
+                    self.ino, self.offset = st.st_ino, max(0, st.st_size - MAX_EVENT_READ)
+                    self.recent.clear()
+                f.seek(self.offset)
+                chunk = f.read(MAX_EVENT_READ)
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits
+        self.offset += end
+        for line in chunk[:end].splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and e.get("grove") == self.grove:
+                self.recent.append(e)
+        return list(self.recent)
