@@ -266,6 +266,8 @@ class Server:
             _HTTPError: _refused, EngineError: _refused})
         self.guard = Guard(self.starlette, token, hosts, port)
         self._observer: Any = None
+        self._inbox: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._inbox_lock = asyncio.Lock()
 
     # -- change signals -----------------------------------------------------------------
 
@@ -376,9 +378,17 @@ class Server:
                                  headers={"X-Accel-Buffering": "no"})
 
     async def api_inbox(self, request: Request) -> Response:
+        """Computed once per status version (it plans, to find what awaits approval),
+        however many pages ask."""
         g = self._grove(request)
-        status = await asyncio.to_thread(self.feeds[g].current)
-        return JSONResponse(await asyncio.to_thread(self.reader.inbox, g, status))
+        async with self._inbox_lock:
+            status = await asyncio.to_thread(self.feeds[g].current)
+            hit = self._inbox.get(g)
+            if hit is None or hit[0] != status["version"]:
+                hit = (status["version"],
+                       await asyncio.to_thread(self.reader.inbox, g, status))
+                self._inbox[g] = hit
+        return JSONResponse(hit[1])
 
     async def api_plan(self, request: Request) -> Response:
         g = self._grove(request)
@@ -416,15 +426,14 @@ class Server:
 
     async def api_agent(self, request: Request) -> Response:
         g, a = self._grove(request), self._agent(request)
-        status = await asyncio.to_thread(self.reader.status, g, True)
+        status = await asyncio.to_thread(self.feeds[g].current)
         rows = [r for r in status["grove"]["agents"] if r["name"] == a]
         if not rows:
             raise _NotFound(f"error: agent {g}/{a}: not found")
-        explain = await asyncio.to_thread(actions.run_cli, self.root,
-                                          ["explain", f"{g}/{a}", "--json"])
-        cost = await asyncio.to_thread(actions.run_cli, self.root,
-                                       ["cost", f"{g}/{a}", "--json"])
-        commits = await asyncio.to_thread(self._commits, g, a, rows[0])
+        explain, cost, commits = await asyncio.gather(
+            asyncio.to_thread(actions.run_cli, self.root, ["explain", f"{g}/{a}", "--json"]),
+            asyncio.to_thread(actions.run_cli, self.root, ["cost", f"{g}/{a}", "--json"]),
+            asyncio.to_thread(self._commits, g, a, rows[0]))
         return JSONResponse({
             "row": rows[0], "commits": commits,
             "explain": _json(explain.out) if explain.code == 0 else
