@@ -225,9 +225,11 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
         the_plan = ask.saved
     else:
         requested = tuple((j.request, j.spawn.name, j.spawn.parent) for j in judged)
-        waiting = tuple((j.request, j.spawn.name, j.spawn.parent,
-                         approval.short(approval.digest(j.spawn.document())),
-                         reader.visible(j.spawn.task)) for j in awaiting)
+        waiting = tuple(plan.Awaiting(
+            j.request, j.spawn.name, j.spawn.parent,
+            approval.short(approval.digest(j.spawn.document())),
+            reader.visible(j.spawn.task), reader.one_line(j.spawn.profile, 80),
+            reader.one_line(j.spawn.harness, 80), j.spawn.depends_on) for j in awaiting)
         the_plan = shape(plan.plan_grove(grove, actual, _spawn_reasons(judged), requested,
                                          waiting), grove, actual, ask)
     preflight(root, grove, the_plan, rts)

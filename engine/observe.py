@@ -88,6 +88,16 @@ def observe(root: Path, grove_name: str, grove: DesiredGrove | None, rts: Runtim
     return Actual(grove_name, inv, observed, work, errors)
 
 
+def work_of(root: Path, grove: DesiredGrove, name: str) -> workspace.WorkState | None:
+    """One agent's workspace state, as `with_work` reads it for every agent (the web UI's
+    agent page); None when it has no workspace recorded."""
+    rec = inventory.load(paths.state(root), grove.name).agents.get(name)
+    if rec is None or not rec.workdir:
+        return None
+    return workspace.work_state(root, grove.name, name, root / rec.workdir, rec.branch,
+                                rec.base_commit, _base_tip(root, grove))
+
+
 def _base_tip(root: Path, grove: DesiredGrove | None) -> str:
     """The grove's base commit now ("" when unknown): work merged into it is not ahead."""
     if grove is None:

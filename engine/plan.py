@@ -77,6 +77,41 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Awaiting:
+    """A spawn request waiting for a person: the child it asks for, as judged. Everything
+    the digest covers that a person decides on is here, so what is shown is what is
+    approved."""
+
+    request: str
+    child: str
+    parent: str
+    digest: str  # approval.short of the child's document
+    task: str
+    profile: str = ""
+    harness: str = ""
+    depends_on: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"request": self.request, "agent": self.child,
+                             "parent": self.parent, "approval": "pending",
+                             "digest": self.digest, "task": self.task}
+        if self.profile:
+            d["profile"] = self.profile
+        if self.harness:
+            d["harness"] = self.harness
+        if self.depends_on:
+            d["dependsOn"] = list(self.depends_on)
+        return d
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> Awaiting:
+        return cls(str(r["request"]), str(r["agent"]), str(r["parent"]),
+                   str(r.get("digest", "")), str(r.get("task", "")),
+                   str(r.get("profile", "")), str(r.get("harness", "")),
+                   tuple(str(x) for x in r.get("dependsOn", ())))
+
+
+@dataclass(frozen=True)
 class GrovePlan:
     grove: str
     manifest_digest: str
@@ -87,9 +122,8 @@ class GrovePlan:
         "%Y-%m-%dT%H:%M:%SZ"))
     # spawn requests this plan takes in once confirmed: (request id, child, parent)
     requested: tuple[tuple[str, str, str], ...] = ()
-    # spawn requests waiting for a person (engine approve), shown only: never taken in;
-    # (request, child, parent, digest of the child, its task) - what the person approves
-    awaiting: tuple[tuple[str, str, str, str, str], ...] = ()
+    # spawn requests waiting for a person (engine approve), shown only: never taken in
+    awaiting: tuple[Awaiting, ...] = ()
 
     @property
     def spawns(self) -> frozenset[str]:
@@ -117,20 +151,18 @@ class GrovePlan:
                 "changes": [c.to_json() for c in self.changes],
                 "spawnRequests": [{"request": r, "agent": c, "parent": p}
                                   for r, c, p in self.requested] + [
-                    {"request": r, "agent": c, "parent": p, "approval": "pending",
-                     "digest": dg, "task": t}
-                    for r, c, p, dg, t in self.awaiting]}
+                    a.to_json() for a in self.awaiting]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> GrovePlan:
-        reqs = [(str(r["request"]), str(r["agent"]), str(r["parent"]), r.get("approval"),
-                 str(r.get("digest", "")), str(r.get("task", "")))
-                for r in d.get("spawnRequests", ())]
+        reqs = list(d.get("spawnRequests", ()))
         return cls(d["grove"], d["manifestDigest"], d["inventory"]["lineage"],
                    int(d["inventory"]["serial"]),
                    tuple(Change.from_json(c) for c in d["changes"]), d["createdAt"],
-                   tuple((r, c, p) for r, c, p, a, _, _ in reqs if a != "pending"),
-                   tuple((r, c, p, dg, t) for r, c, p, a, dg, t in reqs if a == "pending"))
+                   tuple((str(r["request"]), str(r["agent"]), str(r["parent"]))
+                         for r in reqs if r.get("approval") != "pending"),
+                   tuple(Awaiting.from_json(r) for r in reqs
+                         if r.get("approval") == "pending"))
 
 
 def document(plans: list[GrovePlan]) -> dict[str, Any]:
@@ -243,7 +275,7 @@ def _decide(a: DesiredAgent, obs: Observed | None, inv: Inventory,
 
 def plan_grove(grove: DesiredGrove, actual: Actual, spawned: dict[str, str] | None = None,
                requested: tuple[tuple[str, str, str], ...] = (),
-               awaiting: tuple[tuple[str, str, str, str, str], ...] = ()) -> GrovePlan:
+               awaiting: tuple[Awaiting, ...] = ()) -> GrovePlan:
     """Decide what to do for every agent. Pure: same inputs, same plan. `spawned`: the
     reason of each agent that a pending spawn request adds (`spawn requested by X`);
     `requested`: those requests, taken in when the plan is applied; `awaiting`: requests
@@ -345,16 +377,22 @@ def render_text(plans: list[GrovePlan], color: bool = False) -> str:
 def _awaiting_lines(p: GrovePlan, several: bool) -> list[str]:
     """One line per spawn request waiting for a person, with the command that approves
     it (PARENT/ID when two parents chose the same id; -g when several groves show)."""
-    ids = [a[0] for a in p.awaiting]
+    ids = [a.request for a in p.awaiting]
     out = []
-    for r, child, parent, digest, task in sorted(p.awaiting, key=lambda a: (a[2], a[0])):
-        ref = f"{parent}/{r}" if ids.count(r) > 1 else r
+    for a in sorted(p.awaiting, key=lambda a: (a.parent, a.request)):
+        r = a.request
+        ref = f"{a.parent}/{r}" if ids.count(r) > 1 else r
         grove = f" -g {p.grove}" if several else ""
-        out.append(_clean(f"  \u23f8 spawn {parent}/{child} (request {r}) awaits approval: "
-                          f"engine approve {ref}{grove} --digest {digest}"))
+        out.append(_clean(f"  \u23f8 spawn {a.parent}/{a.child} (request {r}) awaits approval: "
+                          f"engine approve {ref}{grove} --digest {a.digest}"))
+        what = [f"profile {a.profile}" if a.profile else "",
+                f"harness {a.harness}" if a.harness else "",
+                f"after {', '.join(a.depends_on)}" if a.depends_on else ""]
+        if any(what):
+            out.append(_clean("      (" + "; ".join(w for w in what if w) + ")"))
         # all of the task, every line (characters one cannot see shown escaped): what is
         # approved is what is read here
-        out += [_clean(f"      | {line}") for line in task.split("\n")]
+        out += [_clean(f"      | {line}") for line in a.task.split("\n")]
     return out
 
 

@@ -131,7 +131,7 @@ def test_a_spawn_waits_for_approval_then_is_written_committed_and_run(repo: Path
     # what the person approves, all of it
     assert shown.pop("task") and "      | echo h > H && git add H" in p.stdout
     assert shown == {"request": rid, "agent": "helper-1", "parent": "lead",
-                     "approval": "pending"}
+                     "approval": "pending", "profile": "local"}  # the child as judged
     assert doc["changes"] is False
     # a digest of another child is refused, with nothing changed
     p = engine_proc(repo, "approve", rid, "--digest", "0000000000000000")

@@ -1,5 +1,5 @@
 """The web UI's server over real HTTP (`engine ui` as a subprocess, real local agents):
-sign-in and every refusal of the guard (token, cookie, Host, CSRF, Origin, method, body),
+sign-in and every refusal of the guard (token, session, Host, Origin, method, body),
 the status API answering with `status --json`'s own rows, and actions running the CLI:
 their one-line errors, a message reaching a live agent, a saved plan applied as a job.
 The browser drives the same server in tests/test_web_ui.py."""
@@ -33,16 +33,15 @@ class UI:
 
     def __init__(self, proc: subprocess.Popen[str], port: int, token: str) -> None:
         self.proc, self.port, self.token = proc, port, token
-        self.cookie = ""
-        self.csrf = ""
+        self.session = ""
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, signed_in: bool = True
                 ) -> tuple[int, dict[str, str], bytes]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         h = {"Host": f"127.0.0.1:{self.port}"}
-        if signed_in and self.cookie:
-            h["Cookie"] = self.cookie
+        if signed_in and self.session:
+            h["X-Grove-Session"] = self.session
         h.update(headers or {})
         c.request(method, path, body=body, headers=h)
         r = c.getresponse()
@@ -51,15 +50,17 @@ class UI:
         c.close()
         return r.status, out, data
 
-    def sign_in(self) -> None:
-        status, headers, _ = self.request("GET", f"/?token={self.token}", signed_in=False)
-        assert status == 303 and "token" not in headers["location"]
-        self.cookie = headers["set-cookie"].split(";")[0]
-        status, _, page = self.request("GET", "/grove/demo")
-        assert status == 200
-        m = re.search(rb'name="grove-csrf" content="([^"]+)"', page)
-        assert m, page[:500]
-        self.csrf = m.group(1).decode()
+    def sign_in(self, path: str = "/") -> str:
+        """Trade the token for the session as the sign-in page does; the page's next
+        address."""
+        status, headers, page = self.request("GET", f"{path}?token={self.token}",
+                                             signed_in=False)
+        assert status == 200 and "set-cookie" not in headers
+        m = re.search(rb'name="grove-session" content="([^"]+)"', page)
+        n = re.search(rb'name="grove-next" content="([^"]*)"', page)
+        assert m and n, page[:500]
+        self.session = m.group(1).decode()
+        return n.group(1).decode()
 
     def get(self, path: str) -> Any:
         status, _, data = self.request("GET", path)
@@ -68,8 +69,7 @@ class UI:
 
     def act(self, body: dict[str, Any], headers: dict[str, str] | None = None
             ) -> tuple[int, dict[str, Any]]:
-        h = {"Content-Type": "application/json", "X-Grove-CSRF": self.csrf,
-             **(headers or {})}
+        h = {"Content-Type": "application/json", **(headers or {})}
         status, _, data = self.request("POST", "/api/action", json.dumps(body).encode(), h)
         return status, json.loads(data)
 
@@ -131,23 +131,43 @@ def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_guard_refuses_what_the_printed_address_did_not_sign_in(ui: UI) -> None:
-    # no cookie: nothing but the sign-in page, no data
+    # no session: no data; a page is a shell with no agent in it
     status, headers, body = ui.request("GET", "/api/status?grove=demo", signed_in=False)
     assert status == 401 and b"listener" not in body
     status, _, body = ui.request("GET", "/grove/demo", signed_in=False)
-    assert status == 401 and b"grove-csrf" not in body
-    # a wrong token gets no cookie
-    status, headers, _ = ui.request("GET", "/?token=" + "x" * len(ui.token), signed_in=False)
-    assert status == 401 and "set-cookie" not in headers
-    # a cookie that is not this server's session
-    status, _, _ = ui.request("GET", "/api/status?grove=demo",
-                              headers={"Cookie": f"grove_ui_{ui.port}={ui.token}"},
-                              signed_in=False)
+    assert status == 200 and b"listener" not in body and ui.session.encode() not in body
+    status, _, body = ui.request("GET", "/api/stream?grove=demo", signed_in=False)
     assert status == 401
+    # a wrong token gets no session
+    status, headers, body = ui.request("GET", "/?token=" + "x" * len(ui.token),
+                                       signed_in=False)
+    assert status == 401 and ui.session.encode() not in body
+    # no cookie is ever a credential (a browser sends cookies to every port of the host)
+    for cookie in (f"grove_ui_{ui.port}={ui.session}", f"session={ui.session}"):
+        status, _, _ = ui.request("GET", "/api/status?grove=demo",
+                                  headers={"Cookie": cookie}, signed_in=False)
+        assert status == 401
     # DNS rebinding: a page of another name resolving to 127.0.0.1
     status, _, _ = ui.request("GET", "/api/status?grove=demo",
                               headers={"Host": f"attacker.example:{ui.port}"})
     assert status == 421
+    status, _, _ = ui.request("GET", f"/?token={ui.token}", signed_in=False,
+                              headers={"Host": f"attacker.example:{ui.port}"})
+    assert status == 421
+    # the sign-in page sends on to this server only
+    assert ui.sign_in("//attacker.example/x") == "/attacker.example/x"
+    assert ui.sign_in("/inbox/demo") == "/inbox/demo"
+    # the stream takes the session in its URL (EventSource sets no header)
+    c = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=30)
+    c.request("GET", f"/api/stream?grove=demo&session={ui.session}",
+              headers={"Host": f"127.0.0.1:{ui.port}"})
+    r = c.getresponse()
+    assert r.status == 200 and r.read(14) == b"event: status\n"
+    data = b""
+    while not data.endswith(b"\n\n"):  # the rest of the first event
+        data += r.read(1)
+    assert data.startswith(b"data: {") and b'"listener"' in data
+    c.close()
     # every response carries the strict policy
     status, headers, _ = ui.request("GET", "/grove/demo")
     csp = headers["content-security-policy"]
@@ -157,28 +177,34 @@ def test_the_guard_refuses_what_the_printed_address_did_not_sign_in(ui: UI) -> N
     assert headers["referrer-policy"] == "no-referrer"
 
 
-def test_an_action_without_the_csrf_header_or_from_elsewhere_is_refused(
+def test_an_action_without_the_session_or_from_elsewhere_is_refused(
         ui: UI, repo: Path) -> None:
     body = {"action": "stop", "grove": "demo", "agent": "idle"}
     assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
     refusals = [
-        {"X-Grove-CSRF": ""},
-        {"X-Grove-CSRF": "x" * len(ui.csrf)},
-        {"Origin": "http://attacker.example"},
-        {"Sec-Fetch-Site": "cross-site"},
-        {"Content-Type": "text/plain"},
+        ({"X-Grove-Session": ""}, 401),
+        ({"X-Grove-Session": "x" * len(ui.session)}, 401),
+        ({"Origin": "http://attacker.example"}, 403),
+        ({"Origin": "null"}, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Sec-Fetch-Site": "same-site"}, 403),
+        ({"Content-Type": "text/plain"}, 403),
     ]
-    for h in refusals:
+    for h, code in refusals:
         status, doc = ui.act(body, h)
-        assert status == 403, (h, doc)
-        assert doc["error"].startswith("error: refused")
+        assert status == code, (h, doc)
+        assert doc["error"].startswith("error: "), doc
     status, _, _ = ui.request("PUT", "/api/action", b"{}",
-                              {"X-Grove-CSRF": ui.csrf, "Content-Type": "application/json"})
+                              {"Content-Type": "application/json"})
     assert status == 405
+    status, _, _ = ui.request("POST", "/api/action", b"{" + b" " * 200_000 + b"}",
+                              {"Content-Type": "application/json"})
+    assert status == 413
     rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
             ["groves"][0]["agents"]}
     assert rows["idle"]["phase"] == "Running"  # nothing was stopped
-    status, doc = ui.act(body)  # the page's own request
+    status, doc = ui.act(body, {"Origin": f"http://127.0.0.1:{ui.port}",
+                                "Sec-Fetch-Site": "same-origin"})  # the page's own
     assert status == 200 and doc["ok"], doc
     rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
             ["groves"][0]["agents"]}
@@ -225,7 +251,7 @@ def test_actions_run_the_cli_and_answer_its_one_line(ui: UI, repo: Path) -> None
         assert status == 400 and doc["error"].startswith("error: "), (bad, doc)
         assert "\n" not in doc["error"]
     status, _, data = ui.request("POST", "/api/action", b"[1, 2",
-                                 {"X-Grove-CSRF": ui.csrf, "Content-Type": "application/json"})
+                                 {"Content-Type": "application/json"})
     assert status == 400 and json.loads(data)["error"] == "error: the request is not JSON"
 
 

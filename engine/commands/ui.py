@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import secrets
+import signal
 import socket
 from typing import Any
 
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
         from engine.web.app import Server
     except ImportError as e:
-        raise EngineError(f"engine ui needs the ui extra ({e.name} is missing): "
-                          "pip install 'grove-engine[ui]'") from None
+        raise EngineError(f"engine ui needs the ui extra ({e.name} is missing): pip "
+                          "install 'grove-engine[ui]' (from a clone: pip install -e "
+                          "'.[ui]')") from None
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
     r = _common.repo()
@@ -64,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
     ui.out("(the token is shown only here; press Ctrl-C to stop)")
     config = uvicorn.Config(server.guard, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=2)
+    # uvicorn ends on SIGINT and SIGTERM alike, then raises the signal again: as
+    # KeyboardInterrupt for both, so the clean-up below runs (saved plans removed)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
         server.close()
         sock.close()

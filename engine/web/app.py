@@ -5,11 +5,12 @@ Built by `engine ui` (engine/commands/ui.py), which binds the socket and runs uv
 The guard (`Guard`, an ASGI middleware) runs before every route:
 - the Host header must name the address the server was started on (a DNS-rebinding page
   cannot reach it);
-- the access token, printed once at start, is accepted once in the URL (`?token=`) and
-  traded for an HttpOnly, SameSite=Strict session cookie; the URL is then redirected
-  without it. Every other request needs that cookie;
-- every POST needs the page's CSRF value in `X-Grove-CSRF`, a JSON body, and no foreign
-  Origin;
+- the access token, printed at start, is traded in the URL (`?token=`) for a session
+  value that the sign-in page keeps in the origin's localStorage (not a cookie: cookies
+  are shared by every port of 127.0.0.1) and replaces the address that carried the token;
+- every API request needs that session in `X-Grove-Session` (the stream: in its URL);
+  pages and assets carry no data. A POST also needs a JSON body and no foreign Origin or
+  cross-site fetch metadata;
 - every response carries a strict Content-Security-Policy (scripts and styles only from
   this server, nothing inline) and no-store caching.
 
@@ -31,7 +32,6 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -50,7 +50,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from engine import paths
+from engine import observe, paths
 from engine.errors import EngineError
 from engine.web import actions
 from engine.web.data import EventTail, Reader
@@ -70,6 +70,8 @@ HEADERS = [
 TICK = 1.0  # seconds between refreshes of a grove's status when nothing signals a change
 PING = 15.0  # seconds between keep-alive comments on the stream
 MAX_BODY = 128 * 1024  # bytes of an action request
+MAX_PLANS = 20  # plans shown (and kept for their Apply button) at once
+CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # file events that wake
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -78,13 +80,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class Guard:
-    """Host check, token to session cookie, session check, CSRF check, security headers."""
+    """Host check, token to session, session check, same-origin check on actions,
+    security headers."""
 
     def __init__(self, app: ASGIApp, token: str, hosts: set[str], port: int) -> None:
         self.app, self.token, self.hosts, self.port = app, token, hosts, port
         self.session = pysecrets.token_urlsafe(32)
-        self.csrf = pysecrets.token_urlsafe(32)
-        self.cookie = f"grove_ui_{port}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,44 +106,61 @@ class Guard:
         await self.app(scope, receive, send_secure)
 
     def check(self, scope: Scope) -> Response | None:
+        """None to serve the request, else the refusal (or the sign-in page).
+
+        The pages and assets carry no data and no secret: they are served to whoever
+        names this server's host. Data and actions (`/api/`) need the session, which only
+        the sign-in page hands out, in exchange for the printed token. The session travels
+        in the X-Grove-Session header (the stream: its URL), never in a cookie: a browser
+        sends cookies to every port of 127.0.0.1, so another program listening there (an
+        agent's preview server) would receive one."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         if headers.get("host", "").lower() not in self.hosts:
-            return PlainTextResponse("misdirected request: this server answers only to "
-                                     "the address engine ui printed", 421)
+            why = "misdirected request: this server answers only to the address engine ui " \
+                  "printed"
+            if str(scope["path"]).startswith("/api/"):
+                return JSONResponse({"ok": False, "error": f"error: {why}"}, 421)
+            return PlainTextResponse(why, 421)
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        path = "/" + str(scope["path"]).lstrip("/")  # never //host: not another site
         if "token" in query:
             if not hmac.compare_digest(query["token"].encode(), self.token.encode()):
                 return _denied(scope)
             rest = urlencode({k: v for k, v in query.items() if k != "token"})
-            resp = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), 303)
-            resp.set_cookie(self.cookie, self.session, httponly=True, samesite="strict",
-                            path="/")
-            return resp
-        jar: SimpleCookie = SimpleCookie()
-        with contextlib.suppress(Exception):
-            jar.load(headers.get("cookie", ""))
-        have = jar[self.cookie].value if self.cookie in jar else ""
-        if not hmac.compare_digest(have.encode(), self.session.encode()):
+            return HTMLResponse(_templates().get_template("signin.html").render(
+                session=self.session, next=path + (f"?{rest}" if rest else "")))
+        if not path.startswith("/api/"):
+            if scope["method"] not in ("GET", "HEAD"):
+                return PlainTextResponse("method not allowed", 405)
+            return None
+        given = headers.get("x-grove-session", "")
+        if not given and path == "/api/stream":  # EventSource sets no header
+            given = query.get("session", "")
+        if not hmac.compare_digest(given.encode(), self.session.encode()):
             return _denied(scope)
         if scope["method"] not in ("GET", "HEAD"):
             if scope["method"] != "POST":
                 return JSONResponse({"ok": False, "error": "error: method not allowed"}, 405)
-            given = headers.get("x-grove-csrf", "")
             origin = headers.get("origin")
             site = headers.get("sec-fetch-site")
-            if not hmac.compare_digest(given.encode(), self.csrf.encode()) or \
-                    (origin is not None and origin.lower() not in
-                     {f"http://{h}" for h in self.hosts}) or \
+            if (origin is not None and origin.lower() not in
+                    {f"http://{h}" for h in self.hosts}) or \
                     site not in (None, "same-origin") or \
                     not headers.get("content-type", "").startswith("application/json"):
-                return JSONResponse({"ok": False, "error": "error: refused: the request "
-                                     "lacks this page's CSRF header (reload the page)"}, 403)
+                return JSONResponse({"ok": False, "error": "error: refused: not a request "
+                                     "of this dashboard's own pages"}, 403)
+            try:
+                size = int(headers.get("content-length", "0"))
+            except ValueError:
+                size = MAX_BODY + 1
+            if size > MAX_BODY:
+                return JSONResponse({"ok": False, "error": "error: request too large"}, 413)
         return None
 
 
 def _denied(scope: Scope) -> Response:
-    if scope["path"].startswith("/api/"):
+    if str(scope["path"]).startswith("/api/"):
         return JSONResponse({"ok": False, "error": "error: not signed in: open the address "
                              "engine ui printed"}, 401)
     html = _templates().get_template("denied.html").render()
@@ -282,13 +300,17 @@ class Server:
 
         class Poke(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
-                server.poke_all()
+                if event.event_type in CHANGES:  # not opens and reads (the feed's own)
+                    server.poke_all()
 
         obs = Observer()
         state = paths.state(self.root)
-        for d in (state, state / "state", *(self.root / "groves" / g for g in self.groves)):
+        dirs = [(state, False), (state / "state", False)]
+        for g in self.groves:  # the manifests, and agents' requests (as the controller)
+            dirs += [(self.root / "groves" / g, False), (state / "inbox" / g, True)]
+        for d, recursive in dirs:
             if d.is_dir():
-                obs.schedule(Poke(), str(d), recursive=False)
+                obs.schedule(Poke(), str(d), recursive=recursive)
         obs.daemon = True
         obs.start()
         self._observer = obs
@@ -328,7 +350,7 @@ class Server:
                 return HTMLResponse("not found", 404)
             html = _templates().get_template(f"{name}.html").render(
                 page=name, grove=grove, groves=self.groves, agent=agent,
-                csrf=self.guard.csrf)
+                )
             return HTMLResponse(html)
         return render
 
@@ -395,6 +417,10 @@ class Server:
         doc = await asyncio.to_thread(self.reader.plan, g)
         plan_id = pysecrets.token_hex(8)
         await asyncio.to_thread(self.reader.save_plan, doc, self.plans, plan_id)
+        with contextlib.suppress(OSError):  # another request's clean-up got there first
+            saved = sorted(self.plans.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+            for old in saved[:-MAX_PLANS]:  # an older page's Apply says reload
+                old.unlink(missing_ok=True)
         return JSONResponse({"planId": plan_id, "plan": doc})
 
     async def api_topology(self, request: Request) -> Response:
@@ -430,12 +456,15 @@ class Server:
         rows = [r for r in status["grove"]["agents"] if r["name"] == a]
         if not rows:
             raise _NotFound(f"error: agent {g}/{a}: not found")
-        explain, cost, commits = await asyncio.gather(
+        explain, cost, commits, work = await asyncio.gather(
             asyncio.to_thread(actions.run_cli, self.root, ["explain", f"{g}/{a}", "--json"]),
             asyncio.to_thread(actions.run_cli, self.root, ["cost", f"{g}/{a}", "--json"]),
-            asyncio.to_thread(self._commits, g, a, rows[0]))
+            asyncio.to_thread(self._commits, g, a, rows[0]),
+            asyncio.to_thread(observe.work_of, self.root, self.reader.grove(g), a))
+        row = dict(rows[0])  # the live rows leave out workspace counts (a git call each)
+        row["dirty"], row["ahead"] = (work.dirty, work.ahead) if work else (0, 0)
         return JSONResponse({
-            "row": rows[0], "commits": commits,
+            "row": row, "commits": commits,
             "explain": _json(explain.out) if explain.code == 0 else
             {"error": explain.line()},
             "cost": _json(cost.out) if cost.code == 0 else None})

@@ -112,27 +112,24 @@ class Reader:
 
     def inbox(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
         """Who waits for a person: agents WaitingForInput (from the status entry) and spawn
-        requests waiting for approval (from the plan, with their digest and whole task)."""
+        requests waiting for approval (from the plan: the child as judged, its digest and
+        whole task)."""
         waiting = []
         for row in status["grove"]["agents"]:
             for c in row.get("conditions") or ():
                 if c.get("type") == "WaitingForInput":
                     waiting.append({"agent": row["name"], "message": c.get("message", ""),
                                     "since": c.get("since", "")})
-        specs = {(q.agent, q.id): q.spec for q in inbox.scan(self.root, name)[0]
-                 if q.kind == "SpawnRequest"}
         approvals = []
-        doc = self.plan(name)
+        doc = self.plan(name)  # one document: what is shown is what the digest binds
         for gp in doc["groves"]:
             for r in gp.get("spawnRequests", ()):
-                if r.get("approval") != "pending":
-                    continue
-                spec = specs.get((r["parent"], r["request"]), {})
-                approvals.append({
-                    "id": r["request"], "parent": r["parent"], "agent": r["agent"],
-                    "digest": r.get("digest", ""), "task": r.get("task", "")[:MAX_TASK],
-                    "profile": reader.one_line(str(spec.get("profile") or ""), 80),
-                    "harness": reader.one_line(str(spec.get("harness") or ""), 80)})
+                if r.get("approval") == "pending":
+                    approvals.append({
+                        "id": r["request"], "parent": r["parent"], "agent": r["agent"],
+                        "digest": r.get("digest", ""), "task": r.get("task", "")[:MAX_TASK],
+                        "profile": r.get("profile", ""), "harness": r.get("harness", ""),
+                        "dependsOn": r.get("dependsOn", [])})
         return {"waiting": waiting, "approvals": approvals}
 
     def events(self, name: str, tail: int = MAX_EVENTS) -> list[dict[str, Any]]:

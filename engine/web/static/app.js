@@ -1,9 +1,10 @@
 /* grove-engine web UI: the pages' behaviour (vanilla JS, no build step).
  *
  * Loaded last by base.html on every page; picks what to do from <body data-page>. Reads the
- * JSON API with fetch (session cookie), follows /api/stream (SSE) for status, and sends
- * actions with post(), which carries the X-Grove-CSRF header and shows the one-line result
- * in #flash. Everything displayed comes from agents and is untrusted: it goes into the DOM
+ * JSON API with fetch, follows /api/stream (SSE) for status, and sends actions with post(),
+ * showing the one-line result in #flash. Every API request carries the session (kept in
+ * this origin's localStorage by the sign-in page, never in a cookie: cookies are not kept
+ * apart by port, localStorage is) in the X-Grove-Session header, or the stream's URL. Everything displayed comes from agents and is untrusted: it goes into the DOM
  * with textContent only; links are built from names passed through encodeURIComponent.
  */
 (function () {
@@ -13,8 +14,8 @@
   const PAGE = body.dataset.page || "";
   const GROVE = body.dataset.grove || "";
   const AGENT = body.dataset.agent || "";
-  const csrfMeta = document.querySelector('meta[name="grove-csrf"]');
-  const CSRF = csrfMeta ? csrfMeta.getAttribute("content") || "" : "";
+  let SESSION = "";
+  try { SESSION = window.localStorage.getItem("grove-session") || ""; } catch (e) { SESSION = ""; }
   const enc = encodeURIComponent;
   const G = enc(GROVE);
   const Graph = window.GroveGraph;
@@ -61,7 +62,8 @@
   async function getJSON(url) {
     let r;
     try {
-      r = await fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}});
+      r = await fetch(url, {credentials: "omit",
+        headers: {"Accept": "application/json", "X-Grove-Session": SESSION}});
     } catch (e) {
       throw new Error("error: the server does not answer");
     }
@@ -88,8 +90,8 @@
     try {
       r = await fetch("/api/action", {
         method: "POST",
-        credentials: "same-origin",
-        headers: {"Content-Type": "application/json", "X-Grove-CSRF": CSRF,
+        credentials: "omit",
+        headers: {"Content-Type": "application/json", "X-Grove-Session": SESSION,
                   "Accept": "application/json"},
         body: JSON.stringify(payload),
       });
@@ -126,7 +128,7 @@
    * first one after (re)connecting). */
   function openStream(onStatus) {
     if (typeof EventSource === "undefined") return null;
-    const es = new EventSource("/api/stream?grove=" + G);
+    const es = new EventSource("/api/stream?grove=" + G + "&session=" + enc(SESSION));
     let fresh = true;
     es.addEventListener("open", () => { fresh = true; setLive(true); });
     es.addEventListener("error", () => { setLive(es.readyState === EventSource.OPEN); });
@@ -605,7 +607,7 @@
 
     function approvalItem(a) {
       const id = str(a.id);
-      const reason = h("input", {type: "text", class: "reason", placeholder: "reason (optional)"});
+      const reason = h("input", {type: "text", class: "reason", placeholder: "reason (needed to deny; the agent is told)"});
       const approve = h("button", {type: "button", class: "approve primary"}, "Approve");
       const deny = h("button", {type: "button", class: "deny danger"}, "Deny");
       const el = {
@@ -613,7 +615,7 @@
         dl: h("dl", {class: "kv"}), task: h("pre", {class: "task"}), digest: h("code", {class: "digest"}),
         data: a,
       };
-      el.div = h("div", {class: "approval", "data-request": id}, el.head, el.dl, el.task,
+      el.div = h("div", {class: "approval", "data-request": id, "data-parent": str(a.parent)}, el.head, el.dl, el.task,
         h("p", {class: "hint"}, "digest ", el.digest),
         h("div", {class: "actions"}, approve, reason, deny));
       approve.addEventListener("click", async () => {
@@ -647,9 +649,10 @@
       for (const a of data.approvals) {
         const id = str(a && a.id);
         if (!id) continue;
-        seenA.add(id);
-        let el = approvalEls.get(id);
-        if (!el) { el = approvalItem(a); approvalEls.set(id, el); aBox.appendChild(el.div); }
+        const key = str(a.parent) + "/" + id;  // request ids are their parent's own
+        seenA.add(key);
+        let el = approvalEls.get(key);
+        if (!el) { el = approvalItem(a); approvalEls.set(key, el); aBox.appendChild(el.div); }
         el.data = a;
         clear(el.head);
         el.head.appendChild(h("a", {href: agentHref(str(a.parent)), class: "agent"}, str(a.parent)));
@@ -661,6 +664,8 @@
         kvRow(el.dl, "Child", str(a.agent));
         kvRow(el.dl, "Profile", str(a.profile) || "-");
         kvRow(el.dl, "Harness", str(a.harness) || "-");
+        kvRow(el.dl, "Depends on", Array.isArray(a.dependsOn) && a.dependsOn.length ?
+          a.dependsOn.map(str).join(", ") : "-");
         setText(el.task, str(a.task));
         setText(el.digest, str(a.digest));
       }
@@ -714,6 +719,13 @@
         for (const r of Array.isArray(g.spawnRequests) ? g.spawnRequests : []) reqs.push(r);
       }
       if (!n) tbody.appendChild(h("tr", {class: "none"}, h("td", {colspan: 5, class: "empty"}, "Nothing to do.")));
+      const same = changeList.filter((c) => str(c.action) === "no-op").length;
+      const toggle = $("show-unchanged");
+      if (toggle) {
+        toggle.hidden = !same;
+        setText(toggle, ($("plan-changes").classList.contains("show-all") ? "Hide " : "Show ") +
+          same + " unchanged");
+      }
       summaryText = summaryOf(doc);
       setText($("plan-summary"), summaryText);
       const ul = $("spawn-requests");
@@ -722,10 +734,21 @@
         ul.appendChild(h("li", {"data-request": str(r.request)},
           h("a", {href: agentHref(str(r.parent))}, str(r.parent)), " \u2192 ",
           h("strong", null, str(r.agent)), h("span", {class: "hint"}, " request " + str(r.request)),
+          r.approval === "pending" ? " " : null,
           r.approval === "pending" ? h("span", {class: "pill waiting"}, "awaits approval") : null));
       }
       if (!reqs.length) ul.appendChild(h("li", {class: "empty"}, "No spawn requests."));
       applyBtn.disabled = !doc.changes;
+    }
+
+    const toggle = $("show-unchanged");
+    if (toggle) {
+      toggle.addEventListener("click", () => {
+        const t = $("plan-changes");
+        t.classList.toggle("show-all");
+        const n = t.querySelectorAll("tr.change.action-no-op").length;
+        setText(toggle, (t.classList.contains("show-all") ? "Hide " : "Show ") + n + " unchanged");
+      });
     }
 
     async function load() {
