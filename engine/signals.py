@@ -151,9 +151,21 @@ def answered(root: Path, grove: str, agent: str, wait: float = 5.0) -> None:
         with inventory.locked(state, grove, "message", wait=wait):
             inv = inventory.load(state, grove)
             rec = inv.agents.get(agent)
-            if rec is None or not rec.waiting:
+            if rec is None:
+                return
+            # reports no pass has taken yet were made before this answer: taken now, so
+            # a later pass does not set the wait again (their usage still counts)
+            mine = sorted((q for q in pending(root, grove)
+                           if q.agent == agent and q.kind == inbox.REPORT),
+                          key=lambda q: q.id)
+            for q in mine:
+                with contextlib.suppress(Exception):
+                    _apply(root, grove, agent, rec, q.spec, record=False)
+            if not rec.waiting and not mine:
                 return
             rec.waiting = rec.waiting_since = ""
-            inventory.save(state, inv)
+            inventory.save(state, inv, bump=False)
+            for q in mine:
+                inbox.consume(root, grove, q)
     except EngineError:
         return

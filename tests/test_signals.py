@@ -213,3 +213,27 @@ def test_planted_report_files_are_refused_without_following_or_blocking(
     assert answers == {"res-20990101T000000.1-link.json": "rejected",
                        "res-20990101T000000.2-fifo.json": "rejected"}, answers
     assert (outside / "r.json").read_text() == doc  # followed by nothing, changed by none
+
+
+def test_a_message_answers_a_wait_no_pass_has_taken_yet(repo: Path, engine: Any) -> None:
+    """Without a controller the report waits in the inbox (status shows it): a message
+    answers it there too, and the next pass does not set the wait again."""
+    local_grove(repo, agent("asker", report({"state": "waiting", "message": "which way?",
+                                             "usage": {"inputTokens": 7}})
+                            + "; touch ASKED; read -r line; echo \"$line\" > GOT; "
+                              "sleep 300"))
+    assert engine("apply", "--auto-approve").code == 0
+    work = repo / ".engine/worktrees/demo/asker"
+    until(lambda: (work / "ASKED").exists(), 30, "the question")
+    box = repo / ".engine/inbox/demo/asker"
+    assert list(box.glob("req-*"))  # no pass has taken it
+    assert rows(engine)["asker"]["conditions"][0]["message"] == "which way?"
+    r = engine("message", "asker", "left")
+    assert r.code == 0, r.err
+    assert rows(engine)["asker"]["conditions"] == []
+    assert not list(box.glob("req-*"))
+    assert engine("apply", "--auto-approve").code == 0
+    row = rows(engine)["asker"]
+    assert row["conditions"] == [] and row["usage"] == {"inputTokens": 7}
+    until(lambda: (work / "GOT").exists() and (work / "GOT").read_text() == "left\n", 30,
+          "the answer")
