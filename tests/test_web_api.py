@@ -76,7 +76,7 @@ class UI:
 
 def start_ui(repo: Path, *args: str) -> UI:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "ui", "--port", "0", *args],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "engine", "ui", "--port", "0", *args],
                             cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -109,7 +109,7 @@ def ui(repo: Path) -> Iterator[UI]:
         u.proc.communicate()
         raise
     finally:
-        subprocess.run([sys.executable, "-m", "engine", "destroy", "-g", "demo",
+        subprocess.run([sys.executable, "-P", "-m", "engine", "destroy", "-g", "demo",
                         "--auto-approve"], cwd=repo, capture_output=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
 
@@ -125,7 +125,7 @@ def until(cond: Any, timeout: float, what: str) -> Any:
 
 
 def cli(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=repo, text=True,
+    return subprocess.run([sys.executable, "-P", "-m", "engine", *args], cwd=repo, text=True,
                           capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=300)
 
@@ -229,8 +229,13 @@ def test_status_is_the_status_document_and_follows_the_agents(ui: UI, repo: Path
 
 
 def test_actions_run_the_cli_and_answer_its_one_line(ui: UI, repo: Path) -> None:
+    # a package named engine in the repository (merged work could add one) is not run
+    (repo / "engine").mkdir()
+    (repo / "engine" / "__init__.py").write_text("")
+    (repo / "engine" / "__main__.py").write_text("open('PWNED', 'w').close()\n")
     # not started yet: the CLI's own refusal, word for word
     status, doc = ui.act({"action": "stop", "grove": "demo", "agent": "idle"})
+    assert not (repo / "PWNED").exists()
     want = cli(repo, "stop", "demo/idle")
     assert status == 409 and want.returncode == 1
     assert doc["error"] == want.stderr.strip().splitlines()[0]

@@ -1,11 +1,12 @@
 """What a person does from the web UI, run through the engine's own command line.
 
-Every action is one `engine` subcommand in a child process (`python -m engine ...`, no
-shell): the same code path, the same grove lock and the same one-line errors as typing it.
-Called by `engine.web.app`. The request body is untrusted (a page could be tampered with):
-each field is checked against the names the engine accepts before it becomes an argument,
-values go after their option as `--opt=VALUE` (never read as another option), and a
-message is passed on stdin.
+Every action is one `engine` subcommand in a child process (`python -P -m engine ...`, no
+shell; -P: a directory `engine/` in the repository, which merged work could add, is never
+imported in place of the engine): the same code path, the same grove lock and the same
+one-line errors as typing it. Called by `engine.web.app`. The request body is untrusted
+(a page could be tampered with): each field is checked against the names the engine
+accepts before it becomes an argument, values go after their option as `--opt=VALUE`
+(never read as another option), and a message is passed on stdin.
 """
 
 from __future__ import annotations
@@ -56,13 +57,19 @@ class Result:
         return reader.one_line(lines[-1] if lines else "done", 500)
 
 
+def _env() -> dict[str, str]:
+    """The person's environment (the command acts as them), without colour."""
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("ENGINE_AGENT", None)
+    return env
+
+
 def run_cli(root: Path, argv: list[str], stdin: str | None = None,
             timeout: float = TIMEOUT) -> Result:
     """`engine ARGV` in `root`, as the person would type it; output capped."""
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
-    env.pop("ENGINE_AGENT", None)
     try:
-        p = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=root, env=env,
+        p = subprocess.run([sys.executable, "-P", "-m", "engine", *argv], cwd=root,
+                           env=_env(),
                            input=stdin if stdin is not None else "",
                            capture_output=True, text=True, errors="replace",
                            timeout=timeout)
@@ -146,11 +153,9 @@ class Jobs:
         return jid
 
     def _run(self, job: Job) -> None:
-        env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
-        env.pop("ENGINE_AGENT", None)
         try:
-            p = subprocess.Popen([sys.executable, "-m", "engine", *job.argv], cwd=self.root,
-                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            p = subprocess.Popen([sys.executable, "-P", "-m", "engine", *job.argv], cwd=self.root,
+                                 env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, errors="replace")
             assert p.stdout is not None
             for line in p.stdout:
