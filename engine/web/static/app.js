@@ -678,6 +678,88 @@
     openStream(() => refreshInbox());
   }
 
+  // -- markdown, as a pull-request comment shows it ----------------------------------------
+
+  /** The subset of markdown the topology comment uses (headings, paragraphs, tables,
+   * lists, code blocks, `code`, **bold**), built as DOM nodes: every character of the
+   * source stays text, so nothing in it can become markup. HTML comments are dropped;
+   * other tags (<sub>) are shown without their brackets' effect, as text. */
+  function markdown(src) {
+    const out = document.createDocumentFragment();
+    const lines = src.replace(/<!--[\s\S]*?-->/g, "").split("\n");
+    function inline(text) {
+      const frag = document.createDocumentFragment();
+      const text2 = text.replace(/<\/?sub>/g, "");
+      const re = /`([^`]+)`|\*\*([^*]+)\*\*/g;
+      let at = 0, m;
+      while ((m = re.exec(text2)) !== null) {
+        if (m.index > at) frag.appendChild(document.createTextNode(text2.slice(at, m.index)));
+        frag.appendChild(m[1] !== undefined ? h("code", null, m[1]) : h("strong", null, m[2]));
+        at = m.index + m[0].length;
+      }
+      if (at < text2.length) frag.appendChild(document.createTextNode(text2.slice(at)));
+      return frag;
+    }
+    function cells(line) {
+      return line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+    }
+    let i = 0;
+    while (i < lines.length) {
+      const line = lines[i];
+      if (!line.trim()) { i++; continue; }
+      const fence = line.match(/^```(\w*)/);
+      if (fence) {
+        const code = [];
+        i++;
+        while (i < lines.length && !lines[i].startsWith("```")) code.push(lines[i++]);
+        i++;
+        const pre = h("pre", {class: "term md-code"}, code.join("\n"));
+        if (fence[1]) pre.setAttribute("data-lang", fence[1]);
+        out.appendChild(pre);
+        continue;
+      }
+      const head = line.match(/^(#{1,6})\s+(.*)$/);
+      if (head) {
+        out.appendChild(h("h" + Math.min(6, head[1].length + 1), {class: "md-h"}, inline(head[2])));
+        i++;
+        continue;
+      }
+      if (line.trim().startsWith("|") && i + 1 < lines.length && /^\s*\|[\s|:-]+\|\s*$/.test(lines[i + 1])) {
+        const table = h("table", {class: "grid md-table"});
+        const tr = h("tr");
+        for (const c of cells(line)) tr.appendChild(h("th", null, inline(c)));
+        table.appendChild(h("thead", null, tr));
+        const tb = h("tbody");
+        i += 2;
+        while (i < lines.length && lines[i].trim().startsWith("|")) {
+          const row = h("tr");
+          for (const c of cells(lines[i])) row.appendChild(h("td", null, inline(c)));
+          tb.appendChild(row);
+          i++;
+        }
+        table.appendChild(tb);
+        out.appendChild(table);
+        continue;
+      }
+      if (/^\s*[-*]\s+/.test(line)) {
+        const ul = h("ul", {class: "md-list"});
+        while (i < lines.length && /^\s*[-*]\s+/.test(lines[i])) {
+          ul.appendChild(h("li", null, inline(lines[i].replace(/^\s*[-*]\s+/, ""))));
+          i++;
+        }
+        out.appendChild(ul);
+        continue;
+      }
+      const para = [];
+      while (i < lines.length && lines[i].trim() && !/^(#|```|\s*[-*]\s|\s*\|)/.test(lines[i])) {
+        para.push(lines[i++]);
+      }
+      if (!para.length) { para.push(line); i++; }
+      out.appendChild(h("p", null, inline(para.join(" "))));
+    }
+    return out;
+  }
+
   // -- plan page --------------------------------------------------------------------------
 
   function planPage() {
@@ -817,6 +899,8 @@
         try {
           const d = await getJSON(q);
           setText($("topology"), str(d && d.text));
+          const view = $("topology-view");
+          if (view) { clear(view); view.appendChild(markdown(str(d && d.text))); }
         } catch (e) {
           flash("error", e.message);
         }
