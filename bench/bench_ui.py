@@ -87,44 +87,47 @@ def main() -> int:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", proc.stdout.readline())
+        m = re.search(r"http://(g[0-9a-f]+\.localhost):(\d+)/\?token=(\S+)",
+                      proc.stdout.readline())
         assert m, "engine ui printed no address"
-        port, token = int(m.group(1)), m.group(2)
-        url = f"http://127.0.0.1:{port}/?token={token}"
-        cookie = sign_in(port, token)
+        name, port, token = m.group(1), int(m.group(2)), m.group(3)
+        host = f"{name}:{port}"
+        session = sign_in(port, host, token)
+        # the browser signs in with a token of its own: another server of the same grove
+        url = second_url(repo, env, cli)
         api = []
         for _ in range(opts.runs):
             t = time.perf_counter()
-            get(port, cookie, "/api/status?grove=big")
+            get(port, host, session, "/api/status?grove=big")
             api.append(time.perf_counter() - t)
         a = statistics.median(api)
         print(f"status API: {a * 1000:.1f} ms (ratio {a / baseline:.3f} of the baseline)")
-        stream = stream_update(port, cookie, grove, opts.agents)
+        stream = stream_update(port, host, session, grove, opts.agents)
         print(f"live update, stream client: {stream * 1000:.0f} ms "
               f"(ratio {stream / baseline:.3f}; target under 500 ms: "
               f"{'met' if stream < 0.5 else 'MISSED'})")
         browser(url, grove, opts.agents + 1, baseline, opts.runs)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
+        for p in [proc, *SERVERS]:
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def sign_in(port: int, token: str) -> str:
+def sign_in(port: int, host: str, token: str) -> str:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    c.request("GET", f"/?token={token}")
+    c.request("GET", f"/?token={token}", headers={"Host": host})
     r = c.getresponse()
-    r.read()
-    cookie = r.getheader("set-cookie", "").split(";")[0]
+    m = re.search(rb'name="grove-session" content="([^"]+)"', r.read())
     c.close()
-    assert cookie, "no session cookie"
-    return cookie
+    assert m, "no session"
+    return m.group(1).decode()
 
 
-def get(port: int, cookie: str, path: str) -> bytes:
+def get(port: int, host: str, session: str, path: str) -> bytes:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    c.request("GET", path, headers={"Cookie": cookie})
+    c.request("GET", path, headers={"Host": host, "X-Grove-Session": session})
     r = c.getresponse()
     data = r.read()
     c.close()
@@ -132,10 +135,25 @@ def get(port: int, cookie: str, path: str) -> bytes:
     return data
 
 
-def stream_update(port: int, cookie: str, grove: Path, n: int) -> float:
+SERVERS: list[subprocess.Popen[str]] = []
+
+
+def second_url(repo: Path, env: dict[str, str], cli: list[str]) -> str:
+    """A second `engine ui` of the same repository, for the browser (a token signs in
+    one client)."""
+    p = subprocess.Popen([*cli, "ui", "--port", "0"], cwd=repo, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    SERVERS.append(p)
+    assert p.stdout is not None
+    m = re.search(r"http://\S+", p.stdout.readline())
+    assert m, "engine ui printed no address"
+    return m.group(0)
+
+
+def stream_update(port: int, host: str, session: str, grove: Path, n: int) -> float:
     """Seconds from a manifest edit to the stream's event carrying the new agent."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    c.request("GET", "/api/stream?grove=big", headers={"Cookie": cookie})
+    c.request("GET", f"/api/stream?grove=big&session={session}", headers={"Host": host})
     r = c.getresponse()
     name = f"agent-{n:04d}"
 
@@ -173,7 +191,7 @@ def browser(url: str, grove: Path, n: int, baseline: float, runs: int) -> None:
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = b.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(url)  # signs in; the cookie stays
+        page.goto(url)  # signs in; the session stays in the origin's storage
         times = []
         for _ in range(runs):
             page.goto(url.split("?")[0] + "grove/big")

@@ -6,11 +6,13 @@ The browser drives the same server in tests/test_web_ui.py."""
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,21 +27,22 @@ from tests.conftest import ROOT, git, local_grove
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-URL = re.compile(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)")
+URL = re.compile(r"http://(g[0-9a-f]{16}\.localhost):(\d+)/\?token=(\S+)")
 
 
 class UI:
     """A running `engine ui` and a signed-in client of it."""
 
-    def __init__(self, proc: subprocess.Popen[str], port: int, token: str) -> None:
-        self.proc, self.port, self.token = proc, port, token
+    def __init__(self, proc: subprocess.Popen[str], name: str, port: int, token: str
+                 ) -> None:
+        self.proc, self.name, self.port, self.token = proc, name, port, token
         self.session = ""
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None, signed_in: bool = True
                 ) -> tuple[int, dict[str, str], bytes]:
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        h = {"Host": f"127.0.0.1:{self.port}"}
+        h = {"Host": f"{self.name}:{self.port}"}
         if signed_in and self.session:
             h["X-Grove-Session"] = self.session
         h.update(headers or {})
@@ -51,11 +54,11 @@ class UI:
         return r.status, out, data
 
     def sign_in(self, path: str = "/") -> str:
-        """Trade the token for the session as the sign-in page does; the page's next
+        """Trade the token for a session as the sign-in page does; the page's next
         address."""
         status, headers, page = self.request("GET", f"{path}?token={self.token}",
                                              signed_in=False)
-        assert status == 200 and "set-cookie" not in headers
+        assert status == 200 and "set-cookie" not in headers, page
         m = re.search(rb'name="grove-session" content="([^"]+)"', page)
         n = re.search(rb'name="grove-next" content="([^"]*)"', page)
         assert m and n, page[:500]
@@ -83,7 +86,7 @@ def start_ui(repo: Path, *args: str) -> UI:
     line = proc.stdout.readline()
     m = URL.search(line)
     assert m, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-    return UI(proc, int(m.group(1)), m.group(2))
+    return UI(proc, m.group(1), int(m.group(2)), m.group(3))
 
 
 @pytest.fixture
@@ -98,7 +101,7 @@ def ui(repo: Path) -> Iterator[UI]:
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "grove")
     u = start_ui(repo)
-    u.sign_in()
+    assert u.sign_in("//attacker.example/x") == "/attacker.example/x"  # this server only
     yield u
     u.proc.send_signal(signal.SIGTERM)
     try:
@@ -151,16 +154,25 @@ def test_the_guard_refuses_what_the_printed_address_did_not_sign_in(ui: UI) -> N
     status, _, _ = ui.request("GET", "/api/status?grove=demo",
                               headers={"Host": f"attacker.example:{ui.port}"})
     assert status == 421
-    status, _, _ = ui.request("GET", f"/?token={ui.token}", signed_in=False,
-                              headers={"Host": f"attacker.example:{ui.port}"})
-    assert status == 421
-    # the sign-in page sends on to this server only
-    assert ui.sign_in("//attacker.example/x") == "/attacker.example/x"
-    assert ui.sign_in("/inbox/demo") == "/inbox/demo"
+    for host in (f"attacker.example:{ui.port}", f"127.0.0.1:{ui.port}",
+                 f"localhost:{ui.port}", f"g{'0' * 16}.localhost:{ui.port}"):
+        status, _, _ = ui.request("GET", f"/?token={ui.token}", signed_in=False,
+                                  headers={"Host": host})
+        assert status == 421, host
+    # the printed address signs in one browser: used again, it brings no session
+    status, _, body = ui.request("GET", f"/?token={ui.token}", signed_in=False)
+    assert status == 401 and b'name="grove-session" content=""' in body
+    assert ui.get("/api/status?grove=demo")["grove"]["grove"] == "demo"  # still signed in
+    # no service worker can be installed on this origin
+    status, _, _ = ui.request("GET", "/static/app.js", headers={"Service-Worker": "script"})
+    assert status == 403
+    # the pages run only the shipped assets (integrity), and those carry no secret
+    status, _, page = ui.request("GET", "/grove/demo")
+    assert page.count(b'integrity="sha384-') == 3
     # the stream takes the session in its URL (EventSource sets no header)
     c = http.client.HTTPConnection("127.0.0.1", ui.port, timeout=30)
     c.request("GET", f"/api/stream?grove=demo&session={ui.session}",
-              headers={"Host": f"127.0.0.1:{ui.port}"})
+              headers={"Host": f"{ui.name}:{ui.port}"})
     r = c.getresponse()
     assert r.status == 200 and r.read(14) == b"event: status\n"
     data = b""
@@ -203,7 +215,7 @@ def test_an_action_without_the_session_or_from_elsewhere_is_refused(
     rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
             ["groves"][0]["agents"]}
     assert rows["idle"]["phase"] == "Running"  # nothing was stopped
-    status, doc = ui.act(body, {"Origin": f"http://127.0.0.1:{ui.port}",
+    status, doc = ui.act(body, {"Origin": f"http://{ui.name}:{ui.port}",
                                 "Sec-Fetch-Site": "same-origin"})  # the page's own
     assert status == 200 and doc["ok"], doc
     rows = {r["name"]: r for r in json.loads(cli(repo, "status", "--json").stdout)
@@ -291,6 +303,33 @@ def test_engine_ui_refuses_a_port_in_use_in_one_line(ui: UI, repo: Path) -> None
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
         f"error: cannot listen on 127.0.0.1:{ui.port}: Address already in use"]
+    # the same port of ::1 is the server's too: a browser trying ::1 first for the
+    # .localhost name reaches no other program
+    if socket.has_ipv6:
+        six = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        six.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            with pytest.raises(OSError) as taken:
+                six.bind(("::1", ui.port, 0, 0))
+            assert taken.value.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+            # and a port whose ::1 side another program holds is refused, in one line
+            squat = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            squat.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                squat.bind(("::1", 0, 0, 0))
+                squat.listen(1)
+                port = squat.getsockname()[1]
+                p = cli(repo, "ui", "--port", str(port))
+                assert p.returncode == 1
+                assert p.stderr.strip().splitlines() == [
+                    f"error: cannot listen on 127.0.0.1:{port}: [::1]:{port} is taken by "
+                    "another program"]
+            except OSError as e:  # no IPv6 loopback on this machine
+                assert e.errno == errno.EADDRNOTAVAIL
+            finally:
+                squat.close()
+        finally:
+            six.close()
     p = cli(repo, "ui", "--port", "70000")
     assert p.returncode == 2 and p.stderr.startswith("error: --port")  # a usage error
     p = cli(repo, "ui", "-g", "nope")

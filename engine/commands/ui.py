@@ -1,7 +1,8 @@
 """`engine ui [-g GROVE] [--port P] [--host H]`: serve the web UI of the groves here.
 
-Binds 127.0.0.1 (`--host` widens it, with a warning), makes a fresh access token, prints
-the address with the token once, and serves until interrupted. The token is never written
+Binds 127.0.0.1 and the same port of ::1 (`--host` widens it, with a warning), names the
+server `g<random>.localhost` (a fresh origin each start), makes a fresh access token,
+prints the address with the token once, and serves until interrupted. The token is never written
 anywhere: it lives in this process and in what it printed. Needs the `ui` extra
 (starlette, uvicorn). The app itself is `engine.web.app`.
 """
@@ -9,6 +10,7 @@ anywhere: it lives in this process and in what it printed. Needs the `ui` extra
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import secrets
 import signal
@@ -26,13 +28,19 @@ def register(sub: Any) -> argparse.ArgumentParser:
         description="Serve a local web dashboard: the spawn graph live, each agent's logs, "
         "screen, commits and cost, the inbox of agents waiting for a person and spawn "
         "requests waiting for approval, the plan with an apply button, and the history. "
-        "It prints an address with a one-time access token; open it in a browser.")
+        "It prints an address with an access token that signs one browser in; open it. "
+        "The address names a host of its own under .localhost (a fresh one each start), "
+        "so nothing else on 127.0.0.1 shares its cookies, cache or storage.")
     _common.add_grove_arg(p)
-    p.add_argument("--port", type=int, default=8757, metavar="PORT",
-                   help="port to listen on (default 8757; 0 picks a free one)")
+    p.add_argument("--port", type=int, default=0, metavar="PORT",
+                   help="port to listen on (default: a free one, different each start)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
                    help="address to listen on (default 127.0.0.1; another one lets other "
                    "machines try the token, and is warned about)")
+    p.add_argument("--plain-address", action="store_true",
+                   help="print http://127.0.0.1:PORT/ instead of a name under .localhost "
+                   "(for a browser that does not resolve .localhost names; other programs "
+                   "on 127.0.0.1 then share the dashboard's origin's cache and storage)")
     return p
 
 
@@ -50,32 +58,35 @@ def run(args: argparse.Namespace) -> int:
     r = _common.repo()
     names = [d.name for d in manifest.select_groves(r.root, args.groves)]
     _common.load(r, argparse.Namespace(groves=names, set=[]), resolve_secrets=False)
-    sock, host = _bind(args.host, args.port)
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    hosts = {f"{shown}:{port}"}
-    if _loopback(host):
-        hosts |= {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    socks, host = _bind(args.host, args.port)
+    port = socks[0].getsockname()[1]
+    if _loopback(host) and not args.plain_address:
+        # a name no other program has served before: no cache entry, service worker or
+        # storage of another port of 127.0.0.1 can be waiting for the dashboard there
+        shown = f"g{secrets.token_hex(8)}.localhost"
     else:
+        shown = f"[{host}]" if ":" in host else host
+    if not _loopback(host):
         ui.err(f"warning: listening on {host}, not only this machine: anyone who can reach "
                f"it can try the token; use an SSH tunnel to 127.0.0.1 instead")
     token = secrets.token_urlsafe(24)
-    server = Server(r.root, names, token, hosts, port)
+    server = Server(r.root, names, token, {f"{shown}:{port}"}, port)
     server.watch()
     ui.out(f"grove-engine UI for {', '.join(names)}: http://{shown}:{port}/?token={token}")
-    ui.out("(the token is shown only here; press Ctrl-C to stop)")
+    ui.out("(the address signs in one browser; press Ctrl-C to stop)")
     config = uvicorn.Config(server.guard, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=2)
     # uvicorn ends on SIGINT and SIGTERM alike, then raises the signal again: as
     # KeyboardInterrupt for both, so the clean-up below runs (saved plans removed)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=socks)
     except KeyboardInterrupt:
         pass
     finally:
         server.close()
-        sock.close()
+        for sock in socks:
+            sock.close()
     return 0
 
 
@@ -86,19 +97,45 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _bind(host: str, port: int) -> tuple[socket.socket, str]:
+def _listen(family: socket.AddressFamily, addr: tuple[Any, ...]) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not a second listener
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind(host: str, port: int, tries: int = 20) -> tuple[list[socket.socket], str]:
+    """The listening sockets and the address they are on. On 127.0.0.1 the same port of
+    ::1 is taken too (where the machine has IPv6): a browser may try ::1 first for a
+    .localhost name, and another program listening there would get the token."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise EngineError(f"--host {host}: {e.strerror}") from None
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise EngineError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    return sock, str(addr[0])
+    for _ in range(tries):
+        try:
+            first = _listen(family, addr)
+        except OSError as e:
+            raise EngineError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        if not (family == socket.AF_INET and _loopback(host)):
+            return [first], str(addr[0])
+        got = first.getsockname()[1]
+        try:
+            return [first, _listen(socket.AF_INET6, ("::1", got, 0, 0))], str(addr[0])
+        except OSError as e:
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                return [first], str(addr[0])  # no IPv6 loopback: nobody can listen there
+            first.close()
+            if port:
+                raise EngineError(f"cannot listen on {host}:{port}: [::1]:{port} is "
+                                  "taken by another program") from None
+    raise EngineError(f"cannot listen on {host}: no port free on both 127.0.0.1 and ::1")

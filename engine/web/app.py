@@ -23,7 +23,10 @@ open page as a server-sent event.
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import re
@@ -70,6 +73,9 @@ HEADERS = [
 TICK = 1.0  # seconds between refreshes of a grove's status when nothing signals a change
 PING = 15.0  # seconds between keep-alive comments on the stream
 MAX_BODY = 128 * 1024  # bytes of an action request
+MAX_SESSIONS = 16  # browsers signed in at once (the oldest is signed out)
+_NEXT = re.compile(r"/[A-Za-z0-9/_.=&?-]{0,400}")  # where sign-in goes on: this server only
+ASSETS = ("app.css", "graph.js", "app.js", "signin.js")
 MAX_PLANS = 20  # plans shown (and kept for their Apply button) at once
 CHANGES = {"created", "modified", "moved", "deleted", "closed"}  # file events that wake
 
@@ -85,7 +91,26 @@ class Guard:
 
     def __init__(self, app: ASGIApp, token: str, hosts: set[str], port: int) -> None:
         self.app, self.token, self.hosts, self.port = app, token, hosts, port
-        self.session = pysecrets.token_urlsafe(32)
+        self.sessions: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def sign_in(self, token: str) -> str:
+        """A new session for the printed token, once: "" for a wrong or used token."""
+        with self._lock:
+            if not self.token or not hmac.compare_digest(token.encode(),
+                                                         self.token.encode()):
+                return ""
+            self.token = ""  # the address printed signs in one browser
+            session = pysecrets.token_urlsafe(32)
+            self.sessions[session] = None
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            return session
+
+    def valid(self, given: str) -> bool:
+        with self._lock:
+            return bool(given) and any(hmac.compare_digest(given.encode(), s.encode())
+                                       for s in self.sessions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,12 +149,19 @@ class Guard:
             return PlainTextResponse(why, 421)
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         path = "/" + str(scope["path"]).lstrip("/")  # never //host: not another site
+        if "service-worker" in headers:  # nothing here ever installs one
+            return PlainTextResponse("no service worker here", 403)
         if "token" in query:
-            if not hmac.compare_digest(query["token"].encode(), self.token.encode()):
-                return _denied(scope)
+            session = self.sign_in(query["token"])
             rest = urlencode({k: v for k, v in query.items() if k != "token"})
-            return HTMLResponse(_templates().get_template("signin.html").render(
-                session=self.session, next=path + (f"?{rest}" if rest else "")))
+            nxt = path + (f"?{rest}" if rest else "")
+            if not _NEXT.fullmatch(nxt):
+                nxt = "/"
+            # a used token: the page goes on with the session this browser already has,
+            # or says the address was used
+            resp = HTMLResponse(_templates().get_template("signin.html").render(
+                session=session, next=nxt, sri=_sri()), 200 if session else 401)
+            return resp
         if not path.startswith("/api/"):
             if scope["method"] not in ("GET", "HEAD"):
                 return PlainTextResponse("method not allowed", 405)
@@ -137,8 +169,8 @@ class Guard:
         given = headers.get("x-grove-session", "")
         if not given and path == "/api/stream":  # EventSource sets no header
             given = query.get("session", "")
-        if not hmac.compare_digest(given.encode(), self.session.encode()):
-            return _denied(scope)
+        if not self.valid(given):
+            return _denied(path)
         if scope["method"] not in ("GET", "HEAD"):
             if scope["method"] != "POST":
                 return JSONResponse({"ok": False, "error": "error: method not allowed"}, 405)
@@ -151,16 +183,17 @@ class Guard:
                 return JSONResponse({"ok": False, "error": "error: refused: not a request "
                                      "of this dashboard's own pages"}, 403)
             try:
-                size = int(headers.get("content-length", "0"))
-            except ValueError:
-                size = MAX_BODY + 1
+                size = int(headers["content-length"])
+            except (KeyError, ValueError):
+                return JSONResponse({"ok": False, "error": "error: a request needs its "
+                                     "Content-Length"}, 411)
             if size > MAX_BODY:
                 return JSONResponse({"ok": False, "error": "error: request too large"}, 413)
         return None
 
 
-def _denied(scope: Scope) -> Response:
-    if str(scope["path"]).startswith("/api/"):
+def _denied(path: str) -> Response:
+    if path.startswith("/api/"):
         return JSONResponse({"ok": False, "error": "error: not signed in: open the address "
                              "engine ui printed"}, 401)
     html = _templates().get_template("denied.html").render()
@@ -168,6 +201,17 @@ def _denied(scope: Scope) -> Response:
 
 
 _ENV: jinja2.Environment | None = None
+_SRI: dict[str, str] = {}
+
+
+def _sri() -> dict[str, str]:
+    """Subresource-integrity hashes of the assets, so a page runs only these exact files
+    (whatever a cache may hold)."""
+    if not _SRI:
+        for name in ASSETS:
+            digest = hashlib.sha384((HERE / "static" / name).read_bytes()).digest()
+            _SRI[name] = "sha384-" + base64.b64encode(digest).decode()
+    return _SRI
 
 
 def _templates() -> jinja2.Environment:
@@ -349,8 +393,7 @@ class Server:
             if grove not in self.groves or (agent and not actions.NAME.fullmatch(agent)):
                 return HTMLResponse("not found", 404)
             html = _templates().get_template(f"{name}.html").render(
-                page=name, grove=grove, groves=self.groves, agent=agent,
-                )
+                page=name, grove=grove, groves=self.groves, agent=agent, sri=_sri())
             return HTMLResponse(html)
         return render
 
