@@ -334,3 +334,26 @@ def test_engine_ui_refuses_a_port_in_use_in_one_line(ui: UI, repo: Path) -> None
     assert p.returncode == 2 and p.stderr.startswith("error: --port")  # a usage error
     p = cli(repo, "ui", "-g", "nope")
     assert p.returncode == 1 and "nope" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_plain_address_answers_to_127_0_0_1_only(repo: Path) -> None:
+    local_grove(repo, "    - name: idle\n      task: sleep 600\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "engine", "ui", "--plain-address"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=(\S+)", proc.stdout.readline())
+        assert m
+        u = UI(proc, "127.0.0.1", int(m.group(1)), m.group(2))
+        status, _, _ = u.request("GET", "/grove/demo",
+                                 headers={"Host": f"localhost:{u.port}"})
+        assert status == 421
+        u.sign_in()
+        assert [a["name"] for a in u.get("/api/status?grove=demo")["grove"]["agents"]] == \
+            ["idle"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err

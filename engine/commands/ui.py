@@ -60,17 +60,22 @@ def run(args: argparse.Namespace) -> int:
     _common.load(r, argparse.Namespace(groves=names, set=[]), resolve_secrets=False)
     socks, host = _bind(args.host, args.port)
     port = socks[0].getsockname()[1]
-    if _loopback(host) and not args.plain_address:
+    hosts: set[str] | None
+    if _loopback(host):
         # a name no other program has served before: no cache entry, service worker or
         # storage of another port of 127.0.0.1 can be waiting for the dashboard there
-        shown = f"g{secrets.token_hex(8)}.localhost"
-    else:
         shown = f"[{host}]" if ":" in host else host
-    if not _loopback(host):
+        if not args.plain_address:
+            shown = f"g{secrets.token_hex(8)}.localhost"
+        hosts = {f"{shown}:{port}"}  # and no other name: DNS rebinding finds nothing
+    else:
         ui.err(f"warning: listening on {host}, not only this machine: anyone who can reach "
                f"it can try the token; use an SSH tunnel to 127.0.0.1 instead")
+        wildcard = ipaddress.ip_address(host).is_unspecified if _is_ip(host) else False
+        shown = socket.gethostname() if wildcard else f"[{host}]" if ":" in host else host
+        hosts = None  # reached by names it cannot know; the session is never ambient
     token = secrets.token_urlsafe(24)
-    server = Server(r.root, names, token, {f"{shown}:{port}"}, port)
+    server = Server(r.root, names, token, hosts, port)
     server.watch()
     ui.out(f"grove-engine UI for {', '.join(names)}: http://{shown}:{port}/?token={token}")
     ui.out("(the address signs in one browser; press Ctrl-C to stop)")
@@ -88,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
         for sock in socks:
             sock.close()
     return 0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _loopback(host: str) -> bool:

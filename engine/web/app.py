@@ -89,7 +89,10 @@ class Guard:
     """Host check, token to session, session check, same-origin check on actions,
     security headers."""
 
-    def __init__(self, app: ASGIApp, token: str, hosts: set[str], port: int) -> None:
+    def __init__(self, app: ASGIApp, token: str, hosts: set[str] | None, port: int
+                 ) -> None:
+        """`hosts`: the Host values answered (None: any, for a server listening on a
+        network address, which people reach by names it cannot know)."""
         self.app, self.token, self.hosts, self.port = app, token, hosts, port
         self.sessions: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -141,7 +144,8 @@ class Guard:
         agent's preview server) would receive one."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        if headers.get("host", "").lower() not in self.hosts:
+        host = headers.get("host", "").lower()
+        if self.hosts is not None and host not in self.hosts:
             why = "misdirected request: this server answers only to the address engine ui " \
                   "printed"
             if str(scope["path"]).startswith("/api/"):
@@ -176,8 +180,7 @@ class Guard:
                 return JSONResponse({"ok": False, "error": "error: method not allowed"}, 405)
             origin = headers.get("origin")
             site = headers.get("sec-fetch-site")
-            if (origin is not None and origin.lower() not in
-                    {f"http://{h}" for h in self.hosts}) or \
+            if (origin is not None and origin.lower() != f"http://{host}") or \
                     site not in (None, "same-origin") or \
                     not headers.get("content-type", "").startswith("application/json"):
                 return JSONResponse({"ok": False, "error": "error: refused: not a request "
@@ -295,7 +298,7 @@ class Feed:
 class Server:
     """The app's state: reader, feeds, jobs, saved plans, and the change watcher."""
 
-    def __init__(self, root: Path, groves: list[str], token: str, hosts: set[str],
+    def __init__(self, root: Path, groves: list[str], token: str, hosts: set[str] | None,
                  port: int) -> None:
         self.root = root
         self.reader = Reader(root)
