@@ -357,3 +357,83 @@ def test_a_plain_address_answers_to_127_0_0_1_only(repo: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert "Traceback" not in err
+
+
+def read_events(r: http.client.HTTPResponse, until_end: bool, want: str,
+                timeout: float = 60) -> list[tuple[str, str]]:
+    """Server-sent events of a stream, until `want` shows in a chunk (or the end)."""
+    got: list[tuple[str, str]] = []
+    end = time.monotonic() + timeout
+    kind, line = "", b""
+    while time.monotonic() < end:
+        ch = r.read(1)
+        if not ch:
+            break
+        line += ch
+        if not line.endswith(b"\n"):
+            continue
+        text, line = line.decode().rstrip("\n"), b""
+        if text.startswith("event: "):
+            kind = text[7:]
+        elif text.startswith("data: "):
+            got.append((kind, json.loads(text[6:]) if kind == "chunk" else text[6:]))
+            if kind == "end" or (not until_end and want in "".join(
+                    d for k, d in got if k == "chunk")):
+                return got
+    raise AssertionError(f"the stream ended or timed out: {got!r}")
+
+
+def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
+    local_grove(repo, """\
+    - name: talker
+      task: |
+        echo first-line; sleep 2; printf 'second-line\\n'; sleep 1
+    - name: sleeper
+      task: echo awake; sleep 600
+""")
+    assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
+    u = start_ui(repo)
+    try:
+        u.sign_in()
+        c = http.client.HTTPConnection("127.0.0.1", u.port, timeout=60)
+        c.request("GET", "/api/agent/logs/stream?grove=demo&agent=talker&session=" +
+                  u.session, headers={"Host": f"{u.name}:{u.port}"})
+        r = c.getresponse()
+        assert r.status == 200
+        early = read_events(r, False, "first-line")
+        assert not any("second-line" in d for _, d in early)  # it came before the rest
+        rest = read_events(r, True, "")
+        assert "second-line" in "".join(d for k, d in rest if k == "chunk")
+        assert rest[-1] == ("end", "0")  # the agent ended: so does the stream
+        c.close()
+        # without the session: nothing
+        status, _, _ = u.request("GET", "/api/agent/logs/stream?grove=demo&agent=talker",
+                                 signed_in=False)
+        assert status == 401
+        # a bounded number of followers at once; one that leaves frees its place
+        def follow() -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+            k = http.client.HTTPConnection("127.0.0.1", u.port, timeout=60)
+            k.request("GET", "/api/agent/logs/stream?grove=demo&agent=sleeper&session=" +
+                      u.session, headers={"Host": f"{u.name}:{u.port}"})
+            return k, k.getresponse()
+
+        open_ = [follow() for _ in range(8)]
+        for _, resp in open_:
+            assert resp.status == 200
+            read_events(resp, False, "awake")
+        k, resp = follow()
+        assert resp.status == 400
+        assert json.loads(resp.read())["error"].startswith("error: 8 log streams are open")
+        k.close()
+        for k, _ in open_:
+            k.close()
+        def freed() -> bool:
+            k, resp = follow()
+            k.close()
+            return resp.status == 200
+        until(freed, 10, "a place to free")
+    finally:
+        u.proc.send_signal(signal.SIGTERM)
+        _, err = u.proc.communicate(timeout=10)
+        cli(repo, "destroy", "-g", "demo", "--auto-approve")
+    assert "Traceback" not in err

@@ -57,19 +57,24 @@ class Result:
         return reader.one_line(lines[-1] if lines else "done", 500)
 
 
-def _env() -> dict[str, str]:
+def command(argv: list[str]) -> list[str]:
+    """The command line of `engine ARGV`: this Python, -P (no directory of the repository
+    on the module path)."""
+    return [sys.executable, "-P", "-m", "engine", *argv]
+
+
+def env() -> dict[str, str]:
     """The person's environment (the command acts as them), without colour."""
-    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
-    env.pop("ENGINE_AGENT", None)
-    return env
+    out = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    out.pop("ENGINE_AGENT", None)
+    return out
 
 
 def run_cli(root: Path, argv: list[str], stdin: str | None = None,
             timeout: float = TIMEOUT) -> Result:
     """`engine ARGV` in `root`, as the person would type it; output capped."""
     try:
-        p = subprocess.run([sys.executable, "-P", "-m", "engine", *argv], cwd=root,
-                           env=_env(),
+        p = subprocess.run(command(argv), cwd=root, env=env(),
                            input=stdin if stdin is not None else "",
                            capture_output=True, text=True, errors="replace",
                            timeout=timeout)
@@ -154,8 +159,8 @@ class Jobs:
 
     def _run(self, job: Job) -> None:
         try:
-            p = subprocess.Popen([sys.executable, "-P", "-m", "engine", *job.argv], cwd=self.root,
-                                 env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            p = subprocess.Popen(command(job.argv), cwd=self.root, env=env(),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, errors="replace")
             assert p.stdout is not None
             for line in p.stdout:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import collections
 import contextlib
 import hashlib
@@ -74,6 +75,8 @@ TICK = 1.0  # seconds between refreshes of a grove's status when nothing signals
 PING = 15.0  # seconds between keep-alive comments on the stream
 MAX_BODY = 128 * 1024  # bytes of an action request
 MAX_SESSIONS = 16  # browsers signed in at once (the oldest is signed out)
+MAX_LOG_STREAMS = 8  # `engine logs -f` children at once (one per open agent page)
+LOG_CHUNK = 64 * 1024  # bytes of a log read and sent at a time
 _NEXT = re.compile(r"/[A-Za-z0-9/_.=&?-]{0,400}")  # where sign-in goes on: this server only
 ASSETS = ("app.css", "graph.js", "app.js", "signin.js")
 MAX_PLANS = 20  # plans shown (and kept for their Apply button) at once
@@ -171,7 +174,7 @@ class Guard:
                 return PlainTextResponse("method not allowed", 405)
             return None
         given = headers.get("x-grove-session", "")
-        if not given and path == "/api/stream":  # EventSource sets no header
+        if not given and path.endswith("/stream"):  # EventSource sets no header
             given = query.get("session", "")
         if not self.valid(given):
             return _denied(path)
@@ -322,6 +325,7 @@ class Server:
             Route("/api/history", self.api_history),
             Route("/api/events", self.api_events),
             Route("/api/agent", self.api_agent),
+            Route("/api/agent/logs/stream", self.api_log_stream),
             Route("/api/agent/{what}", self.api_agent_text),
             Route("/api/action", self.api_action, methods=["POST"]),
             Route("/api/job/{job}", self.api_job),
@@ -332,6 +336,7 @@ class Server:
         self.guard = Guard(self.starlette, token, hosts, port)
         self._observer: Any = None
         self._inbox: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._log_streams = 0
         self._inbox_lock = asyncio.Lock()
 
     # -- change signals -----------------------------------------------------------------
@@ -550,6 +555,45 @@ class Server:
         if res.code:
             return JSONResponse({"text": "", "error": res.line()})
         return JSONResponse({"text": res.out})
+
+    async def api_log_stream(self, request: Request) -> Response:
+        """An agent's log as it grows: `engine logs -f` in a child process, its output
+        relayed as `chunk` events (JSON strings: the text as it came) until the agent
+        ends (`end`) or the page goes; the child is ended with the page."""
+        g, a = self._grove(request), self._agent(request)
+        if self._log_streams >= MAX_LOG_STREAMS:
+            raise _BadRequest(f"error: {MAX_LOG_STREAMS} log streams are open already; "
+                              "close an agent page")
+        self._log_streams += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *actions.command(["logs", f"{g}/{a}", "--follow"]), cwd=self.root,
+                env=actions.env(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as e:
+            self._log_streams -= 1
+            raise _BadRequest(f"error: engine logs: {e.strerror}") from None
+
+        async def chunks() -> AsyncIterator[bytes]:
+            assert proc.stdout is not None
+            decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            try:
+                while True:
+                    data = await proc.stdout.read(LOG_CHUNK)
+                    text = decode.decode(data, final=not data)
+                    if text:
+                        yield f"event: chunk\ndata: {json.dumps(text)}\n\n".encode()
+                    if not data:
+                        break
+                yield f"event: end\ndata: {await proc.wait()}\n\n".encode()
+            finally:
+                self._log_streams -= 1
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
 
     async def api_action(self, request: Request) -> Response:
         raw = await request.body()

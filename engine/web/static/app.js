@@ -503,6 +503,45 @@
     }
 
     /** Poll a text endpoint into a <pre>; `stick`: keep scrolled to the bottom. */
+    /** The agent's log as it grows (SSE over `engine logs --follow`): chunks appended as
+     * text, the newest MAX_LOG characters kept, scrolled along while at the bottom. Ends
+     * with the agent (the stream says "end"); falls back to polling if streams fail. */
+    function followLog(pre) {
+      const MAX_LOG = 512 * 1024;
+      if (typeof EventSource === "undefined") { textPoller(pre, "/api/agent/logs", 2000, true); return; }
+      const es = new EventSource("/api/agent/logs/stream?grove=" + G + "&agent=" + enc(AGENT) +
+        "&session=" + enc(SESSION));
+      let got = false;
+      let first = true;
+      es.addEventListener("open", () => { got = false; });  // a new stream sends all again
+      es.addEventListener("chunk", (ev) => {
+        let text;
+        try { text = JSON.parse(ev.data); } catch (e) { return; }
+        if (typeof text !== "string") return;
+        const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 24;
+        if (!got) { pre.textContent = ""; got = true; }
+        let all = pre.textContent + text;
+        if (all.length > MAX_LOG) all = all.slice(all.length - MAX_LOG);
+        pre.textContent = all;
+        if (first || atBottom) pre.scrollTop = pre.scrollHeight;
+        first = false;
+        pre.classList.remove("stale");
+      });
+      es.addEventListener("end", () => {
+        es.close();
+        if (!got) pre.textContent = "(the agent printed nothing)";
+        body.dataset.logEnded = "1";
+      });
+      es.addEventListener("error", () => {
+        if (es.readyState === EventSource.CLOSED) {  // refused: poll instead
+          textPoller(pre, "/api/agent/logs", 2000, true);
+        } else {
+          pre.classList.add("stale");
+        }
+      });
+      window.addEventListener("pagehide", () => es.close());
+    }
+
     function textPoller(pre, path, every, stick) {
       let first = true;
       let running = false;
@@ -533,7 +572,7 @@
       return once;
     }
 
-    textPoller($("logs"), "/api/agent/logs", 2000, true);
+    followLog($("logs"));
     const screenNow = textPoller($("screen"), "/api/agent/screen", 3000, false);
     const diffNow = textPoller($("diff"), "/api/agent/diff", 0, false);
     $("screen-refresh").addEventListener("click", () => screenNow());
