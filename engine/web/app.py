@@ -564,20 +564,27 @@ class Server:
         if self._log_streams >= MAX_LOG_STREAMS:
             raise _BadRequest(f"error: {MAX_LOG_STREAMS} log streams are open already; "
                               "close an agent page")
-        self._log_streams += 1
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *actions.command(["logs", f"{g}/{a}", "--follow"]), cwd=self.root,
-                env=actions.env(), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as e:
-            self._log_streams -= 1
-            raise _BadRequest(f"error: engine logs: {e.strerror}") from None
 
         async def chunks() -> AsyncIterator[bytes]:
-            assert proc.stdout is not None
-            decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            # the child starts with the stream, not before: a page gone before its first
+            # byte leaves no process behind
+            if self._log_streams >= MAX_LOG_STREAMS:
+                yield b"event: end\ndata: busy\n\n"
+                return
+            self._log_streams += 1
+            proc = None
             try:
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *actions.command(["logs", f"{g}/{a}", "--follow"]), cwd=self.root,
+                        env=actions.env(), stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                except OSError as e:
+                    text = json.dumps(f"error: engine logs: {e.strerror}\n")
+                    yield f"event: chunk\ndata: {text}\n\nevent: end\ndata: 1\n\n".encode()
+                    return
+                assert proc.stdout is not None
+                decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 while True:
                     data = await proc.stdout.read(LOG_CHUNK)
                     text = decode.decode(data, final=not data)
@@ -588,7 +595,7 @@ class Server:
                 yield f"event: end\ndata: {await proc.wait()}\n\n".encode()
             finally:
                 self._log_streams -= 1
-                if proc.returncode is None:
+                if proc is not None and proc.returncode is None:
                     proc.kill()
                     await proc.wait()
 
