@@ -85,7 +85,10 @@ def start_ui(repo: Path, *args: str) -> UI:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     m = URL.search(line)
-    assert m, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+    if not m:  # never left running behind a failed test
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"engine ui printed no address: {line!r} {err!r}")
     return UI(proc, m.group(1), int(m.group(2)), m.group(3))
 
 
@@ -390,6 +393,8 @@ def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
         echo first-line; sleep 2; printf 'second-line\\n'; sleep 1
     - name: sleeper
       task: echo awake; sleep 600
+    - name: loud
+      task: head -c 4000000 /dev/zero | tr '\\0' x | fold -w 100; sleep 600
 """)
     assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
     u = start_ui(repo)
@@ -432,6 +437,22 @@ def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
             k.close()
             return resp.status == 200
         until(freed, 10, "a place to free")
+        # a page that stopped reading a big log does not hold the server past SIGTERM
+        until(lambda: (repo / ".engine").exists() and "x" * 100 in cli(
+            repo, "logs", "demo/loud").stdout[:200], 30, "loud's log")
+        k = http.client.HTTPConnection("127.0.0.1", u.port, timeout=60)
+        k.request("GET", "/api/agent/logs/stream?grove=demo&agent=loud&session=" +
+                  u.session, headers={"Host": f"{u.name}:{u.port}"})
+        assert k.getresponse().status == 200  # and never read
+        time.sleep(1)
+        u.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        u.proc.communicate(timeout=15)
+        assert time.monotonic() - started < 8
+        k.close()
+        until(lambda: not subprocess.run(["pgrep", "-f", "engine logs demo/"],
+                                         capture_output=True).stdout.strip(), 3,
+              "the engine logs children to end with the server")
     finally:
         u.proc.send_signal(signal.SIGTERM)
         _, err = u.proc.communicate(timeout=10)

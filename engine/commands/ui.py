@@ -10,8 +10,10 @@ anywhere: it lives in this process and in what it printed. Needs the `ui` extra
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import ipaddress
+import logging
 import secrets
 import signal
 import socket
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         # a name no other program has served before: no cache entry, service worker or
         # storage of another port of 127.0.0.1 can be waiting for the dashboard there
         shown = f"[{host}]" if ":" in host else host
-        if not args.plain_address:
+        if host == "127.0.0.1" and not args.plain_address:  # and ::1: both are bound
             shown = f"g{secrets.token_hex(8)}.localhost"
         hosts = {f"{shown}:{port}"}  # and no other name: DNS rebinding finds nothing
     else:
@@ -81,11 +83,19 @@ def run(args: argparse.Namespace) -> int:
     ui.out("(the address signs in one browser; press Ctrl-C to stop)")
     config = uvicorn.Config(server.guard, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=2)
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.closing.set()  # open streams end, so the shutdown is graceful
+            super().handle_exit(sig, frame)
+
+    # a page too slow to take its last bytes is cancelled at shutdown: not an error
+    logging.getLogger("uvicorn.error").addFilter(_NotCancelled())
     # uvicorn ends on SIGINT and SIGTERM alike, then raises the signal again: as
     # KeyboardInterrupt for both, so the clean-up below runs (saved plans removed)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        uvicorn.Server(config).run(sockets=socks)
+        Uvicorn(config).run(sockets=socks)
     except KeyboardInterrupt:
         pass
     finally:
@@ -93,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
         for sock in socks:
             sock.close()
     return 0
+
+
+class _NotCancelled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError) and \
+            "graceful shutdown exceeded" not in record.getMessage()
 
 
 def _is_ip(host: str) -> bool:

@@ -30,8 +30,11 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets as pysecrets
+import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -73,6 +76,7 @@ HEADERS = [
 ]
 TICK = 1.0  # seconds between refreshes of a grove's status when nothing signals a change
 PING = 15.0  # seconds between keep-alive comments on the stream
+WAKE = 0.5  # seconds a stream waits before it looks whether the server is stopping
 MAX_BODY = 128 * 1024  # bytes of an action request
 MAX_SESSIONS = 16  # browsers signed in at once (the oldest is signed out)
 MAX_LOG_STREAMS = 8  # `engine logs -f` children at once (one per open agent page)
@@ -336,6 +340,8 @@ class Server:
         self.guard = Guard(self.starlette, token, hosts, port)
         self._observer: Any = None
         self._inbox: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.closing = threading.Event()  # set when the server stops: streams end
+        self._children: set[int] = set()  # `engine logs` processes of open streams
         self._log_streams = 0
         self._inbox_lock = asyncio.Lock()
 
@@ -372,6 +378,11 @@ class Server:
             f.poke()
 
     def close(self) -> None:
+        self.closing.set()
+        for pid in list(self._children):  # a stream cut off at shutdown: its child too
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         for f in self.feeds.values():
             f.stop()
         if self._observer is not None:
@@ -431,24 +442,29 @@ class Server:
         async def events() -> AsyncIterator[bytes]:
             ev = f.subscribe()
             try:
-                sent = -1
-                while True:
+                sent, told, quiet = -1, "", 0.0
+                while not self.closing.is_set():
                     if f.payload is not None and f.version != sent:
                         sent = f.version
                         data = json.dumps(f.payload, separators=(",", ":"))
                         yield f"event: status\ndata: {data}\n\n".encode()
-                    elif f.error:
+                    elif f.error and f.error != told:
+                        told = f.error
                         yield f"event: failure\ndata: {json.dumps(f.error)}\n\n".encode()
                     ev.clear()
                     try:
-                        await asyncio.wait_for(ev.wait(), PING)
+                        await asyncio.wait_for(ev.wait(), WAKE)
+                        quiet = 0.0
                     except TimeoutError:
-                        yield b"event: ping\ndata: {}\n\n"
+                        quiet += WAKE
+                        if quiet >= PING:
+                            quiet = 0.0
+                            yield b"event: ping\ndata: {}\n\n"
             finally:
                 f.unsubscribe(ev)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"X-Accel-Buffering": "no"})
+        return _Stream(events(), media_type="text/event-stream",
+                       headers={"X-Accel-Buffering": "no"})
 
     async def api_inbox(self, request: Request) -> Response:
         """Computed once per status version (it plans, to find what awaits approval),
@@ -572,35 +588,41 @@ class Server:
                 yield b"event: end\ndata: busy\n\n"
                 return
             self._log_streams += 1
-            proc = None
             try:
-                try:
-                    proc = await asyncio.create_subprocess_exec(
-                        *actions.command(["logs", f"{g}/{a}", "--follow"]), cwd=self.root,
-                        env=actions.env(), stdin=asyncio.subprocess.DEVNULL,
-                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-                except OSError as e:
-                    text = json.dumps(f"error: engine logs: {e.strerror}\n")
-                    yield f"event: chunk\ndata: {text}\n\nevent: end\ndata: 1\n\n".encode()
-                    return
-                assert proc.stdout is not None
-                decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                while True:
-                    data = await proc.stdout.read(LOG_CHUNK)
+                follow = _Follow(self.root, ["logs", f"{g}/{a}", "--follow"],
+                                 asyncio.get_running_loop())
+            except OSError as e:
+                self._log_streams -= 1
+                text = json.dumps(f"error: engine logs: {e.strerror}\n")
+                yield f"event: chunk\ndata: {text}\n\nevent: end\ndata: 1\n\n".encode()
+                return
+            self._children.add(follow.proc.pid)
+            decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            try:
+                quiet = 0.0
+                while not self.closing.is_set():
+                    try:
+                        data = await asyncio.wait_for(follow.get(), WAKE)
+                    except TimeoutError:
+                        quiet += WAKE
+                        if quiet >= PING:  # a quiet agent: a page that is gone shows up
+                            quiet = 0.0
+                            yield b": ping\n\n"
+                        continue
+                    quiet = 0.0
                     text = decode.decode(data, final=not data)
                     if text:
                         yield f"event: chunk\ndata: {json.dumps(text)}\n\n".encode()
                     if not data:
+                        yield f"event: end\ndata: {follow.wait()}\n\n".encode()
                         break
-                yield f"event: end\ndata: {await proc.wait()}\n\n".encode()
             finally:
                 self._log_streams -= 1
-                if proc is not None and proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+                self._children.discard(follow.proc.pid)
+                follow.stop()
 
-        return StreamingResponse(chunks(), media_type="text/event-stream",
-                                 headers={"X-Accel-Buffering": "no"})
+        return _Stream(chunks(), media_type="text/event-stream",
+                       headers={"X-Accel-Buffering": "no"})
 
     async def api_action(self, request: Request) -> Response:
         raw = await request.body()
@@ -645,6 +667,81 @@ class _BadRequest(_HTTPError):
 
 class _NotFound(_HTTPError):
     status = 404
+
+
+class _Follow:
+    """A child process whose output a thread reads and hands to the event loop, a few
+    chunks ahead at most (a slow page slows the child down, nothing piles up). Ended
+    with `stop`, synchronously: no asyncio transport outlives the stream."""
+
+    AHEAD = 4  # chunks read before the page took them
+
+    def __init__(self, root: Path, argv: list[str], loop: asyncio.AbstractEventLoop
+                 ) -> None:
+        self.proc = subprocess.Popen(actions.command(argv), cwd=root, env=actions.env(),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.loop = loop
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.room = threading.Semaphore(self.AHEAD)
+        self.stopped = False
+        threading.Thread(target=self._read, daemon=True, name="engine-logs").start()
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        try:
+            while True:
+                self.room.acquire()
+                if self.stopped:
+                    return
+                try:
+                    data = os.read(out.fileno(), LOG_CHUNK)
+                except OSError:
+                    data = b""
+                try:
+                    self.loop.call_soon_threadsafe(self.queue.put_nowait, data)
+                except RuntimeError:  # the loop is gone
+                    return
+                if not data:
+                    return
+        finally:
+            out.close()  # here, never under a read in progress
+
+    async def get(self) -> bytes:
+        data = await self.queue.get()
+        self.room.release()
+        return data
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return -1
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self.room.release()  # a reader waiting for room sees it stopped
+
+
+class _Stream(StreamingResponse):
+    """A stream whose generator is always closed with it (its `finally` runs), also when
+    the request is cancelled while a slow page holds up a send: the generator's clean-up
+    (ending an `engine logs` child) happens then, in the running loop, not whenever
+    the generator is collected."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
 
 async def _refused(request: Request, exc: Exception) -> Response:

@@ -527,8 +527,12 @@
         first = false;
         pre.classList.remove("stale");
       });
-      es.addEventListener("end", () => {
+      es.addEventListener("end", (ev) => {
         es.close();
+        if (ev.data === "busy") {  // too many streams open: poll instead
+          textPoller(pre, "/api/agent/logs", 2000, true);
+          return;
+        }
         if (!got) pre.textContent = "(the agent printed nothing)";
         body.dataset.logEnded = "1";
       });
