@@ -390,7 +390,7 @@ def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
     local_grove(repo, """\
     - name: talker
       task: |
-        echo first-line; sleep 2; printf 'second-line\\n'; sleep 1
+        echo first-line; while [ ! -e GO ]; do sleep 0.1; done; printf 'second-line\\n'; sleep 1
     - name: sleeper
       task: echo awake; sleep 600
     - name: loud
@@ -407,6 +407,7 @@ def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
         assert r.status == 200
         early = read_events(r, False, "first-line")
         assert not any("second-line" in d for _, d in early)  # it came before the rest
+        (repo / ".engine/worktrees/demo/talker/GO").touch()  # now the rest
         rest = read_events(r, True, "")
         assert "second-line" in "".join(d for k, d in rest if k == "chunk")
         assert rest[-1] == ("end", "0")  # the agent ended: so does the stream
