@@ -459,3 +459,27 @@ def test_an_agents_log_streams_to_the_page_until_it_ends(repo: Path) -> None:
         _, err = u.proc.communicate(timeout=10)
         cli(repo, "destroy", "-g", "demo", "--auto-approve")
     assert "Traceback" not in err
+
+
+def test_requests_an_agent_wrote_are_drawn_only_when_they_name_a_child(
+        ui: UI, repo: Path) -> None:
+    """The requested nodes come from files an agent writes: read by the inbox's trust
+    reader (a symlink is not followed), and drawn only under a name the gate could
+    accept."""
+    assert cli(repo, "apply", "-g", "demo", "--auto-approve").returncode == 0
+    box = repo / ".engine/inbox/demo/idle"
+    until(box.is_dir, 20, "idle's inbox")
+
+    def req(rid: str, name: str) -> None:
+        doc = {"apiVersion": "engine/v1alpha1", "kind": "SpawnRequest", "id": rid,
+               "from": "idle", "spec": {"name": name, "task": "true"}}
+        (box / f"req-{rid}.json").write_text(json.dumps(doc))
+
+    req("a1", "kid")
+    req("a2", "../x<img src=x onerror=alert(1)>")
+    req("a3", "x" * 5000)
+    (box / "req-a4.json").symlink_to("/etc/passwd")
+    until(lambda: ui.get("/api/status?grove=demo")["requests"], 10, "the requests")
+    got = ui.get("/api/status?grove=demo")["requests"]
+    assert got == [{"id": "a1", "parent": "idle", "agent": "kid", "status": "pending"}]
+    assert (box / "req-a4.json").is_symlink()  # left alone, never read through

@@ -32,7 +32,6 @@ from engine.desired import DesiredGrove
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
 from engine.observe import Runtimes
-from engine.trust import reader
 
 MAX_EVENTS = 500  # events of a grove the page is given
 RECENT = 40  # events of a grove the live status carries
@@ -97,8 +96,8 @@ class Reader:
         for q in reqs:
             if q.kind != "SpawnRequest":
                 continue
-            child = reader.one_line(str(q.spec.get("name", "")), 80)
-            if child:
+            child = str(q.spec.get("name", ""))
+            if inbox.NAME.fullmatch(child):  # a name the gate could accept, else not drawn
                 out.append({"id": q.id, "parent": q.agent, "agent": child,
                             "status": "pending"})
         return out
