@@ -21,15 +21,30 @@ sys.path.insert(0, str(ROOT))
 INTRO = """\
 Every command works on the repository that holds the current directory (`-C DIR` to run
 elsewhere) and on every grove in it unless `-g GROVE` names some. Commands that report
-have `--json` with a stable shape. Colour is used only on a terminal and never with
-`NO_COLOR`; nothing prompts when standard input is not a terminal.
+have `--json` with a stable shape. Nothing prompts when standard input is not a terminal.
+
+**Colour** is used only when the output is a terminal, and never when `NO_COLOR` is set to
+a non-empty value ([no-color.org](https://no-color.org): `NO_COLOR=` with an empty value
+is as if unset). `FORCE_COLOR` and `TERM` do not change it.
+
+**Mistakes** on the command line name the closest command or option:
+`error: engine: unknown command 'statsu' (did you mean 'status'?)`.
+
+**Shell completion** for bash, zsh and fish (commands, options, grove names after `-g`,
+agent names) comes from `engine completion SHELL`: add `eval "$(engine completion bash)"`
+to `~/.bashrc` (or `zsh` in `~/.zshrc`, after `compinit`), or run
+`engine completion fish > ~/.config/fish/completions/engine.fish`.
+
+**Output errors**: when standard output cannot be written (a full disk) the command says
+`error: cannot write output: No space left on device` and exits 1; when its reader stops
+early (`engine status --json | head -1`) it ends quietly with 0.
 
 **Exit codes**, for every command:
 
 | code | meaning |
 |---|---|
 | 0 | success (for `plan --detailed-exitcode`: no changes) |
-| 1 | an error you can fix: one line saying what and where, then detail |
+| 1 | an error you can fix: one line saying what and where, then detail; also output that cannot be written |
 | 2 | a usage error on the command line; or, with `plan --detailed-exitcode`, changes are present |
 | 3 | a bug in grove-engine: the message names a log file with the traceback |
 | 130 | interrupted (Ctrl-C) |

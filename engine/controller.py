@@ -298,6 +298,10 @@ class Controller:
         with contextlib.suppress(Exception):
             self.log("stopped (forced)")
             sys.stderr.flush()
+        with contextlib.suppress(Exception):  # a live view may have hidden the cursor
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[?25h\n")
+                sys.stdout.flush()
         os._exit(130 if self.wopts.until_done else 0)
 
     @contextlib.contextmanager

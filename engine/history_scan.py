@@ -255,7 +255,8 @@ def scan(root: Path, rev: str = "HEAD", groves: list[str] | None = None) -> Hist
     try:
         for c in history:
             dirs = {n: sha for n, (mode, sha) in
-                    git.tree(f"{c.sha}:{prefix}{manifest.GROVES_DIR}").items() if mode == "40000"}
+                    git.tree(f"{c.sha}:{prefix}{manifest.GROVES_DIR}").items()
+                    if mode == "40000" and not n.startswith(".")}  # a dot-directory: no grove
             parents = [states.get(p, {}) for p in c.parents] or [{}]
             mine = states[c.sha] = {}
             for grove in sorted(set(dirs) | {g for s in parents for g in s}):

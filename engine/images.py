@@ -8,28 +8,34 @@ Returns image tags.
 
 from __future__ import annotations
 
+import collections
+import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Protocol
 
 from engine import harness_install
 from engine.errors import EngineError
+from engine.trust.reader import for_terminal
 
 PREFIX = "grove-engine"
 ROOTFS_TAG = f"{PREFIX}/rootfs:bookworm"
 BASE = "base"
 PACKAGES = ("bash", "git", "python3", "tmux", "ca-certificates")
 SUITE = "bookworm"
+TAIL = 15  # lines of the failed step's output an error quotes
+_STEP = re.compile(r"Step (\d+/\d+) : (.*)")
+_EXIT = re.compile(r"returned a non-zero code: (\d+)")
 
 
 class ImageEngine(Protocol):
     def has_image(self, tag: str) -> bool: ...
     def remove_image(self, tag: str) -> None: ...
     def build_image(self, context: Path, tag: str, buildargs: dict[str, str],
-                    network: str | None) -> None: ...
+                    network: str | None, output: Callable[[str], None]) -> None: ...
     def import_image(self, chunks: Iterable[bytes], tag: str) -> None: ...
 
 
@@ -63,20 +69,42 @@ def guess_name(image: str) -> str:
     return "NAME"
 
 
+def hint(image: str) -> str:
+    """How to make `image` when an engine lacks it: the command that builds exactly that
+    image, or, for an image this project does not ship, that it must be built or pulled."""
+    name = guess_name(image)
+    if name == BASE and image == tag(BASE):
+        return ("build it with `engine image bootstrap` (offline) or `engine image build "
+                "base`")
+    if name != "NAME" and image == tag(name):
+        return f"build it with `engine image build {name}`"
+    return (f"build or pull it there (`engine image build` makes only {PREFIX}/NAME:latest "
+            f"for NAME in {', '.join(names())})")
+
+
+Show = Callable[[str], None]  # one line of build output, terminal-safe, as it arrives
+
+
+def log_path(name: str) -> Path:
+    """Where the last build of image `name` keeps its whole output."""
+    return harness_install.cache_root().parent / "logs" / f"image-{name}.log"
+
+
 def build(engine: ImageEngine, name: str, network: str | None = "host",
-          buildargs: dict[str, str] | None = None) -> str:
-    """docker build of images/<name>/Dockerfile as grove-engine/<name>:latest."""
+          buildargs: dict[str, str] | None = None, show: Show | None = None) -> str:
+    """docker build of images/<name>/Dockerfile as grove-engine/<name>:latest, its output
+    shown line by line as it arrives and kept in `log_path(name)`."""
     if name not in names():
         raise EngineError(f"image {name}: no images/{name}/Dockerfile (images: "
                           f"{', '.join(names())})")
     t = tag(name)
     parent = _parent(name)
     if parent and not engine.has_image(tag(parent)):
-        build(engine, parent, network)  # e.g. grove-engine/base under a harness image
+        build(engine, parent, network, show=show)  # e.g. grove-engine/base under a harness
     if name in harness_install.names():
-        return _build_harness(engine, name, t)
+        return _build_harness(engine, name, t, show)
     try:
-        engine.build_image(images_dir() / name, t, buildargs or {}, network)
+        build_logged(engine, name, images_dir() / name, buildargs or {}, network, show)
     except EngineError as e:
         if name == BASE and not buildargs:
             raise EngineError(f"{e.summary} (no registry reachable? `engine image bootstrap` "
@@ -85,7 +113,74 @@ def build(engine: ImageEngine, name: str, network: str | None = "host",
     return t
 
 
-def _build_harness(engine: ImageEngine, name: str, t: str) -> str:
+def build_logged(engine: ImageEngine, name: str, context: Path, buildargs: dict[str, str],
+                 network: str | None, show: Show | None = None) -> None:
+    """Build `context` as grove-engine/<name>:latest through a `BuildLog`: a failure is
+    one line naming the step that failed, its last lines of output and the log file."""
+    log = BuildLog(log_path(name), show or (lambda _line: None))
+    try:
+        engine.build_image(context, tag(name), buildargs, network, log.write)
+    except EngineError as e:
+        log.close()
+        raise log.failure(name, e) from None
+    log.close()
+
+
+class BuildLog:
+    """The output of one build as it arrives: written whole to a file, split into lines
+    (made terminal-safe: a Dockerfile's RUN can print anything) that are shown, and the
+    current step's last lines kept for the error if it fails."""
+
+    def __init__(self, path: Path, show: Show) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.show = show
+        self.file = path.open("w", encoding="utf-8", errors="replace")
+        self.step = ""  # "N/M : INSTRUCTION" of the step running now
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL)
+        self._part = ""
+
+    def write(self, text: str) -> None:
+        self.file.write(text)
+        self.file.flush()
+        *lines, self._part = (self._part + text).split("\n")
+        for line in lines:
+            self._line(line)
+
+    def close(self) -> None:
+        if self._part:
+            self._line(self._part)
+            self._part = ""
+        self.file.close()
+
+    def _line(self, raw: str) -> None:
+        line = for_terminal(raw).rstrip()
+        m = _STEP.match(line)
+        if m:
+            self.step = f"{m[1]} : {m[2]}"
+            self.tail.clear()
+        elif line.strip() and not line.startswith((" ---> ", "Removing intermediate")):
+            self.tail.append(line)
+        self.show(line)
+
+    def failure(self, name: str, e: EngineError) -> EngineError:
+        reason = e.summary.split("build failed: ", 1)[-1]
+        code = _EXIT.search(reason)
+        num, _, instruction = self.step.partition(" : ")
+        where = f" at step {num} ({_short(instruction)})" if self.step else ""
+        why = f"exit code {code[1]}" if code else _short(for_terminal(reason), 200)
+        detail = ["last output of the step:", *(f"  {t}" for t in self.tail)] \
+            if self.tail and self.step else []
+        return EngineError(f"image {name}: build failed{where}: {why}",
+                           "\n".join([*detail, f"full build log: {self.path}"]))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _build_harness(engine: ImageEngine, name: str, t: str, show: Show | None) -> str:
     """A harness image, offline: images/<name>/Dockerfile with the program from the
     install cache copied into the build context (symlinks kept, they are relative)."""
     program = harness_install.installed(name)
@@ -96,7 +191,7 @@ def _build_harness(engine: ImageEngine, name: str, t: str) -> str:
         ctx = Path(tmp)
         shutil.copy2(images_dir() / name / "Dockerfile", ctx / "Dockerfile")
         shutil.copytree(program.root, ctx / "program", symlinks=True)
-        engine.build_image(ctx, t, {"VERSION": program.version}, "none")
+        build_logged(engine, name, ctx, {"VERSION": program.version}, "none", show)
     return t
 
 
@@ -113,7 +208,8 @@ def _parent(name: str) -> str:
     return ""
 
 
-def bootstrap(engine: ImageEngine, force: bool = False) -> tuple[str, bool]:
+def bootstrap(engine: ImageEngine, force: bool = False, show: Show | None = None
+              ) -> tuple[str, bool]:
     """Build grove-engine/base:latest without a registry: a Debian root filesystem from
     mmdebstrap imported as grove-engine/rootfs:bookworm, then images/base/Dockerfile on
     top of it. Cached by tag; returns (tag, whether anything was built)."""
@@ -122,7 +218,7 @@ def bootstrap(engine: ImageEngine, force: bool = False) -> tuple[str, bool]:
         return t, False
     if force or not engine.has_image(ROOTFS_TAG):
         import_rootfs(engine)
-    build(engine, BASE, network="none", buildargs={"BASE": ROOTFS_TAG})
+    build(engine, BASE, network="none", buildargs={"BASE": ROOTFS_TAG}, show=show)
     return t, True
 
 

@@ -69,8 +69,10 @@ def find_repo_root(start: Path) -> Path:
 
 
 def grove_dirs(root: Path) -> list[Path]:
+    """The directories of `groves/`; a dot-directory (`groves/.schemas/`) is not a grove."""
     base = root / GROVES_DIR
-    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if base.is_dir() else []
 
 
 def load_grove(directory: Path, display_root: Path | None = None,
@@ -201,5 +203,5 @@ def select_groves(root: Path, names: list[str] | None) -> list[Path]:
     if missing:
         known = ", ".join(by_name) or "none"
         raise EngineError(f"grove {missing[0]!r} not found under {root / GROVES_DIR} "
-                          f"(groves: {known})")
+                          f"(groves: {known}){schema.did_you_mean(missing[0], by_name)}")
     return [by_name[n] for n in names]

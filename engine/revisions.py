@@ -92,7 +92,7 @@ def grove_blobs(root: Path, commit: str) -> dict[str, dict[str, str]]:
         meta, _, path = rec.partition("\t")
         mode, kind, sha = meta.split()
         parts = path.removeprefix(prefix).split("/")
-        if len(parts) < 3:
+        if len(parts) < 3 or parts[1].startswith("."):  # a dot-directory is not a grove
             continue
         files = out.setdefault(parts[1], {})
         if len(parts) == 3 and kind == "blob" and mode != "120000" \

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +100,7 @@ def setting_errors(data: dict[str, Any]) -> list[tuple[Path_, str]]:
     out: list[tuple[Path_, str]] = []
     for key, value in data.items():
         if key not in known:
-            out.append(((key,), f"{key}: unknown setting"))
+            out.append(((key,), f"{key}: unknown setting{did_you_mean(key, known)}"))
             continue
         if value is None:
             continue
@@ -209,7 +209,8 @@ def _message(err: jsonschema.ValidationError, rest: Path_) -> str:
         extra = sorted(_unexpected(err))
         if extra:
             s = "s" if len(extra) > 1 else ""
-            return f"{where}unknown field{s} {', '.join(map(repr, extra))}"
+            return f"{where}unknown field{s} {', '.join(map(repr, extra))}" \
+                f"{_hints(extra, _known(err))}"
     if err.validator == "pattern":
         rule = desc.rstrip(".") if desc else f"must match {err.validator_value}"
         return f"{where}{_short(err.instance)} is not valid ({rule[:1].lower()}{rule[1:]})"
@@ -230,13 +231,38 @@ def _message(err: jsonschema.ValidationError, rest: Path_) -> str:
     return f"{where}{err.message}"
 
 
-def _unexpected(err: jsonschema.ValidationError) -> list[str]:
-    inst = err.instance if isinstance(err.instance, dict) else {}
+def _known(err: jsonschema.ValidationError) -> set[str]:
+    """The fields the object of an additional/unevaluatedProperties error may have."""
     schema = err.schema if isinstance(err.schema, dict) else {}
     known = set(schema.get("properties", {}))
     if "$ref" in schema and err.validator == "unevaluatedProperties":
         known |= _ref_properties(schema["$ref"])
+    return known
+
+
+def _unexpected(err: jsonschema.ValidationError) -> list[str]:
+    inst = err.instance if isinstance(err.instance, dict) else {}
+    known = _known(err)
     return [k for k in inst if k not in known]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'X'?)` for the one of `choices` closest to `word` (difflib's
+    ratio at least 0.6), "" when none is that close. Only on an error's path: `difflib`
+    is imported here, not by every validate."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(set(choices) - {word}), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _hints(words: list[str], choices: set[str]) -> str:
+    """The suggestion for one unknown field, or for each of several that has one."""
+    if len(words) == 1:
+        return did_you_mean(words[0], choices)
+    pairs = [(w, did_you_mean(w, choices)) for w in words]
+    found = [f"{h[len(' (did you mean '):-2]} for {w!r}" for w, h in pairs if h]
+    return f" (did you mean {', '.join(found)}?)" if found else ""
 
 
 def _ref_properties(ref: str) -> set[str]:
@@ -245,3 +271,52 @@ def _ref_properties(ref: str) -> set[str]:
     for part in frag.strip("/").split("/"):
         target = target.get(part, {}) if part else target
     return set(target.get("properties", {}))
+
+
+def bundled(file: str) -> dict[str, Any]:
+    """Schema `file` (`grove.json`, ...) made self-contained for editors and other tools:
+    every definition it reaches in the other files (`common.json#/$defs/name`) is copied
+    under its own `$defs` (as `common.name`) and every `$ref` points inside the document
+    (`#/$defs/common.name`), so it validates the same with nothing else to fetch. It keeps
+    the `$id` of the file it is made from."""
+    schemas = _schemas()
+    stem = file.removesuffix(".json")
+    todo: list[tuple[str, str]] = []
+
+    def key(owner: str, name: str) -> str:
+        return name if owner == file else f"{owner.removesuffix('.json')}.{name}"
+
+    def rewrite(node: Any, owner: str) -> Any:
+        if isinstance(node, list):
+            return [rewrite(x, owner) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rewrite(v, owner) for k, v in node.items() if k != "$ref"}
+        if "$ref" in node:
+            target, _, frag = str(node["$ref"]).partition("#")
+            target = target.rsplit("/", 1)[-1] or owner
+            parts = frag.split("/")
+            if target not in schemas or len(parts) < 3 or parts[:2] != ["", "$defs"]:
+                raise ValueError(f"{owner}: cannot bundle $ref {node['$ref']!r}")
+            if target != file and (target, parts[2]) not in todo:
+                todo.append((target, parts[2]))
+            out = {"$ref": "/".join(["#", "$defs", key(target, parts[2]), *parts[3:]]),
+                   **out}
+        return out
+
+    root: dict[str, Any] = {}
+    for k, v in schemas[file].items():
+        if k != "$defs":
+            root[k] = rewrite(v, file)
+        if k == "$id":
+            root["$comment"] = (f"grove-engine's {stem}.json with the definitions it uses "
+                                "from the other schemas embedded; `engine init` writes and "
+                                "refreshes it: do not edit")
+    defs = {name: rewrite(sub, file) for name, sub in schemas[file].get("$defs", {}).items()}
+    i = 0
+    while i < len(todo):  # rewriting a definition may add more to copy
+        owner, name = todo[i]
+        defs[key(owner, name)] = rewrite(schemas[owner]["$defs"][name], owner)
+        i += 1
+    root["$defs"] = dict(sorted(defs.items()))
+    return root

@@ -2,14 +2,17 @@
 
 Called by `topology.render` and the `graph` command. Pure functions from the report to a
 string. Large groves stay readable: graphs show only changed agents, the unchanged
-ancestors needed to place them, and one "+N unchanged" box per collapsed subtree;
-Markdown is capped below GitHub's 65,536-character comment limit.
+ancestors needed to place them, and one "+N unchanged" box per collapsed subtree; a chart
+still over mermaid's limits (or, in a comment, over MAX_GRAPH_NODES boxes) is summarised
+by `graph.mermaid` with a note. Markdown is capped below GitHub's 65,536-character
+comment limit, and every note says what was left out and why. Text that reaches the
+Markdown (setting paths come from manifests a pull request may write) is shown in code
+spans only, escaped so it cannot end the span, the table cell or the line.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine import graph
@@ -20,11 +23,8 @@ if TYPE_CHECKING:
 
 MARKDOWN_LIMIT = 60_000
 MAX_GRAPH_NODES = 300  # a Mermaid chart bigger than this is unreadable in a comment
-MAX_GRAPH_EDGES = 450  # GitHub's Mermaid refuses charts over 500 edges
 MARKER = "<!-- grove-engine topology diff -->"
-STYLES = {"added": "fill:#d4f8d4,stroke:#2a2",
-          "removed": "fill:#f8d4d4,stroke:#a22,stroke-dasharray: 4 2",
-          "changed": "fill:#fff3c4,stroke:#b80"}
+STYLES = graph.MERMAID_STYLES
 _ROW_STEPS = ((200, True), (200, False), (100, False), (40, False), (10, False), (0, False))
 
 
@@ -55,13 +55,18 @@ def to_json(report: Report) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
+def _plain(text: str) -> str:
+    """`text` with every unprintable character shown as an escape (`\\u001b`)."""
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
+
+
 def to_text(report: Report) -> str:
     lines = [f"Topology: base {report.base.describe()} -> head {report.head.describe()}"]
     for d in report.groves:
         lines += ["", f"grove {d.grove} ({d.status})"]
         lines += [f"  + {a.name}{_parent(a)}" for a in d.added]
         lines += [f"  - {a.name}{_parent(a)}" for a in d.removed]
-        lines += [f"  ~ {c.name}: {', '.join(c.fields)}" for c in d.changed]
+        lines += [f"  ~ {c.name}: {', '.join(_plain(f) for f in c.fields)}" for c in d.changed]
         for sign, edges in (("+", d.edges_added), ("-", d.edges_removed)):
             lines += [f"  {sign} edge {e.source} -> {e.target} ({e.kind})" for e in edges]
         if not d.has_changes:
@@ -124,16 +129,7 @@ def _fold_name(anchor: str | None) -> str:
     return f"MORE-{anchor}" if anchor else "MORE"
 
 
-@dataclass(frozen=True)
-class Chart:
-    """A collapsed diff graph ready to draw: nodes, edges (source, target, kind), labels,
-    node classes (added/removed/changed) and edge classes (added/removed)."""
-
-    nodes: tuple[str, ...]
-    edges: tuple[tuple[str, str, str], ...]
-    labels: dict[str, str]
-    classes: dict[str, str]
-    edge_classes: dict[tuple[str, str], str]
+Chart = graph.Chart
 
 
 def chart(d: TopologyDiff) -> Chart:
@@ -148,101 +144,116 @@ def chart(d: TopologyDiff) -> Chart:
     classes |= {c.name: "changed" for c in d.changed}
     marks = {"added": "+ ", "removed": "- ", "changed": "~ "}
     labels = {n: marks.get(classes.get(n, ""), "") + n for n in shown}
+    parents = {n.name: n.parent for n in d.nodes}
+    under: dict[str, str | None] = {n: parents.get(n) for n in shown}
+    weight: dict[str, int] = {}
     for anchor, n in folded.items():
         labels[_fold_name(anchor)] = f"+{n} unchanged"
+        under[_fold_name(anchor)] = anchor
+        weight[_fold_name(anchor)] = n
         if anchor:
             edges[(anchor, _fold_name(anchor))] = graph.PARENT
     edge_classes = {(e.source, e.target): "added" for e in d.edges_added}
     edge_classes |= {(e.source, e.target): "removed" for e in d.edges_removed}
     return Chart(tuple(sorted(labels)), tuple(sorted((u, v, k) for (u, v), k in edges.items())),
-                 labels, classes, edge_classes)
+                 labels, classes, edge_classes, under, weight)
 
 
-def _node_id(name: str) -> str:
-    return "n_" + name.replace("-", "_")  # as engine.graph.to_mermaid names nodes
+def mermaid(d: TopologyDiff, max_boxes: int | None = None) -> tuple[str, str | None]:
+    """The Mermaid flowchart of the collapsed diff and, when it had to be summarised to stay
+    within mermaid's limits (or `max_boxes`), the note saying how."""
+    return graph.mermaid(chart(d), max_boxes,
+                         whole=f"engine graph -g {d.grove} --base REF --format dot")
 
 
 def to_mermaid(d: TopologyDiff) -> str:
     """Mermaid flowchart of the collapsed diff, in engine.graph.to_mermaid's style: added
-    nodes green, removed red and dashed, changed yellow; new edges thick, removed dotted."""
-    c = chart(d)
-    lines = ["flowchart TD"] + [f'  {_node_id(n)}["{c.labels[n]}"]' for n in c.nodes]
-    arrows = {"added": "==>", "removed": "-.->"}
-    for u, v, kind in c.edges:
-        arrow = arrows.get(c.edge_classes.get((u, v), ""), "-->")
-        label = "|dependsOn|" if kind == graph.DEPENDS else ""
-        lines.append(f"  {_node_id(u)} {arrow}{label} {_node_id(v)}")
-    lines += [f"  classDef {k} {STYLES[k]}" for k in sorted(set(c.classes.values()))]
-    lines += [f"  class {_node_id(n)} {k}" for n, k in sorted(c.classes.items())]
-    return "\n".join(lines) + "\n"
+    nodes green, removed red and dashed, changed yellow; new edges thick, removed dotted.
+    Summarised with a `%%` note when over mermaid's limits."""
+    return graph.mermaid_document(*mermaid(d))
 
 
 def to_dot(d: TopologyDiff) -> str:
+    """Graphviz DOT of the collapsed diff, coloured as the Mermaid chart (6-digit colours:
+    Graphviz ignores 3-digit ones). DOT has no size limit: nothing is summarised."""
     c = chart(d)
-    colors = {"added": "#2a2", "removed": "#a22", "changed": "#b80"}
-    lines = [f'digraph "{d.grove}" {{', "  rankdir=TB;"]
+    q = graph.dot_str
+    lines = [f"digraph {q(d.grove)} {{", "  rankdir=TB;"]
     for n in c.nodes:
         k = c.classes.get(n)
-        style = f', color="{colors[k]}", penwidth=2' if k else ""
-        style += ", style=dashed" if k == "removed" or n.startswith("MORE") else ""
-        lines.append(f'  "{n}" [label="{c.labels[n]}"{style}];')
+        styles = (["filled"] if k else []) + (["dashed"] if k == "removed" or n[:1].isupper()
+                                               else [])
+        attrs = [f"label={q(c.labels[n])}"]
+        attrs += [f'color="{graph.COLORS[k]}"', f'fillcolor="{graph.FILLS[k]}"',
+                  "penwidth=2"] if k else []
+        attrs += [f'style="{",".join(styles)}"'] if styles else []
+        lines.append(f"  {q(n)} [{', '.join(attrs)}];")
     for u, v, kind in c.edges:
         k = c.edge_classes.get((u, v))
-        attrs = [f'color="{colors[k]}"'] if k else []
+        attrs = [f'color="{graph.COLORS[k]}"', "penwidth=2"] if k else []
         attrs += ["style=dashed"] if k == "removed" else []
         attrs += ['label="dependsOn"'] if kind == graph.DEPENDS else []
-        lines.append(f'  "{u}" -> "{v}"' + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
+        lines.append(f"  {q(u)} -> {q(v)}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     return "\n".join([*lines, "}"]) + "\n"
 
 
 # -- Markdown -----------------------------------------------------------------------------
 
-def _code(text: str) -> str:
-    return "`" + text.replace("`", "'") + "`"
+def _code(text: str, cell: bool = False) -> str:
+    """`text` as a code span: nothing in it is markup, a link or an @mention. Backticks
+    cannot end it, unprintable characters show as escapes, and in a table cell a `|`
+    cannot end the cell."""
+    clean = _plain(text).replace("`", "'")
+    return "`" + (clean.replace("|", "\\|") if cell else clean) + "`"
 
 
 def _rows(d: TopologyDiff) -> list[str]:
-    rows = [f"| added | {_code(a.name)} | {_code(a.parent) if a.parent else ''} | "
-            f"{a.profile} | {a.harness} | {a.runtime} | new agent |" for a in d.added]
-    rows += [f"| removed | {_code(a.name)} | {_code(a.parent) if a.parent else ''} | "
-             f"{a.profile} | {a.harness} | {a.runtime} | no longer in the manifests |"
-             for a in d.removed]
-    rows += [f"| changed | {_code(c.name)} | {_code(c.info.parent) if c.info.parent else ''}"
-             f" | {c.info.profile} | {c.info.harness} | {c.info.runtime} | "
-             f"{', '.join(_code(f) for f in c.fields)} |" for c in d.changed]
+    def row(change: str, a: AgentInfo, what: str) -> str:
+        parent = _code(a.parent, True) if a.parent else ""
+        # profile and harness are validated names, runtime one of three words
+        return (f"| {change} | {_code(a.name, True)} | {parent} | {a.profile} | {a.harness} | "
+                f"{a.runtime} | {what} |")
+
+    rows = [row("added", a, "new agent") for a in d.added]
+    rows += [row("removed", a, "no longer in the manifests") for a in d.removed]
+    rows += [row("changed", c.info, ", ".join(_code(f, True) for f in c.fields))
+             for c in d.changed]
     return rows
 
 
-def _grove_md(d: TopologyDiff, rows_cap: int, graphs: bool, notes: list[str]) -> list[str]:
+def _grove_md(d: TopologyDiff, rows_cap: int, graphs: bool,
+              notes: list[str]) -> list[str]:
     out = [f"### Grove {_code(d.grove)}: {d.status}", ""]
     if not d.has_changes:
         return [*out, f"No topology changes ({len(d.unchanged)} agents unchanged).", ""]
     out += [_summary(d.counts()) + f"; spawn edges: {len(d.edges_added)} added, "
             f"{len(d.edges_removed)} removed.", ""]
+    left: list[str] = []
     rows = _rows(d)
     if rows:
         out += ["| change | agent | spawned by | profile | harness | runtime | what changed |",
                 "|---|---|---|---|---|---|---|", *rows[:rows_cap]]
         if len(rows) > rows_cap:
             out.append(f"| ... | {len(rows) - rows_cap} more not shown | | | | | |")
-            notes.append(f"grove {d.grove}: {len(rows) - rows_cap} rows left out")
+            left.append(f"{len(rows) - rows_cap} of {len(rows)} table rows")
         out.append("")
-    # an edge from a new (or gone) agent's parent to it is already in the table
-    implied = {(a.parent, a.name) for a in (*d.added, *d.removed)}
+    # every edge the summary line counts, those of new and gone agents included
     edges = [f"- added edge {_code(e.source)} → {_code(e.target)} ({e.kind})"
-             for e in d.edges_added if (e.source, e.target) not in implied]
+             for e in d.edges_added]
     edges += [f"- removed edge {_code(e.source)} → {_code(e.target)} ({e.kind})"
-              for e in d.edges_removed if (e.source, e.target) not in implied]
-    out += [*edges[:rows_cap], *([f"- ... {len(edges) - rows_cap} more edge changes"]
-                                 if len(edges) > rows_cap else []), *([""] if edges else [])]
+              for e in d.edges_removed]
+    out += edges[:rows_cap]
+    if len(edges) > rows_cap:
+        out.append(f"- ... {len(edges) - rows_cap} more edge changes not shown")
+        left.append(f"{len(edges) - rows_cap} of {len(edges)} edge changes")
+    out += [""] if edges else []
+    if left:
+        notes.append(f"grove {_code(d.grove)}: {', '.join(left)} (at most {rows_cap} of each "
+                     "per grove)")
     if graphs:
-        c = chart(d)
-        if len(c.nodes) > MAX_GRAPH_NODES or len(c.edges) > MAX_GRAPH_EDGES:
-            out += [f"_Graph left out: {len(c.nodes)} boxes to draw, over the "
-                    f"{MAX_GRAPH_NODES} a readable chart holds. Run "
-                    f"`engine graph -g {d.grove} --base REF --format dot` to see it._", ""]
-        else:
-            out += ["```mermaid", to_mermaid(d).rstrip("\n"), "```", ""]
+        text, note = mermaid(d, MAX_GRAPH_NODES)
+        out += [f"_{note}_", ""] if note else []
+        out += ["```mermaid", text.rstrip("\n"), "```", ""]
     return out
 
 
@@ -261,17 +272,30 @@ def _markdown(report: Report, rows_cap: int, graphs: bool) -> tuple[str, list[st
     return "\n".join(out), notes
 
 
+def _left_out(report: Report, notes: list[str], graphs: bool, limit: int | None) -> str:
+    """The note under a comment that says what it leaves out and why; "" for nothing."""
+    charted = sum(1 for d in report.groves if d.has_changes)
+    parts = ([f"the graph{'s' if charted != 1 else ''} of {charted} "
+              f"grove{'s' if charted != 1 else ''}"] if not graphs and charted else [])
+    parts += notes
+    if not parts:
+        return ""
+    why = (f"Left out to keep this comment under {limit:,} characters (GitHub's limit is "
+           "65,536)" if limit is not None else "Left out")
+    return (f"\n> {why}: {'; '.join(parts)}. Run `engine graph --base REF --format json` "
+            "for the full diff.\n")
+
+
 def to_markdown(report: Report, limit: int = MARKDOWN_LIMIT) -> str:
     """Markdown for a pull-request comment, never longer than `limit` characters: over it,
-    graphs go first, then table rows, and a note says so."""
-    text, _ = _markdown(report, _ROW_STEPS[0][0], True)
-    if len(text) <= limit:
-        return text
+    graphs go first, then table rows and edge lines, and a note says what was left out."""
+    text, notes = _markdown(report, _ROW_STEPS[0][0], True)
+    note = _left_out(report, notes, True, None)
+    if len(text) + len(note) <= limit:
+        return text + note
     for rows_cap, graphs in _ROW_STEPS[1:]:
         text, notes = _markdown(report, rows_cap, graphs)
-        note = (f"\n> Shortened to stay under {limit:,} characters (graphs left out"
-                + "".join(f"; {n}" for n in notes) + "). Run `engine graph --base REF "
-                "--format json` for the full diff.\n")
+        note = _left_out(report, notes, graphs, limit)
         if len(text) + len(note) <= limit or rows_cap == 0:
             return _cut(text, limit - len(note)) + note
     return _cut(text, limit)  # not reached: the last step always returns
@@ -280,7 +304,7 @@ def to_markdown(report: Report, limit: int = MARKDOWN_LIMIT) -> str:
 def _cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
-    cut = text[:max(limit - 40, 0)].rsplit("\n", 1)[0]
+    cut = text[:max(limit - 60, 0)].rsplit("\n", 1)[0]
     if cut.count("```") % 2:
         cut += "\n```"
-    return cut + "\n\n(cut here: too long)\n"
+    return cut + f"\n\n(cut here: the rest would pass {limit:,} characters)\n"

@@ -1,4 +1,5 @@
-"""Output helpers for the command line: colour only on a TTY and never with NO_COLOR.
+"""Output helpers for the command line: colour only on a TTY, and never when NO_COLOR is set
+to a non-empty value (https://no-color.org: an empty NO_COLOR is as if unset).
 
 The core never prints; commands render results through these helpers.
 """
@@ -16,17 +17,24 @@ if TYPE_CHECKING:
 
 def use_color(stream: Any = None) -> bool:
     stream = stream or sys.stdout
-    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
 
 
 def console(stderr: bool = False) -> Console:
     from rich.console import Console  # rich takes a while to import; most output is plain
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            """A reader gone is the command line's to handle (quietly, exit 0), not rich's
+            (exit 1)."""
+            self.quiet = True
+            raise BrokenPipeError
+
     stream = sys.stderr if stderr else sys.stdout
     color = use_color(stream)
-    return Console(file=stream, no_color=not color, force_terminal=color,
-                   highlight=False, soft_wrap=True, emoji=False,
-                   color_system="standard" if color else None)
+    return _Console(file=stream, no_color=not color, force_terminal=color,
+                    highlight=False, soft_wrap=True, emoji=False,
+                    color_system="standard" if color else None)
 
 
 def is_tty() -> bool:

@@ -240,7 +240,8 @@ def test_explain_json_shape(engine: Any, repo: Path) -> None:
     r = engine("explain", "g/a", "--json")
     assert r.code == 0, r
     doc = json.loads(r.out)
-    assert set(doc) == {"grove", "agent", "specHash", "settings", "sources"}
+    assert set(doc) == {"grove", "agent", "specHash", "settings", "sources", "ignored",
+                        "appliesOnly"}
     assert (doc["grove"], doc["agent"]) == ("g", "a")
     assert len(doc["specHash"]) == 16 and int(doc["specHash"], 16) >= 0
     assert set(doc["sources"]) == flat(doc["settings"])

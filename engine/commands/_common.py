@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine import desired, inventory, layers, manifest, paths, secrets
 from engine.errors import Diagnostic, EngineError, InvalidManifests
+from engine.schema import did_you_mean
 
 STATE_DIR = paths.STATE_DIR
 _GROVE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
@@ -127,16 +130,70 @@ def one_grove(r: Repo, args: argparse.Namespace, **kw: bool) -> desired.DesiredG
 
 def find_agent(groves: list[desired.DesiredGrove], name: str
                ) -> tuple[desired.DesiredGrove, desired.DesiredAgent]:
-    """An agent by `NAME` or `GROVE/NAME`, across the selected groves."""
-    gname, _, aname = name.rpartition("/")
-    hits = [(g, g.by_name[aname]) for g in groves
-            if aname in g.by_name and (not gname or g.name == gname)]
-    if not hits:
-        raise EngineError(f"agent {name}: not found in "
-                          f"{', '.join(g.name for g in groves) or 'any grove'}")
+    """An agent by `NAME` or `GROVE/NAME`, across the selected groves (`pick_agent`)."""
+    by = {g.name: g for g in groves}
+    gname, aname = pick_agent(name, {g.name: g.by_name for g in groves})
+    return by[gname], by[gname].by_name[aname]
+
+
+def pick_agent(ref: str, known: Mapping[str, Collection[str]],
+               missing: str = "not found in") -> tuple[str, str]:
+    """(grove, name) of the agent AGENT names, every command's one resolver. `known`:
+    grove -> the names of its agents there are (the groves -g selected, or all of them).
+    `GROVE/NAME` is looked up in that grove only; `NAME` in every grove of `known`, and
+    must be in exactly one. Unknown: `agent REF: <missing> GROVES` and the closest name
+    of those groves (as GROVE/NAME when several were searched); in several groves: the
+    candidates, as GROVE/NAME."""
+    gname, _, aname = ref.rpartition("/")
+    if gname and gname not in known:
+        raise EngineError(f"grove {gname!r} not found (groves: "
+                          f"{', '.join(sorted(known)) or 'none'})"
+                          f"{did_you_mean(gname, known)}")
+    looked = [gname] if gname else sorted(known)
+    hits = [g for g in looked if aname in known[g]]
     if len(hits) > 1:
-        raise EngineError(f"agent {name}: in several groves; say GROVE/{aname}")
-    return hits[0]
+        raise EngineError(f"agent {aname}: in several groves "
+                          f"({', '.join(f'{g}/{aname}' for g in hits)}); say GROVE/{aname}")
+    if not hits:
+        if len(looked) == 1:
+            hint = did_you_mean(aname, known[looked[0]])
+        else:
+            hint = did_you_mean(aname, {n for g in looked for n in known[g]})
+            if hint:  # the name as it is in its grove(s), never as if in another
+                near = hint[len(" (did you mean '"):-len("'?)")]
+                owners = [f"{g}/{near}" for g in looked if near in known[g]]
+                hint = f" (did you mean {' or '.join(map(repr, owners))}?)"
+        raise EngineError(f"agent {ref}: {missing} {', '.join(looked) or 'any grove'}{hint}")
+    return hits[0], aname
+
+
+def all_groves(r: Repo) -> list[str]:
+    """Every grove with a directory, and every grove whose directory is gone but whose
+    state still records agents."""
+    return sorted({d.name for d in manifest.grove_dirs(r.root)} | set(orphaned_groves(r)))
+
+
+def agent_names(r: Repo, groves: list[str] | None, archived: bool = False
+                ) -> dict[str, set[str]]:
+    """Grove -> every agent of it there is: in its manifests (none counted for a grove whose
+    manifests do not load), in its inventory, and with `archived`, those with archived work
+    (agents removed long ago). `groves` (from -g): those only, each one known somewhere."""
+    from engine import archive
+
+    names: dict[str, set[str]] = {g: set() for g in all_groves(r)}
+    for d in manifest.grove_dirs(r.root):
+        with contextlib.suppress(EngineError):
+            names[d.name] |= set(manifest.load_grove(d, r.root).agents)
+    for g in list(names):
+        names[g] |= set(inventory.load(r.state_dir, g).agents)
+    if archived:
+        for a in archive.listing(r.root):
+            names.setdefault(a.grove, set()).add(a.agent)
+    for g in groves or []:
+        if g not in names:
+            raise EngineError(f"grove {g!r} not found (groves: "
+                              f"{', '.join(sorted(names)) or 'none'}){did_you_mean(g, names)}")
+    return {g: names[g] for g in groves} if groves else names
 
 
 def diag_lines(diags: list[Diagnostic]) -> list[str]:
@@ -158,24 +215,26 @@ class Located:
 
 
 def locate(r: Repo, args: argparse.Namespace) -> Located:
-    """Where an agent runs: from the inventory, else from the manifests."""
-    from engine import inventory
-
-    gname, _, aname = str(args.agent).rpartition("/")
-    names = [gname] if gname else (getattr(args, "groves", None) or
-                                    [d.name for d in manifest.grove_dirs(r.root)])
-    hits = []
-    for g in names:
-        rec = inventory.load(r.state_dir, g).agents.get(aname)
-        if rec is not None:
-            hits.append(Located(g, aname, rec.runtime, rec.host, rec))
-    if not hits:
-        groves = load(r, argparse.Namespace(groves=names, set=[]), resolve_secrets=False)
-        grove, a = find_agent(groves, args.agent)
-        return Located(grove.name, a.name, a.runtime, a.host or "", None)
-    if len(hits) > 1:
-        raise EngineError(f"agent {aname}: in several groves; say GROVE/{aname}")
-    return hits[0]
+    """Where an agent runs: from the inventory (of the groves -g selects, else of every
+    grove, including one whose directory is gone), else from the manifests."""
+    ref = str(args.agent)
+    gname, _, aname = ref.rpartition("/")
+    dirs = {d.name for d in manifest.grove_dirs(r.root)}
+    names = [gname] if gname else (getattr(args, "groves", None) or all_groves(r))
+    invs = {g: inventory.load(r.state_dir, g) for g in names if _GROVE_NAME.fullmatch(g)}
+    recorded = {g: set(inv.agents) for g, inv in invs.items() if g in dirs or inv.agents}
+    if any(aname in agents for agents in recorded.values()):
+        g, a = pick_agent(ref, recorded)
+        rec = invs[g].agents[a]
+        return Located(g, a, rec.runtime, rec.host, rec)
+    wanted = [g for g in names if g in dirs or g not in recorded]  # unknown ones: an error
+    groves = load(r, argparse.Namespace(groves=wanted or None, set=[]),
+                  resolve_secrets=False) if wanted or not names else []
+    known = {**recorded, **{g.name: set(g.by_name) | recorded.get(g.name, set())
+                            for g in groves}}
+    g, a = pick_agent(ref, known)
+    spec = next(x for x in groves if x.name == g).by_name[a]
+    return Located(g, a, spec.runtime, spec.host or "", None)
 
 
 def review_target(r: Repo, args: argparse.Namespace) -> tuple[Located, str, str]:

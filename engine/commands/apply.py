@@ -2,7 +2,8 @@
 
 A thin caller of the converge spine: one confirmed pass per grove (under the grove's lock,
 waiting for a controller's pass in progress), and with --wait the controller in the
-foreground until every agent has finished.
+foreground until every agent has finished, its agents' phases shown as they change (a
+live table on a terminal, `_progress.Progress.watch`).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             r.root, [g.name for g in groves], opts, controller.Options(
                 interval=2.0, parallelism=args.parallelism, revision=None, until_done=True,
                 timeout=args.timeout), progress.note, hooks=progress)
-        ctl.run()
+        with progress.watch(lambda: ctl.phases):  # the live view ends before any exit
+            ctl.run()
         if ctl.stop.is_set():  # Ctrl-C: the pass is unwound and the lock released
             ui.err("apply interrupted: nothing new was started")
             sys.stdout.flush()

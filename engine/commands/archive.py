@@ -59,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _select(r: _common.Repo, args: argparse.Namespace) -> list[archive.Archived]:
-    gname, _, aname = (getattr(args, "agent", None) or "").rpartition("/")
-    groves = [gname] if gname else (args.groves or [None])
+    if getattr(args, "agent", None):
+        grove, agent = _common.pick_agent(args.agent,
+                                          _common.agent_names(r, args.groves, archived=True))
+        return archive.listing(r.root, grove, agent)
     found = []
-    for g in groves:
-        found += archive.listing(r.root, g, aname or None)
+    for g in args.groves or [None]:
+        found += archive.listing(r.root, g)
     return sorted(found, key=lambda a: (a.grove, a.agent, a.number))
 
 

@@ -12,6 +12,7 @@ from engine.commands import _common, _converge
 from engine.commands._progress import Progress
 from engine.errors import EngineError
 from engine.observe import Runtimes
+from engine.schema import did_you_mean
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise EngineError(f"grove {unknown[0]!r} not found (groves: "
-                          f"{', '.join(sorted(known)) or 'none'})")
+                          f"{', '.join(sorted(known)) or 'none'})"
+                          f"{did_you_mean(unknown[0], known)}")
     rts = Runtimes(r.root)
     progress = Progress()
     opts = _common.options(r, args, resolve_secrets=False)

@@ -21,6 +21,7 @@ from typing import Any
 from engine import events, manifest, notify
 from engine.commands import _common
 from engine.errors import EngineError, UsageError
+from engine.schema import did_you_mean
 from engine.trust import reader
 
 POLL = 0.25  # seconds between looks at the log with --follow
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for g in args.groves or []:
         if g not in known:
             raise EngineError(f"grove {g}: not found (groves: "
-                              f"{', '.join(sorted(known)) or 'none'})")
+                              f"{', '.join(sorted(known)) or 'none'})"
+                              f"{did_you_mean(g, known)}")
     path = events.path_for(r.root)
     keep = _filter(args.groves or [], args.kind)
     found, offset = _read(path, 0)

@@ -1,4 +1,5 @@
-"""`engine explain AGENT`: the resolved settings of an agent, each with its source."""
+"""`engine explain AGENT`: the resolved settings of an agent, each with its source, and
+marked where the agent's runtime ignores it (engine.runtimes.honoured)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from engine import manifest, resolve, ui
 from engine.commands import _common
+from engine.runtimes import honoured
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
@@ -16,7 +18,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("agent", metavar="AGENT", help="NAME or GROVE/NAME")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print the resolved spec and each value's source as JSON")
     return p
 
 
@@ -43,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
     for key, value in _flatten(settings):
         source = prov.get(key) or next((prov[key[:i]] for i in range(len(key), 0, -1)
                                         if key[:i] in prov), "rendered")
-        rows.append({"key": ".".join(key), "value": value, "source": source})
+        dotted = ".".join(key)
+        rows.append({"key": dotted, "value": value, "source": source,
+                     "ignored": honoured.ignored(agent.runtime, dotted, value),
+                     "only": honoured.condition(agent.runtime, dotted, value)})
     if args.json:
         ui.print_json({"grove": grove.name, "agent": agent.name, "specHash": agent.spec_hash,
-                       "settings": settings, "sources": {r["key"]: r["source"] for r in rows}})
+                       "settings": settings,
+                       "sources": {r["key"]: r["source"] for r in rows},
+                       "ignored": {r["key"]: r["ignored"] for r in rows if r["ignored"]},
+                       "appliesOnly": {r["key"]: r["only"] for r in rows if r["only"]}})
         return 0
     ui.out(f"agent {grove.name}/{agent.name}  (spec {agent.spec_hash}, defined at "
            f"{agent.source})")
@@ -55,5 +64,8 @@ def run(args: argparse.Namespace) -> int:
         value = json.dumps(row["value"], ensure_ascii=False)
         if len(value) > 70:
             value = value[:67] + "..."
-        ui.out(f"  {row['key']:<{width}}  {value:<40}  # {row['source']}")
+        note = (f"(ignored by the {agent.runtime} runtime: {row['ignored']})  "
+                if row["ignored"] else
+                f"({agent.runtime} runtime: {row['only']})  " if row["only"] else "")
+        ui.out(f"  {row['key']:<{width}}  {value:<40}  {note}# {row['source']}")
     return 0

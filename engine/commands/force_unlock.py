@@ -17,7 +17,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "force-unlock", help="remove a stale grove lock (give the lock ID it printed); refused "
         "while its holder runs on this host")
-    p.add_argument("lock_id", metavar="ID")
+    p.add_argument("lock_id", metavar="ID", help="the lock's ID, as the refused operation "
+                   "printed it")
     _common.add_grove_arg(p)
     return p
 

@@ -63,8 +63,22 @@ def _diff(report: topology.Report, fmt: str) -> str:
     if fmt in SINGLE:
         _one([d.grove for d in report.groves], fmt)
         d = report.groves[0]
-        return topology_render.to_mermaid(d) if fmt == "mermaid" else topology_render.to_dot(d)
+        if fmt == "dot":
+            return topology_render.to_dot(d)
+        return _noted(*topology_render.mermaid(d))
     return topology.render(report, fmt)
+
+
+def _noted(text: str, note: str | None) -> str:
+    """A flowchart with its note (if it was summarised) as a comment, and on stderr."""
+    if note:
+        ui.err(f"note: {note}")
+    return graph.mermaid_document(text, note)
+
+
+def _mermaid(g: desired.DesiredGrove) -> tuple[str, str | None]:
+    return graph.mermaid(graph.chart_of(spawn_graph(g)),
+                         whole=f"engine graph -g {g.name} --format dot")
 
 
 def spawn_graph(g: desired.DesiredGrove) -> nx.DiGraph:
@@ -77,12 +91,16 @@ def _current(groves: list[desired.DesiredGrove], fmt: str) -> str:
         _one([g.name for g in groves], fmt)
         g = groves[0]
         if fmt == "mermaid":
-            return graph.to_mermaid(spawn_graph(g))
+            return _noted(*_mermaid(g))
         return graph.to_dot(spawn_graph(g), g.name) if fmt == "dot" \
             else graph.to_json(spawn_graph(g), g.name)
     if fmt == "markdown":
-        return "\n".join(f"### Grove `{g.name}`\n\n```mermaid\n"
-                         f"{graph.to_mermaid(spawn_graph(g)).rstrip()}\n```\n" for g in groves)
+        parts = []
+        for g in groves:
+            text, note = _mermaid(g)
+            parts.append(f"### Grove `{g.name}`\n\n" + (f"_{note}_\n\n" if note else "")
+                         + f"```mermaid\n{text.rstrip()}\n```\n")
+        return "\n".join(parts)
     return "\n".join(_tree(g) for g in groves)
 
 

@@ -35,7 +35,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     u = verbs.add_parser("uninstall", help="remove an installed version",
                          description="Remove NAME at VERSION (default: the pinned one) "
                          "from the cache.")
-    u.add_argument("names", nargs="+", metavar="NAME[@VERSION]")
+    u.add_argument("names", nargs="+", metavar="NAME[@VERSION]",
+                   help="harness to remove, at VERSION (default: the pinned one)")
     ls = verbs.add_parser("list", help="pinned and installed versions",
                           description="Each installable harness: program, pinned version, "
                           "versions in the cache.")

@@ -20,6 +20,7 @@ from engine import history_scan as scan
 from engine import ui
 from engine.commands import _common
 from engine.errors import EngineError
+from engine.schema import did_you_mean
 from engine.trust.reader import for_terminal
 
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     seen = {e.grove for e in events} | set(found.final)
     for g in args.groves or []:
         if g not in seen:
-            raise EngineError(f"grove {g}: not found in the git history of groves/")
+            raise EngineError(f"grove {g}: not found in the git history of groves/"
+                              f"{did_you_mean(g, seen)}")
     denied = scan.denials(r.root, args.groves)
     if not args.reverse:
         denied.reverse()
@@ -150,16 +152,12 @@ class Story:
 def explain(found: scan.History, agent: str, groves: list[str] | None) -> Story:
     """The story of `agent` (NAME or GROVE/NAME) across the scanned history."""
     events = found.events
-    gname, _, name = agent.rpartition("/")
-    seen = sorted({e.grove for e in events if name in e.names()
-                   and (not gname or e.grove == gname)})
-    if not seen:
-        where = f"grove {gname}" if gname else ", ".join(groves or []) or "any grove"
-        raise EngineError(f"agent {agent}: never appears in the git history of {where}")
-    if len(seen) > 1:
-        raise EngineError(f"agent {name}: in several groves ({', '.join(seen)}); say "
-                          f"GROVE/{name}")
-    grove = seen[0]
+    known: dict[str, set[str]] = {g: set() for g in groves or []}
+    for g, names in [*((e.grove, e.names()) for e in events), *found.final.items(),
+                     *found.uncommitted.items()]:
+        if not groves or g in known:
+            known.setdefault(g, set()).update(names)
+    grove, name = _common.pick_agent(agent, known, "never appears in the git history of")
     mine = [e for e in events if e.grove == grove]
     final = {**found.uncommitted.get(grove, {}), **found.final.get(grove, {})}
     story = Story(grove, name, [e for e in mine if name in e.names()],

@@ -13,7 +13,8 @@ from engine.errors import EngineError
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "restore", help="restore an agent's archived work (commits and uncommitted files)")
-    p.add_argument("agent", metavar="AGENT", help="GROVE/NAME (or NAME with -g)")
+    p.add_argument("agent", metavar="AGENT",
+                   help="NAME (of an agent with archives, current or removed) or GROVE/NAME")
     _common.add_grove_arg(p)
     p.add_argument("--archive", type=int, metavar="N", help="archive number (default: latest)")
     p.add_argument("--list", action="store_true", help="list the archives")
@@ -22,13 +23,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     r = _common.repo()
-    gname, _, aname = args.agent.rpartition("/")
-    if not gname:
-        if not args.groves or len(args.groves) != 1:
-            loc = _common.locate(r, args)
-            gname, aname = loc.grove, loc.agent
-        else:
-            gname = args.groves[0]
+    gname, aname = _common.pick_agent(args.agent,
+                                      _common.agent_names(r, args.groves, archived=True))
     if args.list:
         refs = archive.archives(r.root, gname, aname)
         if not refs:

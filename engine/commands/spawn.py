@@ -17,13 +17,15 @@ from engine.inbox import NAME
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "spawn", help="add an agent (written to groves/<grove>/spawned.yaml)")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--task", required=True)
-    p.add_argument("--profile")
-    p.add_argument("--harness")
+    p.add_argument("name", metavar="NAME", help="the new agent's name (lower-case letters, "
+                   "digits and '-', at most 40 characters)")
+    p.add_argument("--task", required=True, help="what the agent is to do (its task text)")
+    p.add_argument("--profile", help="profile to run it with (default: the grove's)")
+    p.add_argument("--harness", help="harness to run it with (default: the grove's)")
     p.add_argument("--parent", help="spawn as a child of this agent: the parent's spawn "
                    "policy applies, as for a request from inside it")
-    p.add_argument("--depends-on", action="append", default=[], metavar="AGENT")
+    p.add_argument("--depends-on", action="append", default=[], metavar="AGENT",
+                   help="start it only after AGENT has succeeded (repeatable)")
     p.add_argument("--commit", action="store_true", help="commit spawned.yaml with trailers")
     _common.add_grove_arg(p)
     _common.add_set_arg(p)

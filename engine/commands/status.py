@@ -21,7 +21,7 @@ from engine.trust import reader
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser("status", help="show the grove's agents")
     _common.add_grove_arg(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON (schemas/status.json)")
     return p
 
 

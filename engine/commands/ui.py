@@ -52,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
         from engine.web.app import Server
     except ImportError as e:
-        raise EngineError(f"engine ui needs the ui extra ({e.name} is missing): pip "
-                          "install 'grove-engine[ui]' (from a clone: pip install -e "
-                          "'.[ui]')") from None
+        from engine import __version__
+        git_url = f"git+https://github.com/grove-engine/grove-engine@v{__version__}"
+        raise EngineError(f"engine ui needs the ui extra ({e.name} is missing): from a clone, "
+                          "pip install -e '.[ui]'; else pip install "
+                          f"'grove-engine[ui] @ {git_url}'") from None
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
     r = _common.repo()

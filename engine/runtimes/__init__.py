@@ -69,8 +69,12 @@ class Runtime(Protocol):
     def delete(self, grove: str, agent: str) -> None:
         """`stop`, then remove what the agent kept (its home); no error if it is gone."""
 
-    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
-        """The agent's output, line by line; with `follow`, until it ends."""
+    def logs(self, grove: str, agent: str, follow: bool = False, tail: int | None = None,
+             previous: bool = False) -> Iterator[str]:
+        """The agent's output, line by line: with `tail`, only its last `tail` lines (found
+        from the end, never reading all of a long log); with `follow`, then what comes
+        until it ends. `previous`: the output of its run before this one (no follow),
+        EngineError when it has had none."""
 
     def look(self, grove: str, agent: str) -> str:
         """The agent's current screen."""
@@ -120,5 +124,9 @@ def get(name: str, repo_root: Path, host: str | None = None) -> Runtime:
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith(("docker", "kubernetes")):
             raise
+        from engine import __version__
+        extra = "[kubernetes]" if name == "kubernetes" else ""  # docker is not an extra
+        git_url = f"git+https://github.com/grove-engine/grove-engine@v{__version__}"
         raise EngineError(f"runtime {name} is not available: missing Python package "
-                          f"{e.name} (pip install 'grove-engine[{name}]')") from None
+                          f"{e.name} (from a clone: pip install -e '.{extra}'; else pip "
+                          f"install 'grove-engine{extra} @ {git_url}')") from None

@@ -31,7 +31,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from engine import egress, harness_install, images, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, PermanentError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import LABEL_AGENT, Launch, Observed
+from engine.runtimes import LABEL_AGENT, Launch, Observed, logfile
 from engine.runtimes import docker_fs as fs
 from engine.runtimes import docker_spec as spec
 
@@ -203,10 +203,8 @@ class DockerRuntime:
         return harness_install.installed(*a.program)
 
     def _no_image(self, a: DesiredAgent) -> EngineError:
-        return EngineError(
-            f"agent {a.grove}/{a.name}: image {a.image} not found on {self._where()}; "
-            f"build it with `engine image build {images.guess_name(a.image or '')}` (or "
-            "`engine image bootstrap` offline)")
+        return EngineError(f"agent {a.grove}/{a.name}: image {a.image} not found on "
+                           f"{self._where()}; {images.hint(a.image or '')}")
 
     def check_image(self, a: DesiredAgent) -> None:
         """The agent's image is on the Docker host (plan fails with the message create
@@ -270,11 +268,18 @@ class DockerRuntime:
         self.stop(grove, agent)
         fs.remove_home(self.repo_root, grove, agent, sealed=True)
 
-    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+    def logs(self, grove: str, agent: str, follow: bool = False, tail: int | None = None,
+             previous: bool = False) -> Iterator[str]:
+        if previous:  # the run before this one (logfile.rotate, at `fs.prepare`)
+            path = logfile.previous(paths.log_file(self.repo_root, grove, agent))
+            if not path.is_file():
+                raise EngineError(f"agent {grove}/{agent}: no previous run (its log is "
+                                  "kept once it has run again)")
+            return fs.read_log(path, False, lambda: False, tail)
         path = self._log_path(grove, agent)
         if not path.is_file():
             return iter(())
-        return fs.read_log(path, follow, lambda: self._running(grove, agent))
+        return fs.read_log(path, follow, lambda: self._running(grove, agent), tail)
 
     def look(self, grove: str, agent: str) -> str:
         try:
@@ -284,7 +289,7 @@ class DockerRuntime:
             code, out = 1, ""
         if code == 0:
             return out
-        tail = list(self.logs(grove, agent))[-50:]  # ended: its last output instead
+        tail = list(self.logs(grove, agent, tail=50))  # ended: its last output instead
         return "\n".join(tail) + ("\n" if tail else "")
 
     def attach(self, grove: str, agent: str) -> int:
@@ -323,7 +328,8 @@ class DockerRuntime:
             self._call(f"image {tag}: remove", lambda: self.api.remove_image(tag, force=True))
 
     def build_image(self, context: Path, tag: str, buildargs: dict[str, str],
-                    network: str | None) -> None:
+                    network: str | None, output: Callable[[str], None]) -> None:
+        """docker build, its output passed to `output` as it streams in."""
         def run() -> None:
             for chunk in self.api.build(path=str(context), tag=tag, buildargs=buildargs,
                                         network_mode=network, rm=True, forcerm=True,
@@ -331,6 +337,10 @@ class DockerRuntime:
                 if "error" in chunk:
                     raise EngineError(f"image {tag}: build failed: "
                                       f"{str(chunk['error']).strip()}")
+                if chunk.get("stream"):
+                    output(str(chunk["stream"]))
+                elif chunk.get("status"):  # pulling a FROM image
+                    output(f"{chunk['status']} {chunk.get('progress') or ''}".rstrip() + "\n")
         self._call(f"image {tag}: build", run)
 
     def import_image(self, chunks: Iterable[bytes], tag: str) -> None:

@@ -27,6 +27,7 @@ engine's state), not on every restart.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -39,7 +40,7 @@ from pathlib import Path
 from engine import fsutil, paths
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
-from engine.runtimes import Launch
+from engine.runtimes import Launch, logfile
 from engine.runtimes.docker_spec import HostDirs, client_shim, uid_gid
 from engine.trust import reader, tree
 
@@ -69,8 +70,9 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     atomic_write(shim, client_shim().encode(), 0o755)
     launch.inbox.mkdir(parents=True, exist_ok=True)
     launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+    logfile.rotate(launch.log_file)  # the run before's log: logs --previous
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    os.close(os.open(launch.log_file, flags | (0 if launch.resume else os.O_TRUNC), 0o644))
+    os.close(os.open(launch.log_file, flags | os.O_TRUNC, 0o644))
     for p in (ctl, secrets, launch.inbox, launch.log_file):
         give(p, uid, gid)
     if a.access != "read-only":
@@ -172,35 +174,63 @@ def grant_workspace(launch: Launch, uid: int) -> None:
     marker.touch()
 
 
-def read_log(path: Path, follow: bool, running: Callable[[], bool]) -> Iterator[str]:
-    """Lines of the agent's log file; with `follow`, until `running()` turns false and the
+def read_log(path: Path, follow: bool, running: Callable[[], bool],
+             tail: int | None = None) -> Iterator[str]:
+    """Lines of the agent's log file (with `tail`, its last `tail` lines, found from the
+    end: `logfile.tail_start`); with `follow`, until `running()` turns false and the
     file is drained. The file is agent-written: it is opened through the trust reader (a
     symlink at `path` is not followed, anything but a regular file is refused, the open
     never blocks), and a line longer than 64 KiB comes in pieces. The lines are not yet
     safe for a terminal: the caller passes them through `reader.for_terminal`."""
-    cap = 64 * 1024
-    with os.fdopen(reader.open_regular(path.parent, path.name), "rb") as f:
+    cap = logfile.LINE_CAP
+    f = os.fdopen(reader.open_regular(path.parent, path.name), "rb")
+    try:
+        last: collections.deque[str] | None = None
+        if tail is not None:  # the last lines there are now, then (following) what comes
+            f.seek(logfile.tail_start(f.fileno(), tail))
+            last = collections.deque(maxlen=max(tail, 0))
+        out: Callable[[str], None] | None = None if last is None else last.append
         buf = b""
         while True:
             chunk = f.read(65536)
             if chunk:
                 *lines, buf = (buf + chunk).split(b"\n")
-                for line in lines:
-                    line = line.rstrip(b"\r")
-                    for at in range(0, max(len(line), 1), cap):
-                        yield line[at:at + cap].decode(errors="replace")
+                pieces = [line.rstrip(b"\r")[at:at + cap].decode(errors="replace")
+                          for line in lines
+                          for at in range(0, max(len(line.rstrip(b"\r")), 1), cap)]
                 while len(buf) > cap:
-                    yield buf[:cap].decode(errors="replace")
+                    pieces.append(buf[:cap].decode(errors="replace"))
                     buf = buf[cap:]
+                if out is None:
+                    yield from pieces
+                else:
+                    for piece in pieces:
+                        out(piece)
                 continue
+            if last is not None:  # the end as it was: the tail is complete
+                if buf and not follow:
+                    last.append(buf.rstrip(b"\r").decode(errors="replace"))
+                    buf = b""
+                yield from last
+                last = out = None
             if not follow:
                 break
+            if logfile.replaced(f.fileno(), path):
+                # a restart rotated the log: this run's is read from its start
+                if buf:
+                    yield buf.rstrip(b"\r").decode(errors="replace")
+                    buf = b""
+                f.close()
+                f = os.fdopen(reader.open_regular(path.parent, path.name), "rb")
+                continue
             if not running():
                 follow = False  # one more read drains what the last moments wrote
                 continue
             time.sleep(0.3)
         if buf:
             yield buf.rstrip(b"\r").decode(errors="replace")
+    finally:
+        f.close()
 
 
 # -- ownership ------------------------------------------------------------------------------

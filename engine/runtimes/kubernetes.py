@@ -222,11 +222,21 @@ class KubernetesRuntime:
                 with contextlib.suppress(NotFound):
                     self._delete(cl, kind, ns, old)
 
-    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+    def logs(self, grove: str, agent: str, follow: bool = False, tail: int | None = None,
+             previous: bool = False) -> Iterator[str]:
         cl, ns, pod = self._pod(grove, agent)
-        query = {"container": objs.CONTAINER, **({"follow": "true"} if follow else {})}
-        resp = cl.request("GET", api.path("Pod", ns, pod, "log"),
-                          Call("get", "pods/log", ns, pod), query=query, stream=True)
+        query = {"container": objs.CONTAINER,
+                 **({"follow": "true"} if follow and not previous else {}),
+                 **({"tailLines": str(max(tail, 0))} if tail is not None else {}),
+                 **({"previous": "true"} if previous else {})}
+        try:
+            resp = cl.request("GET", api.path("Pod", ns, pod, "log"),
+                              Call("get", "pods/log", ns, pod), query=query, stream=True)
+        except EngineError as e:
+            if not previous or isinstance(e, RuntimeUnavailable):
+                raise
+            raise EngineError(f"agent {grove}/{agent}: no previous run ({e.summary})"
+                              ) from None
         buf = b""
         try:
             for chunk in resp.stream(4096):

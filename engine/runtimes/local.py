@@ -17,6 +17,7 @@ under `.engine/run` and `.engine/logs` is agent-writable, so it is read through
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -38,7 +39,7 @@ from engine.desired import HOME_FILE_PREFIX, DesiredAgent
 from engine.errors import EngineError, TemporaryError
 from engine.fsutil import atomic_write
 from engine.proc import CommandFailed, run
-from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed
+from engine.runtimes import FAILED, RUNNING, SUCCEEDED, Launch, Observed, logfile
 from engine.runtimes import docker_fs as fs
 from engine.runtimes import local_contain as contain
 from engine.runtimes.docker_spec import egress_env, uid_gid
@@ -175,6 +176,7 @@ class LocalRuntime:
         atomic_write(bindir / "engine", f"#!/bin/sh\nexec python3 -S "
                      f"{shlex.quote(str(client))} \"$@\"\n".encode(), 0o755)
         launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+        logfile.rotate(launch.log_file)  # the run before's log: logs --previous
         if a.network == "egress":
             self._egress(a)
         c = self._contain(launch)
@@ -419,15 +421,29 @@ class LocalRuntime:
         elif rd.exists():
             fsutil.remove_tree(rd)
 
-    def logs(self, grove: str, agent: str, follow: bool = False) -> Iterator[str]:
+    def logs(self, grove: str, agent: str, follow: bool = False, tail: int | None = None,
+             previous: bool = False) -> Iterator[str]:
         sess = self.session(grove, agent)
-        f = _open_log(self.state / "logs", grove, agent)
+        base = self.state / "logs"
+        if previous:  # the run before this one (logfile.rotate): it has ended
+            f = _open_log(base, grove, f"{agent}.log{logfile.PREVIOUS}", tail)
+            if f is None:
+                raise EngineError(f"agent {grove}/{agent}: no previous run (its log is "
+                                  "kept once it has run again)")
+            follow = False
+        else:
+            f = _open_log(base, grove, f"{agent}.log", tail)
         while f is None:
             if not follow or sess not in self._sessions():
                 return
             time.sleep(0.1)
-            f = _open_log(self.state / "logs", grove, agent)
-        with f:
+            f = _open_log(base, grove, f"{agent}.log", tail)
+        try:
+            if tail is not None:  # the last `tail` lines there are now, then what comes
+                last: collections.deque[str] = collections.deque(maxlen=max(tail, 0))
+                while line := f.readline(1 << 20):
+                    last.append(line.rstrip("\n"))
+                yield from last
             idle = 0
             while True:
                 line = f.readline(1 << 20)
@@ -436,18 +452,27 @@ class LocalRuntime:
                     continue
                 if not follow:
                     return
+                if logfile.replaced(f.fileno(), base / grove / f"{agent}.log"):
+                    # a restart rotated the log: this run's is read from its start
+                    nxt = _open_log(base, grove, f"{agent}.log")
+                    if nxt is not None:
+                        f.close()
+                        f, idle = nxt, 0
+                        continue
                 if sess not in self._sessions():
                     idle += 1
                     if idle > 3:  # a few reads after the end to drain the pipe
                         return
                 time.sleep(0.1)
+        finally:
+            f.close()
 
     def look(self, grove: str, agent: str) -> str:
         p = self.tmux("capture-pane", "-p", "-t", f"={self.session(grove, agent)}:",
                       check=False)
         if p.returncode == 0:
             return p.stdout
-        tail = list(self.logs(grove, agent))[-50:]
+        tail = list(self.logs(grove, agent, tail=50))
         return "\n".join(tail) + ("\n" if tail else "")
 
     def attach(self, grove: str, agent: str) -> int:
@@ -575,9 +600,10 @@ _LOG_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOG_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
-def _open_log(base: Path, grove: str, agent: str) -> TextIO | None:
-    """`base/<grove>/<agent>.log` opened for streaming under the reader's rules (no symlink
-    followed beneath `base`, only a regular file, never blocking); None otherwise."""
+def _open_log(base: Path, grove: str, name: str, tail: int | None = None) -> TextIO | None:
+    """`base/<grove>/<name>` opened for streaming under the reader's rules (no symlink
+    followed beneath `base`, only a regular file, never blocking), at the start of its last
+    `tail` lines when given (`logfile.tail_start`); None otherwise."""
     try:
         top = os.open(base, _LOG_DIR)
         try:
@@ -585,7 +611,7 @@ def _open_log(base: Path, grove: str, agent: str) -> TextIO | None:
         finally:
             os.close(top)
         try:
-            fd = os.open(f"{agent}.log", _LOG_FILE, dir_fd=sub)
+            fd = os.open(name, _LOG_FILE, dir_fd=sub)
         finally:
             os.close(sub)
     except OSError:
@@ -593,6 +619,8 @@ def _open_log(base: Path, grove: str, agent: str) -> TextIO | None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None
+    if tail is not None:
+        os.lseek(fd, logfile.tail_start(fd, tail), os.SEEK_SET)
     return os.fdopen(fd, "r", encoding="utf-8", errors="replace")  # universal newlines
 
 

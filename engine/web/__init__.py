@@ -3,5 +3,5 @@
 `app` serves the pages, the JSON API and the live stream; `data` builds what they show from
 the same result objects as `status --json`, `plan --json` and the event log; `actions`
 runs every change through the engine's own command line. Needs the `ui` extra
-(`pip install 'grove-engine[ui]'`): starlette and uvicorn.
+(`pip install -e '.[ui]'` in a clone): starlette and uvicorn.
 """
