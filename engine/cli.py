@@ -117,28 +117,35 @@ def _complete() -> None:
     completion.complete(build_parser(_command_in(words[1:])))
 
 
-class _OutputError(EngineError):
-    """Standard output could not be written (a full disk, an I/O error): exit 1."""
-
-
 class _Stdout(io.TextIOWrapper):
-    """Standard output, its write errors told apart from every other OSError."""
+    """Standard output that never cuts a command short: a write error (a reader gone, a
+    full disk) points file descriptor 1 at /dev/null, is remembered, and the command goes
+    on, so an `apply | head -1` still converges every agent. `main` reports it at the end:
+    a reader gone is quiet, any other error is `cannot write output` with exit 1."""
+
+    failed: OSError | None = None
+
+    def _lost(self, e: OSError) -> None:
+        if self.failed is None:
+            self.failed = e
+        _drop_stdout()
 
     def write(self, s: str) -> int:
         try:
             return super().write(s)
-        except BrokenPipeError:
-            raise
         except OSError as e:
-            raise _OutputError(f"cannot write output: {e.strerror or e}") from None
+            self._lost(e)
+        with contextlib.suppress(OSError):
+            super().flush()  # what was buffered goes to /dev/null now
+        return len(s)
 
     def flush(self) -> None:
         try:
             super().flush()
-        except BrokenPipeError:
-            raise
         except OSError as e:
-            raise _OutputError(f"cannot write output: {e.strerror or e}") from None
+            self._lost(e)
+            with contextlib.suppress(OSError):
+                super().flush()
 
 
 def _own_stdout() -> _Stdout | None:
@@ -174,7 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out is not None:
         sys.stdout = out
     try:
-        return _main(argv)
+        code = _main(argv)
+        if out is not None:
+            out.flush()
+            failed = out.failed
+            if failed is not None and not isinstance(failed, BrokenPipeError):
+                print(f"error: cannot write output: {failed.strerror or failed}",
+                      file=sys.stderr)
+                return 1 if code in (0, 2) else code  # 2: plan's "changes", never seen
+        return code
     finally:
         if out is not None:
             sys.stdout = real
@@ -219,8 +234,6 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
         return 1
     except EngineError as e:
-        if isinstance(e, _OutputError):
-            _drop_stdout()
         # an error can quote what an agent wrote: never an escape sequence to the terminal
         from engine.trust.reader import for_terminal
 
@@ -231,9 +244,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # output not through _Stdout: the command was cut short
         _drop_stdout()
-        return 0
+        return 141
     except Exception:
         fd, path = tempfile.mkstemp(prefix="engine-crash-", suffix=".log")
         with os.fdopen(fd, "w") as f:

@@ -9,6 +9,7 @@ Returns image tags.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import shutil
 import subprocess
@@ -135,7 +136,12 @@ class BuildLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.show = show
-        self.file = path.open("w", encoding="utf-8", errors="replace")
+        try:  # never through a link planted in a shared cache directory
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise EngineError(f"build log {path}: {e.strerror}") from None
+        self.file = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
         self.step = ""  # "N/M : INSTRUCTION" of the step running now
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL)
         self._part = ""

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import yamlio
 from engine.errors import EngineError, LockedError
 from engine.fsutil import atomic_write, flock
 
@@ -93,13 +94,16 @@ def path_for(state_dir: Path, grove: str) -> Path:
     return state_dir / "state" / f"{grove}.json"
 
 
+STATE_CAP = 512 << 20  # bytes: a state file larger than this is not one the engine wrote
+
+
 def load(state_dir: Path, grove: str) -> Inventory:
     p = path_for(state_dir, grove)
-    try:
-        raw = json.loads(p.read_text())
+    try:  # never a FIFO, a device or a link (no hang, no endless read)
+        raw = json.loads(yamlio.read_regular(p, STATE_CAP, follow_symlinks=False))
     except FileNotFoundError:
         return Inventory(grove)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, yamlio.NotReadable) as e:
         raise EngineError(f"grove {grove}: state file {p} is unreadable ({e}); it is "
                           "written atomically, so this is outside damage") from None
     try:

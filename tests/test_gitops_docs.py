@@ -163,17 +163,25 @@ def test_comment_lookup_finds_our_marker_comment_across_pages() -> None:
             assert (r.returncode, r.stdout) == (0, want), (path.name, r.stderr)
 
 
-def test_fork_comment_workflow_reads_the_artifact_as_data_only() -> None:
+def test_fork_comment_workflow_takes_only_a_checked_number_from_the_fork() -> None:
+    """The fork's run wrote the artifact: only its pull-request number is used (digits, and
+    that pull request's head is the commit the run tested); the diff is computed here from
+    git objects of the default branch's checkout, with nothing of the pull request run."""
     doc = workflow(COMMENT_WORKFLOW)
     assert set(_on(doc)) == {"workflow_run"}
     assert _on(doc)["workflow_run"]["workflows"] == [workflow()["name"]]
     [job] = doc["jobs"].values()
     assert "head_repository.full_name != github.repository" in job["if"]
     uses = [s["uses"] for s in job["steps"] if "uses" in s]
-    assert uses == ["actions/download-artifact@v8"]  # no checkout: nothing of the fork runs
+    assert uses == ["actions/download-artifact@v8", "actions/checkout@v7",
+                    "actions/setup-python@v7"]
+    checkout = next(s for s in job["steps"] if s.get("uses") == "actions/checkout@v7")
+    assert "ref" not in checkout.get("with", {})  # the default branch, never the fork's head
     script = "\n".join(s.get("run", "") for s in job["steps"])
     assert '[[ "$pr" =~ ^[0-9]{1,10}$ ]]' in script and '"$head" != "$HEAD_SHA"' in script
-    assert engine_commands(script) == []
+    assert set(re.findall(r"topology/[\w.-]+", script)) == {"topology/pr-number"}
+    assert engine_commands(script) == [["plan", "--base", "$BASE_SHA", "--head", "$HEAD_SHA",
+                                        "--format", "markdown"]]
 
 
 def test_apply_job_checks_its_credentials_first() -> None:

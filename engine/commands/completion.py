@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,16 @@ def complete(parser: argparse.ArgumentParser) -> None:
     import argcomplete
 
     _attach(parser)
+    signal.signal(signal.SIGALRM, _give_up)
+    signal.setitimer(signal.ITIMER_REAL, BUDGET)
     argcomplete.autocomplete(parser)
+
+
+BUDGET = 2.0  # seconds a TAB may take; then nothing is offered rather than a stuck shell
+
+
+def _give_up(signum: int, frame: Any) -> None:
+    os._exit(1)  # argcomplete's own way out: no completions, the shell carries on
 
 
 def _attach(parser: argparse.ArgumentParser) -> None:
@@ -66,11 +77,19 @@ def _attach(parser: argparse.ArgumentParser) -> None:
             a.completer = agents  # type: ignore[attr-defined]
 
 
+class _NoNames(Exception):
+    """No names to offer here (inside an agent's workspace, where every file is the
+    agent's to write)."""
+
+
 def _root(parsed_args: argparse.Namespace | None) -> Path:
     from engine import manifest
+    from engine.commands._common import inside_agent
 
-    where = getattr(parsed_args, "chdir", None) or "."
-    return manifest.find_repo_root(Path(where))
+    where = Path(getattr(parsed_args, "chdir", None) or ".")
+    if inside_agent(where.resolve()):
+        raise _NoNames
+    return manifest.find_repo_root(where)
 
 
 def _grove_names(root: Path) -> list[str]:
@@ -124,14 +143,20 @@ def _declared(data: Any) -> set[str]:
 def groves(prefix: str, parsed_args: argparse.Namespace | None = None,
            **_: Any) -> list[str]:
     """Completer: the repository's grove names."""
-    return [n for n in _grove_names(_root(parsed_args)) if n.startswith(prefix)]
+    try:
+        return [n for n in _grove_names(_root(parsed_args)) if n.startswith(prefix)]
+    except _NoNames:
+        return []
 
 
 def agents(prefix: str, parsed_args: argparse.Namespace | None = None,
            **_: Any) -> list[str]:
     """Completer: agent names of the selected groves (-g), as NAME, or GROVE/NAME when
     the prefix has a slash or the name is in several groves."""
-    root = _root(parsed_args)
+    try:
+        root = _root(parsed_args)
+    except _NoNames:
+        return []
     chosen = getattr(parsed_args, "groves", None) or _grove_names(root)
     by_grove = {g: _agent_names(root, g) for g in chosen if _NAME.fullmatch(g)}
     if "/" in prefix:

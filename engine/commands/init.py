@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from engine import manifest, schema, ui
+from engine import manifest, schema, ui, yamlio
 from engine.errors import EngineError
 from engine.fsutil import atomic_write
 
@@ -60,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
     if grove.parent.is_symlink() or (grove.parent.exists() and not grove.parent.is_dir()):
         raise EngineError(f"grove {name}: {grove.parent.relative_to(root)} is not a directory; "
                           "nothing written")
+    ignore = root / ".gitignore"
+    try:  # the repository's file: never through a link, never a FIFO or a device
+        lines = yamlio.read_regular(ignore, 1 << 20, follow_symlinks=False) \
+            .decode("utf-8", "replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    except (OSError, yamlio.NotReadable) as e:
+        raise EngineError(f".gitignore: {getattr(e, 'strerror', None) or e}; "
+                          "nothing written") from None
     files = schema_files()
     stale = [f for f, data in files.items() if (schemas / f).is_symlink()
              or not (schemas / f).is_file() or (schemas / f).read_bytes() != data]
@@ -71,8 +80,6 @@ def run(args: argparse.Namespace) -> int:
     if not existed:
         grove.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(grove, TEMPLATE.format(schema=SCHEMA_REF, name=name).encode())
-    ignore = root / ".gitignore"
-    lines = ignore.read_text().splitlines() if ignore.exists() else []
     if not {".engine/", ".engine", "/.engine/", "/.engine"} & {x.strip() for x in lines}:
         atomic_write(ignore, ("\n".join([*lines, ".engine/"]) + "\n").encode())
     if existed:

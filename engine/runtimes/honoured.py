@@ -9,12 +9,14 @@ one runtime reads (host, namespace ...) are refused elsewhere by validation
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 RUNTIMES = ("local", "docker", "kubernetes")
 ROOT_ONLY = "only when the engine runs as root"
 NO_CONTAINER = "it runs no container"
+ENFORCED_POLICY = "only where the cluster's network plugin enforces NetworkPolicy"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ HONOURED: dict[str, dict[str, Use | str]] = {
                 "docker": Use("`--network` (`none`, `egress`, `host` or a named network)"),
                 "kubernetes": Use("`none`, `egress`: a NetworkPolicy",
                                   values=("none", "egress"),
-                                  otherwise="the Pod is on the cluster's Pod network")},
+                                  otherwise="the Pod is on the cluster's Pod network",
+                                  only=ENFORCED_POLICY)},
     "resources.cpus": {"local": "not enforced", "docker": Use("`--cpus`"),
                        "kubernetes": Use("cpu request and limit")},
     "resources.memory": {"local": "not enforced",
@@ -82,6 +85,9 @@ def ignored(runtime: str, key: str, value: Any) -> str | None:
         return entry
     if entry.values is not None and str(value) not in entry.values:
         return entry.otherwise
+    if entry.only == ROOT_ONLY and (entry.only_for is None or str(value) in entry.only_for) \
+            and os.geteuid() != 0:
+        return f"not enforced: {ROOT_ONLY}, and this engine is not"
     return None
 
 
