@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import yamlio
 from engine.errors import EngineError, LockedError
 from engine.fsutil import atomic_write, flock
 
@@ -98,6 +97,8 @@ STATE_CAP = 512 << 20  # bytes: a state file larger than this is not one the eng
 
 
 def load(state_dir: Path, grove: str) -> Inventory:
+    from engine import yamlio  # here: the egress gateway ships this module without PyYAML
+
     p = path_for(state_dir, grove)
     try:  # never a FIFO, a device or a link (no hang, no endless read)
         raw = json.loads(yamlio.read_regular(p, STATE_CAP, follow_symlinks=False))

@@ -45,6 +45,12 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def reader_gone() -> bool:
+    """Whether standard output's reader has gone (`engine logs -f | head -1`): a command
+    that would print forever stops; one doing work finishes it (engine.cli's `_Stdout`)."""
+    return isinstance(getattr(sys.stdout, "failed", None), BrokenPipeError)
+
+
 def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 

@@ -151,3 +151,26 @@ def test_fish_loads_the_script_and_completes(repo: Path) -> None:
 def test_unknown_shell_is_a_usage_error(engine) -> None:
     res = engine("completion", "tcsh")
     assert res.code == 2 and res.err.startswith("error: engine completion: argument SHELL:")
+
+
+def test_nothing_is_offered_inside_an_agent_workspace_nor_from_a_fifo(repo: Path) -> None:
+    """Inside an agent's workspace every file is the agent's: no names are read there. A
+    FIFO where a state file belongs never hangs a TAB (nor `engine status`)."""
+    _grove(repo, "alpha", "coder")
+    ws = repo / ".engine" / "worktrees" / "alpha" / "coder"
+    (ws / "groves" / "alpha").mkdir(parents=True)
+    (ws / "groves" / "alpha" / "grove.yaml").write_text(
+        (repo / "groves" / "alpha" / "grove.yaml").read_text())
+    (ws / ".engine" / "state").mkdir(parents=True)
+    os.mkfifo(ws / ".engine" / "state" / "alpha.json")
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    assert bash_complete("engine logs ", ws) == ["--follow", "--grove", "--help", "--previous",
+                                                 "--tail", "-f", "-g", "-h", "-p"]
+    assert bash_complete("engine status -g ", ws) == []
+    state = repo / ".engine" / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(state / "alpha.json")
+    assert bash_complete("engine logs ", repo)[-1] == "coder"  # from the manifests
+    res = subprocess.run([str(BIN / "engine"), "status"], cwd=repo, env=_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1 and "is a FIFO, not a regular file" in res.stderr, res

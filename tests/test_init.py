@@ -98,3 +98,15 @@ def test_init_refuses_unsafe_names(engine: Any, repo: Path, name: str) -> None:
 def test_init_needs_a_directory(engine: Any, tmp_path: Path) -> None:
     r = engine("init", str(tmp_path / "nope"))
     assert (r.code, r.err) == (1, f"error: init: {tmp_path / 'nope'} is not a directory\n")
+
+
+def test_init_never_reads_gitignore_through_a_link(engine: Any, repo: Path,
+                                                   tmp_path: Path) -> None:
+    secret = tmp_path / "outside"
+    secret.write_text("SECRET-KEY-MATERIAL\n")
+    (repo / ".gitignore").unlink(missing_ok=True)
+    (repo / ".gitignore").symlink_to(secret)
+    r = engine("init", str(repo), "--name", "demo")
+    assert (r.code, r.err) == (1, "error: .gitignore: is a symbolic link, not a regular file; "
+                                  "nothing written\n")
+    assert (repo / ".gitignore").is_symlink() and not (repo / "groves").exists()

@@ -134,7 +134,9 @@ def test_logs_tail_previous_and_a_silent_agent(repo: Path, engine) -> None:
     res = engine("logs", "--tail", "0", "talker")
     assert (res.code, res.out, res.err) == (0, "", "")
     res = engine("logs", "--tail", "-1", "talker")
-    assert (res.code, res.err) == (2, "error: --tail: give a number of lines, 0 or more\n")
+    assert (res.code, res.err) == (2, "error: --tail: give a number of lines, 0 to 10000000\n")
+    res = engine("logs", "--tail", "99999999999999999999", "talker")  # no traceback
+    assert (res.code, res.err) == (2, "error: --tail: give a number of lines, 0 to 10000000\n")
     # no run before this one yet
     res = engine("logs", "--previous", "talker")
     assert (res.code, res.out) == (1, "")
@@ -261,3 +263,43 @@ def test_docker_logs_tail_and_previous(agents: Agents,
     assert list(rt.logs("g", "d", previous=True, tail=1)) == ["run "]
     assert list(rt.logs("g", "d")).count("line 1") == 1  # this run's only
     assert list(rt.logs("g", "d", previous=True)).count("line 1") == 1
+
+
+def test_a_name_declared_elsewhere_but_not_run_is_ambiguous_too(repo: Path, engine) -> None:
+    """demo/talker runs; grove other only declares a talker (not applied). Every command
+    says the bare name is ambiguous: none silently picks the running one."""
+    grove(repo, "demo", {"talker": "sleep 60"})
+    assert engine("apply", "--auto-approve", "-g", "demo").code == 0
+    try:
+        grove(repo, "other", {"talker": "echo other"})
+        for cmd in (("logs", "talker"), ("look", "talker"), ("explain", "talker"),
+                    ("diff", "talker"), ("message", "talker", "hi")):
+            res = engine(*cmd)
+            assert (res.code, res.err) == (1, "error: agent talker: in several groves "
+                                              "(demo/talker, other/talker); say "
+                                              "GROVE/talker\n"), cmd
+        assert engine("logs", "demo/talker").code == 0
+    finally:
+        engine("destroy", "--auto-approve", "-g", "demo")
+
+
+def test_follow_ends_when_its_reader_goes_and_logs_are_private(repo: Path) -> None:
+    """`engine logs -f A | head -1` ends once head has gone (it used to follow until the
+    agent ended); the logs directories are the engine's user's only."""
+    grove(repo, "demo", {"ticker": "while :; do echo tick; sleep 0.2; done"})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    engine = [sys.executable, "-m", "engine"]
+    subprocess.run([*engine, "apply", "--auto-approve"], cwd=repo, env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        started = time.monotonic()
+        res = subprocess.run(["bash", "-c", f"{' '.join(engine)} logs -f ticker | head -1; "
+                              "echo \"rc=${PIPESTATUS[0]}\""], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.stdout == "tick\nrc=0\n", res
+        assert time.monotonic() - started < 20
+        for d in (repo / ".engine" / "logs", repo / ".engine" / "logs" / "demo"):
+            assert d.stat().st_mode & 0o777 == 0o700, d
+    finally:
+        subprocess.run([*engine, "destroy", "--auto-approve"], cwd=repo, env=env,
+                       capture_output=True, timeout=120)

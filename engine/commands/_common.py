@@ -224,6 +224,12 @@ def locate(r: Repo, args: argparse.Namespace) -> Located:
     invs = {g: inventory.load(r.state_dir, g) for g in names if _GROVE_NAME.fullmatch(g)}
     recorded = {g: set(inv.agents) for g, inv in invs.items() if g in dirs or inv.agents}
     if any(aname in agents for agents in recorded.values()):
+        if not gname:  # a grove that declares NAME but has not run it makes NAME ambiguous
+            for d in manifest.grove_dirs(r.root):  # too, as for every other command
+                if d.name in names and aname not in recorded.get(d.name, ()):
+                    with contextlib.suppress(EngineError):
+                        if aname in manifest.load_grove(d, r.root).agents:
+                            recorded[d.name] = {*recorded.get(d.name, ()), aname}
         g, a = pick_agent(ref, recorded)
         rec = invs[g].agents[a]
         return Located(g, a, rec.runtime, rec.host, rec)

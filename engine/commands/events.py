@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import events, manifest, notify
+from engine import events, manifest, notify, ui
 from engine.commands import _common
 from engine.errors import EngineError, UsageError
 from engine.schema import did_you_mean
@@ -111,6 +111,8 @@ def _follow(path: Path, offset: int, keep: Keep, as_json: bool) -> None:
             if keep(ev):
                 _print(ev, as_json)
         sys.stdout.flush()
+        if ui.reader_gone():
+            return
         time.sleep(POLL)
 
 

@@ -23,6 +23,8 @@ from engine.commands import _common
 from engine.errors import EngineError, UsageError
 from engine.trust import reader
 
+TAIL_MAX = 10_000_000  # lines; more is the whole log (and no deque that large)
+
 
 def register(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser("logs", help="print an agent's output")
@@ -37,8 +39,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tail is not None and args.tail < 0:
-        raise UsageError("--tail: give a number of lines, 0 or more")
+    if args.tail is not None and not 0 <= args.tail <= TAIL_MAX:
+        raise UsageError(f"--tail: give a number of lines, 0 to {TAIL_MAX}")
     r = _common.repo()
     loc = _common.locate(r, args)
     rt = runtimes.get(loc.runtime, r.root, loc.host or None)
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         printed += 1
         if follow:
             sys.stdout.flush()
+            if ui.reader_gone():  # `logs -f | head -1`: nobody reads what comes
+                break
     if not printed and not noted:
         ui.err(_silent(r, loc, rt, args.previous))
     return 0

@@ -17,6 +17,7 @@ import logging
 import secrets
 import signal
 import socket
+import sys
 from typing import Any
 
 from engine import manifest, ui
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     server.watch()
     ui.out(f"grove-engine UI for {', '.join(names)}: http://{shown}:{port}/?token={token}")
     ui.out("(the address signs in one browser; press Ctrl-C to stop)")
+    sys.stdout.flush()  # the address now, not when the server ends (stdout may be a pipe)
     config = uvicorn.Config(server.guard, log_level="warning", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=2)
 

@@ -69,7 +69,7 @@ def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
     shim = launch.run_dir / "bin" / "engine"
     atomic_write(shim, client_shim().encode(), 0o755)
     launch.inbox.mkdir(parents=True, exist_ok=True)
-    launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+    logfile.private_dir(launch.log_file)
     logfile.rotate(launch.log_file)  # the run before's log: logs --previous
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     os.close(os.open(launch.log_file, flags | os.O_TRUNC, 0o644))

@@ -175,7 +175,7 @@ class LocalRuntime:
             self._prepare_user(launch, *drop)
         atomic_write(bindir / "engine", f"#!/bin/sh\nexec python3 -S "
                      f"{shlex.quote(str(client))} \"$@\"\n".encode(), 0o755)
-        launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+        logfile.private_dir(launch.log_file)
         logfile.rotate(launch.log_file)  # the run before's log: logs --previous
         if a.network == "egress":
             self._egress(a)

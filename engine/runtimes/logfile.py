@@ -26,6 +26,18 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
+def private_dir(log: Path) -> None:
+    """Make the directories of `log` (`.engine/logs/<grove>/`), readable by the engine's
+    user only: an agent running as another uid never reads its neighbours' logs (a
+    Docker agent writes its own through a mount of that one file)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for d in (log.parent.parent, log.parent):
+        with contextlib.suppress(OSError):
+            st = os.lstat(d)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                os.chmod(d, 0o700)
+
+
 def previous(path: Path) -> Path:
     """Where the previous run's log of `path` is kept."""
     return path.with_name(path.name + PREVIOUS)
@@ -58,7 +70,7 @@ def rotate(path: Path, keep: int = PREVIOUS_MAX) -> None:
         src = os.open(path.name, _FILE, dir_fd=d)
         try:
             dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o644, dir_fd=d)
+                          | os.O_CLOEXEC, 0o600, dir_fd=d)
             try:
                 start = st.st_size - keep
                 newline = os.pread(src, _BLOCK, start).find(b"\n")
