@@ -27,6 +27,7 @@ from engine.render import TemplateError, render
 from engine.resolve import Options as Options
 from engine.resolve import harness_layers
 from engine.resolve import resolve as resolve
+from engine.schema import did_you_mean
 from engine.secrets import CredentialRef
 from engine.yamlio import MAX_FILE_BYTES, NotReadable, bulk, read_regular
 
@@ -384,7 +385,8 @@ class _Builder:
         refs += [("spawnedBy", parent)] if parent else []
         for key, ref in refs:
             if ref not in src.agents:
-                self.problem(entry, f"{key} names unknown agent {ref!r}", key)
+                self.problem(entry, f"{key} names unknown agent {ref!r}"
+                                    f"{did_you_mean(ref, src.agents)}", key)
         image = merged.get("image")
         if runtime in ("docker", "kubernetes") and not image:
             self.problem(entry, f"runtime {runtime} needs an image (set image: in profile "

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from engine import harnesses, layers
 from engine.errors import Diagnostic, InvalidManifests
 from engine.manifest import Entry, GroveSource
+from engine.schema import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,14 @@ def lower_layers(src: GroveSource, entry: Entry, opts: Options) -> list[layers.L
     prof = profile_layer(src, pname)
     if prof is None:
         raise InvalidManifests([pdiag(
-            f"agent {entry.name}: unknown profile {pname!r} "
+            f"agent {entry.name}: unknown profile {pname!r}"
+            f"{did_you_mean(pname, set(src.profiles) | {'local'})} "
             f"(profiles: {', '.join(sorted(set(src.profiles) | {'local'}))})")])
     hl = harness_layers(src, hname)
     if hl is None:
         known = sorted(set(src.harnesses) | set(harnesses.names()))
-        raise InvalidManifests([hdiag(f"agent {entry.name}: unknown harness {hname!r} "
+        raise InvalidManifests([hdiag(f"agent {entry.name}: unknown harness {hname!r}"
+                                      f"{did_you_mean(hname, known)} "
                                       f"(harnesses: {', '.join(known)})")])
     # A harness's image is only a default: any image the user config, profile or agent
     # names wins, so it sits right above the built-in defaults.

@@ -571,3 +571,27 @@ def test_name_problems_reported_with_schema_problems(engine: Any, repo: Path) ->
     assert any("metadata.name must match its directory" in m for m in messages)
     assert any("duplicate name" in m for m in messages)
     assert any("unknown field 'colour'" in m for m in messages)
+
+
+def test_mistyped_references_get_the_closest_name(engine: Any, repo: Path) -> None:
+    write_grove(repo, "g", HEAD + textwrap.indent(textwrap.dedent("""\
+          agents:
+            - name: reviewer
+              task: x
+            - name: a
+              task: x
+              dependsOn: [reviwer]
+            - name: b
+              task: x
+              profile: locl
+            - name: c
+              task: x
+              harness: shel
+        """), "  "))
+    found = [msg for _, _, _, msg in bad(engine, repo)]
+    assert found == [
+        "agent a: dependsOn names unknown agent 'reviwer' (did you mean 'reviewer'?)",
+        "agent b: unknown profile 'locl' (did you mean 'local'?) (profiles: local)",
+        "agent c: unknown harness 'shel' (did you mean 'shell'?) (harnesses: claude, codex, "
+        "gemini, opencode, shell)",
+    ]
