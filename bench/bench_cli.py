@@ -24,23 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_ui import grove_text  # the same 500-agent grove as the UI's benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = [sys.executable, "-P", "-m", "engine"]
-
-
-def grove_text(n: int) -> str:
-    agents = "\n".join(f"    - name: agent-{i:04d}\n      task: 'true'" for i in range(n))
-    return f"""apiVersion: engine/v1alpha1
-kind: Grove
-metadata: {{name: big}}
-spec:
-  defaults: {{profile: local, harness: shell}}
-  policy: {{maxAgents: {n + 10}}}
-  profiles:
-    local: {{runtime: local}}
-  agents:
-{agents}
-"""
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str], stdin: bytes | None = None,
