@@ -23,7 +23,7 @@ from engine.manifest import Entry, GroveSource
 _PLURAL = {"profile": "profiles", "harness": "harnesses"}
 # Profile fields that only one runtime reads; elsewhere they are a mistake, not a no-op.
 RUNTIME_ONLY = {
-    "host": {"docker"},
+    "host": {"docker", "podman"},
     "namespace": {"kubernetes"}, "context": {"kubernetes"}, "kubeconfig": {"kubernetes"},
     "runtimeClassName": {"kubernetes"}, "serviceAccountName": {"kubernetes"},
     "nodeSelector": {"kubernetes"}, "tolerations": {"kubernetes"},
@@ -42,7 +42,7 @@ def profiles(src: GroveSource, user: layers.UserConfig, repo_root: Path | None
             if key in entry.data and runtime not in runtimes:
                 out.append(entry.diag(f"profile {name}: field {key!r} only applies to runtime "
                                       f"{'/'.join(sorted(runtimes))}, not {runtime}", key))
-        if runtime in ("docker", "kubernetes") and entry.data.get("privileged") \
+        if runtime in ("docker", "podman", "kubernetes") and entry.data.get("privileged") \
                 and not user.allow_privileged:
             out.append(entry.diag(
                 f"profile {name}: privileged containers are refused (set "

@@ -29,6 +29,7 @@ COMMANDS = [
     "logs", "look", "attach", "message", "diff", "merge", "restore", "archive", "prune",
     "explain", "restart", "stop", "start", "resume", "cost",
     "force_unlock", "image", "history", "harness", "egress", "events", "approve", "ui",
+    "render",
     "completion",
 ]
 # commands registered by another command's module: `engine deny` by approve's

@@ -375,6 +375,8 @@ class _Builder:
         prefix = resume[:len(resume) - len(task_args(merged, task))] if resume else ()
         auth = self._credentials(entry, merged)
         creds = auth.creds
+        if merged.get("credentials"):  # the resolved settings list what the agent gets
+            merged["credentials"] = {c.name: merged["credentials"][c.name] for c in creds}
         env = tuple(sorted({**auth.set_env, **dict(env)}.items()))
         merged["env"] = dict(env)
         merged["command"] = list(command)
@@ -388,7 +390,7 @@ class _Builder:
                 self.problem(entry, f"{key} names unknown agent {ref!r}"
                                     f"{did_you_mean(ref, src.agents)}", key)
         image = merged.get("image")
-        if runtime in ("docker", "kubernetes") and not image:
+        if runtime in ("docker", "podman", "kubernetes") and not image:
             self.problem(entry, f"runtime {runtime} needs an image (set image: in profile "
                                 f"{merged['profile']})")
         try:
@@ -528,8 +530,9 @@ class _Builder:
         return tuple(argv + task), (tuple(argv + resume + task) if resume else ())
 
     def _credentials(self, entry: Entry, merged: dict[str, Any]) -> _Auth:
-        """The credentials the agent receives. Without auth methods, every credential of the
-        profile; with them, only those of the method `auth:` names, else of the first one
+        """The credentials the agent receives: every credential of the profile, except the
+        harness's own auth credentials (those any of its auth methods names) of a method
+        that is not chosen. The chosen method is the one `auth:` names, else the first one
         the profile's credentials satisfy. None satisfied is a problem naming what is
         missing (never a value)."""
         avail = {}
@@ -548,11 +551,14 @@ class _Builder:
             if wanted:
                 self.problem(entry, f"auth {wanted!r}: {harness} has no auth methods", "auth")
             return _Auth(tuple(avail.values()))
+        own = {str(n) for m in methods
+               for n in [*(m.get("env") or []), *(f["credential"] for f in m.get("files") or [])]}
+        others = tuple(c for n, c in avail.items() if n not in own)
         names = [str(m["name"]) for m in methods]
         if wanted and wanted not in names:
             self.problem(entry, f"auth {wanted!r}: {harness} has no such auth method "
                                 f"(methods: {', '.join(names)})", "auth")
-            return _Auth((), wanted)
+            return _Auth(others, wanted)
         unmet = []
         for m in methods:
             if wanted and m["name"] != wanted:
@@ -564,11 +570,12 @@ class _Builder:
             if not missing:
                 home = tuple(sorted((str(k), str(v))
                                     for k, v in (m.get("homeFiles") or {}).items()))
-                return _Auth(tuple(avail[n] for n in needs), str(m["name"]), files,
+                return _Auth(tuple(c for n, c in avail.items() if n in needs or n not in own),
+                             str(m["name"]), files,
                              {k: str(v) for k, v in (m.get("setEnv") or {}).items()}, home)
             unmet.append(f"{m['name']}: {', '.join(missing)}")
         self.problem(entry, f"{harness}: no auth method is satisfied ({'; '.join(unmet)})")
-        return _Auth((), wanted)
+        return _Auth(others, wanted)
 
     def _missing(self, merged: dict[str, Any], name: str, cred: CredentialRef | None
                  ) -> str:

@@ -315,7 +315,7 @@ def _runtime(p: DesiredAgent, c: DesiredAgent) -> list[str]:
         return [f"runtime: would run unsandboxed (local); the parent runs on {p.runtime}"]
     if c.runtime != p.runtime:
         return [f"runtime: would run on {c.runtime}; the parent runs on {p.runtime}"]
-    if c.runtime == "docker" and c.host != p.host:
+    if c.runtime in ("docker", "podman") and c.host != p.host:
         return [f"host: would run on Docker host {c.host or '(default)'}; the parent runs on "
                 f"{p.host or '(default)'}"]
     if c.runtime == "kubernetes":

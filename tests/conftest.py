@@ -12,7 +12,12 @@ command line and secret handling; the real CLIs run in tests/test_real_agents.py
 tiny `mmdebstrap` in tests/test_images.py for the import's failure paths (the real
 bootstrap runs in the Docker fixtures); and a Unix socket that accepts and never answers,
 in tests/test_untrusted_files.py, standing in for a hung tmux server so a `watch` pass can
-be held blocked while the test checks that SIGTERM still ends it within a second.
+be held blocked while the test checks that SIGTERM still ends it within a second; and in
+tests/test_credentials_harness.py, a bash probe in place of each agent CLI (it writes down
+the credential names the agent was given, never a value) with an image
+(`grove-engine/test-credentials`) that is the base image labelled as carrying the CLIs,
+because what is checked there is what the runtimes hand an agent, not the CLIs (those run
+for real in tests/test_real_agents.py).
 Tests never touch the developer's $HOME or real config: HOME and XDG_CONFIG_HOME point
 into a temporary directory for every test.
 """

@@ -24,6 +24,7 @@ from engine.errors import EngineError
 from engine.fsutil import flock
 from engine.runtimes import Launch, Observed
 from engine.runtimes import docker as docker_rt
+from engine.runtimes import podman as podman_rt
 from tests.conftest import write_grove
 
 IMAGE = images.tag(images.BASE)
@@ -124,3 +125,37 @@ def agents(repo: Path, base_image: str) -> Iterator[Agents]:
 def docker_cli(*args: str, host: str | None = None) -> str:
     argv = ["docker", *(["-H", host] if host else []), *args]
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+# -- Podman: the same runtime through Podman's Docker-compatible API -----------------------
+
+PODMAN_HOST = "unix:///run/podman/podman.sock"  # .ci/podman-up.sh starts the service there
+
+
+@pytest.fixture(scope="session")
+def podman_image(docker_client: Any, base_image: str) -> str:
+    """grove-engine/base:latest in Podman's store, loaded from the Docker engine's (no
+    registry is reached). Without a Podman service the tests FAIL: they must run in CI."""
+    try:
+        client = docker_rt.connect(PODMAN_HOST, "podman service", podman_rt.START_HINT)
+    except EngineError as e:
+        pytest.fail(f"Podman tests need its API service (bash .ci/podman-up.sh): {e.summary}")
+    try:
+        assert docker_rt.is_podman(client), f"{PODMAN_HOST} is not a Podman service"
+        with flock(BOOTSTRAP_LOCK):
+            try:
+                client.api.inspect_image(base_image)
+            except Exception:  # any answer but the image: load it
+                client.api.load_image(docker_client.api.get_image(base_image))
+    finally:
+        client.close()
+    return base_image
+
+
+@pytest.fixture
+def podman_host(podman_image: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """DOCKER_HOST (for the docker runtime, the docker command and the engine's CLI) and
+    CONTAINER_HOST (for runtime: podman) pointed at the Podman service."""
+    monkeypatch.setenv("DOCKER_HOST", PODMAN_HOST)
+    monkeypatch.setenv("CONTAINER_HOST", PODMAN_HOST)
+    return PODMAN_HOST

@@ -4,8 +4,9 @@ No real API server can run on this machine (no cluster, no etcd, no kubelet), so
 Kubernetes runtime's client flow is tested against this small HTTP server. It speaks the
 real paths, status codes and Status objects for what the runtime uses:
 
-- /api/v1/namespaces/{ns}/{pods,secrets,configmaps,persistentvolumeclaims}[/{name}],
+- /api/v1/namespaces/{ns}/{pods,secrets,configmaps,persistentvolumeclaims,services}[/{name}],
   /apis/batch/v1/namespaces/{ns}/jobs[/{name}],
+  /apis/apps/v1/namespaces/{ns}/deployments[/{name}] (stored as given, no controller),
   /apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies[/{name}];
 - list with labelSelector (=, !=, exists, !exists) and limit/continue pages, get,
   delete (propagationPolicy), pods/{name}/log (follow streams until the Pod finishes);
@@ -17,8 +18,10 @@ real paths, status codes and Status objects for what the runtime uses:
   404 for missing objects and (on writes) missing namespaces;
 - a tiny job controller: a new Job gets one Pod from its template.
 
-Not here: exec/attach websockets, watches, scheduling. Pods stay in the phase a test sets
-with `set_pod`. Tests count requests through `requests` to check API calls per operation.
+Not here: exec/attach websockets, watches, scheduling, the garbage collector (only a
+deleted Job's dependents go with it, as the job controller's Pods do). Pods stay in the
+phase a test sets with `set_pod`. Tests count requests through `requests` to check API
+calls per operation, and read the field manager of each write in `writes`.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ import yaml
 
 KINDS = {"pods": ("v1", "Pod"), "secrets": ("v1", "Secret"), "configmaps": ("v1", "ConfigMap"),
          "persistentvolumeclaims": ("v1", "PersistentVolumeClaim"),
-         "jobs": ("batch/v1", "Job"), "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy")}
-_ROUTE = re.compile(r"^/(?:api/v1|apis/batch/v1|apis/networking\.k8s\.io/v1)/namespaces/"
+         "jobs": ("batch/v1", "Job"), "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy"),
+         "services": ("v1", "Service"), "deployments": ("apps/v1", "Deployment")}
+_ROUTE = re.compile(r"^/(?:api/v1|apis/batch/v1|apis/apps/v1|apis/networking\.k8s\.io/v1)/"
+                    r"namespaces/"
                     r"(?P<ns>[^/]+)/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>log))?)?$")
 _MISSING = object()
 Path_ = tuple[str, ...]
@@ -141,6 +146,8 @@ class FakeApiServer:
         self.managers: dict[tuple[str, str, str], dict[str, tuple[str, set[Path_]]]] = {}
         self.logs: dict[tuple[str, str], str] = {}
         self.requests: list[tuple[str, str]] = []
+        # (method, path, content type, fieldManager query parameter or "") of each write
+        self.writes: list[tuple[str, str, str, str]] = []
         self.lock = threading.RLock()
         self.rv = 0
         self._http: ThreadingHTTPServer | None = None
@@ -368,6 +375,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         with api.lock:
             api.requests.append((method, url.path))
+            if method == "PATCH":
+                api.writes.append((method, url.path, self.headers.get("Content-Type", ""),
+                                   query.get("fieldManager", "")))
         try:
             if self.headers.get("Authorization") != f"Bearer {api.token}":
                 raise ApiError(401, "Unauthorized", "Unauthorized")

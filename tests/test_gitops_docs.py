@@ -315,7 +315,8 @@ def test_reference_is_generated_from_the_schemas() -> None:
         props = json.loads(schema.read_text()).get("properties", {})
         if "kind" in props:
             assert f"Schema: `{json.loads(schema.read_text())['$id']}`" in text
-    assert "| `spec.runtime` | string | `local`, `docker`, `kubernetes` | `local` |" in text
+    assert "| `spec.runtime` | string | `local`, `docker`, `podman`, `kubernetes` | `local` |" \
+        in text
     assert "| `spec.policy.maxDepth` | integer | 0 to 64 | `3` |" in text
 
 

@@ -150,22 +150,26 @@ def claude_agent(**extra: Any) -> list[dict[str, Any]]:
     return [{"name": "a", "profile": "sandbox", "harness": "claude", "task": "t", **extra}]
 
 
-def test_first_satisfied_method_wins_and_only_its_secrets_pass(
+def test_first_satisfied_method_wins_and_only_its_auth_secrets_pass(
         repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other methods' credentials stay behind; a credential no method names passes."""
     set_creds(monkeypatch, "CLAUDE_CODE_OAUTH_TOKEN", "OTHER_TOKEN")
     a = build(repo, grove_yaml(claude_agent(), CLAUDE_PROFILE)).agent("a")
     assert a.auth == "oauth-token"
-    assert [c.name for c in a.credentials] == ["CLAUDE_CODE_OAUTH_TOKEN"]
+    assert [c.name for c in a.credentials] == ["CLAUDE_CODE_OAUTH_TOKEN", "OTHER_TOKEN"]
     set_creds(monkeypatch, "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "OTHER_TOKEN")
     a = build(repo, grove_yaml(claude_agent(), CLAUDE_PROFILE)).agent("a")
-    assert a.auth == "api-key" and [c.name for c in a.credentials] == ["ANTHROPIC_API_KEY"]
+    assert a.auth == "api-key"
+    assert [c.name for c in a.credentials] == ["ANTHROPIC_API_KEY", "OTHER_TOKEN"]
+    assert sorted(json.loads(a.settings)["credentials"]) == ["ANTHROPIC_API_KEY",
+                                                              "OTHER_TOKEN"]
 
 
 def test_agent_names_its_auth_method(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_creds(monkeypatch, "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+    set_creds(monkeypatch, "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "OTHER_TOKEN")
     a = build(repo, grove_yaml(claude_agent(auth="oauth-token"), CLAUDE_PROFILE)).agent("a")
     assert a.auth == "oauth-token"
-    assert [c.name for c in a.credentials] == ["CLAUDE_CODE_OAUTH_TOKEN"]
+    assert [c.name for c in a.credentials] == ["CLAUDE_CODE_OAUTH_TOKEN", "OTHER_TOKEN"]
     assert json.loads(a.settings)["auth"] == "oauth-token"
     msg = problems(repo, grove_yaml(claude_agent(auth="nosuch"), CLAUDE_PROFILE))
     assert re.search(r"grove\.yaml:\d+.*auth 'nosuch': harness claude has no such auth "
@@ -281,7 +285,7 @@ def test_missing_credential_fails_validate_naming_it(repo: Path, engine: Any,
 
 def test_grove_harness_overrides_a_builtin_field_by_field(
         repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_creds(monkeypatch, "ANTHROPIC_API_KEY")
+    set_creds(monkeypatch, "ANTHROPIC_API_KEY", "OTHER_TOKEN")
     defs = {"quick": {"builtin": "claude", "command": ["claude", "-p", "--model", "haiku"],
                       "maxDuration": "30m"}}
     agents = [{"name": "a", "profile": "sandbox", "harness": "quick", "task": "t"},
@@ -297,7 +301,7 @@ def test_grove_harness_overrides_a_builtin_field_by_field(
 
 
 def test_harness_image_is_only_a_default(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    set_creds(monkeypatch, "ANTHROPIC_API_KEY")
+    set_creds(monkeypatch, "ANTHROPIC_API_KEY", "OTHER_TOKEN")
     profile = {"sandbox": {**CLAUDE_PROFILE["sandbox"], "image": "example/agent:1"}}
     assert build(repo, grove_yaml(claude_agent(), profile)).agent("a").image == \
         "example/agent:1"
@@ -378,7 +382,7 @@ POLICY = desired.Policy(max_agents=20, max_depth=2, max_children=4)
 
 def agent_for(repo: Path, monkeypatch: pytest.MonkeyPatch, **extra: Any
               ) -> desired.DesiredAgent:
-    set_creds(monkeypatch, "ANTHROPIC_API_KEY")
+    set_creds(monkeypatch, "ANTHROPIC_API_KEY", "OTHER_TOKEN")
     profile = {"sandbox": {**CLAUDE_PROFILE["sandbox"],
                            "spawn": {"allowProfiles": ["sandbox"],
                                      "allowHarnesses": ["claude", "shell"]}}}
@@ -488,13 +492,14 @@ def test_shell_harness_writes_no_instructions(repo: Path) -> None:
 
 # -- end to end: the local runtime starts the harness's exact argv ----------------------
 
-def test_local_runtime_passes_task_intact_and_only_chosen_secret(
+def test_local_runtime_passes_task_intact_and_only_chosen_auth_secret(
         repo: Path, engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in program (python dumping its argv) replaces `claude` in a grove override
     of the built-in: everything else is the real catalog entry and the real runtime."""
     set_creds(monkeypatch)  # the local runtime inherits the engine's environment: the
     monkeypatch.setenv("SRC_KEY", SECRET)  # credentials come from other variable names
     monkeypatch.setenv("SRC_OTHER", SECRET)
+    monkeypatch.setenv("SRC_OAUTH", SECRET)
     drop = tmp_path / "out"  # as root, the agent runs as uid 1000: a place it may write
     drop.mkdir(mode=0o777)
     drop.chmod(0o777)
@@ -502,9 +507,12 @@ def test_local_runtime_passes_task_intact_and_only_chosen_secret(
     dump = ("import hashlib, json, os, sys; k = os.environ.get('ANTHROPIC_API_KEY', ''); "
             "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), "
             "'key': hashlib.sha256(k.encode()).hexdigest(), "
-            "'other': 'OTHER_TOKEN' in os.environ}, open(" + repr(str(out)) + ", 'w'))")
+            "'other': 'OTHER_TOKEN' in os.environ, "
+            "'oauth': 'CLAUDE_CODE_OAUTH_TOKEN' in os.environ}, open(" + repr(str(out)) +
+            ", 'w'))")
     profile = {"local": {"runtime": "local", "credentials": {
-        "ANTHROPIC_API_KEY": {"fromEnv": "SRC_KEY"}, "OTHER_TOKEN": {"fromEnv": "SRC_OTHER"}}}}
+        "ANTHROPIC_API_KEY": {"fromEnv": "SRC_KEY"}, "OTHER_TOKEN": {"fromEnv": "SRC_OTHER"},
+        "CLAUDE_CODE_OAUTH_TOKEN": {"fromEnv": "SRC_OAUTH"}}}}
     # a python the agent's uid can run (the engine's may live under a 0700 /root)
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
     defs = {"claude": {"builtin": "claude", "command": [python, "-c", dump]}}
@@ -515,7 +523,8 @@ def test_local_runtime_passes_task_intact_and_only_chosen_secret(
     seen = json.loads(out.read_text())
     assert seen["argv"] == ["--", TASK]
     assert seen["key"] == hashlib.sha256(SECRET.encode()).hexdigest()
-    assert seen["other"] is False  # a credential of a method that was not chosen
+    assert seen["oauth"] is False  # a credential of a method that was not chosen
+    assert seen["other"] is True  # a credential no auth method names always passes
     wt = Path(seen["cwd"])
     assert instructions.BEGIN in (wt / "CLAUDE.md").read_text()
     assert git(wt, "status", "--porcelain") == ""

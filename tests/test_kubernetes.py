@@ -187,7 +187,10 @@ def test_pod_is_hardened_and_carries_no_secret_values(tmp_path: Path,
     assert job["metadata"]["labels"] == {
         "engine.grove": "full", "engine.agent": "task", "engine.spec-hash": task.spec_hash,
         "engine.version": "0.1.0", "engine.repo": objs.repo_label(
-            "https://git.example.com/org/repo.git")}
+            "https://git.example.com/org/repo.git"),
+        "app.kubernetes.io/name": "grove-engine-agent",
+        "app.kubernetes.io/instance": "full-task", "app.kubernetes.io/part-of": "full",
+        "app.kubernetes.io/managed-by": "grove-engine"}
     assert built["ConfigMap"]["data"]["instructions"] == "You test."
 
 
@@ -502,6 +505,53 @@ def test_delete_removes_every_object_and_tolerates_absence(kube: Kube) -> None:
     fresh = get("kubernetes", kube.repo)  # no memory of where the agent was
     fresh.delete("kube", "worker")
     assert fresh.observe("kube") == {}
+
+
+def test_dependents_are_owned_by_the_workload_and_the_claim_outlives_it(kube: Kube) -> None:
+    """Each dependent but the claim names the workload with the uid the server gave it
+    (deleting the workload is then the garbage collector's to cascade, which the stand-in
+    does not model); the workspace claim is never owned, and the NetworkPolicy exists
+    before the workload is written (its Pod never runs without it)."""
+    def refs() -> dict[str, list[dict[str, Any]]]:
+        return {k: o["metadata"].get("ownerReferences") or []
+                for k, o in kube.objects().items() if not k.startswith("Pod/")}
+
+    def owner_uid(kind: str = "Job") -> str:
+        return str(kube.objects()[f"{kind}/kube-worker"]["metadata"]["uid"])
+
+    extra = "      persistence: 1Gi"
+    kube.rt.create(kube.launch(kube.grove(extra=extra).agent("worker")))
+    first = owner_uid()
+    owned = refs()
+    assert sorted(k for k, r in owned.items() if r) == [
+        "ConfigMap/kube-worker", "NetworkPolicy/kube-worker", "Secret/kube-worker"]
+    for r in owned.values():
+        assert r in ([], [{"apiVersion": "batch/v1", "kind": "Job", "name": "kube-worker",
+                           "uid": first, "controller": True, "blockOwnerDeletion": True}])
+    paths = [p for _, p, _, _ in kube.api.writes]
+    policy = next(i for i, p in enumerate(paths) if "/networkpolicies/kube-worker" in p)
+    job = next(i for i, p in enumerate(paths) if "/jobs/kube-worker" in p)
+    assert policy < job, paths
+    kube.rt.stop("kube", "worker")
+    assert "Job/kube-worker" not in kube.objects()
+    assert refs()["PersistentVolumeClaim/kube-worker"] == []
+    kube.rt.create(kube.launch(kube.grove(extra=extra).agent("worker")))
+    second = owner_uid()
+    assert second != first
+    assert {r[0]["uid"] for r in refs().values() if r} == {second}
+    # a changed spec replaces the Job: the dependents are adopted by the new one
+    kube.rt.create(kube.launch(kube.grove("echo two", extra=extra).agent("worker")))
+    third = owner_uid()
+    assert third != second and {r[0]["uid"] for r in refs().values() if r} == {third}
+    # now a Pod (restart: always) owns them, and still not the claim
+    kube.rt.create(kube.launch(kube.grove(extra=extra, restart="always").agent("worker")))
+    pod = owner_uid("Pod")
+    assert {(r[0]["kind"], r[0]["uid"]) for r in refs().values() if r} == {("Pod", pod)}
+    assert refs()["PersistentVolumeClaim/kube-worker"] == []
+    kube.rt.delete("kube", "worker")
+    assert list(kube.objects()) == ["PersistentVolumeClaim/kube-worker"]
+    assert {(ctype, manager) for _, _, ctype, manager in kube.api.writes} == {
+        ("application/apply-patch+yaml", "grove-engine")}
 
 
 def test_logs_and_follow(kube: Kube) -> None:

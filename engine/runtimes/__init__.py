@@ -104,18 +104,24 @@ def _docker(repo_root: Path, host: str | None) -> Runtime:
     return docker.make(repo_root, host)
 
 
+def _podman(repo_root: Path, host: str | None) -> Runtime:
+    from engine.runtimes import podman
+
+    return podman.make(repo_root, host)
+
+
 def _kubernetes(repo_root: Path, host: str | None) -> Runtime:
     from engine.runtimes import kubernetes
 
     return kubernetes.make(repo_root, host)
 
 
-REGISTRY: dict[str, Factory] = {"local": _local, "docker": _docker,
+REGISTRY: dict[str, Factory] = {"local": _local, "docker": _docker, "podman": _podman,
                                 "kubernetes": _kubernetes}
 
 
 def get(name: str, repo_root: Path, host: str | None = None) -> Runtime:
-    """The runtime `name` for this repository (and Docker host / kube context)."""
+    """The runtime `name` for this repository (and Docker or Podman host / kube context)."""
     factory = REGISTRY.get(name)
     if factory is None:
         raise EngineError(f"unknown runtime {name!r} (runtimes: {', '.join(REGISTRY)})")

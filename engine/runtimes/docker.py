@@ -42,13 +42,14 @@ STOP_GRACE = 5  # seconds a stopped container's harness has before it is killed
 T = TypeVar("T")
 
 
-def connect(host: str | None) -> Any:
+def connect(host: str | None, engine: str = "docker engine", hint: str = START_HINT) -> Any:
     """A Docker client for `host` (None: DOCKER_HOST or the default socket), checked to
-    answer. Raises RuntimeUnavailable with one line saying how to start the engine."""
+    answer. Raises RuntimeUnavailable with one line saying how to start the engine (`engine`
+    and `hint`: what answers there, and how to start it; Podman's differ)."""
     where = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     if not where.startswith(SCHEMES):
-        raise EngineError(f"docker host {where}: unknown scheme (use unix://, tcp:// or "
-                          "ssh://)")
+        raise EngineError(f"{engine.split()[0]} host {where}: unknown scheme (use unix://, "
+                          "tcp:// or ssh://)")
 
     def client(version: str) -> Any:
         if host:
@@ -57,14 +58,14 @@ def connect(host: str | None) -> Any:
         return docker.from_env(version=version, timeout=120)
 
     if where.startswith("unix://"):
-        _probe_unix(where, where.removeprefix("unix://"))
+        _probe_unix(where, where.removeprefix("unix://"), engine, hint)
     # Probe first with a client that makes no request while being built, so a failed
     # connection leaves nothing open; then speak the highest API version both sides know.
     probe = client(docker.constants.MINIMUM_DOCKER_API_VERSION)
     try:
         server = str(probe.api.version(api_version=False)["ApiVersion"])
     except (DockerException, requests.RequestException) as e:
-        raise RuntimeUnavailable(f"docker engine at {where}: not reachable; {START_HINT}",
+        raise RuntimeUnavailable(f"{engine} at {where}: not reachable; {hint}",
                                  detail=str(e)) from None
     finally:
         probe.close()
@@ -72,15 +73,22 @@ def connect(host: str | None) -> Any:
     return client(server if docker.utils.version_lt(server, ours) else ours)
 
 
-def _probe_unix(where: str, path: str) -> None:
+def _probe_unix(where: str, path: str, engine: str, hint: str) -> None:
     """docker-py leaks the socket of a failed unix connection: try it ourselves first."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         try:
             sock.connect(path)
         except OSError as e:
-            raise RuntimeUnavailable(f"docker engine at {where}: not reachable "
-                                     f"({e.strerror or e}); {START_HINT}") from None
+            raise RuntimeUnavailable(f"{engine} at {where}: not reachable "
+                                     f"({e.strerror or e}); {hint}") from None
+
+
+def _podman_permanent(text: str) -> bool:
+    """Podman answers 500 where Docker answers 404 or 409: a network or object that does
+    not exist, a container in the wrong state. Retrying cannot help those."""
+    return any(s in text for s in ("not found", "no such container", "no such network",
+                                   "no such image", "state improper"))
 
 
 def _permanent(who: str, e: Exception) -> EngineError:
@@ -91,18 +99,38 @@ def _permanent(who: str, e: Exception) -> EngineError:
     return PermanentError(f"{who}: {getattr(e, 'explanation', None) or e}")
 
 
+def is_podman(client: Any) -> bool:
+    """Whether the engine answering is Podman's Docker-compatible service (its version
+    names a "Podman Engine" component); see engine/runtimes/podman.py for what differs."""
+    try:
+        info = client.api.version(api_version=False)
+    except (DockerException, requests.RequestException):
+        return False
+    return any(c.get("Name") == "Podman Engine" for c in info.get("Components") or [])
+
+
 def make(repo_root: Path, host: str | None) -> DockerRuntime:
-    return DockerRuntime(repo_root.resolve(), host or "", connect(host))
+    client = connect(host)
+    return DockerRuntime(repo_root.resolve(), host or "", client, podman=is_podman(client))
 
 
 class DockerRuntime:
-    """One Docker engine, as seen from one repository."""
+    """One Docker engine, as seen from one repository. With `podman`, the engine is
+    Podman's Docker-compatible service: what it reports differently is read its way
+    (`_podman_entry`), what it is sent is the same."""
 
     name = "docker"
+    engine = "docker engine"  # what answers at the host, in messages
+    hint = START_HINT
+    cli = "docker"  # the command `attach` runs (`-H host exec -it ...`)
+    cli_package = "docker.io"
 
-    def __init__(self, repo_root: Path, host: str, client: Any) -> None:
+    def __init__(self, repo_root: Path, host: str, client: Any, podman: bool = False,
+                 where: str = "") -> None:
         self.repo_root = repo_root
         self.host = host
+        self.where = where or host  # the URL connected to ("" : DOCKER_HOST or the default)
+        self.podman = podman
         self.client = client
         self.api = client.api
         # pooled connections are closed when the runtime goes away, warning-free
@@ -112,7 +140,7 @@ class DockerRuntime:
         self._closer()
 
     def _where(self) -> str:
-        return self.host or "the local docker engine"
+        return self.host or f"the local {self.engine}"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run one engine call, turning transport failures into runtime errors."""
@@ -121,10 +149,11 @@ class DockerRuntime:
         except NotFound:
             raise  # the caller decides what a missing object means
         except (requests.ConnectionError, requests.Timeout) as e:
-            raise RuntimeUnavailable(f"docker engine at {self.host or 'default'}: lost "
-                                     f"while {what}; {START_HINT}", detail=str(e)) from None
+            raise RuntimeUnavailable(f"{self.engine} at {self.host or 'default'}: lost "
+                                     f"while {what}; {self.hint}", detail=str(e)) from None
         except APIError as e:
-            if e.status_code is not None and e.status_code >= 500:
+            if e.status_code is not None and e.status_code >= 500 \
+                    and not (self.podman and _podman_permanent(str(e.explanation or e))):
                 raise TemporaryError(f"{what}: {e.explanation or e}", delay=2.0) from None
             raise PermanentError(f"{what}: {e.explanation or e}") from None
 
@@ -152,16 +181,33 @@ class DockerRuntime:
             all=True, filters=spec.owner_filters(self.repo_root, grove)))
         out = {}
         for entry in entries:
+            if self.podman:
+                entry = self._podman_entry(entry)
             o = spec.observed(entry, self.host)
+            if self.name != o.runtime:
+                o = dataclasses.replace(o, runtime=self.name)
             if o.grove == grove and o.name:
                 out[o.name] = o
         return dict(sorted(out.items()))
+
+    def _podman_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A container list entry from Podman, as Docker would give it: Podman reports
+        its own states where Docker has none ("stopped": exited, not yet cleaned up;
+        "configured"/"initialized": created; "stopping": still running) and lists no
+        Mounts, which the reason of a failed agent is found through (read by inspect)."""
+        states = {"stopped": "exited", "configured": "created", "initialized": "created",
+                  "stopping": "running"}
+        entry = {**entry, "State": states.get(entry.get("State") or "", entry.get("State"))}
+        if entry["State"] == "exited" and not entry.get("Mounts") and entry.get("Id"):
+            info = self._inspect(str(entry["Id"])) or {}
+            entry["Mounts"] = info.get("Mounts") or []
+        return entry
 
     def create(self, launch: Launch) -> None:
         a = launch.agent
         who = f"agent {a.grove}/{a.name}"
         if not a.image:
-            raise EngineError(f"{who}: runtime docker needs an image")
+            raise EngineError(f"{who}: runtime {self.name} needs an image")
         old = self._name(a.grove, a.name)
         self._stop_container(old)  # a running one saves its session first (a restart)
         self._remove(old)
@@ -194,7 +240,7 @@ class DockerRuntime:
     def _local_engine(self) -> bool:
         """Whether the Docker engine runs on this machine (it can mount the engine's files
         and reach the gateway's sockets)."""
-        where = self.host or os.environ.get("DOCKER_HOST") or "unix://"
+        where = self.where or os.environ.get("DOCKER_HOST") or "unix://"
         return where.startswith("unix://")
 
     def _program(self, a: DesiredAgent) -> harness_install.Installed | None:
@@ -239,9 +285,9 @@ class DockerRuntime:
         if a.network != "egress":
             return dataclasses.replace(dirs, harness=program.root if program else None)
         if not self._local_engine():
-            raise EngineError(f"agent {a.grove}/{a.name}: network: egress needs the Docker "
-                              f"engine on this machine (the gateway's socket is mounted); "
-                              f"profile host is {self.host}")
+            raise EngineError(f"agent {a.grove}/{a.name}: network: egress needs the "
+                              f"{self.engine} on this machine (the gateway's socket is "
+                              f"mounted); profile host is {self.host}")
         egress.write_policy(self.repo_root, a.grove, a.name, list(a.egress))
         egress.ensure_running(self.repo_root)
         return dataclasses.replace(
@@ -293,16 +339,20 @@ class DockerRuntime:
         return "\n".join(tail) + ("\n" if tail else "")
 
     def attach(self, grove: str, agent: str) -> int:
-        cli = shutil.which("docker")
+        cli = shutil.which(self.cli)
         if cli is None:
-            raise EngineError(f"agent {grove}/{agent}: attach needs the docker command "
-                              "(apt-get install docker.io)")
+            raise EngineError(f"agent {grove}/{agent}: attach needs the {self.cli} command "
+                              f"(apt-get install {self.cli_package})")
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise EngineError(f"agent {grove}/{agent}: attach needs a terminal")
         self._require_running(grove, agent)
-        argv = [cli, *(["-H", self.host] if self.host else []), "exec", "-it",
+        argv = [cli, *self._cli_host(), "exec", "-it",
                 self._name(grove, agent), "tmux", "attach-session", "-t", spec.SESSION]
         return subprocess.call(argv)
+
+    def _cli_host(self) -> list[str]:
+        """The options that point `cli` at this runtime's engine."""
+        return ["-H", self.host] if self.host else []
 
     def send(self, grove: str, agent: str, text: str) -> None:
         script = ('tmux set-buffer -b engine-msg -- "$1" && '
@@ -386,7 +436,7 @@ class DockerRuntime:
             raise EngineError(f"agent {grove}/{agent}: no container on {self._where()}"
                               ) from None
         except PermanentError as e:
-            if "is not running" in e.summary:
+            if "is not running" in e.summary or "container state improper" in e.summary:
                 raise EngineError(f"agent {grove}/{agent}: its container is not running"
                                   ) from None
             raise

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-RUNTIMES = ("local", "docker", "kubernetes")
+RUNTIMES = ("local", "docker", "podman", "kubernetes")
 ROOT_ONLY = "only when the engine runs as root"
 NO_CONTAINER = "it runs no container"
 ENFORCED_POLICY = "only where the cluster's network plugin enforces NetworkPolicy"
@@ -59,6 +59,11 @@ HONOURED: dict[str, dict[str, Use | str]] = {
     "resources.pids": {"local": "not enforced", "docker": Use("`--pids-limit`"),
                        "kubernetes": "no per-Pod field; the kubelet's --pod-max-pids "
                                      "bounds it"},
+    "resources.disk": {"local": "not enforced",
+                       "docker": "not enforced (`--storage-opt size=` works only on some "
+                                 "storage drivers)",
+                       "kubernetes": Use("ephemeral-storage request and limit; the emptyDir "
+                                         "workspace's sizeLimit")},
     "readOnlyRoot": {"local": NO_CONTAINER, "docker": Use("`--read-only`"),
                      "kubernetes": Use("readOnlyRootFilesystem")},
     "privileged": {"local": NO_CONTAINER, "docker": Use("`--privileged`"),
@@ -68,6 +73,11 @@ HONOURED: dict[str, dict[str, Use | str]] = {
                "kubernetes": "host paths do not exist on cluster nodes; a profile "
                                  "with mounts is refused"},
 }
+
+# Podman runs the Docker runtime's container spec through its Docker-compatible API: every
+# setting is applied as on Docker, unless a row says otherwise.
+for _row in HONOURED.values():
+    _row.setdefault("podman", _row["docker"])
 
 
 def _entry(runtime: str, key: str) -> Use | str | None:

@@ -1,11 +1,15 @@
 """Kubernetes runtime, object building (pure): one resolved agent -> the API objects that run it.
 
-Called by `engine.runtimes.kubernetes` (create) and by the tests (validation against the
-official Kubernetes schemas). `build` returns plain dicts in apply order: ConfigMap (the
-wrapper and clone scripts, the agent-side client), Secret (only this agent's credentials,
-mounted as files, and with `network: egress` its proxy URL), PersistentVolumeClaim
-(profile `persistence`), NetworkPolicy (`network: none` or `egress`), then the workload:
-a Job when `restart: never` (the cluster records completion), else a Pod.
+Called by `engine.runtimes.kubernetes` (create), by `engine render` (the same objects,
+offline) and by the tests (validation against the official Kubernetes schemas). `build`
+returns plain dicts in apply order: first the owner, the workload (a Job when
+`restart: never`, the cluster records completion; else a Pod), then what it owns, each
+with an `ownerReferences` entry whose uid is `OWNER_UID` until apply knows the owner's:
+ConfigMap (the wrapper and clone scripts, the agent-side client), Secret (only this
+agent's credentials, mounted as files, and with `network: egress` its proxy URL),
+PersistentVolumeClaim (profile `persistence`), NetworkPolicy (`network: none` or `egress`).
+Every object carries the engine's owner labels and the recommended `app.kubernetes.io/*`
+labels.
 
 `network: egress` also needs the namespace's egress gateway (`gateway_*`, shared by every
 egress agent of the namespace): a ConfigMap with the gateway's code, one with the agents'
@@ -26,11 +30,24 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from engine import egress
-from engine.desired import DesiredAgent
+from engine.desired import DesiredAgent, parse_memory
 from engine.errors import EngineError
 from engine.runtimes import LABEL_AGENT, LABEL_GROVE, LABEL_HASH, LABEL_REPO, LABEL_VERSION
 
 FIELD_MANAGER = "grove-engine"
+# The recommended labels (kubernetes.io/docs/concepts/overview/working-with-objects/
+# common-labels): name and managed-by are fixed, instance and part-of name the agent.
+APP_NAME = "grove-engine-agent"
+L_NAME, L_INSTANCE, L_PART_OF, L_MANAGED_BY = (
+    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by")
+# What `engine render` shows where only apply can know the value: the owner's uid (the
+# server assigns it when the Job or Pod is created) and the digest of a gateway token.
+OWNER_UID = "<uid of the owner, set at apply>"
+TOKEN_AT_APPLY = "<set at apply>"
+# ... and the spec-hash label of an agent with credentials: the hash digests their values,
+# which render never reads (a valid label value: kubectl diff accepts it).
+SPEC_HASH_AT_APPLY = "set-at-apply"
 CONTAINER = "agent"
 WORKSPACE = "/workspace"
 SECRETS_DIR = "/run/secrets"
@@ -46,6 +63,7 @@ GIT_TOKEN, GIT_SSH_KEY = "GIT_TOKEN", "GIT_SSH_KEY"
 _TOKEN_HELPER = ('!f() { test "$1" = get || exit 0; echo "username=${GIT_USERNAME:-x-access-'
                  f'token}}"; printf "password=%s\\n" "$(cat {SECRETS_DIR}/{GIT_TOKEN})"; }}; f')
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]")
+_VALID_LABEL = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
 
 # -- network: egress: the namespace's gateway (docs/kubernetes.md, "network: egress") --
 # Names the agents' `object_name` never produces (it has one single `-`, or `---`).
@@ -111,6 +129,14 @@ class PodLaunch:
     client: str = ""  # text of the agent-side `engine` client ("" leaves it out)
 
 
+def pod_launch(agent: DesiredAgent, namespace: str, remote: str, launch_env: dict[str, str],
+               host_prefixes: tuple[str, ...], version: str, client: str) -> PodLaunch:
+    """The PodLaunch of an agent: what apply sends it with, and what `engine render`
+    prints."""
+    return PodLaunch(namespace, remote, pod_env(agent, launch_env, host_prefixes, remote),
+                     version, repo_label(remote), client)
+
+
 def object_name(grove: str, agent: str) -> str:
     """The name every object of one agent shares: unique per (grove, agent) and short
     enough for a Job's Pod hostname (52 characters). A `-` inside either name is doubled,
@@ -142,13 +168,27 @@ def label_value(text: str) -> str:
     return value or "unknown"
 
 
+def safe_label(text: str) -> str:
+    """`text` as a valid label value (at most 63 characters, alphanumeric at both ends):
+    as it is when it is one, else its first characters made valid, `-` and a digest of
+    the whole text (so two long values never meet)."""
+    if _VALID_LABEL.fullmatch(text):
+        return text
+    head = _LABEL_VALUE.sub("-", text)[:50].strip("-_.")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{head}-{digest}" if head else digest
+
+
 def repo_label(remote: str) -> str:
     return hashlib.sha256(remote.encode()).hexdigest()[:12]
 
 
 def owner_labels(agent: DesiredAgent, pl: PodLaunch) -> dict[str, str]:
+    """The engine's own labels (what observe selects on) and the recommended ones."""
     return {LABEL_GROVE: agent.grove, LABEL_AGENT: agent.name, LABEL_HASH: agent.spec_hash,
-            LABEL_VERSION: label_value(pl.version), LABEL_REPO: pl.repo}
+            LABEL_VERSION: label_value(pl.version), LABEL_REPO: pl.repo,
+            L_NAME: APP_NAME, L_INSTANCE: object_name(agent.grove, agent.name),
+            L_PART_OF: safe_label(agent.grove), L_MANAGED_BY: FIELD_MANAGER}
 
 
 def selector(grove: str, repo: str, agent: str | None = None) -> str:
@@ -234,6 +274,22 @@ def pod_env(agent: DesiredAgent, launch_env: dict[str, str], host_prefixes: tupl
 def _meta(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
     return {"name": object_name(agent.grove, agent.name), "namespace": pl.namespace,
             "labels": owner_labels(agent, pl)}
+
+
+def owner_reference(owner: dict[str, Any], uid: str = OWNER_UID) -> dict[str, Any]:
+    """The reference that makes an object the dependent of `owner` (the agent's Job or
+    Pod): the garbage collector deletes it with its owner."""
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+            "name": owner["metadata"]["name"], "uid": uid, "controller": True,
+            "blockOwnerDeletion": True}
+
+
+def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its owner reference's uid set to the uid `owner` (as the server returned
+    it) has."""
+    meta = {**obj["metadata"], "ownerReferences": [
+        owner_reference(owner, str(owner["metadata"]["uid"]))]}
+    return {**obj, "metadata": meta}
 
 
 def config_map(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
@@ -330,14 +386,24 @@ def _quantity_bytes(n: int) -> str:
     return str(n)
 
 
+def disk(agent: DesiredAgent) -> str | None:
+    """`resources.disk` as a Kubernetes quantity, None when not set."""
+    value = (agent.settings_map().get("resources") or {}).get("disk")
+    size = parse_memory(value) if value is not None else None
+    return _quantity_bytes(size) if size else None
+
+
 def _resources(agent: DesiredAgent) -> dict[str, Any]:
     """Requests equal limits (Guaranteed QoS): what a node admits is what agents may use.
-    `pids` has no per-Pod field; the kubelet's --pod-max-pids enforces it (docs)."""
+    `pids` has no per-Pod field; the kubelet's --pod-max-pids enforces it (docs).
+    `disk` is ephemeral-storage: the writable layer, logs and the emptyDirs together."""
     limits = {}
     if agent.resources.cpus:
         limits["cpu"] = _quantity_cpu(agent.resources.cpus)
     if agent.resources.memory:
         limits["memory"] = _quantity_bytes(agent.resources.memory)
+    if size := disk(agent):
+        limits["ephemeral-storage"] = size
     return {"requests": dict(limits), "limits": limits} if limits else {}
 
 
@@ -351,8 +417,10 @@ def _container_security(agent: DesiredAgent) -> dict[str, Any]:
 
 def _volumes(agent: DesiredAgent, name: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Volumes, and where each is mounted in the agent container."""
+    size = disk(agent)
     workspace: dict[str, Any] = ({"persistentVolumeClaim": {"claimName": name}}
-                                 if agent.extra("persistence") else {"emptyDir": {}})
+                                 if agent.extra("persistence") else
+                                 {"emptyDir": {"sizeLimit": size} if size else {}})
     vols = [{"name": "workspace", **workspace},
             {"name": "engine", "emptyDir": {}},
             {"name": "engine-bin", "configMap": {"name": name, "defaultMode": 0o555}},
@@ -418,24 +486,59 @@ def workload(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
         meta["labels"][EGRESS_LABEL] = "client"
     if agent.restart != "never":
         return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
-    template = {"metadata": {"labels": meta["labels"]}, "spec": spec}
+    # the Job's spec-hash label is what observe reads; the template (immutable) has none
+    template = {"metadata": {"labels": {k: v for k, v in meta["labels"].items()
+                                        if k != LABEL_HASH}}, "spec": spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": 0, "template": template}}
 
 
 def build(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str],
           egress_token: str = "") -> list[dict[str, Any]]:
-    """Every object of one agent, in apply order (with `network: egress` the gateway's
-    objects come first: `gateway_objects`). The Secret holds `values` and the egress
-    token: never log."""
+    """Every object of one agent, in apply order: its dependents, then the workload last,
+    so its NetworkPolicy (and Secret, ConfigMap, claim) exist before its Pod can start.
+    The ConfigMap, Secret and NetworkPolicy are owned by the workload (uid `OWNER_UID`:
+    apply sets the real one once the workload exists, `owned_by`); the workspace claim is
+    never owned: it holds the agent's work, which no deletion outside the engine may take
+    with it. With `network: egress` the gateway's objects come before all of them
+    (`gateway_objects`). The Secret holds `values` and the egress token: never log."""
     check(agent, pl.remote)
     if agent.network == "egress" and not egress_token:
         raise ValueError("an agent with network: egress needs its gateway token")
+    owner = workload(agent, pl)
     objs = [config_map(agent, pl)]
     if agent.credentials or agent.network == "egress":
         objs.append(secret(agent, pl, values, egress_token))
-    objs += [o for o in (claim(agent, pl), network_policy(agent, pl)) if o]
-    return [*objs, workload(agent, pl)]
+    for o in objs:
+        o["metadata"]["ownerReferences"] = [owner_reference(owner)]
+    if (c := claim(agent, pl)) is not None:
+        objs.append(c)
+    if (n := network_policy(agent, pl)) is not None:
+        n["metadata"]["ownerReferences"] = [owner_reference(owner)]
+        objs.append(n)
+    return [*objs, owner]
+
+
+def unowned(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` without owner references (applied so before its owner exists)."""
+    meta = {k: v for k, v in obj["metadata"].items() if k != "ownerReferences"}
+    return {**obj, "metadata": meta}
+
+
+SECRET_PLACEHOLDER = "<secret value, not rendered>"
+
+
+def redacted(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` for printing: a Secret's values (data and stringData) each replaced by
+    SECRET_PLACEHOLDER (base64 in data), its keys kept; any other object as it is."""
+    if obj.get("kind") != "Secret":
+        return obj
+    out = dict(obj)
+    b64 = base64.b64encode(SECRET_PLACEHOLDER.encode()).decode()
+    for field, value in (("data", b64), ("stringData", SECRET_PLACEHOLDER)):
+        if field in obj:
+            out[field] = {k: value for k in obj[field] or {}}
+    return out
 
 
 # -- network: egress: the agent's side --------------------------------------------------
@@ -489,8 +592,9 @@ def policy_manager(grove: str, agent: str) -> str:
 def policy(agent: DesiredAgent, token: str) -> str:
     """The agent's gateway policy: its endpoints and the SHA-256 of its token (never the
     token: a ConfigMap is not a secret)."""
+    digest = TOKEN_AT_APPLY if token == TOKEN_AT_APPLY else token_sha256(token)
     return json.dumps({"grove": agent.grove, "agent": agent.name, "allow": list(agent.egress),
-                       "tokenSha256": token_sha256(token)}, indent=1, sort_keys=True) + "\n"
+                       "tokenSha256": digest}, indent=1, sort_keys=True) + "\n"
 
 
 def gateway_labels() -> dict[str, str]:
@@ -648,6 +752,18 @@ def gateway_network_policy(namespace: str, ports: list[int]) -> dict[str, Any]:
             "egress": out}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _gateway_meta(GATEWAY_NETPOL, namespace), "spec": spec}
+
+
+def gateway_for(agents: list[tuple[DesiredAgent, PodLaunch, str]]) -> list[dict[str, Any]]:
+    """The gateway's objects as they stand once each (agent, launch, token) of one
+    namespace is applied: the first one's image, every agent's policy key and port."""
+    first, pl, token = agents[0]
+    ports = sorted({egress.parse_endpoint(e)[1] for a, _, _ in agents for e in a.egress})
+    out = gateway_objects(first, pl, token, ports=ports)
+    out[1]["data"] = dict(sorted(
+        (k, v) for a, _, t in agents
+        for k, v in gateway_policies(pl.namespace, a, t)["data"].items()))
+    return out
 
 
 def gateway_objects(agent: DesiredAgent, pl: PodLaunch, token: str,

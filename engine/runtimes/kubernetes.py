@@ -9,6 +9,14 @@ force=false, so a re-apply changes nothing and a field another manager owns is r
 never taken over. Observation is one label-selector list of Pods and one of Jobs per
 namespace the grove uses.
 
+Each agent's dependents (ConfigMap, Secret, workspace claim, NetworkPolicy) are applied
+before its workload (Job or Pod), so its Pod never runs without its NetworkPolicy; the
+ConfigMap, Secret and NetworkPolicy are then applied again naming the workload in
+`ownerReferences` with the uid the server returned, so deleting the workload
+(`kubectl delete job`) lets the garbage collector delete them. The workspace claim is
+never owned: it holds the agent's work, which only the engine's own destroy (after
+archiving) removes.
+
 `network: egress` agents share their namespace's egress gateway (`k8s_objects.gateway_*`):
 creating one applies the gateway's objects and writes its policy key; deleting the last
 one removes them (one lock per runtime serializes this part of create and delete).
@@ -148,9 +156,8 @@ class KubernetesRuntime:
         k8s_git.push_branch(launch, remote)
         host_paths = tuple(str(p) for p in (self.repo_root.resolve(), self.repo_root))
         client = launch.client.read_text() if launch.client.is_file() else ""
-        pl = objs.PodLaunch(t.namespace, remote,
-                            objs.pod_env(agent, launch.env, host_paths, remote),
-                            __version__, repo, client)
+        pl = objs.pod_launch(agent, t.namespace, remote, launch.env, host_paths, __version__,
+                             client)
         name = objs.object_name(agent.grove, agent.name)
         self._record(agent.grove, t, repo)
         self._where[(agent.grove, agent.name)] = t
@@ -161,7 +168,7 @@ class KubernetesRuntime:
             token = (self._egress_token(cl, t.namespace, name) if kept else ""
                      ) or secrets.token_urlsafe(32)
         built = objs.build(agent, pl, dict(launch.secrets), token)
-        workload = built[-1]
+        workload, deps = built[-1], built[:-1]
         for kind in sorted(_OPTIONAL - {o["kind"] for o in built}):  # e.g. network: none
             with contextlib.suppress(NotFound):                     # was dropped
                 self._delete(cl, kind, t.namespace, name)
@@ -170,19 +177,36 @@ class KubernetesRuntime:
                 self._gateway_up(cl, agent, pl, token)
             else:
                 self._gateway_forget(cl, t.namespace, agent.grove, agent.name)
-        for obj in built:
-            try:
-                self._apply(cl, obj)
-            except api.Invalid:
-                if obj is not workload:
-                    raise
-                self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
-                self._apply(cl, obj)
+        # every dependent exists before the Pod can start, its NetworkPolicy above all:
+        # unowned until the workload exists (owned by a live one that is kept: a re-apply
+        # then changes nothing), adopted once the server has given the workload its uid
+        old = self._get(cl, workload["kind"], t.namespace, name) if kept else None
+
+        def first(obj: dict[str, Any]) -> dict[str, Any]:
+            owned = old is not None and obj["metadata"].get("ownerReferences")
+            return objs.owned_by(obj, old) if owned and old else objs.unowned(obj)
+
+        for obj in deps:
+            self._apply(cl, first(obj))
+        try:
+            owner = self._apply(cl, workload)
+        except api.Invalid:  # replaced: the old workload's deletion takes what it owned
+            self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
+            old = None
+            for obj in deps:
+                self._apply(cl, objs.unowned(obj))
+            owner = self._apply(cl, workload)
+        if old is not None and old["metadata"].get("uid") == owner["metadata"].get("uid"):
+            return
+        for obj in deps:
+            if obj["metadata"].get("ownerReferences"):
+                self._apply(cl, objs.owned_by(obj, owner))
 
     def stop(self, grove: str, agent: str) -> None:
-        """Delete the agent's workload (its Job or Pod); its Secret, ConfigMap, policies
-        and workspace volume stay for the next create. Its home is the Pod's emptyDir: it
-        does not outlive the Pod."""
+        """Delete the agent's workload (its Job or Pod), and with it (garbage collection)
+        its Secret, ConfigMap and NetworkPolicy; the workspace volume (never owned) stays
+        for the next create. Its home is the Pod's emptyDir: it does not outlive the
+        Pod."""
         known = self._where.get((grove, agent))
         targets = [known] if known else sorted(self._grove(grove)[2])
         name = objs.object_name(grove, agent)
