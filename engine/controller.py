@@ -12,7 +12,8 @@ committed to the branch. `--working-tree` (a development mode, named as such) co
 the files as they are instead.
 
 It wakes on: a change of the branch (`.git`), requests in `.engine/inbox/<grove>/`,
-agents ending (`.engine/run/<grove>/`, the local runtime's exit files), and in
+agents ending (`.engine/run/<grove>/`, the local runtime's exit files; on Kubernetes,
+the runtime's watch of its Pods and Jobs: `start_watching`), and in
 working-tree mode the manifests; a periodic resync with jitter catches the rest
 (containers dying, clock-driven restarts). A failing pass is logged and the loop goes on.
 A controller whose lock was removed from under it stops, saying so.
@@ -43,10 +44,10 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from engine import converge, desired, events, executor, inventory, manifest, paths, plan
+from engine import converge, desired, events, executor, inventory, manifest, paths, plan, runtimes
 from engine.errors import EngineError, InvalidManifests, LockedError
 from engine.observe import Runtimes
-from engine.runtimes import FAILED, SUCCEEDED
+from engine.runtimes import FAILED, SUCCEEDED, Runtime
 
 Log = Callable[[str], None]
 GRACE = 0.5  # seconds from SIGINT/SIGTERM to the forced exit, if the unwinding is not done
@@ -96,6 +97,7 @@ class Controller:
     _idle_streak: int = 0  # passes in a row that changed nothing (_throttle)
     _pass_end: float = 0.0
     _acted: bool = False
+    _watching: list[Any] = field(default_factory=list)  # runtimes watching for us
 
     def run(self) -> None:
         with contextlib.ExitStack() as stack:
@@ -104,6 +106,7 @@ class Controller:
                 for g in self.groves:
                     stack.enter_context(_sole_controller(self.root, g))
             stack.enter_context(self._observer())
+            stack.callback(self._unwatch)
             what = ("the working tree (development mode: uncommitted edits act)"
                     if self.wopts.revision is None else
                     f"revision {self.wopts.revision or 'of the current branch'}")
@@ -111,7 +114,7 @@ class Controller:
                 self.log(f"watching {', '.join(self.groves)}: converging {what} (resync "
                          f"every {self.wopts.interval:g}s)")
             with contextlib.suppress(Stopped):
-                self._loop(Runtimes(self.root))
+                self._loop(Runtimes(self.root, self._runtime))
         if not self.wopts.until_done:
             self.log("stopped")
 
@@ -151,6 +154,22 @@ class Controller:
             if self.wake.wait(pause):
                 self._throttle()
                 time.sleep(self.wopts.debounce)
+
+    def _runtime(self, name: str, root: Path, host: str | None) -> Runtime:
+        """A runtime for the passes: one that can watch what it observes (kubernetes)
+        does, and wakes the loop when that changes (a Pod ending starts a pass at once)."""
+        rt = runtimes.get(name, root, host)
+        start = getattr(rt, "start_watching", None)
+        if callable(start):
+            start(self.wake.set)
+            self._watching.append(rt)
+        return rt
+
+    def _unwatch(self) -> None:
+        for rt in self._watching:
+            with contextlib.suppress(Exception):
+                rt.stop_watching()
+        self._watching.clear()
 
     def _throttle(self) -> None:
         """Passes woken by events start at least MIN_GAP after the last one ended, and after

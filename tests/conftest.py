@@ -4,9 +4,9 @@ Fakes exist only at edges this machine cannot run, and each one says so where it
 defined: the model providers' APIs, in tests/model_server.py (a scripted model server on
 127.0.0.1 speaking the Anthropic Messages, OpenAI Responses and Chat Completions and Gemini
 wire formats, which the real agent CLIs talk to in tests/test_real_agents.py); the
-Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here), and
-the exec websocket of a pod in tests/test_kubernetes.py (`_EndlessExec`, for the output
-cap); a
+Kubernetes API server in tests/k8s_apiserver.py (no cluster runs here), with its pods/exec
+websocket, whose commands run in a local process per pod (`PodSandbox`: own mount and PID
+namespaces, the pod's directory at /run/engine, a real tmux); a
 program that records its argv in place of the real `claude` in one harness test (its exact
 command line and secret handling; the real CLIs run in tests/test_real_agents.py); a
 tiny `mmdebstrap` in tests/test_images.py for the import's failure paths (the real
@@ -25,8 +25,9 @@ into a temporary directory for every test.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,38 @@ def write_grove(root: Path, name: str, text: str, file: str = "grove.yaml") -> P
     d.mkdir(parents=True, exist_ok=True)
     (d / file).write_text(text)
     return d
+
+
+# -- real agent CLIs, installed once --------------------------------------------------------
+# A persistent cache outside pytest's temporary directories, so repeated runs (and every
+# xdist worker: installs are flock-serialized and atomic) reuse what was installed once.
+SHARED_CACHE = Path(os.environ.get("GROVE_ENGINE_TEST_CACHE", "/tmp/grove-engine-test-cache"))
+
+
+def npm_env(mp: pytest.MonkeyPatch, cache: Path) -> None:
+    mp.setenv("GROVE_ENGINE_CACHE", str(cache))
+    mp.setenv("npm_config_cache", str(SHARED_CACHE / "npm"))
+
+
+@pytest.fixture(scope="session")
+def harness_program() -> Callable[..., Any]:
+    """harness_program("claude") -> the Installed program in the shared test cache,
+    installed on first use (skips the test when npm is missing)."""
+    from engine import harness_install
+
+    def get(name: str, version: str | None = None) -> Any:
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed")
+        with pytest.MonkeyPatch.context() as mp:
+            npm_env(mp, SHARED_CACHE)
+            return harness_install.install(name, version, lambda _line: None)
+    return get
+
+
+@pytest.fixture
+def shared_harness_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the engine (GROVE_ENGINE_CACHE) at the shared test cache for one test, so the
+    runtimes find what `harness_program` installed; returns the harnesses directory."""
+    from engine import harness_install
+    npm_env(monkeypatch, SHARED_CACHE)
+    return harness_install.cache_root()

@@ -25,7 +25,8 @@ from engine.errors import EngineError, PermanentError, RuntimeUnavailable
 from engine.runtimes import docker as docker_rt
 from engine.runtimes import docker_fs as fs
 from engine.runtimes import docker_spec as spec
-from tests.conftest import git, write_grove
+from engine.runtimes import seccomp
+from tests.conftest import git, searchable, write_grove
 from tests.docker_fixtures import IMAGE, Agents, docker_cli
 
 pytestmark = pytest.mark.docker
@@ -136,7 +137,7 @@ def test_sandbox_isolation_secrets_and_commit(agents: Agents, repo: Path,
     assert SECRET_A not in la.log_file.read_text(errors="replace")
     hc = json.loads(inspect)[0]["HostConfig"]
     assert (hc["CapDrop"], hc["SecurityOpt"], hc["ReadonlyRootfs"], hc["Init"]) == (
-        ["ALL"], ["no-new-privileges"], True, True)
+        ["ALL"], ["no-new-privileges", seccomp.security_opt()], True, True)
     assert hc["Memory"] == hc["MemorySwap"] == 256 * 1024**2
     assert hc["PidsLimit"] == 128 and hc["NanoCpus"] == 10**9
     assert hc["NetworkMode"] == "none" and not hc["Privileged"]
@@ -430,3 +431,61 @@ def _check_acl_grant(shared: Path) -> None:
     assert as_uid(4242, "sh", "-c", f"echo y > {shared / 'ab' / 'obj'}") != 0  # files: no
     st = (shared / "ab").stat()
     assert (st.st_uid, st.st_mode & 0o700) == (0, 0o700)
+
+
+# -- set-id files and user namespaces (the engine's seccomp profile) -------------------------
+
+SETID_PROBE = r"""
+set -u
+{
+  cp /bin/sh suid && chmod 4755 suid 2>/dev/null; echo "chmod=$(stat -c %a suid)"
+  cp /bin/sh "$HOME/sgid" && chmod g+s "$HOME/sgid" 2>/dev/null
+  python3 -c "import os; os.open('/run/engine/ctl/made', os.O_CREAT | os.O_WRONLY, 0o4755)" \
+    2>/dev/null && echo "create=made" || echo "create=refused"
+  echo "userns=$(unshare -Ur id -u 2>/dev/null || echo refused)"
+  echo "setid=$(find /workspace "$HOME" /run/engine/ctl -type f -perm /6000 | wc -l)"
+  chmod 700 suid && echo "plain=$(stat -c %a suid)"
+} > setid.txt 2>&1
+"""
+
+
+def setid_files(*roots: Path) -> list[Path]:
+    """Regular files under `roots` (not following links) with a set-uid or set-gid bit."""
+    out = []
+    for root in roots:
+        for d, _, files in os.walk(root):
+            out += [Path(d, f) for f in files
+                    if os.lstat(Path(d, f)).st_mode & 0o6000 and Path(d, f).is_file()]
+    return out
+
+
+def run_as_nobody(program: Path) -> str:
+    """What `program -p -c 'id -u'` prints as uid/gid 65534 (root only): a set-uid
+    shell would print its owner's uid."""
+    searchable(program.parent)
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+         str(program), "-p", "-c", "id -u"], capture_output=True, text=True).stdout.strip()
+
+
+def test_agent_cannot_plant_setid_files_or_make_user_namespaces(
+        agents: Agents, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files an agent writes land on the host as its uid: a set-uid copy of a shell among
+    them would let any local user run as that uid. The seccomp profile every container is
+    sent refuses set-id modes (chmod and create), and user namespaces (Docker's default)."""
+    monkeypatch.setenv("TEST_TOKEN", "x")
+    g = agents.grove(GROVE + agent_entry("s", SETID_PROBE))
+    launch = agents.launch(g.agent("s"))
+    rt = agents.start(launch)
+    o = agents.wait(rt, "g", "s")
+    assert (o.phase, o.exit_code) == ("Succeeded", 0), o
+    probe = parse((launch.workdir / "setid.txt").read_text())
+    assert probe["chmod"] == "755" and probe["create"] == "refused", probe
+    assert probe["userns"] == "refused" and probe["setid"] == "0", probe
+    assert probe["plain"] == "700", probe  # modes without set-id bits still change
+    assert setid_files(repo / ".engine") == []
+    if os.geteuid() == 0:  # another local user runs the agent's shell as itself
+        assert run_as_nobody(launch.workdir / "suid") == "65534"
+    info = json.loads(docker_cli("inspect", spec.container_name(repo, "g", "s")))[0]
+    assert info["HostConfig"]["SecurityOpt"][0] == "no-new-privileges"
+    assert info["HostConfig"]["SecurityOpt"][1].startswith("seccomp=")

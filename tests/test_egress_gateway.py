@@ -861,3 +861,16 @@ kill $fw; wait $fw
     assert re.search(r"code:(52|56)", out.stdout), out  # empty reply / connection reset
     err = (root / "fw.err").read_text()
     assert "403" in err and "not in the egress list" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("addr", "local"), [
+    ("127.0.0.1", True), ("::1", True), ("0.0.0.0", True), ("::", True),
+    ("169.254.169.254", True), ("::ffff:169.254.169.254", True), ("fe80::1%eth0", True),
+    ("224.0.0.1", True), ("ff02::1", True),
+    ("10.0.0.5", False), ("192.0.2.10", False), ("2001:db8::10", False), ("not-an-ip", False)])
+def test_a_listed_name_never_leads_to_a_local_or_link_local_address(addr: str,
+                                                                     local: bool) -> None:
+    """What a listed name's resolution is filtered by: the metadata service (link-local) is
+    as far out of a name's reach as this host."""
+    from engine.egress import gateway
+    assert gateway._local_address(addr) is local

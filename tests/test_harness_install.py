@@ -24,39 +24,10 @@ import pytest
 
 from engine import harness_install
 from engine.harness_install import Installed
+from tests.conftest import npm_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# --- shared installs (to move to conftest.py) ---------------------------------------------
-# A persistent cache outside pytest's temporary directories, so repeated runs (and every
-# xdist worker: installs are flock-serialized and atomic) reuse what was installed once.
-SHARED_CACHE = Path(os.environ.get("GROVE_ENGINE_TEST_CACHE", "/tmp/grove-engine-test-cache"))
-
-
-def _npm_env(mp: pytest.MonkeyPatch, cache: Path) -> None:
-    mp.setenv("GROVE_ENGINE_CACHE", str(cache))
-    mp.setenv("npm_config_cache", str(SHARED_CACHE / "npm"))
-
-
-@pytest.fixture(scope="session")
-def harness_program() -> Callable[..., Installed]:
-    """harness_program("claude") -> the Installed program in the shared test cache,
-    installed on first use (skips the test when npm is missing)."""
-    def get(name: str, version: str | None = None) -> Installed:
-        if shutil.which("npm") is None:
-            pytest.skip("npm is not installed")
-        with pytest.MonkeyPatch.context() as mp:
-            _npm_env(mp, SHARED_CACHE)
-            return harness_install.install(name, version, lambda _line: None)
-    return get
-
-
-@pytest.fixture
-def shared_harness_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the engine (GROVE_ENGINE_CACHE) at the shared test cache for one test, so the
-    runtimes find what `harness_program` installed; returns the harnesses directory."""
-    _npm_env(monkeypatch, SHARED_CACHE)
-    return harness_install.cache_root()
 
 # -------------------------------------------------------------------------------------------
 
@@ -68,7 +39,7 @@ needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not i
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty cache for this test (removed after: installs are hundreds of MB)."""
     cache = tmp_path / "cache"
-    _npm_env(monkeypatch, cache)
+    npm_env(monkeypatch, cache)
     yield cache / "harnesses"
     shutil.rmtree(cache, ignore_errors=True)
 

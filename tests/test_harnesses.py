@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +257,10 @@ spec:
 """
 
 
-def test_missing_credential_fails_validate_naming_it(repo: Path, engine: Any,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_credential_fails_validate_naming_it(
+        repo: Path, engine: Any, monkeypatch: pytest.MonkeyPatch,
+        harness_program: Callable[..., Any], shared_harness_cache: Path) -> None:
+    harness_program("claude")  # plan checks that the agent's harness is there
     set_creds(monkeypatch, "OTHER_TOKEN")
     write_grove(repo, "demo", CLI_GROVE)
     outputs = []

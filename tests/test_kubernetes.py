@@ -5,6 +5,7 @@ Pod's wrapper and clone scripts run for real (git, tmux), and bad input."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import shutil
 import socket
@@ -215,11 +216,11 @@ def test_restart_policies_network_and_access(tmp_path: Path, creds: dict[str, st
 @pytest.mark.parametrize(("remote", "egress"), [
     ("https://10.0.0.7:8443/r.git", [{"ports": [{"protocol": "TCP", "port": 8443}],
                                       "to": [{"ipBlock": {"cidr": "10.0.0.7/32"}}]}]),
-    ("git@github.com:org/r.git", [{"ports": [{"protocol": "TCP", "port": 22}]},
-                                  {"ports": [{"protocol": "UDP", "port": 53},
-                                             {"protocol": "TCP", "port": 53}]}]),
-    ("https://github.com/org/r.git", [{"ports": [{"protocol": "TCP", "port": 443}]},
-                                      {"ports": [{"protocol": "UDP", "port": 53},
+    # a host name: its addresses come resolved in PodLaunch (tests/test_kubernetes_netpol.py);
+    # unresolved, the policy names no remote at all, and DNS only to the cluster DNS
+    ("git@github.com:org/r.git", [{"to": [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "kube-system"}}, "podSelector": {"matchLabels": {
+            "k8s-app": "kube-dns"}}}], "ports": [{"protocol": "UDP", "port": 53},
                                                  {"protocol": "TCP", "port": 53}]}]),
     ("/srv/git/r.git", []),
 ])
@@ -508,10 +509,11 @@ def test_delete_removes_every_object_and_tolerates_absence(kube: Kube) -> None:
 
 
 def test_dependents_are_owned_by_the_workload_and_the_claim_outlives_it(kube: Kube) -> None:
-    """Each dependent but the claim names the workload with the uid the server gave it
-    (deleting the workload is then the garbage collector's to cascade, which the stand-in
-    does not model); the workspace claim is never owned, and the NetworkPolicy exists
-    before the workload is written (its Pod never runs without it)."""
+    """The Secret and ConfigMap name the workload with the uid the server gave it, so
+    deleting the workload cascades (the stand-in deletes dependents at once); the
+    workspace claim and the NetworkPolicy are never owned: the claim holds the work, and
+    the policy must hold while a deleted Pod terminates. The policy exists before the
+    workload is written (its Pod never runs without it)."""
     def refs() -> dict[str, list[dict[str, Any]]]:
         return {k: o["metadata"].get("ownerReferences") or []
                 for k, o in kube.objects().items() if not k.startswith("Pod/")}
@@ -524,7 +526,8 @@ def test_dependents_are_owned_by_the_workload_and_the_claim_outlives_it(kube: Ku
     first = owner_uid()
     owned = refs()
     assert sorted(k for k, r in owned.items() if r) == [
-        "ConfigMap/kube-worker", "NetworkPolicy/kube-worker", "Secret/kube-worker"]
+        "ConfigMap/kube-worker", "Secret/kube-worker"]
+    assert owned["NetworkPolicy/kube-worker"] == []
     for r in owned.values():
         assert r in ([], [{"apiVersion": "batch/v1", "kind": "Job", "name": "kube-worker",
                            "uid": first, "controller": True, "blockOwnerDeletion": True}])
@@ -533,7 +536,8 @@ def test_dependents_are_owned_by_the_workload_and_the_claim_outlives_it(kube: Ku
     job = next(i for i, p in enumerate(paths) if "/jobs/kube-worker" in p)
     assert policy < job, paths
     kube.rt.stop("kube", "worker")
-    assert "Job/kube-worker" not in kube.objects()
+    assert sorted(kube.objects()) == ["NetworkPolicy/kube-worker",
+                                      "PersistentVolumeClaim/kube-worker"]
     assert refs()["PersistentVolumeClaim/kube-worker"] == []
     kube.rt.create(kube.launch(kube.grove(extra=extra).agent("worker")))
     second = owner_uid()
@@ -550,6 +554,11 @@ def test_dependents_are_owned_by_the_workload_and_the_claim_outlives_it(kube: Ku
     assert refs()["PersistentVolumeClaim/kube-worker"] == []
     kube.rt.delete("kube", "worker")
     assert list(kube.objects()) == ["PersistentVolumeClaim/kube-worker"]
+    # the engine's delete waits for the workload to be gone before it lifts the policy
+    paths = [(m, p) for m, p in kube.api.requests if m == "DELETE"]
+    assert paths.index(("DELETE", "/api/v1/namespaces/agents/pods/kube-worker")) < \
+        paths.index(("DELETE", "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies/"
+                               "kube-worker")), paths
     assert {(ctype, manager) for _, _, ctype, manager in kube.api.writes} == {
         ("application/apply-patch+yaml", "grove-engine")}
 
@@ -623,7 +632,7 @@ def test_missing_namespace_is_a_clear_error(kube: Kube) -> None:
 
 
 @pytest.mark.parametrize(("verb", "resource", "call"), [
-    ("list", "pods", "observe"), ("patch", "jobs", "create"), ("delete", "secrets", "delete"),
+    ("list", "pods", "observe"), ("patch", "jobs", "create"), ("delete", "jobs", "delete"),
     ("get", "pods/log", "logs")])
 def test_rbac_forbidden_names_verb_and_resource(kube: Kube, verb: str, resource: str,
                                                 call: str) -> None:
@@ -640,6 +649,26 @@ def test_rbac_forbidden_names_verb_and_resource(kube: Kube, verb: str, resource:
         actions[call]()
     assert f"RBAC forbids {verb} on {resource} in namespace agents" in err.value.summary
     assert f"grant verb {verb!r} on resource {resource!r}" in err.value.summary
+    if call in ("create", "delete"):  # a write names the object it was refused
+        assert f"({resource} agents/kube-worker" in err.value.summary
+    assert "\n" not in err.value.summary
+
+
+def test_resource_quota_refusal_names_the_object_and_the_quota(kube: Kube) -> None:
+    """A ResourceQuota's refusal is a 403 like RBAC's; it must not read as an RBAC problem."""
+    worker = kube.grove().agent("worker")
+    kube.api.over_quota.add("jobs")
+    with pytest.raises(EngineError) as err:
+        kube.rt.create(kube.launch(worker))
+    line = err.value.summary
+    assert line.startswith("kubernetes: jobs agents/kube-worker refused by the ResourceQuota "
+                           "of namespace agents: exceeded quota: agents-quota"), line
+    assert "RBAC" not in line and "\n" not in line
+    left = {k[0] for k in kube.api.objects if k[1:] == ("agents", "kube-worker")}
+    assert not left & {"secrets", "configmaps"}, left  # no unowned Secret lingers
+    kube.api.over_quota.clear()
+    kube.rt.create(kube.launch(worker))  # room again: the same agent goes through
+    assert kube.api.objects.get(("jobs", "agents", "kube-worker"))
 
 
 def test_wrong_token_is_runtime_unavailable(kube: Kube) -> None:
@@ -656,6 +685,36 @@ def test_foreign_object_of_the_same_name_is_not_taken_over(kube: Kube) -> None:
     merge_patch(kube.api, url, {"metadata": {"labels": {"engine.repo": "other"}}}, "someone")
     with pytest.raises(EngineError, match="not owned by this repository"):
         kube.rt.create(kube.launch(worker))
+
+
+@pytest.mark.parametrize("plural", ["configmaps", "secrets", "networkpolicies"])
+def test_a_dependent_someone_else_made_is_never_adopted_written_or_deleted(
+        kube: Kube, plural: str) -> None:
+    worker = kube.grove().agent("worker")
+    key = (plural, "agents", "kube-worker")
+    api_version, kind = k8s_api_kinds()[plural]
+    theirs = {"apiVersion": api_version, "kind": kind,
+              "metadata": {"name": "kube-worker", "namespace": "agents",
+                           "labels": {"team-x/only": "yes"}}}
+    theirs |= ({"data": {"db-password": "aGVsbG8="}} if plural == "secrets" else
+               {"data": {"x": "y"}} if plural == "configmaps" else
+               {"spec": {"podSelector": {"matchLabels": {"team-x/only": "yes"}}}})
+    kube.api.apply(key, theirs, "team-x", False)
+    before = copy.deepcopy(kube.api.objects[key])
+    with pytest.raises(EngineError) as err:
+        kube.rt.create(kube.launch(worker))
+    assert (f"{kind.lower()} agents/kube-worker exists and is not this agent's "
+            "(label engine.grove=none") in err.value.summary
+    assert kube.api.objects[key] == before  # not merged into, not owned
+    assert ("jobs", "agents", "kube-worker") not in kube.api.objects  # nothing started
+    kube.rt.delete("kube", "worker")
+    kube.rt.stop("kube", "worker")
+    assert kube.api.objects[key] == before  # not deleted by name
+
+
+def k8s_api_kinds() -> dict[str, tuple[str, str]]:
+    from tests.k8s_apiserver import KINDS
+    return KINDS
 
 
 # -- the Pod's scripts, run for real: git, tmux, the agent-side client ------------------
@@ -816,44 +875,3 @@ def test_kind_workflow_grove_is_valid_and_builds_valid_objects(
     for obj in objs.build(writer, pod_launch(writer, g.remote), {"GIT_TOKEN": "x"}):
         validate(obj)
     assert "engine apply --auto-approve --wait" in steps["Apply and wait"]["run"]
-
-
-class _EndlessExec:
-    """The exec stream of a pod that prints without end (the Kubernetes API server's
-    websocket is an edge this machine cannot run; see conftest)."""
-
-    def __init__(self, chunk: str, forever: bool = True) -> None:
-        self.chunk, self.forever, self.sent = chunk, forever, 0
-
-    def is_open(self) -> bool:
-        return self.forever or self.sent < 3
-
-    def update(self, timeout: float) -> None:
-        self.sent += 1
-
-    def peek_stdout(self) -> bool:
-        return bool(self.chunk)
-
-    def read_stdout(self) -> str:
-        return self.chunk
-
-    def peek_stderr(self) -> bool:
-        return False
-
-    def read_stderr(self) -> str:
-        return ""
-
-
-def test_exec_output_is_capped_while_it_streams() -> None:
-    from engine.runtimes import kubernetes as k8s_rt
-    with pytest.raises(EngineError, match="printed more than"):
-        k8s_rt._drain(_EndlessExec("x" * (1 << 20)), 60, "agent g/a: tar")
-
-
-def test_exec_that_never_ends_times_out() -> None:
-    from engine.errors import TemporaryError
-    from engine.runtimes import kubernetes as k8s_rt
-    with pytest.raises(TemporaryError, match="no answer within"):
-        k8s_rt._drain(_EndlessExec(""), 0.2, "agent g/a: tar")
-    out, _ = k8s_rt._drain(_EndlessExec("ab", forever=False), 5, "agent g/a: tar")
-    assert out.startswith("abab")

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,9 @@ def test_the_token_is_only_in_the_agents_secret(tmp_path: Path) -> None:
         # the policy holds the digest of the token, under the agent's key
         policies = objs.gateway_objects(agent, pl, TOKEN)[1]
         doc = json.loads(policies["data"][f"net.{agent.name}.json"])
-        assert doc == {"grove": "net", "agent": agent.name,
+        assert doc == {"grove": "net", "agent": agent.name,  # git goes through it too
                        "allow": ["api.anthropic.com:443", "github.com:443",
-                                 "models.example.com:8443"],
+                                 "models.example.com:8443", "git.example.com:443"],
                        "tokenSha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
         # the agent reads it from its Secret, never from a plain value
         spec = objs.pod_spec(agent, pl)
@@ -127,7 +128,7 @@ def test_the_token_is_only_in_the_agents_secret(tmp_path: Path) -> None:
             for name in objs.PROXY_VARS:
                 assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {
                     "name": f"net-{agent.name}", "key": objs.EGRESS_PROXY_KEY}}}
-            assert env["NO_PROXY"]["value"] == "localhost,127.0.0.1,git.example.com"
+            assert env["NO_PROXY"]["value"] == "localhost,127.0.0.1"  # https: the gateway
             assert env["no_proxy"]["value"] == env["NO_PROXY"]["value"]
 
 
@@ -140,17 +141,31 @@ def test_a_new_token_changes_only_the_secret_and_the_digest(tmp_path: Path) -> N
     assert changed == ["ConfigMap/engine-egress-policies", "Secret/net-coder"]
 
 
+def tcp(port: int, *cidrs: str) -> dict[str, Any]:
+    return {"to": [{"ipBlock": {"cidr": c}} for c in cidrs],
+            "ports": [{"protocol": "TCP", "port": port}]}
+
+
+RESOLVED = ("192.0.2.10", "2001:db8::10")  # as k8s_net.remote_addresses returns them
+
+
 @pytest.mark.parametrize(("remote", "git_rules"), [
-    ("https://10.0.0.7:8443/r.git", [{"ports": [{"protocol": "TCP", "port": 8443}],
-                                      "to": [{"ipBlock": {"cidr": "10.0.0.7/32"}}]}]),
-    ("git@github.com:org/r.git", [{"ports": [{"protocol": "TCP", "port": 22}]}]),
-    ("https://github.com/org/r.git", [{"ports": [{"protocol": "TCP", "port": 443}]}]),
+    # https goes through the gateway: no rule of its own, whatever names the host
+    ("https://10.0.0.7:8443/r.git", []),
+    ("https://github.com/org/r.git", []),
+    # ssh, git:// and plain http speak no HTTP proxy: exactly the remote, directly
+    ("git@github.com:org/r.git", [tcp(22, "192.0.2.10/32", "2001:db8::10/128")]),
+    ("ssh://git@10.0.0.7:2222/r.git", [tcp(2222, "10.0.0.7/32")]),
+    ("git://[2001:db8::7]/r.git", [tcp(9418, "2001:db8::7/128")]),
+    ("http://192.0.2.5/r.git", [tcp(80, "192.0.2.5/32")]),
     ("/srv/git/r.git", []),
 ])
 def test_agent_reaches_only_the_gateway_dns_and_the_git_remote(
         tmp_path: Path, remote: str, git_rules: list[Any]) -> None:
     agent = agents(tmp_path)["coder"]
-    pol = objs.network_policy(agent, pod_launch(agent, remote))
+    addresses = RESOLVED if objs.resolve_target(agent, remote) else ()
+    pl = replace(pod_launch(agent, remote), remote_addresses=addresses)
+    pol = objs.network_policy(agent, pl)
     assert pol is not None
     validate(pol)
     spec = pol["spec"]
@@ -168,7 +183,12 @@ def test_agent_reaches_only_the_gateway_dns_and_the_git_remote(
     workload = objs.workload(agent, pod_launch(agent, remote))
     labels = workload["spec"]["template"]["metadata"]["labels"]
     assert labels["engine.egress"] == "client"
-    # network: none keeps its own policy (remote + DNS anywhere), without the gateway
+    # the gateway's list has the remote exactly when git goes through it
+    via, allowed = objs.remote_via_gateway(remote), objs.allowed(agent, remote)
+    assert bool(via) == remote.startswith("https://")
+    assert allowed[:len(agent.egress)] == list(agent.egress) and len(set(allowed)) == len(
+        allowed) and (not via or via in allowed)
+    # network: none keeps its own policy (the remote and the cluster DNS), no gateway
     none = DesiredAgent(**{**agent.__dict__, "network": "none", "egress": ()})
     none_pol = objs.network_policy(none, pod_launch(none, remote))
     assert none_pol is not None and gateway not in none_pol["spec"]["egress"]
@@ -221,15 +241,26 @@ def test_gateway_pod_is_hardened_and_runs_the_shipped_code(tmp_path: Path) -> No
     assert service["spec"]["selector"] == {"engine.egress": "gateway"}
     assert service["spec"]["ports"] == [{"name": "proxy", "port": 3128, "targetPort": 3128,
                                          "protocol": "TCP"}]
-    assert policies["metadata"]["labels"] == {"engine.egress": "gateway"}
+    # the recommended labels on every gateway object and its Pods; selectors unchanged
+    labels = {"engine.egress": "gateway",
+              "app.kubernetes.io/name": "grove-engine-egress-gateway",
+              "app.kubernetes.io/instance": "engine-egress",
+              "app.kubernetes.io/part-of": "grove-engine",
+              "app.kubernetes.io/managed-by": "grove-engine"}
+    assert policies["metadata"]["labels"] == labels
+    for obj in objs.gateway_objects(agent, pod_launch(agent), TOKEN):
+        assert obj["metadata"]["labels"] == labels, obj["kind"]
+    assert deployment["spec"]["template"]["metadata"]["labels"] == labels
+    assert deployment["spec"]["selector"] == {"matchLabels": {"engine.egress": "gateway"}}
 
 
-def test_agent_waits_for_the_gateway_after_the_clone(tmp_path: Path) -> None:
+def test_agent_waits_for_the_gateway_before_the_clone(tmp_path: Path) -> None:
     agent = agents(tmp_path)["coder"]
     pl = pod_launch(agent)
     spec = objs.pod_spec(agent, pl)
-    assert [c["name"] for c in spec["initContainers"]] == ["workspace", "egress"]
-    wait = spec["initContainers"][1]
+    # the https clone goes through the gateway, which must know the agent first
+    assert [c["name"] for c in spec["initContainers"]] == ["egress", "workspace"]
+    wait = spec["initContainers"][0]
     assert wait["command"][:3] == ["python3", "-I", "/run/engine/bin/egress-wait"]
     assert all(m["readOnly"] for m in wait["volumeMounts"])
     assert objs.config_map(agent, pl)["data"]["egress-wait"] == objs.EGRESS_WAIT
@@ -501,7 +532,11 @@ def test_gateway_from_its_configmaps_admits_the_right_token_only(tmp_path: Path)
     coder = DesiredAgent(**{**base.__dict__, "egress": (f"127.0.0.1:{up.port}",)})
     server = DesiredAgent(**{**base.__dict__, "name": "server",
                              "egress": (f"127.0.0.1:{up.port}",)})
-    pl = pod_launch(coder)
+    # the git remote, named by https: on coder's list for git's sake. On loopback, as the
+    # gateway runs on this host: `objs.check` (apply, render) refuses a loopback remote,
+    # the objects built here without it only carry the list to the gateway under test
+    remote = Upstream()
+    pl = pod_launch(coder, f"https://127.0.0.1:{remote.port}/org/r.git")
     code_map, policies, deployment, _, _ = objs.gateway_objects(coder, pl, TOKEN)
     spec = deployment["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in spec["volumes"]}
@@ -566,6 +601,17 @@ def test_gateway_from_its_configmaps_admits_the_right_token_only(tmp_path: Path)
         assert bad.returncode == 1 and "answered 407" in bad.stderr, bad
         assert TOKEN not in bad.stderr and "nope" not in bad.stderr
 
+        # git itself, as the init container clones an https remote: with the Pod's proxy
+        # variables it tunnels through the gateway (the remote is an echo server, so TLS
+        # then fails: what counts is the gateway's record below)
+        home = tmp_path / "git-home"
+        home.mkdir()
+        res = subprocess.run(["git", "ls-remote", pl.remote],
+                             env={"PATH": os.environ["PATH"], "HOME": str(home),
+                                  "HTTPS_PROXY": url, "GIT_TERMINAL_PROMPT": "0"},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0 and TOKEN not in res.stderr, res
+
         # the kubelet updates the policies ConfigMap: a new agent, then the first one gone
         server_token = "s" * 43
         both = {**policies["data"], **objs.gateway_policies(
@@ -585,6 +631,8 @@ def test_gateway_from_its_configmaps_admits_the_right_token_only(tmp_path: Path)
     records = [json.loads(line) for line in log_file.read_text().splitlines()]
     verdicts = {(r["agent"], r["status"]) for r in records}
     assert {("coder", 200), ("coder", 403), ("server", 200)} <= verdicts
+    assert any(r["agent"] == "coder" and r["status"] == 200
+               and r["target"] == f"127.0.0.1:{remote.port}" for r in records)
     # a refused login is never filed under the agent it claimed to be
     assert ("coder", 407) not in verdicts
     assert any(r["status"] == 407 and r["agent"] == "" and r.get("claimed") == "net/coder"

@@ -132,6 +132,9 @@ def test_wheel_metadata(build_venv: Path, tmp_path: Path) -> None:
         meta = Parser().parsestr(z.read(f"{info}/METADATA").decode())
         assert z.read(f"{info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
     assert "engine/py.typed" in names and "engine/schemas/v1alpha1/grove.json" in names
+    for data in ("engine/runtimes/seccomp_default.json", "engine/runtimes/k8s_clone.sh",
+                 "engine/runtimes/k8s_wrapper.sh"):  # read at run time, not imported
+        assert data in names, data
     assert meta["Name"] == "grove-engine" and meta["Version"] == engine.__version__
     assert meta["License-Expression"] == "Apache-2.0"
     classifiers = meta.get_all("Classifier") or []

@@ -141,7 +141,7 @@ def test_render_prints_what_apply_sends(grove: Path, api: FakeApiServer, engine:
         assert as_rendered(on_server[key], uids, hashes) == obj, key
     # every dependent names its owner, and the owner exists with that uid
     owned = [o for o in on_server.values() if o["metadata"].get("ownerReferences")]
-    assert {o["kind"] for o in owned} == {"ConfigMap", "Secret", "NetworkPolicy"}
+    assert {o["kind"] for o in owned} == {"ConfigMap", "Secret"}  # never the policy
     for o in owned:
         (ref,) = o["metadata"]["ownerReferences"]
         assert ref["kind"] in ("Job", "Pod") and ref["controller"] and ref["blockOwnerDeletion"]
@@ -212,7 +212,7 @@ def test_no_secret_value_no_kubeconfig_no_network(grove: Path, engine: Any,
 
 def test_namespace_comes_from_the_kubeconfig_file_or_default(
         repo: Path, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = GROVE.format(remote="https://git.example.com/o/r.git", kubeconfig="kc.yaml")
+    text = GROVE.format(remote="https://192.0.2.7/o/r.git", kubeconfig="kc.yaml")  # no DNS
     write_grove(repo, "kube", text.replace("      namespace: agents\n", "", 1))
     (repo / "kc.yaml").write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -285,3 +285,22 @@ def test_a_kubeconfig_the_repository_names_is_read_as_data(tmp_path: Path) -> No
     (tmp_path / "ok.yaml").write_text(
         "current-context: c\ncontexts:\n- name: c\n  context: {namespace: team-a}\n")
     assert render._kubeconfig_namespace(tmp_path, "ok.yaml", "") == "team-a"
+
+
+@pytest.mark.parametrize("text", [
+    "current-context: c\ncontexts: 5\n",
+    "current-context: c\ncontexts:\n- name: c\n  context: just-a-string\n",
+    "current-context: c\ncontexts:\n- name: c\n  context: [1, 2]\n",
+    "current-context: [c]\ncontexts:\n- {name: c, context: {namespace: 7}}\n",
+])
+def test_a_kubeconfig_of_the_wrong_shape_is_no_traceback(tmp_path: Path, text: str) -> None:
+    """A kubeconfig is data of any shape: what is not a context with a namespace gives the
+    default (or, for a namespace that is not a name, a one-line error)."""
+    from engine.commands import render
+    from engine.errors import EngineError
+
+    (tmp_path / "kc.yaml").write_text(text)
+    try:
+        assert render._kubeconfig_namespace(tmp_path, "kc.yaml", "") == "default"
+    except EngineError as e:
+        assert "is not a valid namespace name" in e.summary and "\n" not in e.summary

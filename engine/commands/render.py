@@ -28,7 +28,7 @@ from engine.commands import _common
 from engine.desired import HOME_FILE_PREFIX, DesiredAgent, DesiredGrove
 from engine.errors import EngineError
 from engine.executor import client_path
-from engine.runtimes import LABEL_HASH
+from engine.runtimes import LABEL_HASH, k8s_net
 from engine.runtimes import k8s_objects as objs
 
 DEFAULT_NAMESPACE = "default"  # what kubectl uses when the context names none
@@ -67,9 +67,12 @@ def _kubeconfig_namespace(root: Path, kubeconfig: str, context: str) -> str:
         if not isinstance(doc, dict):
             continue
         name = context or doc.get("current-context")
-        for entry in doc.get("contexts") or []:
+        entries = doc.get("contexts")
+        for entry in entries if isinstance(entries, list) else []:
             if isinstance(entry, dict) and entry.get("name") == name:
-                ns = (entry.get("context") or {}).get("namespace") or DEFAULT_NAMESPACE
+                ctx = entry.get("context")
+                ns = (ctx.get("namespace") if isinstance(ctx, dict) else None
+                      ) or DEFAULT_NAMESPACE
                 if not isinstance(ns, str) or not _NAMESPACE.fullmatch(ns):
                     raise EngineError(f"{f}: context {name}: namespace {str(ns)[:80]!r} is not "
                                       "a valid namespace name")
@@ -104,7 +107,7 @@ def objects(root: Path, selected: list[tuple[DesiredGrove, DesiredAgent]]
             root, str(agent.extra("kubeconfig") or ""),
             str(agent.extra("context") or agent.host or ""))
         pl = objs.pod_launch(agent, ns, grove.remote, _launch_env(agent), host_paths,
-                             __version__, client)
+                             __version__, client, k8s_net.remote_addresses(agent, grove.remote))
         names = [c.name for c in agent.credentials]
         names += [f"{HOME_FILE_PREFIX}{i}" for i in range(len(agent.home_files))]
         token = objs.TOKEN_AT_APPLY if agent.network == "egress" else ""

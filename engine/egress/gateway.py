@@ -42,6 +42,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import queue
@@ -924,7 +925,8 @@ class Gateway:
         if not literal and not loopback:  # a listed name must not lead to this host
             infos = [i for i in infos if not _local_address(str(i[4][0]))]
             if not infos:
-                raise Refusal(403, f"{host} resolves to a loopback address")
+                raise Refusal(403, f"{host} resolves to a loopback address (or another "
+                                   "local or link-local one)")
         error: OSError | None = None
         for family, kind, proto, _, addr in infos:
             sock = socket.socket(family, kind, proto)
@@ -1153,7 +1155,19 @@ def _is_ip(host: str) -> bool:
 
 
 def _local_address(addr: str) -> bool:
-    return egress.is_loopback(addr.split("%")[0]) or addr in ("0.0.0.0", "::")
+    """Whether a resolved address is this host's, or one a name must never lead to:
+    loopback, unspecified, link-local (the cloud metadata service) or multicast, also as
+    an IPv4-mapped IPv6 address. A listed literal address is the list's own choice."""
+    bare = addr.split("%")[0]
+    if egress.is_loopback(bare):
+        return True
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def connect(host: str | None, engine: str = "docker engine", hint: str = START_H
     """A Docker client for `host` (None: DOCKER_HOST or the default socket), checked to
     answer. Raises RuntimeUnavailable with one line saying how to start the engine (`engine`
     and `hint`: what answers there, and how to start it; Podman's differ)."""
-    where = host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    where = _url(host)
     if not where.startswith(SCHEMES):
         raise EngineError(f"{engine.split()[0]} host {where}: unknown scheme (use unix://, "
                           "tcp:// or ssh://)")
@@ -71,6 +71,11 @@ def connect(host: str | None, engine: str = "docker engine", hint: str = START_H
         probe.close()
     ours = docker.constants.DEFAULT_DOCKER_API_VERSION
     return client(server if docker.utils.version_lt(server, ours) else ours)
+
+
+def _url(host: str | None) -> str:
+    """The URL a client for `host` connects to."""
+    return host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
 def _probe_unix(where: str, path: str, engine: str, hint: str) -> None:
@@ -110,14 +115,22 @@ def is_podman(client: Any) -> bool:
 
 
 def make(repo_root: Path, host: str | None) -> DockerRuntime:
+    """The Docker runtime at `host`; where Podman answers there, the Podman runtime
+    (named docker, as the profile says), so a docker profile on Podman's socket gets all
+    Podman needs (rootless keep-id, the limit check, the tmpfs options)."""
     client = connect(host)
-    return DockerRuntime(repo_root.resolve(), host or "", client, podman=is_podman(client))
+    if is_podman(client):
+        from engine.runtimes import podman  # imports this module: at call time only
+
+        return podman.adopt(repo_root, host, client, _url(host), name="docker")
+    return DockerRuntime(repo_root.resolve(), host or "", client)
 
 
 class DockerRuntime:
     """One Docker engine, as seen from one repository. With `podman`, the engine is
-    Podman's Docker-compatible service: what it reports differently is read its way
-    (`_podman_entry`), what it is sent is the same."""
+    Podman's Docker-compatible service (engine/runtimes/podman.py, a subclass): what it
+    reports differently is read its way (`_podman_entry`), what it is sent says what
+    Podman needs said to give the same sandbox (`docker_spec.create_kwargs(podman=)`)."""
 
     name = "docker"
     engine = "docker engine"  # what answers at the host, in messages
@@ -212,14 +225,14 @@ class DockerRuntime:
         self._stop_container(old)  # a running one saves its session first (a restart)
         self._remove(old)
         try:
-            dirs = self._extras(launch, fs.prepare(launch, images.entrypoint()))
+            dirs = self._extras(launch, self._prepare(launch))
         except BaseException:
             fs.forget(launch.run_dir)  # never leave secret files behind a failed create
             raise
         try:
-            kwargs = spec.create_kwargs(launch, dirs, a.image)
-            host_config = self.api.create_host_config(
-                **{k: v for k, v in kwargs.items() if k in spec.HOST_CONFIG_KEYS})
+            kwargs = spec.create_kwargs(launch, dirs, a.image, podman=self.podman)
+            host_config = self._host_config(launch, self.api.create_host_config(
+                **{k: v for k, v in kwargs.items() if k in spec.HOST_CONFIG_KEYS}))
             config = {k: v for k, v in kwargs.items() if k not in spec.HOST_CONFIG_KEYS}
             cid = self._call(f"{who}: create", lambda: self.api.create_container(
                 **config, host_config=host_config, detach=True, use_config_proxy=False)
@@ -236,6 +249,15 @@ class DockerRuntime:
             self._remove(cid)
             fs.forget(launch.run_dir)
             raise _permanent(who, e) from None
+
+    def _prepare(self, launch: Launch) -> spec.HostDirs:
+        """The agent's host-side files (`docker_fs.prepare`), owned by its uid."""
+        return fs.prepare(launch, images.entrypoint())
+
+    def _host_config(self, launch: Launch, host_config: dict[str, Any]) -> dict[str, Any]:
+        """The HostConfig the SDK built from `docker_spec`, with what the SDK cannot say
+        (nothing, on Docker)."""
+        return host_config
 
     def _local_engine(self) -> bool:
         """Whether the Docker engine runs on this machine (it can mount the engine's files

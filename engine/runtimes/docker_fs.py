@@ -49,10 +49,13 @@ _USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x
 _NO_ID = 0xFFFFFFFF
 
 
-def prepare(launch: Launch, entrypoint: Path) -> HostDirs:
-    """Create the agent's scratch dirs, write its secret files, grant its uid access."""
+def prepare(launch: Launch, entrypoint: Path,
+            owner: tuple[int, int] | None = None) -> HostDirs:
+    """Create the agent's scratch dirs, write its secret files, grant its uid access.
+    `owner`: the uid:gid the agent's user is on the host when that is not its uid in the
+    container (rootless Podman maps it to the service's own user: keep-id)."""
     a = launch.agent
-    uid, gid = uid_gid(a.user)
+    uid, gid = owner or uid_gid(a.user)
     if not launch.client.is_file():
         raise EngineError(f"agent {a.grove}/{a.name}: agent-side client {launch.client} "
                           "is missing (a broken install)")

@@ -31,6 +31,7 @@ from engine.runtimes import (
     SUCCEEDED,
     Launch,
     Observed,
+    seccomp,
 )
 from engine.trust import reader
 
@@ -55,8 +56,14 @@ TMPFS_TMP = "rw,nosuid,nodev,size=512m"
 # create_kwargs keys that belong to the HostConfig; the rest are the container's Config
 HOST_CONFIG_KEYS = frozenset({
     "mounts", "tmpfs", "read_only", "cap_drop", "security_opt", "init", "pids_limit",
-    "network_mode", "privileged", "mem_limit", "memswap_limit", "nano_cpus"})
+    "network_mode", "privileged", "mem_limit", "memswap_limit", "nano_cpus", "ipc_mode",
+    "shm_size"})
 DEFAULT_PIDS = 512
+SHM_SIZE = 64 * 1024**2  # Docker's default /dev/shm; sent to Podman, whose own is 64000k
+# A read-only root on Podman: /run and /var/tmp as Docker shows them, the image's own and
+# read-only (Podman's compat API would mount them writable and unsized, and has no field
+# to say otherwise): read-only tmpfs copies of the image's directories (tmpcopyup).
+PODMAN_READ_ONLY = {"/run": "ro,nosuid,nodev,tmpcopyup", "/var/tmp": "ro,nosuid,nodev,tmpcopyup"}
 
 
 @dataclass(frozen=True)
@@ -221,9 +228,41 @@ def network_mode(network: str) -> str:
     return "none" if network in ("", "egress") else network
 
 
-def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
+def podman_tmpfs(tmpfs: Mapping[str, str], read_only: bool) -> dict[str, str]:
+    """The engine's tmpfs mounts as Podman must be sent them to behave as on Docker.
+    Podman's compat API copies what lies beneath every tmpfs into it (tmpcopyup) unless
+    told `notmpcopyup`: the host's .engine under a shared workspace would be copied into
+    the very tmpfs that hides it, and the image's /tmp and home into theirs. With a
+    read-only root, PODMAN_READ_ONLY in place of the writable /run and /var/tmp Podman
+    would add."""
+    out = {path: f"{opts},notmpcopyup" for path, opts in tmpfs.items()}
+    if read_only:
+        out = {**PODMAN_READ_ONLY, **out}
+    return dict(sorted(out.items()))
+
+
+def security_opt(launch: Launch, podman: bool) -> list[str]:
+    """no-new-privileges, and the engine's seccomp profile (`seccomp`: Docker's default,
+    no set-uid or set-gid file ever) unless the profile is privileged (which has none):
+    inline for Docker, for Podman the file `seccomp_file` names (its API takes a path)."""
+    if launch.agent.privileged:
+        return ["no-new-privileges"]
+    sent = seccomp.file_option(seccomp_file(launch)) if podman else seccomp.security_opt()
+    return ["no-new-privileges", sent]
+
+
+def seccomp_file(launch: Launch) -> Path:
+    """Where the Podman runtime writes the seccomp profile for this agent: its run dir,
+    the engine's own (never mounted)."""
+    return launch.run_dir / "seccomp.json"
+
+
+def create_kwargs(launch: Launch, dirs: HostDirs, image: str,
+                  podman: bool = False) -> dict[str, Any]:
     """Arguments for `client.containers.create`: the hardened default sandbox, loosened
-    only where the resolved profile says so. Carries no secret value."""
+    only where the resolved profile says so. Carries no secret value. `podman`: for
+    Podman's Docker-compatible API, which needs more said to give the same sandbox
+    (`podman_tmpfs`, a private IPC namespace and Docker's /dev/shm size)."""
     a = launch.agent
     uid, gid = uid_gid(a.user)
     res = a.resources
@@ -233,6 +272,8 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
         tmpfs[f"{WORKSPACE}/.engine"] = "ro,size=1m"
     if a.read_only_root and dirs.home is None:
         tmpfs[HOME] = f"rw,nosuid,nodev,size=512m,uid={uid},gid={gid},mode=0700"
+    if podman:
+        tmpfs = podman_tmpfs(tmpfs, a.read_only_root)
     kwargs: dict[str, Any] = {
         "image": image,
         "name": container_name(launch.repo_root, a.grove, a.name),
@@ -248,7 +289,7 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
         "tmpfs": tmpfs,
         "read_only": a.read_only_root,
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
+        "security_opt": security_opt(launch, podman),
         "init": True,
         "pids_limit": res.pids or DEFAULT_PIDS,
         "network_mode": network_mode(a.network),
@@ -259,6 +300,9 @@ def create_kwargs(launch: Launch, dirs: HostDirs, image: str) -> dict[str, Any]:
         kwargs["memswap_limit"] = res.memory  # equal: no swap, so the limit really holds
     if res.cpus:
         kwargs["nano_cpus"] = int(res.cpus * 1e9)
+    if podman:  # Docker's defaults, which Podman's differ from (shareable, 64000k)
+        kwargs["ipc_mode"] = "private"
+        kwargs["shm_size"] = SHM_SIZE
     return kwargs
 
 

@@ -65,6 +65,8 @@ HONOURED: dict[str, dict[str, Use | str]] = {
                        "kubernetes": Use("ephemeral-storage request and limit; the emptyDir "
                                          "workspace's sizeLimit")},
     "readOnlyRoot": {"local": NO_CONTAINER, "docker": Use("`--read-only`"),
+                     "podman": Use("`--read-only`, with /run and /var/tmp read-only copies "
+                                   "of the image's (Podman's own are writable tmpfs)"),
                      "kubernetes": Use("readOnlyRootFilesystem")},
     "privileged": {"local": NO_CONTAINER, "docker": Use("`--privileged`"),
                    "kubernetes": Use("a privileged container")},

@@ -23,6 +23,7 @@ from engine.errors import EngineError, PermanentError, RuntimeUnavailable, Tempo
 from engine.runtimes import (
     FAILED,
     LABEL_AGENT,
+    LABEL_GROVE,
     LABEL_HASH,
     LABEL_REPO,
     PENDING,
@@ -120,10 +121,15 @@ class Cluster:
         if code == 401:
             return RuntimeUnavailable(f"kubernetes: the cluster of context {self.context} "
                                       "refused the kubeconfig's credentials (401)")
+        if code == 403 and "exceeded quota" in message:
+            quota = message[message.index("exceeded quota"):]
+            return EngineError(f"kubernetes: {obj} refused by the ResourceQuota of "
+                               f"namespace {call.namespace}: {quota[:300]}", message)
         if code == 403:
+            named = f"{call.resource} {call.namespace}/{call.name}, " if call.name else ""
             return EngineError(f"kubernetes: RBAC forbids {call.verb} on {call.resource} "
-                               f"{where} (context {self.context}): grant verb {call.verb!r} "
-                               f"on resource {call.resource!r}", message)
+                               f"{where} ({named}context {self.context}): grant verb "
+                               f"{call.verb!r} on resource {call.resource!r}", message)
         if code == 404 and (details.get("kind") == "namespaces"
                             or message.startswith('namespaces "')):
             return EngineError(f"kubernetes: namespace {call.namespace} not found on context "
@@ -257,6 +263,27 @@ def essence(grove: str, pods: list[dict[str, Any]], jobs: list[dict[str, Any]],
                               spec_hash=owner["metadata"]["labels"].get(LABEL_HASH, ""),
                               phase=phase, exit_code=code, reason=reason, host=host)
     return out
+
+
+def agent_labels(grove: str, agent: str, repo: str) -> dict[str, str]:
+    """The labels that say an object is this grove's agent's (the repository's, when the
+    grove names a remote)."""
+    return {LABEL_GROVE: grove, LABEL_AGENT: agent, **({LABEL_REPO: repo} if repo else {})}
+
+
+def foreign(obj: dict[str, Any], labels: dict[str, str]) -> str:
+    """Why an existing object of an agent's name is not that agent's ("" when it is): its
+    owner labels differ, or something other than the agent's workload owns it. The engine
+    never writes to, adopts or deletes such an object."""
+    meta = obj.get("metadata") or {}
+    have = meta.get("labels") or {}
+    wrong = [f"{k}={have.get(k, 'none')}" for k, v in labels.items() if have.get(k) != v]
+    if wrong:
+        return "label " + ", ".join(wrong)
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") not in ("Job", "Pod") or ref.get("name") != meta.get("name"):
+            return f"owned by {ref.get('kind', '?')} {ref.get('name', '?')}"
+    return ""
 
 
 def outdated(old: dict[str, Any], wanted: dict[str, Any], repo: str) -> bool:

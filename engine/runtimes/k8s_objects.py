@@ -2,12 +2,14 @@
 
 Called by `engine.runtimes.kubernetes` (create), by `engine render` (the same objects,
 offline) and by the tests (validation against the official Kubernetes schemas). `build`
-returns plain dicts in apply order: first the owner, the workload (a Job when
-`restart: never`, the cluster records completion; else a Pod), then what it owns, each
-with an `ownerReferences` entry whose uid is `OWNER_UID` until apply knows the owner's:
-ConfigMap (the wrapper and clone scripts, the agent-side client), Secret (only this
-agent's credentials, mounted as files, and with `network: egress` its proxy URL),
-PersistentVolumeClaim (profile `persistence`), NetworkPolicy (`network: none` or `egress`).
+returns plain dicts in apply order: the agent's other objects, then its workload last (a
+Job when `restart: never`, the cluster records completion; else a Pod). Owned by the
+workload, with an `ownerReferences` entry whose uid is `OWNER_UID` until apply knows the
+owner's: ConfigMap (the wrapper and clone scripts, the agent-side client) and Secret (only
+this agent's credentials, mounted as files, and with `network: egress` its proxy URL).
+Never owned: PersistentVolumeClaim (profile `persistence`) and NetworkPolicy
+(`network: none` or `egress`;
+the git remote's addresses come resolved in `PodLaunch.remote_addresses`, see `k8s_net`).
 Every object carries the engine's owner labels and the recommended `app.kubernetes.io/*`
 labels.
 
@@ -24,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -127,14 +130,20 @@ class PodLaunch:
     version: str  # engine version, for the engine.version label
     repo: str  # engine.repo label: a digest of the remote, so two repositories never mix
     client: str = ""  # text of the agent-side `engine` client ("" leaves it out)
+    # The addresses of the remote's host as the engine's host resolved them
+    # (`k8s_net.remote_addresses`), when git reaches a remote named by host name directly
+    # (`resolve_target`): its NetworkPolicy allows exactly these. Not in the spec hash, so
+    # a DNS change never restarts an agent; () where nothing needs them.
+    remote_addresses: tuple[str, ...] = ()
 
 
 def pod_launch(agent: DesiredAgent, namespace: str, remote: str, launch_env: dict[str, str],
-               host_prefixes: tuple[str, ...], version: str, client: str) -> PodLaunch:
+               host_prefixes: tuple[str, ...], version: str, client: str,
+               remote_addresses: tuple[str, ...] = ()) -> PodLaunch:
     """The PodLaunch of an agent: what apply sends it with, and what `engine render`
     prints."""
     return PodLaunch(namespace, remote, pod_env(agent, launch_env, host_prefixes, remote),
-                     version, repo_label(remote), client)
+                     version, repo_label(remote), client, remote_addresses)
 
 
 def object_name(grove: str, agent: str) -> str:
@@ -212,6 +221,11 @@ def check(agent: DesiredAgent, remote: str) -> None:
     if parts.password or (parts.scheme in ("http", "https") and parts.username):
         raise EngineError(f"grove {agent.grove}: spec.remote must not embed a password or "
                           f"token; give the profile a {GIT_TOKEN} credential instead")
+    try:
+        remote_endpoint(remote)
+    except ValueError as e:  # urlsplit's port check: a NetworkPolicy needs the port
+        raise EngineError(f"grove {agent.grove}: spec.remote {remote!r:.200}: {e}") from None
+    refuse_local_remote(agent, remote)
     if not agent.image:
         raise EngineError(f"{who}: runtime kubernetes needs an image")
     if run_as(agent)[0] == 0:
@@ -222,6 +236,13 @@ def check(agent: DesiredAgent, remote: str) -> None:
         raise EngineError(f"{who}: egress endpoint {loopback[0]} is a loopback address: on "
                           "docker it is the engine's host; a Pod has no such host (name a "
                           "Service or host the gateway can reach)")
+    if agent.network == "egress" and (via := remote_via_gateway(remote)):
+        try:
+            egress.parse_endpoint(via)
+        except ValueError:
+            raise EngineError(f"{who}: the git remote's host {via} is not a host:port the "
+                              "egress gateway accepts (network: egress sends git through "
+                              "it)") from None
 
 
 def run_as(agent: DesiredAgent) -> tuple[int, int]:
@@ -239,6 +260,145 @@ def remote_endpoint(remote: str) -> tuple[str, int] | None:
     if parts.scheme not in ports or not parts.hostname:
         return None
     return parts.hostname, parts.port or ports[parts.scheme]
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a remote's host names literally (`10.0.0.7`, `[fd00::7]`), else None."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+# -- addresses a git remote must never open ----------------------------------------------
+# spec.remote comes from the grove manifest, which a pull request can change: the rule that
+# lets git reach it (NetworkPolicy ipBlock, egress gateway list) must never open the node
+# itself (loopback: on a node, the Docker or kubelet API), the cloud's metadata service
+# (link-local 169.254.169.254), or what no remote can be (unspecified, multicast, a zone).
+# Private ranges stay allowed: self-hosted git servers live there.
+REFUSED = "loopback, link-local, unspecified or multicast"
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # "this host" to the kernel, not a remote
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in its low bits
+_METADATA = (ipaddress.IPv6Address("fd00:ec2::254"),  # AWS (IPv6), inside fc00::/7
+             ipaddress.IPv4Address("100.100.100.200"))  # Alibaba Cloud, inside 100.64/10
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def host_address(host: str) -> Address | None:
+    """The address a remote's host denotes without a resolver: an IP literal, or one of
+    the old IPv4 spellings the C resolver also takes (`2852039166`, `0xa9fea9fe`,
+    `0251.0376.0251.0376`, `127.1`); None for a host name."""
+    ip = ip_literal(host)
+    if ip is not None:
+        return ip
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries to an IPv4 host: mapped (`::ffff:a.b.c.d`),
+    translated (`::ffff:0:a.b.c.d`), compatible (`::a.b.c.d`, deprecated) or NAT64."""
+    n = int(ip)
+    low = ipaddress.IPv4Address(n & 0xFFFFFFFF)
+    if n >> 32 in (0xFFFF, 0xFFFF0000) or (n >> 32 == 0 and n > 1) or ip in _NAT64:
+        return low
+    return None
+
+
+def forbidden_address(ip: Address) -> str:
+    """Why no rule may open `ip` to an agent (`loopback`, `link-local (169.254.169.254)`,
+    ...); "" when one may."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id:
+            return "scoped (a zone id names a host's own interface)"
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            why = forbidden_address(inner)
+            return f"{why} ({inner})" if why else ""
+    if ip in _METADATA:
+        return "a cloud metadata service"
+    for why, hit in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                     ("unspecified", ip.is_unspecified or ip in _THIS_NETWORK),
+                     ("multicast", ip.is_multicast)):
+        if hit:
+            return why
+    return ""
+
+
+def _refusal(agent: DesiredAgent, what: str) -> EngineError:
+    return EngineError(f"agent {agent.grove}/{agent.name}: profile {agent.profile} (network: "
+                       f"{agent.network}): {what}; an agent's NetworkPolicy and egress "
+                       f"gateway never open a {REFUSED} address to it (private ranges are "
+                       "fine)")
+
+
+def refuse_local_remote(agent: DesiredAgent, remote: str) -> None:
+    """Refuse a remote whose host is, by itself, what `forbidden_address` refuses: an
+    address (any spelling), a zone, or a loopback name (`localhost`, `*.localhost`). Only
+    where a rule would open it (`network: none` or `egress`); a name's resolved addresses
+    are `refuse_resolved`'s."""
+    end = remote_endpoint(remote) if agent.network in ("none", "egress") else None
+    if end is None:
+        return
+    host = end[0].strip("[]").rstrip(".").lower()
+    shown = f"the git remote {remote:.200} names {end[0]}"
+    if "%" in host:
+        raise _refusal(agent, f"{shown}, a scoped address (a zone id names a host's own "
+                              "interface; no NetworkPolicy can name one)")
+    if host == "localhost" or host.endswith(".localhost"):
+        raise _refusal(agent, f"{shown}, a loopback name")
+    ip = host_address(host)
+    why = forbidden_address(ip) if ip is not None else ""
+    if why:
+        odd = isinstance(ip, ipaddress.IPv4Address) and str(ip) != host  # 2852039166
+        raise _refusal(agent, f"{shown}, {why}" + (f" ({ip})" if odd else ""))
+
+
+def refuse_resolved(agent: DesiredAgent, remote: str, host: str,
+                    addresses: tuple[str, ...]) -> None:
+    """Refuse a remote's host name when any address it resolves to is forbidden, also
+    among allowed ones: git may connect to any of them (and a name that answers both is
+    how a rebinding attack looks)."""
+    for text in addresses:
+        why = forbidden_address(ipaddress.ip_address(text))
+        if why:
+            shown = f"the git remote's host {host} ({remote:.200}) resolves on this machine to"
+            if len(addresses) == 1:
+                raise _refusal(agent, f"{shown} {text}, {why}")
+            raise _refusal(agent, f"{shown} {', '.join(addresses)}, of which {text} is {why} "
+                                  "(one such address refuses the name, also among others)")
+
+
+def remote_via_gateway(remote: str) -> str:
+    """With `network: egress`, the endpoint (`host:port`) through which git reaches the
+    remote: an https remote goes through the egress gateway (git honours HTTPS_PROXY, the
+    gateway tunnels CONNECT), so the remote is on the agent's gateway list and its Pod
+    reaches only the gateway. "" for any other remote: ssh and git:// speak no HTTP proxy,
+    and the gateway carries no plain http, so git reaches those directly."""
+    end = remote_endpoint(remote)
+    if end is None or urlsplit(remote).scheme != "https":
+        return ""
+    ip = ip_literal(end[0])
+    return egress.format_endpoint(str(ip) if ip else end[0].lower(), end[1])
+
+
+def direct_remote(agent: DesiredAgent, remote: str) -> tuple[str, int] | None:
+    """(host, port) git connects to itself, through the agent's NetworkPolicy; None when
+    it needs no network, goes through the gateway, or no NetworkPolicy applies."""
+    if agent.network not in ("none", "egress"):
+        return None
+    if agent.network == "egress" and remote_via_gateway(remote):
+        return None
+    return remote_endpoint(remote)
+
+
+def resolve_target(agent: DesiredAgent, remote: str) -> tuple[str, int] | None:
+    """(host, port) whose addresses `PodLaunch.remote_addresses` must hold: a remote
+    that git reaches directly, named by host name (an IP address needs no resolution)."""
+    end = direct_remote(agent, remote)
+    return end if end and ip_literal(end[0]) is None else None
 
 
 def script(name: str) -> str:
@@ -337,36 +497,41 @@ def _kube_dns() -> dict[str, Any]:
             "ports": _dns_ports()}
 
 
-def _remote_rules(remote: str) -> tuple[list[dict[str, Any]], bool]:
-    """The egress rule git needs for the remote (its port; the exact address when the
-    remote names an IP), and whether it needs DNS too."""
-    end = remote_endpoint(remote)
+def _remote_rules(agent: DesiredAgent, pl: PodLaunch) -> tuple[list[dict[str, Any]], bool]:
+    """The egress rule git needs for a remote it reaches directly: the remote's TCP port
+    on exactly its addresses (the one a remote names literally, else those the engine's
+    host resolved: `pl.remote_addresses`), and whether the Pod needs DNS to find them.
+    Unresolved addresses give no rule (git cannot reach the remote; never a wider one)."""
+    end = direct_remote(agent, pl.remote)
     if not end:
         return [], False
     host, port = end
-    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port}]}
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return [rule], True
-    rule["to"] = [{"ipBlock": {"cidr": f"{ip}/{ip.max_prefixlen}"}}]
-    return [rule], False
+    ip = ip_literal(host)
+    addrs = [ip] if ip else [ipaddress.ip_address(a) for a in pl.remote_addresses]
+    if not addrs:
+        return [], True
+    refuse_local_remote(agent, pl.remote)  # as check and k8s_net do: never in a rule
+    refuse_resolved(agent, pl.remote, host, tuple(str(a) for a in addrs))
+    blocks = [{"ipBlock": {"cidr": f"{a}/{a.max_prefixlen}"}}
+              for a in sorted(set(addrs), key=lambda a: (a.version, int(a)))]
+    return [{"to": blocks, "ports": [{"protocol": "TCP", "port": port}]}], ip is None
 
 
 def network_policy(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any] | None:
-    """`network: none`: no ingress, no egress except what git needs to reach the remote
-    (DNS and the remote's port; the exact address when the remote names an IP).
-    `network: egress`: the same for git, else only the gateway's Pods (TCP 3128) and DNS
-    (kube-dns in kube-system only)."""
+    """`network: none`: no ingress; egress only to the git remote's port on exactly its
+    addresses, and DNS to the cluster DNS (kube-dns in kube-system) when the remote is
+    named by host name; nothing at all for a remote without a network (a path).
+    `network: egress`: only the gateway's Pods (TCP 3128) and the cluster DNS; git goes
+    through the gateway for an https remote, else directly as for `none`."""
     if agent.network not in ("none", "egress"):
         return None
-    rules, dns = _remote_rules(pl.remote)
+    rules, dns = _remote_rules(agent, pl)
     if agent.network == "egress":
         rules = [{"to": [{"podSelector": {"matchLabels": {EGRESS_LABEL: "gateway"}}}],
                   "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]},
                  _kube_dns(), *rules]
     elif dns:
-        rules.append({"ports": _dns_ports()})
+        rules.append(_kube_dns())
     spec: dict[str, Any] = {
         "podSelector": {"matchLabels": {LABEL_GROVE: agent.grove, LABEL_AGENT: agent.name}},
         "policyTypes": ["Ingress", "Egress"], "ingress": [], "egress": rules}
@@ -451,12 +616,12 @@ def pod_spec(agent: DesiredAgent, pl: PodLaunch) -> dict[str, Any]:
                                                                            "secrets")}
                              for v, p in mounts.items()]}
     inits = [init]
-    if agent.network == "egress":  # after the clone (git goes direct): the gateway knows us
-        inits.append({"name": "egress", **common,
-                      "command": ["python3", "-I", f"{BIN_DIR}/egress-wait",
-                                  str(EGRESS_WAIT_SECONDS)],
-                      "volumeMounts": [{"name": v, "mountPath": p, "readOnly": True}
-                                       for v, p in mounts.items()]})
+    if agent.network == "egress":  # before the clone: git may go through the gateway
+        inits.insert(0, {"name": "egress", **common,
+                         "command": ["python3", "-I", f"{BIN_DIR}/egress-wait",
+                                     str(EGRESS_WAIT_SECONDS)],
+                         "volumeMounts": [{"name": v, "mountPath": p, "readOnly": True}
+                                          for v, p in mounts.items()]})
     main = {"name": CONTAINER, **common, "command": ["/bin/bash", f"{BIN_DIR}/wrapper"],
             "args": list(agent.command),
             "volumeMounts": [{"name": v, "mountPath": p, "readOnly": v in ro}
@@ -497,11 +662,14 @@ def build(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str],
           egress_token: str = "") -> list[dict[str, Any]]:
     """Every object of one agent, in apply order: its dependents, then the workload last,
     so its NetworkPolicy (and Secret, ConfigMap, claim) exist before its Pod can start.
-    The ConfigMap, Secret and NetworkPolicy are owned by the workload (uid `OWNER_UID`:
-    apply sets the real one once the workload exists, `owned_by`); the workspace claim is
-    never owned: it holds the agent's work, which no deletion outside the engine may take
-    with it. With `network: egress` the gateway's objects come before all of them
-    (`gateway_objects`). The Secret holds `values` and the egress token: never log."""
+    The ConfigMap and Secret are owned by the workload (uid `OWNER_UID`: apply sets the
+    real one once the workload exists, `owned_by`). Never owned: the workspace claim (it
+    holds the agent's work, which no deletion outside the engine may take with it) and
+    the NetworkPolicy (the garbage collector would delete it while the agent's Pod is
+    still terminating, its grace period open to any address; `engine delete` removes it
+    once the Pod is gone, and one left by a stop selects no Pod). With `network: egress`
+    the gateway's objects come before all of them (`gateway_objects`). The Secret holds
+    `values` and the egress token: never log."""
     check(agent, pl.remote)
     if agent.network == "egress" and not egress_token:
         raise ValueError("an agent with network: egress needs its gateway token")
@@ -514,7 +682,6 @@ def build(agent: DesiredAgent, pl: PodLaunch, values: dict[str, str],
     if (c := claim(agent, pl)) is not None:
         objs.append(c)
     if (n := network_policy(agent, pl)) is not None:
-        n["metadata"]["ownerReferences"] = [owner_reference(owner)]
         objs.append(n)
     return [*objs, owner]
 
@@ -560,10 +727,11 @@ def proxy_token(url: str) -> str:
 
 def egress_env(secret_name: str, remote: str) -> list[dict[str, Any]]:
     """The proxy variables (both spellings) from the agent's Secret, and NO_PROXY: the
-    Pod's loopback and the git remote's host, which git reaches directly."""
+    Pod's loopback, and the git remote's host when git reaches it directly (not https:
+    `remote_via_gateway`)."""
     ref = {"secretKeyRef": {"name": secret_name, "key": EGRESS_PROXY_KEY}}
     direct = ["localhost", "127.0.0.1"]
-    end = remote_endpoint(remote)
+    end = None if remote_via_gateway(remote) else remote_endpoint(remote)
     if end and end[0].strip("[]") not in direct:
         direct.append(end[0].strip("[]"))
     no_proxy = ",".join(direct)
@@ -589,30 +757,51 @@ def policy_manager(grove: str, agent: str) -> str:
     return f"{FIELD_MANAGER}:" + hashlib.sha256(f"{grove}\0{agent}".encode()).hexdigest()
 
 
-def policy(agent: DesiredAgent, token: str) -> str:
-    """The agent's gateway policy: its endpoints and the SHA-256 of its token (never the
-    token: a ConfigMap is not a secret)."""
+def allowed(agent: DesiredAgent, remote: str) -> list[str]:
+    """The endpoints the gateway lets the agent reach: its `egress` list, then the git
+    remote when git goes through the gateway (`remote_via_gateway`)."""
+    via = remote_via_gateway(remote)
+    return [*agent.egress, *([via] if via and via not in agent.egress else [])]
+
+
+def policy(agent: DesiredAgent, token: str, remote: str = "") -> str:
+    """The agent's gateway policy: its endpoints (`allowed`) and the SHA-256 of its token
+    (never the token: a ConfigMap is not a secret)."""
     digest = TOKEN_AT_APPLY if token == TOKEN_AT_APPLY else token_sha256(token)
-    return json.dumps({"grove": agent.grove, "agent": agent.name, "allow": list(agent.egress),
-                       "tokenSha256": digest}, indent=1, sort_keys=True) + "\n"
+    return json.dumps({"grove": agent.grove, "agent": agent.name,
+                       "allow": allowed(agent, remote), "tokenSha256": digest},
+                      indent=1, sort_keys=True) + "\n"
+
+
+GATEWAY_APP = "grove-engine-egress-gateway"
 
 
 def gateway_labels() -> dict[str, str]:
+    """What the gateway's selectors match (the Deployment's selector is immutable: never
+    more than this)."""
     return {EGRESS_LABEL: "gateway"}
 
 
+def gateway_object_labels() -> dict[str, str]:
+    """The labels every gateway object and its Pods carry: `gateway_labels` and the
+    recommended ones (the gateway serves every grove of its namespace: part of the
+    engine, not of one grove)."""
+    return {**gateway_labels(), L_NAME: GATEWAY_APP, L_INSTANCE: GATEWAY,
+            L_PART_OF: FIELD_MANAGER, L_MANAGED_BY: FIELD_MANAGER}
+
+
 def _gateway_meta(name: str, namespace: str) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": gateway_labels()}
+    return {"name": name, "namespace": namespace, "labels": gateway_object_labels()}
 
 
 def gateway_policies(namespace: str, agent: DesiredAgent | None = None, token: str = "",
-                     ) -> dict[str, Any]:
+                     remote: str = "") -> dict[str, Any]:
     """GATEWAY_POLICIES as `policy_manager(agent)` applies it: with only that agent's key,
     or (agent None) with none, which removes the key that manager wrote."""
     obj: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
                            "metadata": _gateway_meta(GATEWAY_POLICIES, namespace)}
     if agent is not None:
-        obj["data"] = {policy_key(agent.grove, agent.name): policy(agent, token)}
+        obj["data"] = {policy_key(agent.grove, agent.name): policy(agent, token, remote)}
     return obj
 
 
@@ -721,7 +910,7 @@ def gateway_deployment(namespace: str, image: GatewayImage, code: dict[str, str]
                     {"name": "state", "emptyDir": {"sizeLimit": "1Gi"}}]}
     if image.pull_secrets:
         spec["imagePullSecrets"] = [{"name": n} for n in image.pull_secrets]
-    template = {"metadata": {"labels": gateway_labels(),
+    template = {"metadata": {"labels": gateway_object_labels(),
                              "annotations": {"engine.egress-code": digest}},
                 "spec": spec}
     return {"apiVersion": "apps/v1", "kind": "Deployment",
@@ -758,11 +947,12 @@ def gateway_for(agents: list[tuple[DesiredAgent, PodLaunch, str]]) -> list[dict[
     """The gateway's objects as they stand once each (agent, launch, token) of one
     namespace is applied: the first one's image, every agent's policy key and port."""
     first, pl, token = agents[0]
-    ports = sorted({egress.parse_endpoint(e)[1] for a, _, _ in agents for e in a.egress})
+    ports = sorted({egress.parse_endpoint(e)[1] for a, p, _ in agents
+                    for e in allowed(a, p.remote)})
     out = gateway_objects(first, pl, token, ports=ports)
     out[1]["data"] = dict(sorted(
-        (k, v) for a, _, t in agents
-        for k, v in gateway_policies(pl.namespace, a, t)["data"].items()))
+        (k, v) for a, p, t in agents
+        for k, v in gateway_policies(pl.namespace, a, t, p.remote)["data"].items()))
     return out
 
 
@@ -773,9 +963,9 @@ def gateway_objects(agent: DesiredAgent, pl: PodLaunch, token: str,
     agent's key only), Deployment, Service, NetworkPolicy (`ports`: every agent's; by
     default this agent's). Holds no token: only its digest."""
     code = gateway_code()
-    mine = sorted({egress.parse_endpoint(e)[1] for e in agent.egress})
+    mine = sorted({egress.parse_endpoint(e)[1] for e in allowed(agent, pl.remote)})
     return [gateway_code_map(pl.namespace, code),
-            gateway_policies(pl.namespace, agent, token),
+            gateway_policies(pl.namespace, agent, token, pl.remote),
             gateway_deployment(pl.namespace, image or GatewayImage.of_agent(agent), code),
             gateway_service(pl.namespace),
             gateway_network_policy(pl.namespace, mine if ports is None else ports)]

@@ -7,7 +7,9 @@ is imported only here, for kubeconfig loading and exec websockets. Objects come 
 `k8s_objects`; every write is a server-side apply with field manager "grove-engine" and
 force=false, so a re-apply changes nothing and a field another manager owns is reported,
 never taken over. Observation is one label-selector list of Pods and one of Jobs per
-namespace the grove uses.
+namespace the grove uses; once `start_watching` (the controller) it is read from informers
+(`k8s_watch`: a list, then a watch from its resourceVersion, a full list every 5 minutes),
+so a pass that changes nothing makes no request.
 
 Each agent's dependents (ConfigMap, Secret, workspace claim, NetworkPolicy) are applied
 before its workload (Job or Pod), so its Pod never runs without its NetworkPolicy; the
@@ -28,28 +30,42 @@ import base64
 import contextlib
 import json
 import os
+import re
 import secrets
+import select
 import shutil
+import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes.config
 import kubernetes.stream
+import websocket
 import yaml
 
 from engine import __version__, fsutil, manifest, paths
 from engine.desired import DesiredAgent
 from engine.errors import EngineError, RuntimeUnavailable, TemporaryError
-from engine.runtimes import LABEL_AGENT, LABEL_GROVE, LABEL_REPO, Launch, Observed, k8s_git
+from engine.runtimes import (
+    LABEL_AGENT,
+    LABEL_GROVE,
+    LABEL_REPO,
+    Launch,
+    Observed,
+    k8s_git,
+    k8s_net,
+    k8s_watch,
+)
 from engine.runtimes import k8s_api as api
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
 from engine.runtimes.k8s_api import Call, Cluster, NotFound
+from engine.trust import reader
 
 LIST_PAGE = 500  # objects per list call: 1,000 agents are 2 pages of Pods, 2 of Jobs
 _DELETE_ORDER = ("Job", "Pod", "NetworkPolicy", "Secret", "ConfigMap")
@@ -80,6 +96,12 @@ class KubernetesRuntime:
         self._clusters: dict[tuple[str, str], Cluster] = {}
         self._where: dict[tuple[str, str], Target] = {}  # (grove, agent) -> target
         self._egress_lock = threading.Lock()  # the namespace gateways' policy keys
+        # watching (start_watching): informers by (cluster, kind, namespace, selector), and
+        # each grove's; None while observe lists (one-shot commands start no thread)
+        self._informers: dict[tuple[Cluster, str, str, str], k8s_watch.Informer] = {}
+        self._grove_informers: dict[str, set[tuple[Cluster, str, str, str]]] = {}
+        self._watching: tuple[Callable[[], None], float] | None = None
+        self._watch_lock = threading.Lock()
 
     # -- clusters and targets -----------------------------------------------------------
 
@@ -140,24 +162,89 @@ class KubernetesRuntime:
         out: dict[str, Observed] = {}
         for t in sorted(targets):
             cl = self.cluster(t.kubeconfig, t.context)
-            items = {kind: self._list(cl, kind, t.namespace, objs.selector(grove, repo))
+            items = {kind: self._observed(grove, cl, kind, t.namespace,
+                                          objs.selector(grove, repo))
                      for kind in ("Pod", "Job")}
             for name, obs in api.essence(grove, items["Pod"], items["Job"], t.context).items():
                 self._where[(grove, name)] = t
                 out[name] = obs
+        self._forget_informers(grove, {(self.cluster(t.kubeconfig, t.context), kind,
+                                        t.namespace, objs.selector(grove, repo))
+                                       for t in targets for kind in ("Pod", "Job")})
         return dict(sorted(out.items()))
+
+    # -- watching: observe from informers (k8s_watch) in long-lived processes ----------
+
+    def start_watching(self, on_change: Callable[[], None] | None = None,
+                       resync: float = k8s_watch.RESYNC) -> None:
+        """From now on observe answers from watches (the controller calls this; one-shot
+        commands never do): an informer per target, kind and grove, started on first use,
+        listed again every `resync` seconds; `on_change` is called (from its thread)
+        when what observe would see changes."""
+        with self._watch_lock:
+            self._watching = (on_change or (lambda: None), resync)
+
+    def stop_watching(self) -> None:
+        """Stop every informer; observe lists again."""
+        with self._watch_lock:
+            self._watching = None
+            informers = list(self._informers.values())
+            self._informers.clear()
+            self._grove_informers.clear()
+        for inf in informers:
+            inf.stop()
+
+    def _observed(self, grove: str, cl: Cluster, kind: str, ns: str, selector: str
+                  ) -> list[dict[str, Any]]:
+        """The objects observe reads: the informer's when watching and it is synced (and
+        shows this process's own writes), else one LIST."""
+        key = (cl, kind, ns, selector)
+        with self._watch_lock:
+            inf = self._informers.get(key)
+            if inf is None and self._watching is not None:
+                on_change, resync = self._watching
+                inf = self._informers[key] = k8s_watch.Informer(
+                    cl, kind, ns, selector, page=LIST_PAGE, resync=resync,
+                    on_change=on_change).start()
+            if inf is not None:
+                self._grove_informers.setdefault(grove, set()).add(key)
+        cached = inf.items() if inf is not None else None
+        return cached if cached is not None else self._list(cl, kind, ns, selector)
+
+    def _forget_informers(self, grove: str, used: set[tuple[Cluster, str, str, str]]
+                          ) -> None:
+        """Stop the grove's informers that its last observe did not use (a target it
+        left, a selector that changed with its remote)."""
+        with self._watch_lock:
+            keys = self._grove_informers.get(grove, set())
+            stale = keys - used
+            dropped = [self._informers.pop(k) for k in stale if k in self._informers]
+            keys -= stale
+        for inf in dropped:
+            inf.stop(wait=0)
+
+    def _wrote(self, cl: Cluster, kind: str, ns: str, name: str,
+               written: dict[str, Any] | None) -> None:
+        """Tell the informers of (cluster, kind, namespace) what this process just wrote,
+        so observe does not answer from a cache that does not show it yet."""
+        with self._watch_lock:
+            found = [inf for (c, k, n, _), inf in self._informers.items()
+                     if (c, k, n) == (cl, kind, ns)]
+        for inf in found:
+            inf.expect(name, written)
 
     def create(self, launch: Launch) -> None:
         agent = launch.agent
         remote, repo, _ = self._grove(agent.grove)
         objs.check(agent, remote)
+        addresses = k8s_net.remote_addresses(agent, remote)  # before anything is changed
         t = self.target(agent)
         cl = self.cluster(t.kubeconfig, t.context)
         k8s_git.push_branch(launch, remote)
         host_paths = tuple(str(p) for p in (self.repo_root.resolve(), self.repo_root))
         client = launch.client.read_text() if launch.client.is_file() else ""
         pl = objs.pod_launch(agent, t.namespace, remote, launch.env, host_paths, __version__,
-                             client)
+                             client, addresses)
         name = objs.object_name(agent.grove, agent.name)
         self._record(agent.grove, t, repo)
         self._where[(agent.grove, agent.name)] = t
@@ -169,9 +256,11 @@ class KubernetesRuntime:
                      ) or secrets.token_urlsafe(32)
         built = objs.build(agent, pl, dict(launch.secrets), token)
         workload, deps = built[-1], built[:-1]
+        mine = api.agent_labels(agent.grove, agent.name, repo)
         for kind in sorted(_OPTIONAL - {o["kind"] for o in built}):  # e.g. network: none
-            with contextlib.suppress(NotFound):                     # was dropped
-                self._delete(cl, kind, t.namespace, name)
+            self._delete_mine(cl, kind, t.namespace, name, mine)    # was dropped
+        for obj in deps:  # never write into, adopt or take over what is not the agent's
+            self._refuse_foreign(cl, obj, mine)
         with self._egress_lock:
             if agent.network == "egress":
                 self._gateway_up(cl, agent, pl, token)
@@ -186,45 +275,95 @@ class KubernetesRuntime:
             owned = old is not None and obj["metadata"].get("ownerReferences")
             return objs.owned_by(obj, old) if owned and old else objs.unowned(obj)
 
-        for obj in deps:
-            self._apply(cl, first(obj))
         try:
-            owner = self._apply(cl, workload)
-        except api.Invalid:  # replaced: the old workload's deletion takes what it owned
-            self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
-            old = None
             for obj in deps:
-                self._apply(cl, objs.unowned(obj))
-            owner = self._apply(cl, workload)
+                self._apply(cl, first(obj))
+            try:
+                owner = self._apply(cl, workload)
+            except api.Invalid:  # replaced: the old workload's deletion takes what it owned
+                self._remove(cl, workload["kind"], t.namespace, workload["metadata"]["name"])
+                old = None
+                for obj in deps:
+                    self._apply(cl, objs.unowned(obj))
+                owner = self._apply(cl, workload)
+        except EngineError:  # no workload to own them: the Secret must not linger, unless
+            if old is None and not self._may_exist(cl, workload):  # the create went through
+                self._drop_unowned(cl, t.namespace, deps, mine)   # unanswered
+            raise
         if old is not None and old["metadata"].get("uid") == owner["metadata"].get("uid"):
             return
         for obj in deps:
             if obj["metadata"].get("ownerReferences"):
                 self._apply(cl, objs.owned_by(obj, owner))
 
+    def _drop_unowned(self, cl: Cluster, ns: str, deps: list[dict[str, Any]],
+                      mine: dict[str, str]) -> None:
+        """Delete the dependents a failed create left without an owner (never the claim:
+        it holds the agent's work), best effort: the create's own error is the one said."""
+        for obj in deps:
+            if obj["metadata"].get("ownerReferences"):
+                with contextlib.suppress(EngineError):
+                    self._delete_mine(cl, obj["kind"], ns, obj["metadata"]["name"], mine)
+
+    def _may_exist(self, cl: Cluster, obj: dict[str, Any]) -> bool:
+        """Whether `obj` may be on the server (True when the server cannot say)."""
+        meta = obj["metadata"]
+        try:
+            return self._get(cl, obj["kind"], meta["namespace"], meta["name"]) is not None
+        except EngineError:
+            return True
+
+    def _refuse_foreign(self, cl: Cluster, obj: dict[str, Any], mine: dict[str, str]) -> None:
+        meta = obj["metadata"]
+        old = self._get(cl, obj["kind"], meta["namespace"], meta["name"])
+        why = api.foreign(old, mine) if old is not None else ""
+        if why:
+            raise EngineError(f"kubernetes: {obj['kind'].lower()} {meta['namespace']}/"
+                              f"{meta['name']} exists and is not this agent's ({why}); not "
+                              "touching it (rename or delete it)")
+
+    def _delete_mine(self, cl: Cluster, kind: str, ns: str, name: str,
+                     mine: dict[str, str]) -> None:
+        """Delete the agent's object of `kind`, if there is one and it is the agent's (by
+        its labels and owner, checked by uid at deletion): never another's of that name."""
+        old = self._get(cl, kind, ns, name)
+        if old is None or api.foreign(old, mine):
+            return
+        with contextlib.suppress(NotFound):
+            self._delete(cl, kind, ns, name, uid=str(old["metadata"].get("uid") or ""))
+
     def stop(self, grove: str, agent: str) -> None:
         """Delete the agent's workload (its Job or Pod), and with it (garbage collection)
-        its Secret, ConfigMap and NetworkPolicy; the workspace volume (never owned) stays
-        for the next create. Its home is the Pod's emptyDir: it does not outlive the
-        Pod."""
+        its Secret and ConfigMap. The workspace volume and the NetworkPolicy (never owned)
+        stay for the next create: the policy keeps the terminating Pod isolated, and
+        selects nothing once it is gone. Its home is the Pod's emptyDir: it does not
+        outlive the Pod."""
         known = self._where.get((grove, agent))
-        targets = [known] if known else sorted(self._grove(grove)[2])
-        name = objs.object_name(grove, agent)
+        _, repo, all_targets = self._grove(grove)
+        targets = [known] if known else sorted(all_targets)
+        name, mine = objs.object_name(grove, agent), api.agent_labels(grove, agent, repo)
         for t in targets:
             cl = self.cluster(t.kubeconfig, t.context)
             for kind in ("Job", "Pod"):
-                with contextlib.suppress(NotFound):
-                    self._delete(cl, kind, t.namespace, name)
+                self._delete_mine(cl, kind, t.namespace, name, mine)
 
     def delete(self, grove: str, agent: str) -> None:
         known = self._where.get((grove, agent))
-        targets = [known] if known else sorted(self._grove(grove)[2])
-        name = objs.object_name(grove, agent)
+        _, repo, all_targets = self._grove(grove)
+        targets = [known] if known else sorted(all_targets)
+        name, mine = objs.object_name(grove, agent), api.agent_labels(grove, agent, repo)
         for t in targets:
             cl = self.cluster(t.kubeconfig, t.context)
+            for kind in ("Job", "Pod"):
+                self._delete_mine(cl, kind, t.namespace, name, mine)
+            # the NetworkPolicy (and the gateway, whose Service its last push may go
+            # through) stay until the Pod has ended: its grace period is no way out
+            for kind in ("Job", "Pod"):
+                left = self._get(cl, kind, t.namespace, name)
+                if left is not None and not api.foreign(left, mine):
+                    self._wait_gone(cl, kind, t.namespace, name)
             for kind in _DELETE_ORDER:
-                with contextlib.suppress(NotFound):
-                    self._delete(cl, kind, t.namespace, name)
+                self._delete_mine(cl, kind, t.namespace, name, mine)
             self._delete_legacy(cl, t.namespace, grove, agent)
             with self._egress_lock:
                 self._gateway_forget(cl, t.namespace, grove, agent)
@@ -317,6 +456,7 @@ class KubernetesRuntime:
             Call("patch", api.plural(kind), meta["namespace"], meta["name"]),
             query={"fieldManager": manager, "force": "false"}, body=obj,
             content_type=api.APPLY)
+        self._wrote(cl, kind, meta["namespace"], meta["name"], result)
         return result
 
     # -- network: egress: the namespace's gateway ---------------------------------------
@@ -352,6 +492,12 @@ class KubernetesRuntime:
                     objs.gateway_network_policy(ns, objs.policy_ports(current))):
             self._apply(cl, obj)
 
+    def _gateway_keys(self, cl: Cluster, ns: str, grove: str, agent: str) -> bool:
+        """Whether the namespace's egress gateway serves this agent."""
+        current = self._get(cl, "ConfigMap", ns, objs.GATEWAY_POLICIES)
+        return current is not None and objs.policy_key(grove, agent) in (current.get("data")
+                                                                          or {})
+
     def _gateway_forget(self, cl: Cluster, ns: str, grove: str, agent: str) -> None:
         """Remove the agent's policy key; then the gateway's objects if no key is left,
         else narrow its NetworkPolicy to the remaining agents' ports."""
@@ -372,21 +518,22 @@ class KubernetesRuntime:
 
     def _list(self, cl: Cluster, kind: str, ns: str, selector: str) -> list[dict[str, Any]]:
         """Every object of `kind` matching `selector`, in pages of LIST_PAGE."""
-        items: list[dict[str, Any]] = []
-        query = {"labelSelector": selector, "limit": str(LIST_PAGE)}
-        while True:
-            page = cl.request("GET", api.path(kind, ns), Call("list", api.plural(kind), ns),
-                              query=query)
-            items += page.get("items") or []
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                return items
-            query = {**query, "continue": token}
+        return k8s_watch.list_all(cl, kind, ns, selector, LIST_PAGE)[0]
 
-    def _delete(self, cl: Cluster, kind: str, ns: str, name: str) -> None:
+    def _delete(self, cl: Cluster, kind: str, ns: str, name: str, uid: str = "") -> None:
+        """Delete one object (only the object of `uid` when given); a Job in the
+        foreground, so it is there until its Pods are gone (a replacement waits for
+        that)."""
         query = {"propagationPolicy": "Foreground" if kind == "Job" else "Background"}
-        cl.request("DELETE", api.path(kind, ns, name),
-                   Call("delete", api.plural(kind), ns, name), query=query)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1",
+                "preconditions": {"uid": uid}} if uid else None
+        try:
+            cl.request("DELETE", api.path(kind, ns, name),
+                       Call("delete", api.plural(kind), ns, name), query=query, body=body)
+        except NotFound:
+            self._wrote(cl, kind, ns, name, None)  # gone: the cache must show it so
+            raise
+        self._wrote(cl, kind, ns, name, None)
 
     def _get(self, cl: Cluster, kind: str, ns: str, name: str) -> dict[str, Any] | None:
         try:
@@ -406,16 +553,21 @@ class KubernetesRuntime:
         if old is None:
             return False
         if api.outdated(old, workload, repo):
-            self._remove(cl, kind, meta["namespace"], meta["name"])
+            self._remove(cl, kind, meta["namespace"], meta["name"],
+                         uid=str(old["metadata"].get("uid") or ""))
             return False
         return True
 
-    def _remove(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90) -> None:
+    def _remove(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90,
+                uid: str = "") -> None:
         """Delete and wait until it is gone (a new object takes the same name)."""
         try:
-            self._delete(cl, kind, ns, name)
+            self._delete(cl, kind, ns, name, uid)
         except NotFound:
             return
+        self._wait_gone(cl, kind, ns, name, wait)
+
+    def _wait_gone(self, cl: Cluster, kind: str, ns: str, name: str, wait: float = 90) -> None:
         deadline = time.monotonic() + wait
         while self._get(cl, kind, ns, name) is not None:
             if time.monotonic() > deadline:
@@ -441,55 +593,115 @@ class KubernetesRuntime:
     def _exec(self, grove: str, agent: str, argv: list[str], timeout: float = 60) -> str:
         cl, ns, pod = self._pod(grove, agent)
         core = kubernetes.client.CoreV1Api(cl.api)
+        who = f"agent {grove}/{agent}: {argv[0]} in pod {ns}/{pod}"
         try:
             ws = kubernetes.stream.stream(
                 core.connect_get_namespaced_pod_exec, pod, ns, command=argv,
                 container=objs.CONTAINER, stdin=False, stdout=True, stderr=True, tty=False,
-                _preload_content=False)
-            try:
-                out, err = _drain(ws, timeout, f"agent {grove}/{agent}: {argv[0]}")
-                code = ws.returncode
-            finally:
-                ws.close()
+                _preload_content=False, binary=True)
         except kubernetes.client.exceptions.ApiException as e:
-            if e.status == 403:
+            http, why = _refusal(e)
+            if http == 403:
                 raise EngineError(f"kubernetes: RBAC forbids create on pods/exec in namespace "
                                   f"{ns} (context {cl.context}): grant verb 'create' on "
                                   "resource 'pods/exec'") from None
             raise EngineError(f"agent {grove}/{agent}: exec in pod {ns}/{pod} failed: "
-                              f"{e.reason}") from None
+                              f"{why}") from None
+        try:
+            out, err, status = _drain(ws, timeout, who)
+        finally:
+            ws.close()
+            if ws.sock is not None:  # close() skips this once the server closed first
+                ws.sock.shutdown()
+        code, why = _exit_code(status)
+        if code is None:
+            raise EngineError(f"{who} did not run: {reader.one_line(why)}")
         if code:
-            raise EngineError(f"agent {grove}/{agent}: {argv[0]} in pod {ns}/{pod} exited "
-                              f"{code}: {(err or '').strip()[:200]}")
-        return str(out or "")
+            raise EngineError(f"{who} exited {code}: {reader.one_line(err)}")
+        return out
 
 
 MAX_EXEC_OUTPUT = 24 << 20  # what a pod may print to an exec: the inbox archive, base64
+MAX_EXEC_ERRORS = 4096  # of its stderr, kept for the error message
+_ERROR_CHANNEL = 3  # the exec's exit Status (kubelet), a metav1.Status in JSON
+# websocket-client reports a refused upgrade as "Handshake status 403 Forbidden -+-+- ...",
+# which the kubernetes client passes on as ApiException(status=0, reason=that text)
+_HANDSHAKE = re.compile(r"Handshake status (\d{3})")
+_MESSAGE = re.compile(r'"message":\s*"((?:[^"\\]|\\.){1,300})')
 
 
-def _drain(ws: Any, timeout: float, who: str) -> tuple[str, str]:
-    """Read an exec's stdout and stderr as they come, at most MAX_EXEC_OUTPUT: the pod is
-    the agent's, and what it prints is never buffered whole before it is checked."""
+def _refusal(e: Any) -> tuple[int, str]:
+    """(HTTP status, one-line reason) of an exec the API server refused."""
+    text = str(e.reason or "")
+    m = _HANDSHAKE.search(text)
+    if not m:
+        return int(e.status or 0), reader.one_line(text)
+    msg = _MESSAGE.search(text)
+    why = text.split(" -+-+- ")[0]
+    if msg:
+        try:
+            why = str(json.loads(f'"{msg[1]}"'))
+        except ValueError:
+            why = msg[1]
+    return int(m[1]), reader.one_line(why)
+
+
+def _exit_code(status: Any) -> tuple[int | None, str]:
+    """(exit code, message) from the exec's Status; None when the command did not run
+    (not found in the image, or no status at all: the connection ended early)."""
+    try:
+        st = json.loads(status or "null")
+    except ValueError:
+        st = None
+    if not isinstance(st, dict):
+        return None, "the exec ended without an exit status"
+    if st.get("status") == "Success":
+        return 0, ""
+    for cause in (st.get("details") or {}).get("causes") or []:
+        if st.get("reason") == "NonZeroExitCode" and cause.get("reason") == "ExitCode":
+            with contextlib.suppress(TypeError, ValueError):
+                return int(cause.get("message")), ""
+    return None, str(st.get("message") or st.get("reason") or "failed")
+
+
+def _drain(ws: Any, timeout: float, who: str) -> tuple[str, str, bytes]:
+    """(stdout, stderr, the exit Status) of an exec, read a frame at a time as they come:
+    at most MAX_EXEC_OUTPUT and MAX_EXEC_ERRORS are kept, as the pod is the agent's. (The
+    client's own WSClient.update reads every frame already available before it returns,
+    so a pod that prints without end would be buffered whole.) Text is decoded at the end:
+    a character may span frames."""
     deadline = time.monotonic() + timeout
-    out: list[str] = []
-    err: list[str] = []
-    size = 0
-    while ws.is_open():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TemporaryError(f"{who}: no answer within {timeout:g}s", delay=5.0)
-        ws.update(timeout=min(left, 1.0))
-        if ws.peek_stdout():
-            chunk = ws.read_stdout()
-            size += len(chunk)
-            out.append(chunk)
-        if ws.peek_stderr():
-            err.append(ws.read_stderr()[:4096])
-        if size > MAX_EXEC_OUTPUT:
-            raise EngineError(f"{who}: printed more than {MAX_EXEC_OUTPUT} bytes; refused")
-    out.append(ws.read_stdout() or "")
-    err.append(ws.read_stderr() or "")
-    return "".join(out), "".join(err)[:4096]
+    conn = ws.sock  # websocket-client's WebSocket
+    conn.settimeout(timeout)
+    got: dict[int, list[bytes]] = {1: [], 2: [], _ERROR_CHANNEL: []}
+    size = dict.fromkeys(got, 0)
+    limit = {1: MAX_EXEC_OUTPUT, 2: MAX_EXEC_ERRORS, _ERROR_CHANNEL: 64 << 10}
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TemporaryError(f"{who}: no answer within {timeout:g}s", delay=5.0)
+            pending = isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending()
+            if not pending and not select.select([conn.sock], [], [], min(left, 1.0))[0]:
+                continue
+            opcode, frame = conn.recv_data_frame(True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                break
+            data = frame.data if isinstance(frame.data, bytes) else frame.data.encode()
+            if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY) \
+                    or not data or data[0] not in got:
+                continue  # e.g. v5's close of a channel (255)
+            ch, chunk = data[0], data[1:]
+            if ch == 1 and size[ch] + len(chunk) > MAX_EXEC_OUTPUT:
+                raise EngineError(f"{who}: printed more than {MAX_EXEC_OUTPUT} bytes; refused")
+            got[ch].append(chunk[:max(limit[ch] - size[ch], 0)])
+            size[ch] += len(chunk)
+    except (websocket.WebSocketException, OSError) as e:
+        raise TemporaryError(f"{who}: the exec's connection broke "
+                             f"({reader.one_line(str(e)) or type(e).__name__})", delay=5.0
+                             ) from None
+    return (b"".join(got[1]).decode("utf-8", "replace"),
+            b"".join(got[2]).decode("utf-8", "replace"), b"".join(got[_ERROR_CHANNEL]))
 
 
 def _connect(kubeconfig: str, context: str) -> Cluster:
