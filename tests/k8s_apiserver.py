@@ -215,6 +215,7 @@ class FakeApiServer:
         self.watches: list[tuple[str, str]] = []  # (path, resourceVersion) of each watch
         self.execs: list[list[Any]] = []  # see serve_exec
         self.exec_protocols = EXEC_PROTOCOLS  # (v4 only: a server before Kubernetes 1.30)
+        self.exec_stall = 0.0  # seconds an exec's upgrade is held unanswered (a stuck server)
         # requests without credentials allowed (--anonymous-auth): kubectl sends no token
         # over plain http, as this server speaks
         self.anonymous = False
@@ -1163,6 +1164,10 @@ def serve_exec(h: _Handler, ns: str, name: str, method: str, raw_query: str) -> 
     if protocol is None:
         raise ApiError(400, "BadRequest", f"requested protocol(s) are not supported: "
                                           f"{offered}; supports {list(api.exec_protocols)}")
+    if api.exec_stall:
+        time.sleep(api.exec_stall)
+        h.close_connection = True
+        return
     try:
         sandbox = api.sandbox(ns, name)
     except (RuntimeError, OSError) as e:

@@ -829,12 +829,16 @@ def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:
     assert [p.name for p in got] == ["req-1.json"]
     bad = io.BytesIO()
     with tarfile.open(fileobj=bad, mode="w") as tar:
+        first = tarfile.TarInfo("./req-3.json")  # fine on its own, before the bad one
+        first.size = 2
+        tar.addfile(first, io.BytesIO(b"{}"))
         info = tarfile.TarInfo("../escape")
         info.size = 0
         tar.addfile(info, io.BytesIO(b""))
     with pytest.raises(EngineError, match="unsafe file name"):
         inbox.extract(base64.b64encode(bad.getvalue()).decode(), tmp_path / "in")
     assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "in" / "req-3.json").exists()  # all or nothing
     with pytest.raises(EngineError, match="unreadable archive"):
         inbox.extract("not base64 at all!", tmp_path / "in")
 

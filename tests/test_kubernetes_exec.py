@@ -240,6 +240,18 @@ def test_an_exec_that_never_answers_times_out_and_ends_in_the_pod(kube: Kube, en
     assert kube.api.execs[-1][5] == 137
 
 
+def test_a_server_stuck_in_the_exec_handshake_is_one_line_not_a_hang(
+        kube: Kube, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    applied(kube, engine)
+    monkeypatch.setattr(k8s_rt, "EXEC_CONNECT_TIMEOUT", 1.0)
+    kube.api.exec_stall = 30.0
+    t0 = time.monotonic()
+    with pytest.raises(EngineError) as err:
+        kube.rt._exec("kube", "worker", ["true"], timeout=5)
+    assert time.monotonic() - t0 < 10
+    assert "exec in pod agents/" in err.value.summary and "\n" not in err.value.summary
+
+
 def test_a_pod_that_prints_without_end_is_refused(kube: Kube, engine: Any) -> None:
     pod = applied(kube, engine)
     box = kube.api.sandbox(NS, pod)

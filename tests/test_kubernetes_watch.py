@@ -254,6 +254,27 @@ def test_a_no_op_observe_pass_makes_no_request_once_synced(kube: Kube) -> None:
     assert watch_threads() == []
 
 
+def test_finding_an_agents_pod_for_exec_lists_nothing_once_synced(kube: Kube) -> None:
+    """Inbox sync, look and message find the agent's Pod in the watch cache: a pass that
+    syncs every running agent's inbox makes no LIST per agent."""
+    g = kube.grove()
+    kube.rt.create(kube.launch(g.agent("worker")))
+    kube.api.set_pod("agents", job_pod(kube), "Running")
+    kube.rt.start_watching()
+    try:
+        kube.rt.observe("kube")
+        wait_for(lambda: len(kube.api.watches) >= 2)
+        wait_for(lambda: kube.rt.observe("kube")["worker"].phase == RUNNING)
+        kube.api.requests.clear()
+        _, ns, name = kube.rt._pod("kube", "worker")
+        assert (ns, name) == ("agents", job_pod(kube)) and kube.api.requests == []
+    finally:
+        kube.rt.stop_watching()
+    kube.api.requests.clear()
+    assert kube.rt._pod("kube", "worker")[2] == job_pod(kube)  # not watching: one LIST
+    assert [m for m, _ in kube.api.requests] == ["GET"]
+
+
 def test_observe_after_its_own_writes_shows_them(kube: Kube) -> None:
     g = kube.grove()
     kube.rt.start_watching()

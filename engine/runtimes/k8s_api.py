@@ -80,6 +80,18 @@ class Cluster:
         self.context = context
         self.namespace = namespace  # the context's default namespace
 
+    def headers(self) -> dict[str, str]:
+        """The kubeconfig's credentials (a bearer token, an exec plugin's, basic auth) and
+        the engine's User-Agent, for any request to this cluster."""
+        cfg = self.api.configuration
+        headers = {"User-Agent": f"grove-engine/{__version__}"}
+        for auth in cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        if getattr(cfg, "username", None):
+            headers["Authorization"] = cfg.get_basic_auth_token()
+        return headers
+
     def request(self, method: str, url_path: str, call: Call, *,
                 query: dict[str, str] | None = None, body: Any = None,
                 content_type: str = "application/json", stream: bool = False,
@@ -87,12 +99,7 @@ class Cluster:
         """Parsed JSON of the response, or the open response when `stream`."""
         cfg = self.api.configuration
         url = cfg.host.rstrip("/") + url_path + ("?" + urlencode(query) if query else "")
-        headers = {"Accept": "application/json", "User-Agent": f"grove-engine/{__version__}"}
-        for auth in cfg.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
-        if getattr(cfg, "username", None):
-            headers["Authorization"] = cfg.get_basic_auth_token()
+        headers = {"Accept": "application/json", **self.headers()}
         data = None
         if body is not None:
             headers["Content-Type"] = content_type

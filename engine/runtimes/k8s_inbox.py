@@ -78,11 +78,11 @@ def extract(b64: str, dest: Path) -> list[Path]:
     outside `dest`. Returns the files written."""
     out = []
     tar, members = _open_archive(b64)
-    with tar:
-        for member in members[:MAX_MEMBERS]:
-            name = _member_name(member)
-            f = tar.extractfile(member) if name else None
-            if name is None or f is None:
+    with tar:  # every name is judged before any file is written: all or nothing
+        named = [(m, n) for m in members[:MAX_MEMBERS] if (n := _member_name(m))]
+        for member, name in named:
+            f = tar.extractfile(member)
+            if f is None:
                 continue
             fsutil.atomic_write(dest / name, f.read(MAX_FILE + 1), 0o600)
             out.append(dest / name)

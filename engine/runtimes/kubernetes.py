@@ -30,7 +30,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import secrets
 import select
 import shutil
@@ -42,9 +41,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
+import certifi
+import kubernetes.client
 import kubernetes.config
-import kubernetes.stream
 import websocket
 import yaml
 
@@ -575,13 +576,26 @@ class KubernetesRuntime:
                                      "terminating", delay=5.0)
             time.sleep(0.5)
 
+    def _cached_pods(self, cl: Cluster, ns: str, grove: str, repo: str, agent: str
+                     ) -> list[dict[str, Any]] | None:
+        """The agent's Pods from the grove's synced Pod informer (watching), else None:
+        syncing every running agent's inbox then costs no LIST per agent."""
+        with self._watch_lock:
+            inf = self._informers.get((cl, "Pod", ns, objs.selector(grove, repo)))
+        cached = inf.items() if inf is not None else None
+        if cached is None:
+            return None
+        return [p for p in cached if p["metadata"]["labels"].get(LABEL_AGENT) == agent]
+
     def _pod(self, grove: str, agent: str) -> tuple[Cluster, str, str]:
         """(cluster, namespace, name) of the agent's newest Pod."""
         known = self._where.get((grove, agent))
         _, repo, targets = self._grove(grove)
         for t in [known] if known else sorted(targets):
             cl = self.cluster(t.kubeconfig, t.context)
-            items = self._list(cl, "Pod", t.namespace, objs.selector(grove, repo, agent))
+            items = self._cached_pods(cl, t.namespace, grove, repo, agent)
+            if items is None:
+                items = self._list(cl, "Pod", t.namespace, objs.selector(grove, repo, agent))
             live = [p for p in items if not p["metadata"].get("deletionTimestamp")] or items
             if live:
                 self._where[(grove, agent)] = t
@@ -592,27 +606,26 @@ class KubernetesRuntime:
 
     def _exec(self, grove: str, agent: str, argv: list[str], timeout: float = 60) -> str:
         cl, ns, pod = self._pod(grove, agent)
-        core = kubernetes.client.CoreV1Api(cl.api)
         who = f"agent {grove}/{agent}: {argv[0]} in pod {ns}/{pod}"
         try:
-            ws = kubernetes.stream.stream(
-                core.connect_get_namespaced_pod_exec, pod, ns, command=argv,
-                container=objs.CONTAINER, stdin=False, stdout=True, stderr=True, tty=False,
-                _preload_content=False, binary=True)
-        except kubernetes.client.exceptions.ApiException as e:
-            http, why = _refusal(e)
+            conn = _open_exec(cl, ns, pod, argv)
+        except websocket.WebSocketBadStatusException as e:
+            http, why = e.status_code, _status_message(e.resp_body)
             if http == 403:
                 raise EngineError(f"kubernetes: RBAC forbids create on pods/exec in namespace "
                                   f"{ns} (context {cl.context}): grant verb 'create' on "
                                   "resource 'pods/exec'") from None
             raise EngineError(f"agent {grove}/{agent}: exec in pod {ns}/{pod} failed: "
-                              f"{why}") from None
+                              f"{why or f'HTTP {http}'}") from None
+        except (websocket.WebSocketException, OSError, ValueError) as e:
+            raise EngineError(f"agent {grove}/{agent}: exec in pod {ns}/{pod} failed: "
+                              f"{reader.one_line(str(e)) or type(e).__name__}") from None
         try:
-            out, err, status = _drain(ws, timeout, who)
+            out, err, status = _drain(conn, timeout, who)
         finally:
-            ws.close()
-            if ws.sock is not None:  # close() skips this once the server closed first
-                ws.sock.shutdown()
+            with contextlib.suppress(websocket.WebSocketException, OSError):
+                conn.close(timeout=1)
+            conn.shutdown()  # type: ignore[no-untyped-call]  # close() skips this once closed
         code, why = _exit_code(status)
         if code is None:
             raise EngineError(f"{who} did not run: {reader.one_line(why)}")
@@ -622,28 +635,55 @@ class KubernetesRuntime:
 
 
 MAX_EXEC_OUTPUT = 24 << 20  # what a pod may print to an exec: the inbox archive, base64
+EXEC_CONNECT_TIMEOUT = 30.0  # seconds for the exec's websocket to open (its handshake)
+_EXEC_PROTOCOLS = "v5.channel.k8s.io,v4.channel.k8s.io"
 MAX_EXEC_ERRORS = 4096  # of its stderr, kept for the error message
 _ERROR_CHANNEL = 3  # the exec's exit Status (kubelet), a metav1.Status in JSON
-# websocket-client reports a refused upgrade as "Handshake status 403 Forbidden -+-+- ...",
-# which the kubernetes client passes on as ApiException(status=0, reason=that text)
-_HANDSHAKE = re.compile(r"Handshake status (\d{3})")
-_MESSAGE = re.compile(r'"message":\s*"((?:[^"\\]|\\.){1,300})')
 
 
-def _refusal(e: Any) -> tuple[int, str]:
-    """(HTTP status, one-line reason) of an exec the API server refused."""
-    text = str(e.reason or "")
-    m = _HANDSHAKE.search(text)
-    if not m:
-        return int(e.status or 0), reader.one_line(text)
-    msg = _MESSAGE.search(text)
-    why = text.split(" -+-+- ")[0]
-    if msg:
-        try:
-            why = str(json.loads(f'"{msg[1]}"'))
-        except ValueError:
-            why = msg[1]
-    return int(m[1]), reader.one_line(why)
+def _open_exec(cl: Cluster, ns: str, pod: str, argv: list[str]) -> websocket.WebSocket:
+    """The exec's websocket (v5.channel.k8s.io, else v4), opened with the kubeconfig's TLS
+    and credentials as the kubernetes client would, but within EXEC_CONNECT_TIMEOUT: the
+    client's own sets no timeout, so a server stuck in the handshake would hang it."""
+    cfg = cl.api.configuration
+    query = urlencode([*(("command", a) for a in argv), ("container", objs.CONTAINER),
+                       ("stdout", "true"), ("stderr", "true")])
+    base = cfg.host.rstrip("/")
+    url = ("wss" + base[5:] if base.startswith("https") else "ws" + base[4:]) + \
+        f"{api.path('Pod', ns, pod, 'exec')}?{query}"
+    ssl_opts: dict[str, Any] = {"cert_reqs": ssl.CERT_NONE}
+    if url.startswith("wss://") and cfg.verify_ssl:
+        ssl_opts = {"cert_reqs": ssl.CERT_REQUIRED,
+                    "ca_certs": cfg.ssl_ca_cert or certifi.where()}
+        if cfg.assert_hostname is not None:
+            ssl_opts["check_hostname"] = cfg.assert_hostname
+    if cfg.cert_file:
+        ssl_opts["certfile"] = cfg.cert_file
+    if cfg.key_file:
+        ssl_opts["keyfile"] = cfg.key_file
+    if getattr(cfg, "tls_server_name", None):
+        ssl_opts["server_hostname"] = cfg.tls_server_name
+    headers = [f"{k}: {v}" for k, v in cl.headers().items()]
+    headers.append(f"Sec-WebSocket-Protocol: {_EXEC_PROTOCOLS}")
+    conn = websocket.WebSocket(sslopt=ssl_opts, skip_utf8_validation=True)
+    options: dict[str, Any] = {"header": headers, "timeout": EXEC_CONNECT_TIMEOUT}
+    if cfg.proxy:
+        proxy = urlsplit(cfg.proxy)
+        options |= {"http_proxy_host": proxy.hostname, "http_proxy_port": proxy.port,
+                    "proxy_type": "http"}
+        if cfg.no_proxy:
+            options["http_no_proxy"] = cfg.no_proxy.split(",")
+    conn.connect(url, **options)  # type: ignore[no-untyped-call]
+    return conn
+
+
+def _status_message(body: Any) -> str:
+    """The message of the Status an API server refused an exec with, one line."""
+    try:
+        st = json.loads(body or b"null")
+    except (ValueError, TypeError):
+        return reader.one_line(str(body or "")[:300])
+    return reader.one_line(str(st.get("message") or "")[:300]) if isinstance(st, dict) else ""
 
 
 def _exit_code(status: Any) -> tuple[int | None, str]:
@@ -671,7 +711,7 @@ def _drain(ws: Any, timeout: float, who: str) -> tuple[str, str, bytes]:
     so a pod that prints without end would be buffered whole.) Text is decoded at the end:
     a character may span frames."""
     deadline = time.monotonic() + timeout
-    conn = ws.sock  # websocket-client's WebSocket
+    conn = ws  # websocket-client's WebSocket
     conn.settimeout(timeout)
     got: dict[int, list[bytes]] = {1: [], 2: [], _ERROR_CHANNEL: []}
     size = dict.fromkeys(got, 0)
