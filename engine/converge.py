@@ -273,7 +273,9 @@ def run(root: Path, ask: Ask, rts: Runtimes, opts: desired.Options,
     result.actual = actual
     # 8. notify
     if not ask.destroy:
-        ingest.notify_parents(root, grove, actual)
+        told = ingest.notify_parents(root, grove, actual)
+        if told or result.accepted or result.rejected:  # answers and notes reach remote
+            sync_remote_inboxes(root, name, rts, log)   # inboxes now, not a pass later
         announce(root, grove, actual)
         _expire_inbox(root, name)
         notify.dispatch(root, grove)  # to people: in the background, never blocking
