@@ -25,7 +25,10 @@ real paths, status codes and Status objects for what the runtime uses:
   changes after RV, chunked; the last `history` changes are kept, and an RV older than
   them gets an ERROR event with Status 410 Expired. Test hooks: `compact()` forgets the
   history, `drop_watches()` cuts every open watch mid-stream, `inject(raw)` writes raw
-  bytes into the open ones; `watches` records (path, resourceVersion) of each watch.
+  bytes into the open ones; `watches` records (path, resourceVersion) of each watch;
+  `watch_stall` holds new watches unanswered (no headers; `stalled` counts them) until
+  it is cleared, then closes them; `endless_lists` gives every list page a continue
+  token to itself.
 
 - pods/{name}/exec (GET or POST; `create` on pods/exec for RBAC): the websocket exec
   protocol v5.channel.k8s.io / v4.channel.k8s.io (channels 0 stdin, 1 stdout, 2 stderr,
@@ -213,9 +216,16 @@ class FakeApiServer:
         self.stopping = False
         self.bookmark_every = 5.0  # seconds between BOOKMARK events (real servers: ~60)
         self.watches: list[tuple[str, str]] = []  # (path, resourceVersion) of each watch
+        self.watch_stall = False  # while set, a new watch is held unanswered (no headers)
+        self.stalled = 0  # watches held so
+        self.endless_lists = False  # every list page has a continue token (to itself)
         self.execs: list[list[Any]] = []  # see serve_exec
         self.exec_protocols = EXEC_PROTOCOLS  # (v4 only: a server before Kubernetes 1.30)
         self.exec_stall = 0.0  # seconds an exec's upgrade is held unanswered (a stuck server)
+        # a hostile exec, after the upgrade: "fragments" (one stdout message that never
+        # ends), "huge" (a frame header announcing 1 GiB, then a byte now and then),
+        # "trickle" (a 4 KiB frame, a byte now and then), "status:<text>" (that exit Status)
+        self.exec_hostile = ""
         # requests without credentials allowed (--anonymous-auth): kubectl sends no token
         # over plain http, as this server speaks
         self.anonymous = False
@@ -621,6 +631,8 @@ class _Handler(BaseHTTPRequestHandler):
             meta = {"resourceVersion": str(api.rv)}
             if end < len(items):
                 meta["continue"] = str(end)
+            if api.endless_lists:  # a broken or hostile server: the same page again
+                meta["continue"] = str(start)
             return 200, {"kind": KINDS[plural][1] + "List", "apiVersion": KINDS[plural][0],
                          "metadata": meta, "items": items[start:end]}
         if method == "GET":
@@ -653,6 +665,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "BadRequest", f"invalid resourceVersion {given!r}")
         timeout = float(query.get("timeoutSeconds") or 1800)
         bookmarks = query.get("allowWatchBookmarks") == "true"
+        with api.lock:
+            stalled = api.watch_stall
+            api.stalled += stalled
+            while api.watch_stall and not api.stopping:
+                api.changed.wait(0.1)
+        if stalled:  # held, then closed unanswered
+            self.close_connection = True
+            return
         api_version, kind = KINDS[plural]
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -1190,4 +1210,28 @@ def serve_exec(h: _Handler, ns: str, name: str, method: str, raw_query: str) -> 
     record: list[Any] = [ns, name, argv, protocol, opts]  # + the exit code (None: not found)
     with api.lock:
         api.execs.append(record)
+    if api.exec_hostile:
+        return _hostile_exec(api, sock, api.exec_hostile)
     ExecSession(sock, leftover, protocol).run(sandbox, argv, opts, record)
+
+
+def _hostile_exec(api: FakeApiServer, sock: socket.socket, mode: str) -> None:
+    """What a hostile pod or API server sends on an exec (FakeApiServer.exec_hostile),
+    until the client goes away."""
+    sock.settimeout(IO_TIMEOUT)
+    if mode.startswith("status:"):
+        with contextlib.suppress(OSError):
+            sock.sendall(ws_frame(2, bytes([ERROR]) + mode[7:].encode())
+                         + ws_frame(8, (1000).to_bytes(2, "big")))
+        return
+    head = {"fragments": ws_frame(2, bytes([STDOUT]) + b"A" * 1000, fin=False),
+            "huge": bytes([0x82, 127]) + (1 << 30).to_bytes(8, "big") + bytes([STDOUT]),
+            "trickle": bytes([0x82, 126]) + (4096).to_bytes(2, "big") + bytes([STDOUT])}
+    with contextlib.suppress(OSError):
+        sock.sendall(head[mode])
+        while not api.stopping:
+            if mode == "fragments":
+                sock.sendall(ws_frame(0, b"A" * (64 << 10), fin=False))
+            else:
+                time.sleep(0.2)
+                sock.sendall(b"A")

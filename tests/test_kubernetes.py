@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from engine.errors import EngineError, RuntimeUnavailable
 from engine.runtimes import FAILED, PENDING, RUNNING, SUCCEEDED, Launch, get
 from engine.runtimes import k8s_inbox as inbox
 from engine.runtimes import k8s_objects as objs
+from engine.runtimes import kubernetes as k8s_rt
 from tests.conftest import ROOT, git, write_grove
 from tests.k8s_apiserver import FakeApiServer
 
@@ -581,6 +583,21 @@ def test_logs_and_follow(kube: Kube) -> None:
     t.join()
 
 
+def test_logs_cut_a_line_without_end(kube: Kube) -> None:
+    """A pod's line of 4 MiB without a newline: shown cut, in linear time (the whole line
+    was kept, and scanned again at every chunk)."""
+    kube.rt.create(kube.launch(kube.grove().agent("worker")))
+    pod = job_pod(kube)
+    kube.api.set_pod("agents", pod, "Running")
+    kube.api.append_log("agents", pod, "first\n" + "x" * (4 << 20) + "\nlast\n" + "y" * 70000)
+    t0 = time.monotonic()
+    got = list(kube.rt.logs("kube", "worker"))
+    mark = f" [line cut at {k8s_rt.MAX_LOG_LINE} bytes]"
+    assert got == ["first", "x" * k8s_rt.MAX_LOG_LINE + mark, "last",
+                   "y" * k8s_rt.MAX_LOG_LINE + mark]
+    assert time.monotonic() - t0 < 60
+
+
 # -- bad input: cluster, namespace, RBAC ------------------------------------------------
 
 def test_no_kubeconfig_is_one_line_runtime_unavailable(kube: Kube, repo: Path,
@@ -841,6 +858,55 @@ def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:
     assert not (tmp_path / "in" / "req-3.json").exists()  # all or nothing
     with pytest.raises(EngineError, match="unreadable archive"):
         inbox.extract("not base64 at all!", tmp_path / "in")
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_inbox_extract_skips_sparse_files(tmp_path: Path, fmt: str) -> None:
+    """A sparse member is a few bytes in the archive and its whole size unpacked."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "req-1.json").touch()
+    os.truncate(src / "req-1.json", 1 << 30)  # all hole
+    (src / "req-2.json").write_text("{}")
+    made = subprocess.run(["tar", "--sparse", f"--format={fmt}", "-C", str(src), "-cf", "-",
+                           "."], capture_output=True, check=True).stdout
+    assert len(made) < 64 << 10
+    got = inbox.extract(base64.b64encode(made).decode(), tmp_path / "in")
+    assert [p.name for p in got] == ["req-2.json"]
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["req-2.json"]
+
+
+def test_inbox_sync_copies_only_requests_within_limits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pod_inbox, host = tmp_path / "pod-inbox", tmp_path / "host-inbox"
+    pod_inbox.mkdir()
+    for name in ("req-1.json", "junk.bin", "notify-1.json", "req-2.txt", "res-9.json"):
+        (pod_inbox / name).write_text("{}")
+
+    def run(argv: list[str]) -> str:
+        argv = [a.replace(objs.INBOX, str(pod_inbox)) for a in argv]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert [p.name for p in inbox.sync(run, host)] == ["req-1.json"]
+    assert sorted(p.name for p in host.iterdir()) == ["req-1.json"]
+    # more members than MAX_MEMBERS: refused whole, nothing written
+    monkeypatch.setattr(inbox, "MAX_MEMBERS", 8)
+    for i in range(3):
+        (pod_inbox / f"req-m{i}.json").write_text("{}")
+    with pytest.raises(EngineError, match="inbox: the pod sent an archive of 9 members, more "
+                                          "than 8; refused"):
+        inbox.sync(run, host)
+    assert sorted(p.name for p in host.iterdir()) == ["req-1.json"]
+    # at most MAX_PULL bytes a pull; the rest in the next one (what the host has is skipped)
+    monkeypatch.setattr(inbox, "MAX_MEMBERS", 2048)
+    monkeypatch.setattr(inbox, "MAX_PULL", 2500)
+    for i in range(3):
+        (pod_inbox / f"req-m{i}.json").write_text("x" * 1000)
+    first = inbox.sync(run, host)
+    assert len(first) == 2
+    second = inbox.sync(run, host)
+    assert len(second) == 1 and not set(first) & set(second)
+    assert sorted(p.name for p in host.iterdir()) == [
+        "req-1.json", "req-m0.json", "req-m1.json", "req-m2.json"]
 
 
 def test_engine_apply_status_destroy_on_the_cluster(kube: Kube, engine: Any) -> None:

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +190,34 @@ def test_attach_with_kubectl_exec_it(kube: Kube, engine: Any, tmp_path: Path) ->
     assert "ready to attach" in screen(kube, pod_dir)  # the agent runs on
 
 
+def test_a_pod_name_that_is_not_the_agents_is_never_used(kube: Kube, engine: Any,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """What a hostile server lists with the agent's labels, newer than its Pod: a kubectl
+    flag as a name, a name not the agent's. Neither is exec'd into nor given to kubectl."""
+    real = applied(kube, engine)
+    time.sleep(1.1)  # creationTimestamp has seconds
+    labels = kube.api.get("pods", NS, real)["metadata"]["labels"]  # type: ignore[index]
+    for name in ("--kubeconfig=/tmp/evil.yaml", "other-pod"):
+        with kube.api.lock:
+            kube.api.apply(("pods", NS, name), {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+                "spec": {"containers": [{"name": "agent", "image": "x"}]}}, "someone", True)
+        kube.api.set_pod(NS, name, "Running")
+    res = engine("message", "-g", "kube", "worker", "hi")
+    assert {e[1] for e in kube.api.execs} == {real}, res
+    bin_dir = tmp_path / "bin"  # a kubectl that only records its arguments
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    (bin_dir / "kubectl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert kube.rt.attach("kube", "worker") == 0
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[argv.index("-it") + 1] == f"pod/{real}"
+    assert not [a for a in argv if "evil" in a or "other-pod" in a]
+
+
 # -- error paths: one line each, never a hang --------------------------------------------
 
 def test_rbac_forbidding_pods_exec_is_one_line(kube: Kube, engine: Any) -> None:
@@ -268,6 +297,68 @@ def test_a_pod_that_prints_without_end_is_refused(kube: Kube, engine: Any) -> No
     assert not (kube.repo.parent / "host-inbox").exists()
 
 
+def bounded_exec(kube: Kube, timeout: float, within: float) -> BaseException:
+    """What `_exec` of `true` raised, which it must within `within` seconds."""
+    out: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            kube.rt._exec("kube", "worker", ["true"], timeout=timeout)
+        except Exception as e:  # judged by the caller
+            out.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(within)
+    assert not t.is_alive(), f"_exec(timeout={timeout}) still reading after {within}s"
+    assert time.monotonic() - t0 < within and out
+    return out[0]
+
+
+def test_an_exec_message_of_endless_fragments_is_refused(
+        kube: Kube, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """websocket-client's own recv_data_frame joins a message's fragments without limit."""
+    applied(kube, engine)
+    monkeypatch.setattr(k8s_rt, "MAX_EXEC_OUTPUT", 1 << 20)
+    kube.api.exec_hostile = "fragments"
+    err = bounded_exec(kube, 60, 30)
+    assert isinstance(err, EngineError) and not isinstance(err, TemporaryError), err
+    assert err.summary.endswith(f"printed more than {1 << 20} bytes; refused")
+
+
+def test_an_exec_frame_announcing_a_gigabyte_is_refused_unread(kube: Kube, engine: Any
+                                                               ) -> None:
+    applied(kube, engine)
+    kube.api.exec_hostile = "huge"
+    err = bounded_exec(kube, 60, 20)  # the pod sends a byte every 0.2 s: never the payload
+    assert isinstance(err, EngineError) and not isinstance(err, TemporaryError), err
+    assert err.summary.endswith(f"printed more than {k8s_rt.MAX_EXEC_OUTPUT} bytes; refused")
+
+
+def test_an_exec_frame_trickled_a_byte_at_a_time_ends_at_the_deadline(kube: Kube,
+                                                                      engine: Any) -> None:
+    applied(kube, engine)
+    kube.api.exec_hostile = "trickle"  # a 4 KiB frame at 5 bytes a second: 800 s
+    err = bounded_exec(kube, 2, 20)
+    assert isinstance(err, TemporaryError), err
+    assert err.summary.endswith("no answer within 2s")
+
+
+@pytest.mark.parametrize("status", [
+    '{"details": "x"}', '{"reason": "NonZeroExitCode", "details": {"causes": ["x"]}}',
+    '{"details": {"causes": {"reason": "ExitCode"}}}', '["Success"]', "not json",
+    '{"reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", '
+    '"message": 1e999}]}}'])
+def test_an_odd_exit_status_is_one_line_not_a_traceback(kube: Kube, engine: Any,
+                                                        status: str) -> None:
+    pod = applied(kube, engine)
+    kube.api.exec_hostile = f"status:{status}"
+    with pytest.raises(EngineError) as err:
+        kube.rt._exec("kube", "worker", ["true"])
+    assert f"agent kube/worker: true in pod agents/{pod} did not run: " in err.value.summary
+    assert "\n" not in err.value.summary
+
+
 # -- the inbox over exec: round trip, limits, a hostile pod --------------------------------
 
 def test_spawn_in_the_pod_is_synced_judged_and_answered_by_apply(kube: Kube, engine: Any
@@ -304,8 +395,9 @@ def archive(members: list[tuple[tarfile.TarInfo, bytes]]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_inbox_round_trip_takes_only_plain_files_within_limits(kube: Kube, engine: Any,
-                                                               tmp_path: Path) -> None:
+def test_inbox_round_trip_takes_only_plain_files_within_limits(
+        kube: Kube, engine: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inbox, "MAX_MEMBERS", 2048)  # under MAX_ARCHIVE's own bound
     pod = applied(kube, engine)
     pod_inbox = kube.api.pod_dir(NS, pod) / "inbox"
     pod_inbox.mkdir()
@@ -338,11 +430,14 @@ def test_inbox_round_trip_takes_only_plain_files_within_limits(kube: Kube, engin
     calls = len(kube.api.execs)
     assert kube.rt.sync_inbox("kube", "worker", host) == []
     assert len(kube.api.execs) == calls + 1
-    # many files: only MAX_MEMBERS are taken from one pull
+    # too many files: the whole pull is refused, nothing written
     for i in range(inbox.MAX_MEMBERS + 10):
         (pod_inbox / f"req-m{i:05}.json").write_text("{}")
-    pulled = kube.rt.pull_inbox("kube", "worker", tmp_path / "many")
-    assert inbox.MAX_MEMBERS - 20 < len(pulled) <= inbox.MAX_MEMBERS  # some are not files
+    with pytest.raises(EngineError, match=r"archive of \d+ members, more than "
+                                          f"{inbox.MAX_MEMBERS}; refused"):
+        kube.rt.sync_inbox("kube", "worker", host)
+    assert sorted(p.name for p in host.iterdir() if p.name.startswith("req-")) == [
+        "req-1.json", "req-6.json"]
 
 
 @pytest.mark.parametrize(("members", "error"), [

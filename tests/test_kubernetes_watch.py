@@ -2,21 +2,26 @@
 server stand-in (tests/k8s_apiserver.py, the suite's one stand-in) follow creates, updates
 and deletes; resume from their resourceVersion after a dropped stream; list again on 410,
 on a malformed stream and at each resync; and make a no-op observe pass cost no request.
-The controller watches; one-shot commands do not."""
+The controller watches; one-shot commands do not. A server that never answers a watch,
+a thread that is stuck, a write the watch misses, endless continue tokens, oversized
+answers and data of the wrong shape never make observe serve a stale cache, hang or
+trace back."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.errors import RuntimeUnavailable
-from engine.runtimes import PENDING, RUNNING, SUCCEEDED, get
+from engine.errors import EngineError, RuntimeUnavailable
+from engine.runtimes import FAILED, PENDING, RUNNING, SUCCEEDED, get
+from engine.runtimes import k8s_api as ka
 from engine.runtimes import k8s_watch as kw
-from engine.runtimes.k8s_api import Cluster
+from engine.runtimes.k8s_api import Call, Cluster
 from tests.conftest import git
 from tests.k8s_apiserver import FakeApiServer
 from tests.test_kubernetes import SECRET, Kube, job_pod, wait_for
@@ -304,3 +309,164 @@ def test_the_controller_watches_and_one_shot_commands_do_not(kube: Kube, engine:
                                                 "/apis/batch/v1/namespaces/agents/jobs"}
     assert watch_threads() == []  # stopped with the controller
     assert engine("destroy", "--auto-approve", "-g", "kube").code == 0
+
+
+def test_a_watch_never_answered_times_out_and_lists_again(
+        kube: Kube, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes a watch and never sends its headers holds the thread only its
+    timeoutSeconds and GRACE: then it lists again and sees what the watch did not say."""
+    monkeypatch.setattr(kw, "GRACE", 1.0)
+    monkeypatch.setattr(kw, "BACKOFF", (0.1, 0.1))
+    api = kube.api
+    put(api, pod("a"))
+    inf = kw.Informer(cluster, "Pod", "default", SEL, timeout=1, resync=60).start()
+    try:
+        wait_for(lambda: inf.synced and api.watches)
+        api.watch_stall = True
+        api.drop_watches()
+        wait_for(lambda: api.stalled)
+        api.set_pod("default", "a", "Failed")  # no watch says so
+        wait_for(lambda: names(inf) == {"a": "Failed"})
+        assert inf.lists >= 2 and api.stalled >= 1
+    finally:
+        api.watch_stall = False
+        inf.stop()
+
+
+def test_a_stuck_thread_serves_no_stale_cache(kube: Kube, cluster: Cluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever holds the informer's thread, its cache is not served once it has heard
+    nothing for longer than a resync and a watch take."""
+    monkeypatch.setattr(kw, "GRACE", 1.0)
+    api, gate = kube.api, threading.Event()
+    put(api, pod("a"))
+    inf = kw.Informer(cluster, "Pod", "default", SEL, resync=0.5, timeout=1,
+                      on_change=lambda: gate.wait(30)).start()
+    try:
+        wait_for(lambda: inf.synced and api.watches)
+        put(api, pod("b"))  # the thread tells on_change, which never returns
+        wait_for(lambda: inf.items() is None)
+        assert inf.synced  # it still says so, but observe lists for itself
+        gate.set()
+        wait_for(lambda: names(inf) == {"a": "Pending", "b": "Pending"})
+    finally:
+        gate.set()
+        inf.stop()
+
+
+def test_a_write_the_watch_misses_lists_again(kube: Kube, cluster: Cluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expected write the cache does not show within EXPECT_TTL is not waited out and
+    then trusted: the informer lists again (its watch cut; or, stuck before any answer,
+    observe lists meanwhile)."""
+    monkeypatch.setattr(kw, "EXPECT_TTL", 0.5)
+    monkeypatch.setattr(kw, "BACKOFF", (0.1, 0.1))
+    api = kube.api
+    put(api, pod("a"))
+    inf = kw.Informer(cluster, "Pod", "default", SEL).start()
+    try:
+        wait_for(lambda: inf.synced and api.watches)
+        with api.lock:  # a write no watch reports
+            api.objects[("pods", "default", "a")]["status"] = {"phase": "Failed"}
+            written = {**api.objects[("pods", "default", "a")]}
+            written["metadata"] = {**written["metadata"], "resourceVersion": str(api.rv + 1)}
+        inf.expect("a", written)
+        assert inf.items(wait=0.1) is None
+        time.sleep(0.6)
+        wait_for(lambda: names(inf) == {"a": "Failed"})
+        assert inf.lists == 2 and len(api.watches) == 2  # the watch was cut for it
+
+        api.watch_stall = True  # the thread now waits on a watch that never answers
+        api.drop_watches()
+        wait_for(lambda: api.stalled)
+        api.set_pod("default", "a", "Running")
+        inf.expect("a", api.get("pods", "default", "a"))
+        assert inf.items(wait=0.1) is None
+        time.sleep(0.6)
+        assert inf.items(wait=0.1) is None  # past EXPECT_TTL: still not the stale cache
+        assert "did not show in the watch" in inf.error and not inf.synced
+        api.watch_stall = False
+        wait_for(lambda: names(inf) == {"a": "Running"})
+    finally:
+        api.watch_stall = False
+        inf.stop()
+
+
+def test_endless_continue_tokens_are_refused(kube: Kube, cluster: Cluster,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    api = kube.api
+    for n in range(5):
+        put(api, pod(f"p{n}"))
+    kube.grove()
+    api.endless_lists = True
+    out: list[Any] = []
+
+    def one_shot() -> None:
+        try:
+            kube.rt.observe("kube")
+        except EngineError as e:
+            out.append(e.summary)
+    t = threading.Thread(target=one_shot, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(out) == 1
+    assert "gave the same continue token twice" in out[0] and "\n" not in out[0]
+    inf = kw.Informer(cluster, "Pod", "default", SEL).start()
+    try:
+        wait_for(lambda: "continue token" in inf.error)
+        assert inf.items() is None
+    finally:
+        inf.stop()
+    api.endless_lists = False  # pages that never end, each with a new token
+    monkeypatch.setattr(kw, "MAX_OBJECTS", 3)
+    with pytest.raises(EngineError) as err:
+        kw.list_all(cluster, "Pod", "default", SEL, 1)
+    assert "more than 3 objects" in err.value.summary
+    monkeypatch.setattr(kw, "MAX_OBJECTS", 5)  # as many as there are: listed
+    assert len(kw.list_all(cluster, "Pod", "default", SEL, 1)[0]) == 5
+
+
+def test_answers_are_bounded(kube: Kube, cluster: Cluster,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    api = kube.api
+    for n in range(10):
+        put(api, pod(f"p{n}"))
+    monkeypatch.setattr(ka, "MAX_BODY", 2000)
+    with pytest.raises(EngineError) as err:
+        kw.list_all(cluster, "Pod", "default", SEL, 500)
+    assert "longer than 2000 bytes" in err.value.summary
+    assert len(kw.list_all(cluster, "Pod", "default", SEL, 1)[0]) == 10  # small pages
+    monkeypatch.setattr(ka, "MAX_ERROR_BODY", 1000)
+    name = "n" * 5000
+    with pytest.raises(ka.NotFound) as nf:
+        cluster.request("GET", ka.path("Pod", "default", name),
+                        Call("get", "pods", "default", "x"))
+    assert len(nf.value.detail) <= 1000
+
+
+@pytest.mark.parametrize("status", [
+    {"phase": "Running", "containerStatuses": "x"},
+    {"phase": "Failed", "containerStatuses": ["x", {"name": "agent", "state": "x",
+                                                   "lastState": ["x"]}]},
+    {"phase": "Failed", "containerStatuses": [{"name": "agent", "state": {
+        "terminated": {"exitCode": "x", "reason": ["x"]}}}]},
+    {"phase": ["x"], "initContainerStatuses": [{"state": {"waiting": "x"}}], "reason": {}},
+    "x",
+    ["x"],
+])
+def test_status_of_the_wrong_shape_reads_as_absent(status: Any) -> None:
+    labels = {"engine.agent": "w", "engine.spec-hash": "h"}
+    pods = [{"metadata": {"name": "w-1", "labels": labels, "deletionTimestamp": None},
+             "status": status},
+            {"metadata": {"name": "odd", "labels": "x"}}, {"metadata": "x"}]
+    jobs = [{"metadata": {"name": "w", "labels": {**labels, "engine.spec-hash": ["h"]}},
+             "status": {"conditions": ["x", {"status": "True", "type": "Failed",
+                                             "reason": ["x"]}]}},
+            {"metadata": {"name": "v", "labels": {"engine.agent": "v"}},
+             "status": {"conditions": "x"}}]
+    out = ka.essence("g", pods, jobs, "ctx")
+    assert set(out) == {"w", "v"}
+    assert out["w"].phase == FAILED and out["w"].spec_hash == ""
+    assert out["v"].reason == "no pod yet"
+    name, slim = kw._slim({"metadata": {"name": "a", "labels": "x"}, "status": "x"}, {})
+    assert (name, slim) == ("a", {"metadata": {"name": "a", "labels": {}}, "status": {}})

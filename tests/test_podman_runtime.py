@@ -17,9 +17,11 @@ import functools
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -351,7 +353,35 @@ def _python(user: str) -> list[str]:
                          capture_output=True, text=True).stdout.strip()
     assert ver == str(sys.version_info[:2]), f"{user} cannot run {sys.executable}"
     path = f"{Path(__file__).resolve().parents[1]}:{sysconfig.get_paths()['purelib']}"
+    if not _imports(user, system, path):  # the checkout or the venv is not theirs to read
+        path = _readable_mirror()         # (a CI clone in a 0700 mktemp -d directory)
+        assert _imports(user, system, path), f"{user} cannot import the engine from {path}"
     return ["env", f"PYTHONPATH={path}", str(system), "-m", "engine"]
+
+
+def _imports(user: str, python: Path, path: str) -> bool:
+    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", f"PYTHONPATH={path}",
+                           str(python), "-c", "import engine.cli, yaml, docker"],
+                          cwd="/", capture_output=True).returncode == 0
+
+
+@functools.cache
+def _readable_mirror() -> str:
+    """The engine package and the venv's packages, linked (else copied) into a directory
+    any user may read, for the whole test session."""
+    top = Path(tempfile.mkdtemp(prefix="grove-engine-rootless-"))
+    top.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    sources = [(root / d, top / "src" / d) for d in ("engine", "schemas", "images")]
+    sources.append((Path(sysconfig.get_paths()["purelib"]), top / "lib"))
+    for src, dest in sources:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if subprocess.run(["cp", "-al", str(src), str(dest)], capture_output=True
+                          ).returncode != 0:
+            shutil.rmtree(dest, ignore_errors=True)
+            subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
+    return f"{top / 'src'}:{top / 'lib'}"
 
 
 @pytest.fixture(scope="module")

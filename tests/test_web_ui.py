@@ -314,7 +314,7 @@ def test_the_grove_graph_shows_every_agent_once_with_its_phase(
     page.wait_for_selector("#flash p.ok")
     until(lambda: phases(repo)["kid"] == "Stopped", 20, "kid to stop")
     page.wait_for_function("() => document.querySelector('section#summary').textContent"
-                           ".includes('Stopped')")
+                           ".includes('Stopped')", timeout=45_000)  # a loaded CI machine
 
 
 # --- 2. a spawn shows within 2 s --------------------------------------------------------

@@ -4,14 +4,17 @@ Called by `engine.runtimes.kubernetes` only. `Cluster.request` sends one request
 the urllib3 pool of a `kubernetes` ApiClient (which did the kubeconfig work: TLS,
 tokens, exec plugins) and turns every failure a user can cause into one line: cluster
 unreachable, namespace missing, RBAC forbidden (naming verb and resource), a field-manager
-conflict (naming the manager). `essence` turns listed Pods and Jobs into `Observed`.
-This module does not import the `kubernetes` package.
+conflict (naming the manager); an answer is capped at MAX_BODY bytes (an error's body
+at MAX_ERROR_BODY) and must come within its timeout. `essence` turns listed Pods and Jobs
+into `Observed`, reading fields of the wrong shape as absent. This module does not import
+the `kubernetes` package.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -43,6 +46,9 @@ KINDS = {  # kind -> (API path prefix, plural)
     "Deployment": ("/apis/apps/v1", "deployments"),
 }
 APPLY = "application/apply-patch+yaml"
+MAX_BODY = 64 << 20  # bytes of one answer (a list page): more is refused
+MAX_ERROR_BODY = 64 << 10  # bytes of an error's body read (the rest is not)
+_CHUNK = 64 << 10
 
 
 def plural(kind: str) -> str:
@@ -95,8 +101,11 @@ class Cluster:
     def request(self, method: str, url_path: str, call: Call, *,
                 query: dict[str, str] | None = None, body: Any = None,
                 content_type: str = "application/json", stream: bool = False,
-                timeout: float = 30.0) -> Any:
-        """Parsed JSON of the response, or the open response when `stream`."""
+                timeout: float = 30.0, idle: float | None = None) -> Any:
+        """Parsed JSON of the response, or the open response when `stream`. The answer's
+        headers must come within `timeout` seconds, and a body not streamed within
+        `timeout` of each read (4 times that in all); a streamed body may stay silent
+        `idle` seconds (None: for ever, as a followed log may)."""
         cfg = self.api.configuration
         url = cfg.host.rstrip("/") + url_path + ("?" + urlencode(query) if query else "")
         headers = {"Accept": "application/json", **self.headers()}
@@ -106,23 +115,34 @@ class Cluster:
             data = json.dumps(body).encode()
         try:
             resp = self.api.rest_client.pool_manager.request(
-                method, url, body=data, headers=headers, preload_content=not stream,
-                timeout=urllib3.Timeout(connect=5.0, read=None if stream else timeout),
+                method, url, body=data, headers=headers, preload_content=False,
+                timeout=urllib3.Timeout(connect=5.0, read=timeout),
                 retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0))
+            if resp.status >= 400:
+                raw = _read(resp, MAX_ERROR_BODY, timeout)[0]
+                raise self._error(resp.status, _status(raw), call, resp.headers)
+            if stream:
+                sock = getattr(getattr(resp, "connection", None), "sock", None)
+                if sock is not None:
+                    sock.settimeout(idle)
+                return resp
+            raw, whole = _read(resp, MAX_BODY, timeout)
         except urllib3.exceptions.HTTPError as e:
             raise RuntimeUnavailable(f"kubernetes: cannot reach the cluster of context "
                                      f"{self.context} at {cfg.host}: {_reason(e)}") from None
-        if resp.status >= 400:
-            raw = resp.read() if stream else resp.data
-            raise self._error(resp.status, _status(raw), call, resp.headers)
-        if stream:
-            return resp
-        return json.loads(resp.data) if resp.data else {}
+        if not whole:
+            raise EngineError(f"kubernetes: {call.verb} {call.resource}: the server's answer "
+                              f"is longer than {MAX_BODY} bytes; refused")
+        try:
+            return json.loads(raw) if raw else {}
+        except (ValueError, RecursionError):
+            raise EngineError(f"kubernetes: {call.verb} {call.resource}: the server's answer "
+                              "is not JSON") from None
 
     def _error(self, code: int, status: dict[str, Any], call: Call,
                headers: Any) -> EngineError:
-        message = str(status.get("message") or f"HTTP {code}")
-        details = status.get("details") or {}
+        message = " ".join(str(status.get("message") or f"HTTP {code}").split())[:1000]
+        details = _d(status.get("details"))
         where = f"in namespace {call.namespace}" if call.namespace else "in the cluster"
         obj = f"{call.resource} {call.namespace}/{call.name}" if call.name else call.resource
         if code == 401:
@@ -153,9 +173,37 @@ class Cluster:
         if code == 422:
             return Invalid(f"kubernetes: {obj} is invalid: {message}")
         if code == 429 or code >= 500:
-            delay = float(headers.get("Retry-After") or 1) if headers else 1.0
+            try:
+                after = float(headers.get("Retry-After") or 1)
+            except (AttributeError, ValueError):
+                after = 1.0
+            delay = min(max(after, 0.0), 300.0) if after == after else 1.0  # (not NaN)
             return TemporaryError(f"kubernetes: {call.verb} {obj}: {message}", delay=delay)
         return PermanentError(f"kubernetes: {call.verb} {obj}: {message} (HTTP {code})")
+
+
+def _read(resp: Any, limit: int, timeout: float) -> tuple[bytes, bool]:
+    """(at most `limit` bytes of the body, whether that is all of it), read within
+    `timeout` seconds of each other and 4 times `timeout` in all; the connection is
+    released when the body was read to its end, else closed."""
+    buf = bytearray()
+    deadline = time.monotonic() + 4 * timeout
+    whole = False
+    try:
+        for chunk in resp.stream(_CHUNK):
+            buf += chunk
+            if len(buf) > limit or time.monotonic() > deadline:
+                break
+        else:
+            whole = True
+    finally:
+        if whole:
+            resp.release_conn()
+        else:
+            resp.close()
+    if not whole and len(buf) <= limit:
+        raise urllib3.exceptions.TimeoutError("the answer took too long")
+    return bytes(buf[:limit]), whole
 
 
 def _status(raw: bytes) -> dict[str, Any]:
@@ -172,10 +220,10 @@ def _reason(e: Exception) -> str:
     return (m.group(1) if m else text.rsplit(": ", 1)[-1]).strip().lower()
 
 
-def _conflicts(causes: list[dict[str, Any]]) -> str:
+def _conflicts(causes: Any) -> str:
     """'field .spec.x is managed by "kubectl-edit"', for each conflicting field."""
     out = []
-    for c in causes:
+    for c in _ds(causes):
         m = re.search(r'conflict with "([^"]+)"', str(c.get("message", "")))
         manager = m.group(1) if m else "another field manager"
         out.append(f"field {c.get('field', '?')} is managed by {manager!r}")
@@ -188,42 +236,56 @@ _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                   "CreateContainerConfigError", "CreateContainerError"}
 
 
+def _d(value: Any) -> dict[str, Any]:
+    """`value` when it is an object, else {}: a field of the wrong shape reads as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def _ds(value: Any) -> list[dict[str, Any]]:
+    """The objects of a list (nothing for what is not a list)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 def _created(obj: dict[str, Any]) -> str:
-    return str(obj.get("metadata", {}).get("creationTimestamp") or "")
+    return str(_d(obj.get("metadata")).get("creationTimestamp") or "")
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any]:
-    for cs in pod.get("status", {}).get("containerStatuses") or []:
+    for cs in _ds(_d(pod.get("status")).get("containerStatuses")):
         if cs.get("name") == "agent":
-            state = cs.get("state") or {}
-            return dict(state.get("terminated") or cs.get("lastState", {}).get("terminated")
-                        or {})
+            return (_d(_d(cs.get("state")).get("terminated"))
+                    or _d(_d(cs.get("lastState")).get("terminated")))
     return {}
 
 
 def _waiting(pod: dict[str, Any]) -> str:
-    st = pod.get("status", {})
-    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
-        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+    st = _d(pod.get("status"))
+    for cs in [*_ds(st.get("initContainerStatuses")), *_ds(st.get("containerStatuses"))]:
+        reason = _d(_d(cs.get("state")).get("waiting")).get("reason")
         if reason:
-            return str(reason)
+            return str(reason)[:200]
     return ""
 
 
+def _code(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def pod_state(pod: dict[str, Any]) -> tuple[str, int | None, str]:
-    """(phase, exit code, reason) of one Pod."""
-    st = pod.get("status") or {}
-    if pod.get("metadata", {}).get("deletionTimestamp"):
+    """(phase, exit code, reason) of one Pod (fields of the wrong shape read as absent)."""
+    st = _d(pod.get("status"))
+    if _d(pod.get("metadata")).get("deletionTimestamp"):
         return STOPPED, None, "terminating"
-    phase, term, waiting = st.get("phase", "Pending"), _terminated(pod), _waiting(pod)
-    code = term.get("exitCode")
+    phase, term, waiting = st.get("phase") or "Pending", _terminated(pod), _waiting(pod)
+    code = _code(term.get("exitCode"))
     if st.get("reason") == "DeadlineExceeded":
         return FAILED, code, "maxDuration exceeded"
     if phase == "Succeeded":
         return SUCCEEDED, 0 if code is None else code, ""
     if phase == "Failed":
         why = ("killed (out of memory)" if term.get("reason") == "OOMKilled"
-               else f"exited {code}" if code is not None else str(st.get("reason") or "failed"))
+               else f"exited {code}" if code is not None
+               else str(st.get("reason") or "failed")[:200])
         return FAILED, code, why
     if waiting in _PULL_FAILURES:
         return FAILED, None, f"cannot start: {waiting}"
@@ -235,39 +297,48 @@ def pod_state(pod: dict[str, Any]) -> tuple[str, int | None, str]:
 
 
 def _job_state(job: dict[str, Any]) -> tuple[str, str] | None:
-    for cond in job.get("status", {}).get("conditions") or []:
+    for cond in _ds(_d(job.get("status")).get("conditions")):
         if cond.get("status") != "True":
             continue
         if cond.get("type") == "Complete":
             return SUCCEEDED, ""
         if cond.get("type") == "Failed":
-            reason = cond.get("reason", "")
+            reason = str(cond.get("reason") or "")[:200]
             return FAILED, "maxDuration exceeded" if reason == "DeadlineExceeded" else reason
     return None
+
+
+def _agent(obj: Any) -> str:
+    """The agent an object is labelled with ("" for none, or what is not an object)."""
+    agent = _d(_d(_d(obj).get("metadata")).get("labels")).get(LABEL_AGENT)
+    return agent if isinstance(agent, str) else ""
 
 
 def essence(grove: str, pods: list[dict[str, Any]], jobs: list[dict[str, Any]],
             host: str) -> dict[str, Observed]:
     """One `Observed` per agent from the listed Pods and Jobs: a finished Job's verdict
-    wins; otherwise the newest live Pod (a terminating one only when nothing else is)."""
+    wins; otherwise the newest live Pod (a terminating one only when nothing else is).
+    An object without an agent label is not an agent's."""
     out: dict[str, Observed] = {}
     by_agent: dict[str, list[dict[str, Any]]] = {}
     for pod in pods:
-        by_agent.setdefault(pod["metadata"]["labels"][LABEL_AGENT], []).append(pod)
-    jobs_by = {j["metadata"]["labels"][LABEL_AGENT]: j for j in jobs}
+        if _agent(pod):
+            by_agent.setdefault(_agent(pod), []).append(pod)
+    jobs_by = {_agent(j): j for j in jobs if _agent(j)}
     for agent in sorted(set(by_agent) | set(jobs_by)):
         cands = sorted(by_agent.get(agent, []), key=lambda p: (
-            not p["metadata"].get("deletionTimestamp"), _created(p)))
+            not _d(p.get("metadata")).get("deletionTimestamp"), _created(p)))
         job = jobs_by.get(agent)
         owner = job or cands[-1]
         phase, code, reason = pod_state(cands[-1]) if cands else (PENDING, None, "no pod yet")
         verdict = _job_state(job) if job else None
-        if verdict and job and job["metadata"].get("deletionTimestamp"):
+        if verdict and job and _d(job.get("metadata")).get("deletionTimestamp"):
             verdict = (STOPPED, "terminating")
         if verdict and verdict[0] != phase:
             phase, reason = verdict[0], verdict[1] or reason
+        spec_hash = _d(_d(owner.get("metadata")).get("labels")).get(LABEL_HASH)
         out[agent] = Observed(grove=grove, name=agent, runtime="kubernetes",
-                              spec_hash=owner["metadata"]["labels"].get(LABEL_HASH, ""),
+                              spec_hash=spec_hash if isinstance(spec_hash, str) else "",
                               phase=phase, exit_code=code, reason=reason, host=host)
     return out
 

@@ -3,10 +3,11 @@
 Called by `engine.runtimes.kubernetes` for look, send, attach and the agent-side inbox.
 The inbox travels as a base64 tar archive on exec's stdout (pull) or in an argument
 (push), so only sh, tar, base64 and tmux are needed in the image; `extract` unpacks an
-archive on the host. The archive is agent-made: it is size-capped, and only regular files
-with plain flat names are taken, each cut at MAX_FILE + 1 bytes (so the host's reader
-refuses an oversized request and answers it); host inbox files go back to the Pod through
-`engine.trust.reader`.
+archive on the host. The archive is agent-made: it is size-capped (bytes, members, bytes
+unpacked), only regular files with plain flat names are taken, never sparse ones, each cut
+at MAX_FILE + 1 bytes (so the host's reader refuses an oversized request and answers it),
+and sync copies only requests (`req-*.json`) into the host inbox; host inbox files go back
+to the Pod through `engine.trust.reader`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import io
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -28,8 +28,10 @@ from engine.trust import reader
 Run = Callable[[list[str]], str]  # runs argv in the agent's container, returns stdout
 MAX_PUSH = 96 * 1024  # one exec argument stays well under the kernel's 128 KiB limit
 MAX_ARCHIVE = 16 * 1024 * 1024  # base64 text of one pulled inbox
-MAX_MEMBERS = 2048  # files taken from one pulled inbox
+MAX_MEMBERS = 16384  # members of one pulled inbox archive (more: refused; the in-Pod client
+# keeps answered requests, so a busy agent's inbox grows by two entries per request)
 MAX_FILE = 64 * 1024  # one inbox file (a request is at most this, see engine.inbox)
+MAX_PULL = 8 * 1024 * 1024  # bytes written from one pulled inbox (the rest: next pass)
 PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # an inbox file name
 
 
@@ -74,19 +76,37 @@ def _safe_name(name: str) -> PurePosixPath:
 
 def extract(b64: str, dest: Path) -> list[Path]:
     """Unpack a `tar | base64` archive of an inbox into `dest`: regular files with plain
-    flat names only, no dot-files (half-written), each at most MAX_FILE + 1 bytes, nothing
-    outside `dest`. Returns the files written."""
-    out = []
+    flat names only, no dot-files (half-written) or sparse files, each at most MAX_FILE + 1
+    bytes and MAX_PULL in all, nothing outside `dest`. Returns the files written."""
+    _, files = _take(b64, lambda name: True)
+    for name, data in files.items():
+        fsutil.atomic_write(dest / name, data, 0o600)
+    return sorted(dest / name for name in files)
+
+
+def _take(b64: str, want: Callable[[str], bool]) -> tuple[set[str], dict[str, bytes]]:
+    """(every plain name in an inbox archive, the content of the wanted ones): each at most
+    MAX_FILE + 1 bytes, at most MAX_PULL in all (the rest wait for the next pull).
+    EngineError, before anything is read, for an archive of more than MAX_MEMBERS members
+    or with an unsafe name."""
     tar, members = _open_archive(b64)
-    with tar:  # every name is judged before any file is written: all or nothing
-        named = [(m, n) for m in members[:MAX_MEMBERS] if (n := _member_name(m))]
+    with tar:
+        if len(members) > MAX_MEMBERS:
+            raise EngineError(f"inbox: the pod sent an archive of {len(members)} members, "
+                              f"more than {MAX_MEMBERS}; refused")
+        named = [(m, n) for m in members if (n := _member_name(m))]  # all judged first
+        files: dict[str, bytes] = {}
+        total = 0
         for member, name in named:
-            f = tar.extractfile(member)
+            f = tar.extractfile(member) if want(name) else None
             if f is None:
                 continue
-            fsutil.atomic_write(dest / name, f.read(MAX_FILE + 1), 0o600)
-            out.append(dest / name)
-    return sorted(out)
+            data = f.read(MAX_FILE + 1)
+            total += len(data)
+            if total > MAX_PULL:
+                break
+            files[name] = data
+    return {n for _, n in named}, files
 
 
 def _open_archive(b64: str) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
@@ -103,8 +123,9 @@ def _open_archive(b64: str) -> tuple[tarfile.TarFile, list[tarfile.TarInfo]]:
 
 def _member_name(member: tarfile.TarInfo) -> str | None:
     """The flat file name to extract `member` as, or None to skip it (not a regular file,
-    in a subdirectory, a dot-file or an odd name); EngineError for an unsafe name."""
-    if not member.isfile():
+    in a subdirectory, a dot-file or an odd name); EngineError for an unsafe name. A sparse
+    file is skipped: a small archive would unpack into many bytes of its holes."""
+    if not member.isfile() or member.type == tarfile.GNUTYPE_SPARSE or member.issparse():
         return None
     rel = _safe_name(member.name)
     if len(rel.parts) != 1 or not PLAIN.fullmatch(rel.name):
@@ -126,22 +147,23 @@ def push(run: Run, files: dict[str, bytes]) -> None:
 
 
 def sync(run: Run, host_inbox: Path) -> list[Path]:
-    """One controller step for a Pod's inbox: copy the requests the host has neither got
-    nor answered into `host_inbox` (where ingest reads them), then send the host's answers
-    (`res-*.json`) the Pod lacks. Returns the files copied. Few exec calls (one pull, one
-    push per MAX_PUSH of answers)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        pulled = pull(run, Path(tmp))
-        in_pod = {p.name for p in pulled}
-        got = []
-        for p in pulled:
-            if not _known(host_inbox, p.name):
-                fsutil.atomic_write(host_inbox / p.name, p.read_bytes(), 0o600)
-                got.append(host_inbox / p.name)
+    """One controller step for a Pod's inbox: copy the requests (`req-*.json`, the only
+    names ingest reads) the host has neither got nor answered into `host_inbox`, then send
+    the host's answers (`res-*.json`) the Pod lacks. Returns the files copied. Few exec
+    calls (one pull, one push per MAX_PUSH of answers)."""
+    in_pod, files = _take(run(pack()), lambda n: _request(n) and not _known(host_inbox, n))
+    got = []
+    for name, data in sorted(files.items()):
+        fsutil.atomic_write(host_inbox / name, data, 0o600)
+        got.append(host_inbox / name)
     answers = _answers(host_inbox, in_pod)
     for batch in _batches(answers):
         push(run, batch)
     return got
+
+
+def _request(name: str) -> bool:
+    return name.startswith("req-") and name.endswith(".json")  # as engine.inbox.scan
 
 
 def _known(host_inbox: Path, name: str) -> bool:

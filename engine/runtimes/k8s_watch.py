@@ -9,13 +9,17 @@ again from the last resourceVersion: nothing is missed and nothing is listed. 41
 an ERROR event, a malformed or oversized line or a failed request means a LIST again (with
 back-off), and until it succeeds the informer is not synced: `items` answers None and
 observe lists for itself. A full LIST every `resync` seconds bounds what a lost event can
-hide. The server is not trusted: lines are capped at MAX_LINE bytes, the cache at
-MAX_OBJECTS, a silent stream at its timeout, and no exception leaves the thread.
+hide. The server is not trusted: lines are capped at MAX_LINE bytes, the cache and a
+list at MAX_OBJECTS (and a list's pages, a continue token given twice refused), a watch
+unanswered or silent at its timeout and GRACE, and no exception leaves the thread; an
+informer that has heard nothing for longer than a resync and a watch take (a stuck
+thread) is not read.
 
 Read-your-writes: after this process writes a Pod or Job (`expect`), `items` answers from
 the cache only once the cache shows that write (its resourceVersion or later; gone or
 terminating after a delete), so a pass never plans from a cache older than its own last
-actions. This module does not import the `kubernetes` package.
+actions; a write not shown within EXPECT_TTL unsyncs the informer and it lists again.
+This module does not import the `kubernetes` package.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import urllib3
 
+from engine.errors import EngineError
 from engine.runtimes import k8s_api as api
 from engine.runtimes.k8s_api import Call, Cluster
 
@@ -42,7 +47,7 @@ BACKOFF = (0.5, 30.0)  # seconds: first and longest wait before listing again
 MAX_BROKEN = 5  # watches in a row that break or end at once before a LIST again
 SYNC_WAIT = 10.0  # seconds observe waits for a new informer's first LIST
 FRESH_WAIT = 2.0  # seconds observe waits for the cache to show this process's writes
-EXPECT_TTL = 30.0  # seconds a write is waited for before the cache is trusted anyway
+EXPECT_TTL = 30.0  # seconds a write is waited for before the informer lists again
 _CHUNK = 64 << 10
 
 Slim = dict[str, Any]
@@ -59,20 +64,34 @@ class _Bad(Exception):
 def list_all(cl: Cluster, kind: str, ns: str, selector: str, page: int
              ) -> tuple[list[dict[str, Any]], str]:
     """(every object of `kind` matching `selector`, the list's resourceVersion), in pages
-    of `page` (the first page's resourceVersion: later pages are of the same snapshot)."""
+    of `page` (the first page's resourceVersion: later pages are of the same snapshot).
+    More than MAX_OBJECTS objects, more pages than they take, or a continue token given
+    twice is a one-line EngineError: a server never holds the caller in an endless list."""
     items: list[dict[str, Any]] = []
     query = {"labelSelector": selector, "limit": str(page)}
     rv = ""
-    while True:
+    seen: set[str] = set()
+    for _ in range(MAX_OBJECTS // max(page, 1) + 1):
         got = cl.request("GET", api.path(kind, ns), Call("list", api.plural(kind), ns),
                          query=query)
-        meta = (got.get("metadata") if isinstance(got, dict) else None) or {}
+        got = got if isinstance(got, dict) else {}
+        meta = got.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         rv = rv or str(meta.get("resourceVersion") or "")
-        items += got.get("items") or [] if isinstance(got, dict) else []
-        token = meta.get("continue")
+        more = got.get("items")
+        items += [o for o in more if isinstance(o, dict)] if isinstance(more, list) else []
+        if len(items) > MAX_OBJECTS:
+            break
+        token = str(meta.get("continue") or "")
         if not token:
             return items, rv
-        query = {**query, "continue": str(token)}
+        if token in seen:
+            raise EngineError(f"kubernetes: list {api.plural(kind)} in namespace {ns}: the "
+                              "server gave the same continue token twice; refused")
+        seen.add(token)
+        query = {**query, "continue": token}
+    raise EngineError(f"kubernetes: list {api.plural(kind)} in namespace {ns}: more than "
+                      f"{MAX_OBJECTS} objects (or pages of {page}); refused")
 
 
 def _wanted(selector: str) -> dict[str, str]:
@@ -84,12 +103,11 @@ def _slim(obj: Any, want: dict[str, str]) -> tuple[str, Slim | None]:
     """(name, what essence reads of the object), None for one outside the selection;
     _Bad for what is not an object."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
-    labels = meta.get("labels") if isinstance(meta, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
-    if not isinstance(name, str) or not name or not isinstance(meta, dict) or not (
-            labels is None or isinstance(labels, dict)):
+    if not isinstance(name, str) or not name or not isinstance(meta, dict):
         raise _Bad("an object without metadata.name")
-    labels = {str(k): str(v) for k, v in (labels or {}).items()}
+    labels = meta.get("labels")  # labels that are not an object read as none
+    labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
     if any(labels.get(k) != v for k, v in want.items()):
         return name, None
     keep = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp",
@@ -129,6 +147,7 @@ class Informer:
         self.watches = 0  # watch requests made
         self.error = ""  # why it is not synced ("" when it is, or before the first LIST)
         self.listed_at = 0.0  # time.monotonic() of the last LIST that succeeded
+        self.heard_at = 0.0  # ... of the last LIST, event or watch that ended cleanly
         self._want = _wanted(selector)
         self._cond = threading.Condition()
         self._cache: dict[str, Slim] = {}
@@ -171,9 +190,10 @@ class Informer:
             return self._rv
 
     def items(self, wait: float = FRESH_WAIT) -> list[Slim] | None:
-        """The cached objects; None (the caller lists) when the informer is not synced, or
-        its cache does not show this process's writes yet after `wait` seconds. A new
-        informer's first LIST is waited for up to SYNC_WAIT."""
+        """The cached objects; None (the caller lists) when the informer is not synced,
+        has heard nothing from the server for longer than a resync and a watch take (its
+        thread is stuck), or its cache does not show this process's writes yet after
+        `wait` seconds. A new informer's first LIST is waited for up to SYNC_WAIT."""
         if not self._tried.wait(SYNC_WAIT):
             return None
         deadline = time.monotonic() + wait
@@ -183,7 +203,11 @@ class Informer:
                 if left <= 0:
                     return None
                 self._cond.wait(left)
-            return list(self._cache.values()) if self._synced else None
+            # a working thread hears (a LIST, an event, a watch's end) at least once a
+            # resync and a watch (of at least 1 s, at most its timeout) and GRACE
+            quiet = self.resync + max(1.0, min(self.timeout * 1.25, self.resync)) + GRACE
+            stale = time.monotonic() - self.heard_at > quiet
+            return list(self._cache.values()) if self._synced and not stale else None
 
     def expect(self, name: str, written: dict[str, Any] | None) -> None:
         """This process wrote `name`: the server's answer to an apply, or None for a
@@ -197,7 +221,9 @@ class Informer:
             self._expect[name] = (rv, gone, time.monotonic() + EXPECT_TTL)
 
     def _fresh(self) -> bool:
-        """Every write expected is in the cache (the lock is held)."""
+        """Every write expected is in the cache (the lock is held). A write the cache has
+        not shown within EXPECT_TTL means the watch missed it: the informer is not synced
+        and lists again (its watch is cut), so the cache is not trusted."""
         now = time.monotonic()
         for name, (rv, gone, until) in list(self._expect.items()):
             have = self._cache.get(name)
@@ -206,8 +232,20 @@ class Informer:
             else:
                 seen = _rv(have["metadata"].get("resourceVersion")) if have else None
                 met = have is not None and (rv is None or (seen or 0) >= rv)
-            if met or now > until:
+            if met:
                 del self._expect[name]
+            elif now > until:
+                self._expect.clear()
+                self._synced = False
+                self.error = (f"a write of {name} did not show in the watch within "
+                              f"{EXPECT_TTL:g}s; listing again")
+                self._next_list = 0.0
+                resp = self._resp
+                if resp is not None:  # the thread stops watching and lists at once
+                    with contextlib.suppress(Exception):
+                        resp.shutdown()
+                self._cond.notify_all()
+                return True
         return not self._expect
 
     # -- the thread ---------------------------------------------------------------------
@@ -260,7 +298,7 @@ class Informer:
                                       != {k: _view(v) for k, v in fresh.items()})
             self._cache, self._rv, self._synced, self._ever = fresh, rv, True, True
             self.error = ""
-            self.listed_at = time.monotonic()
+            self.listed_at = self.heard_at = time.monotonic()
             self._next_list = self.listed_at + self.resync
             self._cond.notify_all()
         self._tried.set()
@@ -273,19 +311,18 @@ class Informer:
         left = max(1.0, self._next_list - time.monotonic())
         timeout = int(max(1, min(left, self.timeout * random.uniform(1.0, 1.25))))
         self.watches += 1
-        resp = self.cluster.request(
-            "GET", api.path(self.kind, self.namespace),
-            Call("watch", api.plural(self.kind), self.namespace),
+        resp = self.cluster.request(  # a server that goes silent, before its answer's
+            "GET", api.path(self.kind, self.namespace),  # headers or after, does not
+            Call("watch", api.plural(self.kind), self.namespace),  # hold the thread
             query={"labelSelector": self.selector, "watch": "1",
                    "resourceVersion": self.resource_version, "allowWatchBookmarks": "true",
-                   "timeoutSeconds": str(timeout)}, stream=True)
-        self._resp = resp
+                   "timeoutSeconds": str(timeout)}, stream=True, timeout=timeout + GRACE,
+            idle=timeout + GRACE)
+        with self._cond:
+            self._resp = resp
         if self._stop.is_set():  # stop() came before there was a response to shut down
             resp.close()
             return True
-        sock = getattr(getattr(resp, "connection", None), "sock", None)
-        if sock is not None:  # a server that goes silent does not hold the thread
-            sock.settimeout(timeout + GRACE)
         began = time.monotonic()
         deadline = began + timeout + GRACE
         buf = bytearray()
@@ -308,6 +345,8 @@ class Informer:
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return True
             clean = True
+            with self._cond:
+                self.heard_at = time.monotonic()
             if bytes(buf).strip():
                 self._event(bytes(buf))
                 said = True
@@ -341,7 +380,7 @@ class Informer:
             raise _Bad("a watch event without a resourceVersion")
         if kind == "BOOKMARK":
             with self._cond:
-                self._rv = rv
+                self._rv, self.heard_at = rv, time.monotonic()
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             raise _Bad(f"a watch event of type {str(kind)[:40]!r}")
@@ -354,7 +393,7 @@ class Informer:
                 self._cache[name] = slim
             else:
                 raise _Bad(f"more than {MAX_OBJECTS} objects")
-            self._rv = rv
+            self._rv, self.heard_at = rv, time.monotonic()
             changed = _view(before) != _view(self._cache.get(name))
             self._cond.notify_all()
         if changed:

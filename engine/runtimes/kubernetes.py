@@ -30,9 +30,10 @@ import base64
 import contextlib
 import json
 import os
+import re
 import secrets
-import select
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -401,14 +402,8 @@ class KubernetesRuntime:
                 raise
             raise EngineError(f"agent {grove}/{agent}: no previous run ({e.summary})"
                               ) from None
-        buf = b""
         try:
-            for chunk in resp.stream(4096):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                yield from (line.decode(errors="replace") for line in lines)
-            if buf:
-                yield buf.decode(errors="replace")
+            yield from _lines(resp.stream(64 << 10))
         finally:
             resp.release_conn()
 
@@ -421,8 +416,8 @@ class KubernetesRuntime:
     def attach(self, grove: str, agent: str) -> int:
         cl, ns, pod = self._pod(grove, agent)
         flags = inbox.kubectl_flags(self._where[(grove, agent)].kubeconfig, cl.context)
-        argv = ["kubectl", *flags, "-n", ns, "exec", "-it", pod, "-c", objs.CONTAINER, "--",
-                *inbox.tmux("attach", "-t", objs.SESSION)]
+        argv = ["kubectl", *flags, "-n", ns, "exec", "-it", f"pod/{pod}", "-c",
+                objs.CONTAINER, "--", *inbox.tmux("attach", "-t", objs.SESSION)]
         if not shutil.which("kubectl"):
             raise EngineError(f"agent {grove}/{agent}: attach needs kubectl on PATH; "
                               f"or run: {' '.join(argv)}")
@@ -596,6 +591,8 @@ class KubernetesRuntime:
             items = self._cached_pods(cl, t.namespace, grove, repo, agent)
             if items is None:
                 items = self._list(cl, "Pod", t.namespace, objs.selector(grove, repo, agent))
+            base = objs.object_name(grove, agent)  # a Job's Pods: `<job name>-<suffix>`
+            items = [p for p in items if _pod_name_ok(p["metadata"].get("name"), base)]
             live = [p for p in items if not p["metadata"].get("deletionTimestamp")] or items
             if live:
                 self._where[(grove, agent)] = t
@@ -622,10 +619,11 @@ class KubernetesRuntime:
                               f"{reader.one_line(str(e)) or type(e).__name__}") from None
         try:
             out, err, status = _drain(conn, timeout, who)
-        finally:
-            with contextlib.suppress(websocket.WebSocketException, OSError):
-                conn.close(timeout=1)
-            conn.shutdown()  # type: ignore[no-untyped-call]  # close() skips this once closed
+        finally:  # a close frame, but no waiting for the pod's answer (it could trickle)
+            with contextlib.suppress(websocket.WebSocketException, OSError, AttributeError):
+                conn.settimeout(1)
+                conn.send_close()
+            conn.shutdown()  # type: ignore[no-untyped-call]
         code, why = _exit_code(status)
         if code is None:
             raise EngineError(f"{who} did not run: {reader.one_line(why)}")
@@ -634,10 +632,23 @@ class KubernetesRuntime:
         return out
 
 
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_SUBDOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+
+
+def _pod_name_ok(name: Any, base: str) -> bool:
+    """Whether `name` (from the server) may be the agent's Pod: a DNS-1123 subdomain that is
+    the agent's object name or starts with it and `-` (never, say, a kubectl flag)."""
+    return isinstance(name, str) and len(name) <= 253 and bool(
+        _DNS1123_SUBDOMAIN.fullmatch(name)) and (name == base or name.startswith(base + "-"))
+
+
 MAX_EXEC_OUTPUT = 24 << 20  # what a pod may print to an exec: the inbox archive, base64
 EXEC_CONNECT_TIMEOUT = 30.0  # seconds for the exec's websocket to open (its handshake)
 _EXEC_PROTOCOLS = "v5.channel.k8s.io,v4.channel.k8s.io"
 MAX_EXEC_ERRORS = 4096  # of its stderr, kept for the error message
+MAX_EXEC_STDERR = 1 << 20  # of its stderr read at all (the rest is not kept)
+MAX_EXEC_STATUS = 64 << 10  # of its exit Status
 _ERROR_CHANNEL = 3  # the exec's exit Status (kubelet), a metav1.Status in JSON
 
 
@@ -697,51 +708,129 @@ def _exit_code(status: Any) -> tuple[int | None, str]:
         return None, "the exec ended without an exit status"
     if st.get("status") == "Success":
         return 0, ""
-    for cause in (st.get("details") or {}).get("causes") or []:
-        if st.get("reason") == "NonZeroExitCode" and cause.get("reason") == "ExitCode":
-            with contextlib.suppress(TypeError, ValueError):
-                return int(cause.get("message")), ""
-    return None, str(st.get("message") or st.get("reason") or "failed")
+    details = st.get("details")
+    causes = details.get("causes") if isinstance(details, dict) else None
+    for cause in causes if isinstance(causes, list) else []:
+        if st.get("reason") == "NonZeroExitCode" and isinstance(cause, dict) \
+                and cause.get("reason") == "ExitCode":
+            with contextlib.suppress(ValueError):
+                return int(str(cause.get("message"))), ""
+    return None, str(st.get("message") or st.get("reason") or "failed")[:300]
 
 
 def _drain(ws: Any, timeout: float, who: str) -> tuple[str, str, bytes]:
     """(stdout, stderr, the exit Status) of an exec, read a frame at a time as they come:
-    at most MAX_EXEC_OUTPUT and MAX_EXEC_ERRORS are kept, as the pod is the agent's. (The
-    client's own WSClient.update reads every frame already available before it returns,
-    so a pod that prints without end would be buffered whole.) Text is decoded at the end:
-    a character may span frames."""
+    at most MAX_EXEC_OUTPUT and MAX_EXEC_ERRORS are kept, as the pod is the agent's. Each
+    frame's length is judged from its header before its payload is read (a frame larger
+    than what its channel may still send is refused unread), fragments are joined here
+    (the client's own recv_data_frame joins them without limit), and a watchdog shuts the
+    socket down at the deadline, so a pod that trickles a frame cannot outlast it. Text is
+    decoded at the end: a character may span frames."""
     deadline = time.monotonic() + timeout
     conn = ws  # websocket-client's WebSocket
     conn.settimeout(timeout)
+    sock = conn.sock
+    expired = threading.Event()
+
+    def watchdog() -> None:
+        expired.set()
+        with contextlib.suppress(OSError, ValueError):  # the fd only: not the TLS state
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    timer = threading.Timer(timeout, watchdog)
+    timer.daemon = True
+    timer.start()
     got: dict[int, list[bytes]] = {1: [], 2: [], _ERROR_CHANNEL: []}
     size = dict.fromkeys(got, 0)
-    limit = {1: MAX_EXEC_OUTPUT, 2: MAX_EXEC_ERRORS, _ERROR_CHANNEL: 64 << 10}
+    may = {1: MAX_EXEC_OUTPUT, 2: MAX_EXEC_STDERR, _ERROR_CHANNEL: MAX_EXEC_STATUS}
+    keep = {1: MAX_EXEC_OUTPUT, 2: MAX_EXEC_ERRORS, _ERROR_CHANNEL: MAX_EXEC_STATUS}
+    ch: int | None = None  # the channel of the message being received (None: between)
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() > deadline or expired.is_set():
                 raise TemporaryError(f"{who}: no answer within {timeout:g}s", delay=5.0)
-            pending = isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending()
-            if not pending and not select.select([conn.sock], [], [], min(left, 1.0))[0]:
-                continue
-            opcode, frame = conn.recv_data_frame(True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
+            c = 1 if ch is None else ch  # a message's first frame: stdout may send most
+            left = may[c] - size[c] if c in may else MAX_EXEC_STDERR
+            frame = _frame(conn, left + (ch is None), f"{who}: printed more than "
+                           f"{may.get(c, MAX_EXEC_STDERR)} bytes"
+                           f"{'' if c == 1 else f' on channel {c}'}; refused")
+            op = frame.opcode
+            if op == websocket.ABNF.OPCODE_CLOSE:
                 break
+            if op == websocket.ABNF.OPCODE_PING:
+                conn.pong(frame.data)
+                continue
+            if op == websocket.ABNF.OPCODE_PONG:
+                continue
+            if (op == websocket.ABNF.OPCODE_CONT) != (ch is not None):
+                raise websocket.WebSocketProtocolException("unexpected continuation frame"
+                                                           if ch is None else
+                                                           "a message interrupted")
             data = frame.data if isinstance(frame.data, bytes) else frame.data.encode()
-            if opcode not in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY) \
-                    or not data or data[0] not in got:
-                continue  # e.g. v5's close of a channel (255)
-            ch, chunk = data[0], data[1:]
-            if ch == 1 and size[ch] + len(chunk) > MAX_EXEC_OUTPUT:
-                raise EngineError(f"{who}: printed more than {MAX_EXEC_OUTPUT} bytes; refused")
-            got[ch].append(chunk[:max(limit[ch] - size[ch], 0)])
-            size[ch] += len(chunk)
-    except (websocket.WebSocketException, OSError) as e:
+            if ch is None:
+                ch, data = (data[0], data[1:]) if data else (0, b"")
+            if ch in got:  # else e.g. v5's close of a channel (255)
+                if size[ch] + len(data) > may[ch]:
+                    raise EngineError(f"{who}: printed more than {may[ch]} bytes"
+                                      f"{'' if ch == 1 else f' on channel {ch}'}; refused")
+                got[ch].append(data[:max(keep[ch] - size[ch], 0)])
+                size[ch] += len(data)
+            if frame.fin:
+                ch = None
+    except (websocket.WebSocketException, OSError, ValueError) as e:
+        if expired.is_set() or isinstance(e, (websocket.WebSocketTimeoutException,
+                                              TimeoutError)):
+            raise TemporaryError(f"{who}: no answer within {timeout:g}s", delay=5.0
+                                 ) from None
         raise TemporaryError(f"{who}: the exec's connection broke "
                              f"({reader.one_line(str(e)) or type(e).__name__})", delay=5.0
                              ) from None
+    finally:
+        timer.cancel()
     return (b"".join(got[1]).decode("utf-8", "replace"),
             b"".join(got[2]).decode("utf-8", "replace"), b"".join(got[_ERROR_CHANNEL]))
+
+
+def _frame(conn: Any, limit: int, refusal: str) -> Any:
+    """The next frame (websocket-client's ABNF: one fragment or control frame), its length
+    judged from its header before its payload is read: a data frame at most `limit` bytes
+    (else EngineError `refusal`), a control frame 125 (RFC 6455 5.5)."""
+    fb = conn.frame_buffer
+    if fb.needs_header():
+        fb.recv_header()
+    if fb.needs_length():
+        fb.recv_length()
+    if fb.header[4] >= 8 and fb.length > 125:
+        raise websocket.WebSocketProtocolException("a control frame longer than 125 bytes")
+    if fb.length > max(limit, 0):
+        raise EngineError(refusal)
+    return fb.recv_frame()
+
+
+MAX_LOG_LINE = 64 << 10  # bytes of one log line shown; the rest is cut
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    """The text lines of a byte stream, in time linear in its length: a line longer than
+    MAX_LOG_LINE is cut there (marked), and the rest of it is dropped unread into memory."""
+    buf, cut = bytearray(), False
+    for chunk in chunks:
+        pos, start = len(buf), 0  # what is in buf already has no newline
+        buf += chunk
+        while (nl := buf.find(b"\n", pos)) >= 0:
+            if not cut:
+                yield buf[start:nl].decode(errors="replace")
+            cut, start = False, nl + 1
+            pos = start
+        del buf[:start]
+        if cut:
+            buf.clear()
+        elif len(buf) > MAX_LOG_LINE:
+            yield (buf[:MAX_LOG_LINE].decode(errors="replace")
+                   + f" [line cut at {MAX_LOG_LINE} bytes]")
+            buf.clear()
+            cut = True
+    if buf and not cut:
+        yield buf.decode(errors="replace")
 
 
 def _connect(kubeconfig: str, context: str) -> Cluster:
