@@ -177,6 +177,8 @@ def test_a_conversation_waits_for_a_person_and_finishes(
     assert cond["message"] == QUESTION  # the harness's own message, from its Stop hook
     assert QUESTION in subprocess.run([sys.executable, "-m", "engine", "status"],
                                       cwd=repo, capture_output=True, text=True).stdout
+    until(lambda: events_of(repo, "NeedsInput"), timeout=30,  # the pass that saw the
+          what="the NeedsInput event")                         # condition records it
     needs = events_of(repo, "NeedsInput")
     assert len(needs) == 1 and needs[0]["agent"] == "lead", needs
     until(lambda: any(b.get("kind") == "needs-input" for b in receiver.bodies), 30,
