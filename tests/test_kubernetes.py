@@ -830,6 +830,31 @@ def test_inbox_sync_pulls_requests_once_and_sends_answers_once(tmp_path: Path) -
     assert inbox.sync(run, host) == [] and len(calls) == 4  # nothing new to send
 
 
+def test_a_request_the_host_took_in_is_never_pulled_again(tmp_path: Path) -> None:
+    """An AgentReport is removed from the host inbox once applied, and an answered request's
+    answer expires there: neither may come back from the Pod's copy as new (a report
+    applied again would set WaitingForInput again after the person answered). A report the
+    host has is removed from the Pod at the next pull; a spawn request stays for its
+    waiting client."""
+    pod_inbox, host = tmp_path / "pod-inbox", tmp_path / "host-inbox"
+    pod_inbox.mkdir()
+    (pod_inbox / "req-r1.json").write_text('{"kind": "AgentReport", "spec": {}}')
+    (pod_inbox / "req-s1.json").write_text('{"kind": "SpawnRequest", "spec": {}}')
+
+    def run(argv: list[str]) -> str:
+        argv = [a.replace(objs.INBOX, str(pod_inbox)) for a in argv]
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert sorted(p.name for p in inbox.sync(run, host)) == ["req-r1.json", "req-s1.json"]
+    (host / "req-r1.json").unlink()  # the report applied and consumed (inbox.consume)
+    (host / "req-s1.json").unlink()  # the spawn answered, its answer long expired
+    assert inbox.sync(run, host) == []  # neither is taken in twice
+    assert sorted(p.name for p in pod_inbox.iterdir()) == ["req-s1.json"]  # report gone
+    assert inbox.sync(run, host) == []
+    assert sorted(p.name for p in (host / inbox.PULLED).iterdir()) == ["req-s1.json"]
+    (pod_inbox / "req-r2.json").write_text('{"kind": "AgentReport", "spec": {}}')
+    assert [p.name for p in inbox.sync(run, host)] == ["req-r2.json"]  # new ones still come
+
+
 def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:
     import io
     import tarfile
@@ -887,7 +912,7 @@ def test_inbox_sync_copies_only_requests_within_limits(
         argv = [a.replace(objs.INBOX, str(pod_inbox)) for a in argv]
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert [p.name for p in inbox.sync(run, host)] == ["req-1.json"]
-    assert sorted(p.name for p in host.iterdir()) == ["req-1.json"]
+    assert sorted(p.name for p in host.iterdir() if p.name != inbox.PULLED) == ["req-1.json"]
     # more members than MAX_MEMBERS: refused whole, nothing written
     monkeypatch.setattr(inbox, "MAX_MEMBERS", 8)
     for i in range(3):
@@ -895,7 +920,7 @@ def test_inbox_sync_copies_only_requests_within_limits(
     with pytest.raises(EngineError, match="inbox: the pod sent an archive of 9 members, more "
                                           "than 8; refused"):
         inbox.sync(run, host)
-    assert sorted(p.name for p in host.iterdir()) == ["req-1.json"]
+    assert sorted(p.name for p in host.iterdir() if p.name != inbox.PULLED) == ["req-1.json"]
     # at most MAX_PULL bytes a pull; the rest in the next one (what the host has is skipped)
     monkeypatch.setattr(inbox, "MAX_MEMBERS", 2048)
     monkeypatch.setattr(inbox, "MAX_PULL", 2500)
@@ -905,7 +930,7 @@ def test_inbox_sync_copies_only_requests_within_limits(
     assert len(first) == 2
     second = inbox.sync(run, host)
     assert len(second) == 1 and not set(first) & set(second)
-    assert sorted(p.name for p in host.iterdir()) == [
+    assert sorted(p.name for p in host.iterdir() if p.name != inbox.PULLED) == [
         "req-1.json", "req-m0.json", "req-m1.json", "req-m2.json"]
 
 

@@ -13,7 +13,9 @@ to the Pod through `engine.trust.reader`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -39,9 +41,11 @@ def tmux(*args: str, socket: str = TMUX_SOCKET) -> list[str]:
     return ["tmux", "-S", socket, *args]
 
 
-def pack(inbox: str = INBOX) -> list[str]:
-    """Print the inbox as a base64 tar archive."""
-    return ["sh", "-c", f"cd {inbox} && tar -cf - . | base64"]
+def pack(inbox: str = INBOX, remove: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Print the inbox as a base64 tar archive, after removing `remove` (reports the host
+    has taken: plain `req-*.json` names, passed as arguments, never as shell text)."""
+    return ["sh", "-c", 'cd "$1" && shift && { [ "$#" -eq 0 ] || rm -f -- "$@"; } && '
+            "tar -cf - . | base64", "sh", inbox, *remove]
 
 
 def paste(text: str, socket: str = TMUX_SOCKET) -> list[str]:
@@ -151,11 +155,23 @@ def sync(run: Run, host_inbox: Path) -> list[Path]:
     names ingest reads) the host has neither got nor answered into `host_inbox`, then send
     the host's answers (`res-*.json`) the Pod lacks. Returns the files copied. Few exec
     calls (one pull, one push per MAX_PUSH of answers)."""
-    in_pod, files = _take(run(pack()), lambda n: _request(n) and not _known(host_inbox, n))
+    taken = host_inbox / PULLED
+    marked = reader.regular_files(taken) if taken.is_dir() else []
+    reports = sorted(n for n in marked
+                     if _request(n) and PLAIN.fullmatch(n) and _is_report(taken, n))
+    in_pod, files = _take(run(pack(remove=reports)),
+                          lambda n: _request(n) and not _known(host_inbox, n))
     got = []
+    if files:
+        taken.mkdir(mode=0o700, parents=True, exist_ok=True)
     for name, data in sorted(files.items()):
         fsutil.atomic_write(host_inbox / name, data, 0o600)
+        fsutil.atomic_write(taken / name, b"report" if _report(data) else b"", 0o600)
         got.append(host_inbox / name)
+    for name in marked:  # the Pod no longer has it: nothing to remember it against
+        if name not in in_pod:
+            with contextlib.suppress(OSError):
+                (taken / name).unlink()
     answers = _answers(host_inbox, in_pod)
     for batch in _batches(answers):
         push(run, batch)
@@ -166,10 +182,34 @@ def _request(name: str) -> bool:
     return name.startswith("req-") and name.endswith(".json")  # as engine.inbox.scan
 
 
+PULLED = ".pulled"  # in a host inbox: a marker per request pulled from the Pod, so one
+# the host has taken in (an AgentReport is removed once applied) is never pulled again;
+# a report's marker says so, and the next pull removes the report from the Pod
+
+
 def _known(host_inbox: Path, name: str) -> bool:
-    """Whether the host has the file `name`, or (for a request) has answered it already."""
+    """Whether the host has the file `name`, has pulled it before, or (for a request) has
+    answered it already."""
     names = [name] + ([f"res-{name[4:]}"] if name.startswith("req-") else [])
-    return any(os.path.lexists(host_inbox / n) for n in names)
+    return any(os.path.lexists(host_inbox / n) for n in names) or \
+        os.path.lexists(host_inbox / PULLED / name)
+
+
+def _report(data: bytes) -> bool:
+    """Whether a pulled request is an AgentReport (taken, never answered: once the host has
+    it, the Pod's copy only grows the next archive)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("kind") == "AgentReport"
+
+
+def _is_report(taken: Path, name: str) -> bool:
+    try:
+        return reader.read_bytes(taken, name, 16) == b"report"
+    except reader.Untrusted:
+        return False
 
 
 def _answers(host_inbox: Path, in_pod: set[str]) -> dict[str, bytes]:
