@@ -17,7 +17,10 @@ tests/test_credentials_harness.py, a bash probe in place of each agent CLI (it w
 the credential names the agent was given, never a value) with an image
 (`grove-engine/test-credentials`) that is the base image labelled as carrying the CLIs,
 because what is checked there is what the runtimes hand an agent, not the CLIs (those run
-for real in tests/test_real_agents.py).
+for real in tests/test_real_agents.py); and in tests/test_kubernetes_netpol.py, the name
+resolver for `*.test` names only (`socket.getaddrinfo`: no DNS server is reachable here,
+and what is checked is which addresses a NetworkPolicy names and refuses; `localhost`
+and IP remotes resolve for real).
 Tests never touch the developer's $HOME or real config: HOME and XDG_CONFIG_HOME point
 into a temporary directory for every test.
 """
@@ -178,3 +181,14 @@ def shared_harness_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
     from engine import harness_install
     npm_env(monkeypatch, SHARED_CACHE)
     return harness_install.cache_root()
+
+
+@pytest.fixture
+def api() -> Iterator[Any]:
+    """The Kubernetes API server stand-in (tests/k8s_apiserver.py) with namespaces
+    `default` and `agents`, for one test."""
+    from tests.k8s_apiserver import FakeApiServer
+    server = FakeApiServer(namespaces=("default", "agents"))
+    server.start()
+    yield server
+    server.stop()

@@ -228,14 +228,6 @@ def test_chosen_login_file_passes_with_the_other_credentials(
 
 # -- kubernetes: the agent's Secret --------------------------------------------------------
 
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer(namespaces=("default", "agents"))
-    server.start()
-    yield server
-    server.stop()
-
-
 def cluster_objects(api: FakeApiServer) -> list[dict[str, Any]]:
     return [o for plural in ("configmaps", "secrets", "networkpolicies", "jobs", "pods",
                              "persistentvolumeclaims", "services", "deployments")

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -355,14 +354,6 @@ class Kube:
                 for plural in ("configmaps", "secrets", "networkpolicies", "jobs", "pods",
                                "persistentvolumeclaims")
                 for o in self.api.items(plural, ns)}
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer(namespaces=("default", "agents"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -853,6 +844,15 @@ def test_a_request_the_host_took_in_is_never_pulled_again(tmp_path: Path) -> Non
     assert sorted(p.name for p in (host / inbox.PULLED).iterdir()) == ["req-s1.json"]
     (pod_inbox / "req-r2.json").write_text('{"kind": "AgentReport", "spec": {}}')
     assert [p.name for p in inbox.sync(run, host)] == ["req-r2.json"]  # new ones still come
+    # a link planted at the marker directory's name is removed, never written through
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(host / inbox.PULLED)
+    (host / inbox.PULLED).symlink_to(elsewhere)
+    (pod_inbox / "req-r3.json").write_text('{"kind": "AgentReport", "spec": {}}')
+    assert "req-r3.json" in [p.name for p in inbox.sync(run, host)]
+    assert list(elsewhere.iterdir()) == [] and (host / inbox.PULLED).is_dir()
+    assert not (host / inbox.PULLED).is_symlink()
 
 
 def test_inbox_extract_refuses_unsafe_archives(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -59,14 +58,6 @@ pytestmark = pytest.mark.skipif(not _sandboxes_work(), reason="the stand-in's po
 @pytest.fixture(autouse=True)
 def _creds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_GIT_TOKEN", SECRET)
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer(namespaces=("default", NS))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

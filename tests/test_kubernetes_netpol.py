@@ -365,14 +365,6 @@ def test_a_forbidden_remote_is_not_refused_where_no_rule_would_open_it(tmp_path:
 
 
 @pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer(namespaces=("default", "agents"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def kube(repo: Path, api: FakeApiServer) -> Kube:
     return Kube(repo, api)
 

@@ -35,11 +35,8 @@ def creds(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeApiServer]:
-    api = FakeApiServer(namespaces=("default", "agents"))
-    api.start()
-    yield api
-    api.stop()
+def server(api: FakeApiServer) -> FakeApiServer:
+    return api
 
 
 @pytest.fixture

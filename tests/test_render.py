@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +61,6 @@ spec:
     - {{name: fetcher, task: fetch, profile: open}}
     - {{name: notes, task: "true", profile: here}}
 """
-
-
-@pytest.fixture
-def api() -> Iterator[FakeApiServer]:
-    server = FakeApiServer(namespaces=("default", "agents"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -155,8 +156,8 @@ def sync(run: Run, host_inbox: Path) -> list[Path]:
     names ingest reads) the host has neither got nor answered into `host_inbox`, then send
     the host's answers (`res-*.json`) the Pod lacks. Returns the files copied. Few exec
     calls (one pull, one push per MAX_PUSH of answers)."""
-    taken = host_inbox / PULLED
-    marked = reader.regular_files(taken) if taken.is_dir() else []
+    taken = _pulled_dir(host_inbox)
+    marked = reader.regular_files(taken)
     reports = sorted(n for n in marked
                      if _request(n) and PLAIN.fullmatch(n) and _is_report(taken, n))
     in_pod, files = _take(run(pack(remove=reports)),
@@ -193,6 +194,17 @@ def _known(host_inbox: Path, name: str) -> bool:
     names = [name] + ([f"res-{name[4:]}"] if name.startswith("req-") else [])
     return any(os.path.lexists(host_inbox / n) for n in names) or \
         os.path.lexists(host_inbox / PULLED / name)
+
+
+def _pulled_dir(host_inbox: Path) -> Path:
+    """The inbox's marker directory; whatever else stands at its name (a link, a file left
+    by an earlier runtime's agent, which could write there) is removed, never followed."""
+    taken = host_inbox / PULLED
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(taken)
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(taken)
+    return taken
 
 
 def _report(data: bytes) -> bool:
